@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Everything else is what they need.
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install-system-deps.sh
+	./scripts/install-system-deps.sh
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/python -m hotvm.demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(VENV)/bin/python bench/export.py
+	$(VENV)/bin/python bench/pivot_stall.py
+	$(VENV)/bin/python bench/prefect_overhead.py
+
+clean:
+	rm -rf .hotvm demo-out

@@ -1,0 +1,132 @@
+"""backup_vm: the seed's Code Listing 7.1 for one running VM, every step a retryable task.
+
+    reconcile -> add_redo (all disks, one instant) -> per disk: export_disk, add_redo, commit level 1,
+    commit final -> backup_config -> transfer (manifest last)
+
+A failure at any point commits the overlays back (rollback) before the run ends; a rerun (Prefect UI
+"Retry", `prefect flow-run retry`, or `hotvm backup --resume`) keeps the same backup id and skips the
+disks the target already holds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+
+from flows._limits import ensure_host_limit
+from hotvm import backup
+from hotvm.formats.repository import new_backup_id
+from hotvm.models import Manifest, StepTiming, utcnow
+from tasks.commit import commit_disk
+from tasks.config import backup_config
+from tasks.export import export_disk
+from tasks.plan import plan_disks
+from tasks.reconcile import reconcile_vm, rollback_vm
+from tasks.redo import add_redo
+from tasks.transfer import transfer
+
+
+def _rollback_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect hook signature
+    """Crash or cancellation: the flow body's own rollback may not have run."""
+    params = run.parameters or {}
+    backup.reconcile(backup.open_session(params["vm"], params.get("config")))
+
+
+def run_backup_id() -> str:
+    """Stable across retries of one flow run, so a retry resumes the same backup set."""
+    if flow_run.id:
+        return new_backup_id(flow_run.scheduled_start_time).rsplit("-", 1)[0] + "-" + str(flow_run.id)[:4]
+    return new_backup_id()
+
+
+class _Steps:
+    """Wall-clock time of every step, recorded in the manifest and printed by the CLI."""
+
+    def __init__(self) -> None:
+        self.timings: list[StepTiming] = []
+
+    def run(self, name: str, device: str | None, fn, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+        start = time.monotonic()
+        result = fn(*args, **kwargs)
+        self.timings.append(StepTiming(step=name, device=device, seconds=round(time.monotonic() - start, 4)))
+        return result
+
+
+@flow(name="backup-vm", on_crashed=[_rollback_hook], on_cancellation=[_rollback_hook])
+def backup_vm(vm: str, target: str | None = None, config: str | None = None,
+              backup_id: str | None = None) -> dict:
+    """Hot image backup of one running VM into a new (or the resumed) backup set."""
+    log = get_run_logger()
+    session = backup.open_session(vm, config)
+    backup_id = backup_id or run_backup_id()
+    started = utcnow()
+    steps = _Steps()
+    limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
+    with concurrency(limit, occupy=1, strict=True):
+        warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
+        plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)
+        warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
+        records = {r.device: r for r in plan.done}
+        try:
+            if plan.todo:
+                frozen = steps.run("add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config)
+                for disk in frozen:
+                    record = steps.run("export", disk.device, export_disk, vm, target, backup_id, disk, config)
+                    steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
+                    steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
+                    final = steps.run("commit_final", disk.device, commit_disk, vm, disk.device, "final", config)
+                    records[disk.device] = record.model_copy(update={"pivot_stall_ms": final.stall_ms})
+            archive = steps.run("backup_config", None, backup_config, vm, target, backup_id, config)
+            if plan.done:
+                warnings.append(f"resumed {backup_id}: {', '.join(r.device for r in plan.done)} came from an "
+                                "earlier attempt (each disk records its own frozen_at time)")
+            manifest = Manifest(
+                backup_id=backup_id, vm=vm, host=session.host.name, driver=session.host.driver,
+                started_at=started, completed_at=utcnow(), disks=list(records.values()),
+                skipped_disks=plan.skipped, config_archive=archive, boot_check=session.vm.boot_check,
+                steps=steps.timings, warnings=warnings,
+            )
+            url = steps.run("transfer", None, transfer, vm, target, manifest, config)
+        except BaseException:
+            log.error("backup of %s failed: committing its overlays back before the run ends", vm)
+            rollback_vm(vm, config)
+            raise
+    summary = summarize(manifest, url)
+    create_markdown_artifact(_summary_markdown(summary), key=f"backup-{_artifact_key(vm)}",
+                             description=f"hot backup of {vm}")
+    log.info("backup %s of %s complete: %s", backup_id, vm, url)
+    return summary
+
+
+def summarize(manifest: Manifest, url: str) -> dict:
+    stalls = [d.pivot_stall_ms for d in manifest.disks if d.pivot_stall_ms is not None]
+    return {
+        "backup_id": manifest.backup_id,
+        "vm": manifest.vm,
+        "url": url,
+        "path": url,
+        "disks": [{"device": d.device, "bytes": d.virtual_size, "bytes_read": d.bytes_read,
+                   "bytes_new": d.bytes_new, "pivot_stall_ms": d.pivot_stall_ms} for d in manifest.disks],
+        "skipped_disks": [s.model_dump() for s in manifest.skipped_disks],
+        "steps": [{"name": s.step, "device": s.device, "seconds": s.seconds} for s in manifest.steps],
+        "pivot_stall_ms": max(stalls) if stalls else None,
+        "warnings": manifest.warnings,
+    }
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def _summary_markdown(summary: dict) -> str:
+    lines = [f"# Backup {summary['backup_id']} of {summary['vm']}", "", f"Set: `{summary['url']}`", "",
+             "| step | disk | seconds |", "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['device'] or ''} | {s['seconds']:.3f} |" for s in summary["steps"]]
+    if summary["warnings"]:
+        lines += ["", "Warnings:"] + [f"- {w}" for w in summary["warnings"]]
+    return "\n".join(lines)

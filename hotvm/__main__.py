@@ -1,0 +1,3 @@
+from hotvm.cli import main
+
+main()

@@ -1,0 +1,230 @@
+"""hotvm command line: parse, call a flow or the core, print a rich table or --json. Nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from hotvm import progress as progress_events
+from hotvm.errors import HotvmError
+
+app = typer.Typer(help="Hot backups of running VMs (layered REDO overlays), run as Prefect flows.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+vm_app = typer.Typer(help="The tiny demo guest: a real Linux VM that keeps writing to its data disk.",
+                     no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hotvm.yaml (default: $HOTVM_CONFIG or ./hotvm.yaml)")]
+TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="target name (default: the only or default one)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print a machine-readable result on stdout")]
+
+
+def _prefect_env(verbose: bool = False) -> None:
+    """Quiet, robust defaults for Prefect's embedded server; the user's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Failures reach the user as one line from hotvm; Prefect's tracebacks only with --verbose.
+    os.environ["PREFECT_LOGGING_LEVEL"] = "INFO" if verbose else "CRITICAL"
+    os.environ.setdefault("PREFECT_UI_ENABLED", "false") if not os.environ.get("PREFECT_API_URL") else None
+
+
+def _cfg(config: Path | None) -> str | None:
+    return str(config) if config else None
+
+
+def _emit(result: Any, as_json: bool, render) -> None:  # noqa: ANN001
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        render(result)
+
+
+@contextmanager
+def _progress_bars(enabled: bool):
+    """Rich bars on stderr, fed by the export/restore progress events emitted inside the tasks."""
+    if not enabled:
+        yield
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        ids: dict[str, int] = {}
+
+        def listener(activity: str, item: str, done: int, total: int) -> None:
+            key = f"{activity} {item}"
+            if key not in ids:
+                ids[key] = bars.add_task(key, total=total or 1)
+            bars.update(ids[key], completed=done, total=total or 1)
+
+        progress_events.set_listener(listener)
+        try:
+            yield
+        finally:
+            progress_events.set_listener(None)
+
+
+def _fail(exc: HotvmError) -> None:
+    err.print(f"[bold red]error:[/] {exc.message}")
+    if exc.hint:
+        err.print(f"  [yellow]fix:[/] {exc.hint}")
+    raise typer.Exit(2)
+
+
+def main() -> None:
+    try:
+        app()
+    except HotvmError as exc:
+        _fail_and_exit(exc)
+    except RuntimeError as exc:
+        if "Failed to reach API" not in str(exc):
+            raise
+        _fail_and_exit(HotvmError(
+            f"cannot reach the Prefect server at {os.environ.get('PREFECT_API_URL')}",
+            "start it (prefect server start), or unset PREFECT_API_URL to use the embedded one"))
+
+
+def _fail_and_exit(exc: HotvmError) -> None:
+    try:
+        _fail(exc)
+    except typer.Exit as ex:
+        sys.exit(ex.exit_code)
+
+
+# ----------------------------------------------------------------------------- backup / restore / list
+
+
+@app.command()
+def backup(
+    vm: Annotated[str, typer.Argument(help="VM name from hotvm.yaml")],
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    new: Annotated[bool, typer.Option("--new", help="start a new set even if an unfinished one exists")] = False,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
+) -> None:
+    """Back up a running VM hot (weekly-image flow for one VM); resumes an unfinished set of it."""
+    _prefect_env(verbose)
+    from hotvm.models import load_config
+    from hotvm.restore import open_repository
+
+    cfg = load_config(config)
+    cfg.find_vm(vm)
+    resume_id = None
+    if not new:
+        sets = open_repository(cfg, target).list_sets(vm)
+        if sets and not sets[-1].complete:
+            resume_id = sets[-1].backup_id
+            err.print(f"resuming unfinished backup set {resume_id} (use --new for a fresh one)")
+    from flows.backup_vm import backup_vm
+
+    with _progress_bars(not as_json):
+        result = backup_vm(vm=vm, target=target, config=_cfg(config), backup_id=resume_id)
+    _emit(result, as_json, _render_backup)
+
+
+def _render_backup(result: dict) -> None:
+    out.print(f"[bold green]backup {result['backup_id']} of {result['vm']} complete[/]")
+    out.print(f"set: {result['url']}")
+    table = Table("step", "disk", "seconds")
+    for step in result["steps"]:
+        table.add_row(step["name"], step["device"] or "", f"{step['seconds']:.3f}")
+    out.print(table)
+    for disk in result["disks"]:
+        out.print(f"disk {disk['device']}: {disk['bytes'] >> 20} MiB, read {disk['bytes_read'] >> 20} MiB, "
+                  f"new {disk['bytes_new'] >> 20} MiB, pivot stall {disk['pivot_stall_ms'] or 0:.1f} ms")
+    for warning in result["warnings"]:
+        out.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def restore(
+    vm: Annotated[str, typer.Argument(help="VM name as backed up")],
+    to: Annotated[Path, typer.Option("--to", help="new or empty directory for the restored files")],
+    backup_id: Annotated[str | None, typer.Option("--backup", help="backup id (default: latest complete)")] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
+    boot_check: Annotated[bool, typer.Option("--boot-check", help="boot the restored VM isolated and time it")] = False,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Restore a VM's disks (verified chunk by chunk) and config files into a directory."""
+    _prefect_env(verbose)
+    from flows.restore_vm import restore_vm
+
+    with _progress_bars(not as_json):
+        result = restore_vm(vm=vm, to=str(to), backup_id=backup_id, target=target, fmt=fmt,
+                            boot_check_restored=boot_check, config=_cfg(config))
+    _emit(result, as_json, _render_restore)
+
+
+def _render_restore(result: dict) -> None:
+    out.print(f"[bold green]restored {result['vm']} {result['backup_id']} into {result['to']}[/]")
+    for disk in result["disks"]:
+        out.print(f"  {disk['device']}: {disk['path']} ({disk['format']}, {disk['bytes'] >> 20} MiB)")
+    check = result.get("boot_check")
+    if check:
+        state = "[green]came up[/]" if check["ok"] else "[red]did not come up[/]"
+        out.print(f"boot check: {state} in {check['seconds']:.1f} s (measured recovery time)")
+
+
+@app.command("list")
+def list_backups(
+    vm: Annotated[str | None, typer.Argument(help="only this VM")] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the backup sets on a target (incomplete ones are marked and never restored)."""
+    from hotvm.restore import open_repository
+
+    entries = open_repository(config, target).list_sets(vm)
+    rows = [{
+        "vm": e.vm, "backup_id": e.backup_id, "complete": e.complete,
+        "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
+        "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
+        "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
+    } for e in entries]
+
+    def render(rows: list[dict]) -> None:
+        table = Table("vm", "backup", "state", "completed", "disks", "size")
+        for r in rows:
+            table.add_row(r["vm"], r["backup_id"], "complete" if r["complete"] else "[yellow]incomplete[/]",
+                          r["completed_at"] or "", ", ".join(r["disks"]), f"{r['bytes'] >> 20} MiB")
+        out.print(table)
+
+    _emit(rows, as_json, render)
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
+    from hotvm.status import vm_status
+    from hotvm.models import load_config
+
+    cfg = load_config(config)
+    rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vms]
+
+    def render(rows: list[dict]) -> None:
+        table = Table("host", "vm", "state", "disks", "overlays", "jobs")
+        for r in rows:
+            overlays = "; ".join(f"{d['device']}: {', '.join(d['hotvm_overlays'])}"
+                                 for d in r["disks"] if d["hotvm_overlays"])
+            table.add_row(r["host"], r["vm"], r["state"],
+                          ", ".join(f"{d['device']} ({d['mode']})" for d in r["disks"]),
+                          f"[red]{overlays}[/]" if overlays else "none", ", ".join(r["jobs"]) or "none")
+        out.print(table)
+
+    _emit(rows, as_json, render)

@@ -1,0 +1,162 @@
+"""Export a frozen disk image into the chunk store: sparse-aware, zstd-compressed, checksummed, streamed.
+
+The main thread reads chunk after chunk (only the allocated extents); a small pool hashes, compresses and
+uploads them. At most `2 * workers` chunks are in memory at once, whatever the disk size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import zstandard
+
+from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
+from hotvm.formats.repository import Repository
+from hotvm.models import DiskRecord, utcnow
+
+CHUNK_SIZE = 4 * 1024 * 1024
+ZSTD_LEVEL = 1
+Progress = Callable[[int, int], None]
+"""progress(bytes_done, bytes_total) over the allocated data of the image."""
+
+
+def chunk_digest(data: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_digest(chunks: list[tuple[int, str]], chunk_count: int) -> str:
+    """One hash over the ordered chunk list: identifies the whole image without hashing its zeros."""
+    by_index = dict(chunks)
+    h = hashlib.sha256()
+    for index in range(chunk_count):
+        h.update(f"{index}:{by_index.get(index, '0')}\n".encode())
+    return h.hexdigest()
+
+
+def chunk_count(virtual_size: int, chunk_size: int) -> int:
+    return (virtual_size + chunk_size - 1) // chunk_size
+
+
+def _segments_by_chunk(segments: list[Segment], chunk_size: int) -> dict[int, list[Segment]]:
+    by_chunk: dict[int, list[Segment]] = {}
+    for seg in segments:
+        first, last = seg.start // chunk_size, (seg.start + seg.length - 1) // chunk_size
+        for index in range(first, last + 1):
+            by_chunk.setdefault(index, []).append(seg)
+    return by_chunk
+
+
+@dataclass
+class _Counters:
+    bytes_new: int = 0
+    claimed: set[str] = field(default_factory=set)
+    """Digests a worker of this export already stores: identical chunks are written once."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _store_chunk(repo: Repository, data: bytearray, counters: _Counters) -> str:
+    digest = chunk_digest(data)
+    with counters.lock:
+        if digest in counters.claimed:
+            return digest
+        counters.claimed.add(digest)
+    if not repo.has_chunk(digest):
+        compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+        repo.put_chunk(digest, compressed)
+        with counters.lock:
+            counters.bytes_new += len(compressed)
+    return digest
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """Everything a worker needs to read, check, hash, compress and store one chunk."""
+
+    index: int
+    start: int
+    size: int
+    segments: list[Segment]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(min(s.start + s.length, self.start + self.size) - max(s.start, self.start)
+                   for s in self.segments)
+
+
+def _export_chunk(job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters,
+                  zero: bytes) -> str | None:
+    """Runs in a worker thread, so several reads are in flight at once (deep queues read faster)."""
+    buf = bytearray(job.size)
+    view = memoryview(buf)
+    for seg in job.segments:
+        lo = max(seg.start, job.start)
+        hi = min(seg.start + seg.length, job.start + job.size)
+        reader.read_into(view[lo - job.start : hi - job.start], lo, seg)
+    if buf == (zero if job.size == len(zero) else bytes(job.size)):
+        return None  # allocated but all zeros: costs nothing, restores as a hole
+    return _store_chunk(repo, buf, counters)
+
+
+def export_image(
+    repo: Repository,
+    *,
+    device: str,
+    image: str,
+    fmt: str | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    workers: int = 4,
+    progress: Progress | None = None,
+    frozen_at: dt.datetime | None = None,
+) -> DiskRecord:
+    """Copy `image` (which nobody writes to now) into the chunk store and describe it."""
+    started = time.monotonic()
+    frozen_at = frozen_at or utcnow()
+    info = image_info(image, fmt)
+    segments = data_segments(info)
+    by_chunk = _segments_by_chunk(segments, chunk_size)
+    total = sum(s.length for s in segments)
+    jobs = [_ChunkJob(i, i * chunk_size, min(chunk_size, info.virtual_size - i * chunk_size), segs)
+            for i, segs in sorted(by_chunk.items())]
+    zero = bytes(chunk_size)
+    counters = _Counters()
+    chunks: list[tuple[int, str]] = []
+    in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
+    done_bytes = 0
+    with ImageReader(info) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
+
+        def collect(limit: int) -> None:
+            nonlocal done_bytes
+            while len(in_flight) > limit:
+                job, fut = in_flight.popleft()
+                digest = fut.result()
+                if digest is not None:
+                    chunks.append((job.index, digest))
+                done_bytes += job.data_bytes
+                if progress:
+                    progress(done_bytes, total)
+
+        for job in jobs:
+            in_flight.append((job, pool.submit(_export_chunk, job, reader, repo, counters, zero)))
+            collect(2 * workers)
+        collect(0)
+    chunks.sort()
+    return DiskRecord(
+        device=device,
+        source_path=image,
+        source_format=info.format,
+        virtual_size=info.virtual_size,
+        chunk_size=chunk_size,
+        chunks=chunks,
+        digest=image_digest(chunks, chunk_count(info.virtual_size, chunk_size)),
+        frozen_at=frozen_at,
+        bytes_read=done_bytes,
+        bytes_new=counters.bytes_new,
+        export_seconds=round(time.monotonic() - started, 3),
+    )

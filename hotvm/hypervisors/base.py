@@ -1,0 +1,107 @@
+"""The one small interface every hypervisor driver implements.
+
+Drivers are stateless between calls on purpose: every method reads what the hypervisor reports now, so a
+task that is retried, or a run that follows a killed one, acts on the real state rather than on memory.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+# Every overlay hotvm creates has this marker in its file name; nothing else is ever committed or deleted.
+OVERLAY_MARKER = ".hotvm-redo-"
+
+
+class DiskMode(enum.StrEnum):
+    """The seed's 'detect the disk mode' (persistent vs undoable/non-persistent), for today's drivers."""
+
+    PERSISTENT = "persistent"  # writable, takes an overlay: backed up
+    READ_ONLY = "read-only"  # skipped with a warning
+    TEMPORARY = "temporary"  # snapshot=on / non-persistent: writes are thrown away; skipped with a warning
+    NO_FILE = "no-writable-file"  # empty drive, non-file protocol: skipped with a warning
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    device: str
+    """Stable name of the disk in this VM (qdev id or drive id), used in manifests and restores."""
+    node_name: str
+    """Node the guest writes to now (top of the chain)."""
+    path: str
+    """Image file of the disk as hotvm must preserve it: the top of the chain below hotvm's overlays."""
+    format: str
+    virtual_size: int
+    mode: DiskMode
+    hotvm_overlays: list[str] = field(default_factory=list)
+    """hotvm overlay files currently above `path` (non-empty only mid-backup or after a crash)."""
+    backing_chain: list[str] = field(default_factory=list)
+    """The user's own backing files below `path` (never touched by hotvm)."""
+    bus: str = ""
+
+    @property
+    def backed_up(self) -> bool:
+        return self.mode is DiskMode.PERSISTENT
+
+
+@dataclass(frozen=True)
+class FrozenDisk:
+    """A disk after add_redo: the guest writes to `overlay`, `image` is frozen and safe to read."""
+
+    device: str
+    image: str
+    format: str
+    overlay: str
+    virtual_size: int
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    device: str
+    seconds: float
+    stall_ms: float | None = None
+    """Only for the final (active) commit: how long the pivot held guest I/O."""
+
+
+@dataclass(frozen=True)
+class ReconcileAction:
+    device: str
+    overlays: list[str]
+    action: str
+
+
+@runtime_checkable
+class HypervisorDriver(Protocol):
+    """What the flows need from a hypervisor, in the seed's vocabulary (addredo, commit level 1, commit)."""
+
+    name: str
+
+    def describe_vm(self) -> dict:
+        """Devices, disks, memory, CPUs as the hypervisor reports them (stored with every backup)."""
+        ...
+
+    def list_disks(self) -> list[DiskInfo]: ...
+
+    def config_files(self) -> list[Path]:
+        """The files that define the VM (the seed's VMX, nvram, logs)."""
+        ...
+
+    def reconcile(self) -> list[ReconcileAction]:
+        """Commit every hotvm overlay left on the VM (earlier crash) back into its disk; return what was done."""
+        ...
+
+    def add_redo(self, devices: list[str], tag: str) -> list[FrozenDisk]:
+        """Put a new overlay on each device, all at the same instant (one transaction)."""
+        ...
+
+    def commit_level1(self, device: str) -> CommitResult:
+        """Commit the lower of two hotvm overlays into the disk while the guest writes to the upper one."""
+        ...
+
+    def commit_final(self, device: str) -> CommitResult:
+        """Active commit of the last hotvm overlay and pivot back onto the original image."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,535 @@
+"""QEMU driver: the seed's layered REDO (overlay, second overlay, commit level 1, final commit) over QMP.
+
+Every method opens the VM's QMP socket, reads the state QEMU reports now, acts, and closes the socket again:
+QMP serves one client at a time and the driver must be safe to rerun after a crash (see base.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from hotvm.errors import BlockJobError, ConfigError, DiskNotSupported, HypervisorError, HypervisorUnreachable
+from hotvm.hypervisors.base import (
+    OVERLAY_MARKER,
+    CommitResult,
+    DiskInfo,
+    DiskMode,
+    FrozenDisk,
+    ReconcileAction,
+)
+from hotvm.hypervisors.qemu_chain import Chain, Layer, build_chains
+from hotvm.hypervisors.qemu_jobs import JobWatcher
+from hotvm.hypervisors.qmp import CONNECT_TIMEOUT_S, Monitor, QmpCommandError
+from hotvm.models import HostConfig, VMConfig
+
+log = logging.getLogger("hotvm.qemu")
+
+QEMU_IMG_TIMEOUT_S = 60
+MAX_LAYERS = 2
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_BUS_BY_TYPE = (("virtio-blk", "virtio"), ("scsi", "scsi"), ("ide", "ide"), ("usb", "usb"), ("nvme", "nvme"),
+                ("floppy", "floppy"), ("sd-card", "sd"))  # fmt: skip
+
+
+class QemuDriver:
+    """HypervisorDriver for one VM reachable through its QMP unix socket."""
+
+    name = "qemu"
+
+    def __init__(self, vm: VMConfig, host: HostConfig, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        if vm.qmp is None:
+            raise ConfigError(
+                f"VM '{vm.name}' has no 'qmp:' socket configured",
+                "add qmp: /path/to/vm.qmp and start QEMU with -qmp unix:/path/to/vm.qmp,server=on,wait=off",
+            )
+        self.vm, self.host = vm, host
+        self._mon = Monitor(vm.qmp, vm.name, connect_timeout=connect_timeout)
+        self._depth = 0
+
+    # ------------------------------------------------------------------ connection
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Monitor]:
+        """Hold the socket for one public call (nested calls share it), then release it."""
+        self._depth += 1
+        try:
+            self._mon.connect()
+            yield self._mon
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self._mon.close()
+
+    def close(self) -> None:
+        self._depth = 0
+        self._mon.close()
+
+    # ------------------------------------------------------------------ reading state
+
+    def _chains(self, mon: Monitor) -> list[Chain]:
+        return build_chains(
+            mon.cmd("query-block", retry=True),
+            mon.cmd("query-named-block-nodes", {"flat": True}, retry=True),
+            mon.cmd("x-debug-query-block-graph", retry=True),
+        )
+
+    def _chain(self, mon: Monitor, device: str) -> Chain:
+        chains = self._chains(mon)
+        for chain in chains:
+            if device in (chain.device, chain.backend, chain.qdev):
+                return chain
+        known = ", ".join(c.device for c in chains) or "none"
+        raise HypervisorError(
+            f"VM '{self.vm.name}' has no disk '{device}' (disks: {known})", "check the device name"
+        )
+
+    def _bus(self, mon: Monitor, qdev: str) -> str:
+        if not qdev:
+            return ""
+        try:
+            qtype = mon.cmd("qom-get", {"path": qdev, "property": "type"})
+        except QmpCommandError:
+            return ""
+        return next((bus for key, bus in _BUS_BY_TYPE if key in qtype), qtype)
+
+    def _disk_info(self, mon: Monitor, chain: Chain) -> DiskInfo:
+        mode, _ = chain.mode()
+        idx = chain.image_index
+        if mode is DiskMode.TEMPORARY and idx + 1 < len(chain.layers):
+            idx += 1  # report the user's real image below QEMU's throw-away overlay
+        image = chain.layers[idx] if idx < len(chain.layers) else None
+        return DiskInfo(
+            device=chain.device,
+            node_name=chain.layers[0].node if chain.layers else "",
+            path=image.filename if image else "",
+            format=image.format if image else "",
+            virtual_size=(chain.layers[0].virtual_size if chain.layers else 0),
+            mode=mode,
+            hotvm_overlays=[layer.filename for layer in reversed(chain.hotvm_layers)],
+            backing_chain=[layer.filename for layer in chain.layers[idx + 1 :]],
+            bus=self._bus(mon, chain.qdev),
+        )
+
+    def list_disks(self) -> list[DiskInfo]:
+        with self._session() as mon:
+            return [self._disk_info(mon, chain) for chain in self._chains(mon)]
+
+    def describe_vm(self) -> dict:
+        with self._session() as mon:
+            version = mon.cmd("query-version", retry=True)
+            q = version.get("qemu", {})
+            memory = mon.cmd("query-memory-size-summary", retry=True)
+            nodes = mon.cmd("query-named-block-nodes", {"flat": True}, retry=True)
+            try:
+                pci = [
+                    {
+                        "bus": bus["bus"],
+                        "slot": dev["slot"],
+                        "function": dev["function"],
+                        "class": dev.get("class_info", {}).get(
+                            "desc", dev.get("class_info", {}).get("class")
+                        ),
+                        "vendor": dev.get("id", {}).get("vendor"),
+                        "device": dev.get("id", {}).get("device"),
+                        "qdev_id": dev.get("qdev_id", ""),
+                    }
+                    for bus in mon.cmd("query-pci", retry=True)
+                    for dev in bus.get("devices", [])
+                ]
+            except QmpCommandError:  # machines without PCI
+                pci = []
+            return {
+                "name": self.vm.name,
+                "qemu_name": mon.cmd("query-name", retry=True).get("name", ""),
+                "qemu_version": f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}",
+                "qemu_package": version.get("package", "").strip(),
+                "status": mon.cmd("query-status", retry=True).get("status"),
+                "cpus": len(mon.cmd("query-cpus-fast", retry=True)),
+                "memory_bytes": memory.get("base-memory", 0) + memory.get("plugged-memory", 0),
+                "disks": [_disk_dict(self._disk_info(mon, c)) for c in self._chains(mon)],
+                "block_nodes": [
+                    {
+                        "node": n["node-name"],
+                        "driver": n["drv"],
+                        "file": n.get("file", ""),
+                        "read_only": n.get("ro", False),
+                        "backing_file": n.get("backing_file", ""),
+                        "virtual_size": n.get("image", {}).get("virtual-size", 0),
+                    }
+                    for n in nodes
+                ],
+                "pci": pci,
+            }
+
+    def config_files(self) -> list[Path]:
+        found = []
+        for path in self.vm.config_files:
+            if Path(path).exists():
+                found.append(Path(path))
+            else:
+                log.warning(
+                    "VM '%s': config file %s does not exist; it is left out of the backup", self.vm.name, path
+                )
+        return found
+
+    # ------------------------------------------------------------------ add_redo
+
+    def _overlay_path(self, chain: Chain, n: int, tag: str) -> Path:
+        image = chain.image
+        assert image is not None
+        where = self.vm.overlay_dir or self.host.overlay_dir
+        if where is None:
+            if image.protocol != "file":
+                raise DiskNotSupported(
+                    f"VM '{self.vm.name}', disk {chain.device}: image {image.filename} is a block device, "
+                    "there is no directory beside it for the overlay",
+                    "set overlay_dir for this VM or host in hotvm.yaml",
+                )
+            where = Path(image.filename).parent
+        return Path(where) / f"{os.path.basename(image.filename)}{OVERLAY_MARKER}{tag}-{n}.qcow2"
+
+    def _check_redo_possible(self, chain: Chain) -> None:
+        mode, why = chain.mode()
+        where = f"VM '{self.vm.name}', disk {chain.device}"
+        if mode is not DiskMode.PERSISTENT:
+            raise DiskNotSupported(
+                f"{where} cannot take an overlay: {why}",
+                f"leave it out of the backup (add '{chain.device}' to exclude_disks) or attach it writable, "
+                "without snapshot=on, from a local image file",
+            )
+        if not os.path.isabs(chain.layers[0].filename):
+            raise DiskNotSupported(
+                f"{where}: QEMU opened {chain.layers[0].filename} by a relative path; hotvm cannot tell "
+                "where that is",
+                "start QEMU with absolute image paths",
+            )
+        if len(chain.hotvm_layers) >= MAX_LAYERS:
+            raise HypervisorError(
+                f"{where} already has {len(chain.hotvm_layers)} hotvm overlays",
+                "commit them first (commit_level1 / commit_final) or run reconcile",
+            )
+
+    def add_redo(self, devices: list[str], tag: str) -> list[FrozenDisk]:
+        if not tag or _SAFE.search(tag):
+            raise HypervisorError(
+                f"invalid overlay tag {tag!r}", "use letters, digits, '-', '_' and '.' only"
+            )
+        devices = list(dict.fromkeys(devices))
+        qemu_img = shutil.which("qemu-img")
+        if qemu_img is None:
+            raise HypervisorError("qemu-img not found", "install qemu-utils (it creates the overlay files)")
+        with self._session() as mon:
+            plan: list[tuple[Chain, Layer, Path, str]] = []
+            for device in devices:
+                chain = self._chain(mon, device)
+                self._check_redo_possible(chain)
+                n = len(chain.hotvm_layers) + 1
+                path = self._overlay_path(chain, n, tag)
+                if path.exists():
+                    raise HypervisorError(
+                        f"VM '{self.vm.name}', disk {device}: overlay file {path} already exists "
+                        "and is not in use by the disk",
+                        "a crashed run left it: make sure no VM uses it, delete it, and rerun",
+                    )
+                plan.append((chain, chain.layers[0], path, _node_name(path)))
+
+            created: list[Path] = []
+            added: list[str] = []
+            try:
+                for chain, top, path, node in plan:
+                    _create_overlay(qemu_img, path, top, self.vm.name, chain.device)
+                    created.append(path)
+                    mon.cmd(
+                        "blockdev-add",
+                        {
+                            "driver": "qcow2",
+                            "node-name": node,
+                            "file": {"driver": "file", "filename": str(path), "node-name": f"{node}-f"},
+                            "backing": None,
+                        },
+                    )
+                    added.append(node)
+                t0 = time.perf_counter()
+                mon.cmd(
+                    "transaction",
+                    {
+                        "actions": [
+                            {"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}
+                            for _, top, _, node in plan
+                        ]
+                    },
+                )
+                log.info(
+                    "VM '%s': overlays on %s in one transaction (%.1f ms)",
+                    self.vm.name, ", ".join(c.device for c, *_ in plan), (time.perf_counter() - t0) * 1000,
+                )  # fmt: skip
+            except HypervisorUnreachable:
+                # the transaction may have gone through: never delete files QEMU could be writing to
+                log.error(
+                    "VM '%s': connection lost while adding overlays; reconcile will sort it out", self.vm.name
+                )
+                raise
+            except HypervisorError as exc:
+                self._undo_redo(mon, added, created)
+                if isinstance(exc, QmpCommandError):
+                    raise HypervisorError(
+                        f"VM '{self.vm.name}': could not add overlays ({exc.message}); nothing was changed",
+                        "check the overlay directory (exists, writable by QEMU, free space)",
+                    ) from None
+                raise
+            return [
+                FrozenDisk(chain.device, top.filename, top.format, str(path), top.virtual_size)
+                for chain, top, path, _ in plan
+            ]
+
+    def _undo_redo(self, mon: Monitor, nodes: list[str], files: list[Path]) -> None:
+        for node in nodes:
+            with contextlib.suppress(HypervisorError):
+                mon.cmd("blockdev-del", {"node-name": node})
+        for path in files:
+            _remove_overlay(path)
+
+    # ------------------------------------------------------------------ commits
+
+    def _job_id(self, kind: str, device: str) -> str:
+        return f"hotvm-{kind}-{_SAFE.sub('_', device)}"[:60]
+
+    def _watcher(self, mon: Monitor, device: str, job_id: str) -> JobWatcher:
+        return JobWatcher(mon, self.vm.name, device, job_id, self.host.job_timeout_s, self.host.on_io_error)
+
+    def _start_commit(self, mon: Monitor, chain: Chain, job_id: str, args: dict) -> JobWatcher:
+        watcher = self._watcher(mon, chain.device, job_id)
+        stale = watcher.job()
+        if stale is not None:
+            if stale["status"] not in ("concluded", "null"):
+                raise BlockJobError(
+                    f"VM '{self.vm.name}', disk {chain.device}: job {job_id} is still active "
+                    f"({stale['status']})",
+                    "wait for it or run reconcile",
+                )
+            watcher.dismiss()
+        base = {"job-id": job_id, "device": chain.root_node, "auto-dismiss": False, "on-error": "stop"}
+        mon.cmd("block-commit", base | args)
+        return watcher
+
+    def _finish(self, watcher: JobWatcher, outcome_error: str | None, device: str) -> None:
+        watcher.dismiss()
+        if outcome_error:
+            raise BlockJobError(
+                f"VM '{self.vm.name}', disk {device}: commit job {watcher.job_id} failed: {outcome_error}",
+                "check the storage of the image; the disk stays on its hotvm overlay until reconcile "
+                "succeeds",
+            )
+
+    def commit_level1(self, device: str) -> CommitResult:
+        with self._session() as mon:
+            chain = self._chain(mon, device)
+            hotvm = chain.hotvm_layers
+            if len(hotvm) != 2:
+                raise HypervisorError(
+                    f"VM '{self.vm.name}', disk {device}: commit level 1 needs two hotvm overlays, "
+                    f"found {len(hotvm)}",
+                    "call add_redo twice first (or commit_final for a single overlay)",
+                )
+            upper, lower = hotvm
+            image = chain.image
+            assert image is not None
+            t0 = time.perf_counter()
+            watcher = self._start_commit(
+                mon, chain, self._job_id("c1", device), {"top-node": lower.node, "base-node": image.node}
+            )
+            outcome = watcher.wait(until=set())
+            self._finish(watcher, outcome.error, device)
+            after = self._chain(mon, device)
+            if [layer.node for layer in after.layers[:2]] != [upper.node, image.node]:
+                raise HypervisorError(
+                    f"VM '{self.vm.name}', disk {device}: unexpected chain after commit level 1: "
+                    + " <- ".join(layer.filename for layer in after.layers),
+                    "run reconcile",
+                )
+            self._drop_nodes(mon, [lower.node])
+            _remove_overlay(Path(lower.filename))
+            seconds = time.perf_counter() - t0
+            log.info(
+                "VM '%s', disk %s: commit level 1 of %s took %.2fs",
+                self.vm.name,
+                device,
+                lower.filename,
+                seconds,
+            )
+            return CommitResult(device, seconds)
+
+    def commit_final(self, device: str) -> CommitResult:
+        with self._session() as mon:
+            chain = self._chain(mon, device)
+            if not chain.hotvm_layers:
+                raise HypervisorError(
+                    f"VM '{self.vm.name}', disk {device} has no hotvm overlay to commit", "nothing to do"
+                )
+            return self._commit_active(mon, chain)
+
+    def _commit_active(self, mon: Monitor, chain: Chain) -> CommitResult:
+        """Active commit of every hotvm overlay into the image, pivot, then drop the overlays."""
+        device, hotvm, image = chain.device, chain.hotvm_layers, chain.image
+        assert image is not None and hotvm
+        if len(hotvm) > 1:
+            log.info(
+                "VM '%s', disk %s: committing %d hotvm overlays at once", self.vm.name, device, len(hotvm)
+            )
+        t0 = time.perf_counter()
+        watcher = self._start_commit(mon, chain, self._job_id("cf", device), {"base-node": image.node})
+        outcome = watcher.wait(until={"ready"})
+        if outcome.status != "ready":
+            self._finish(watcher, outcome.error or f"ended as '{outcome.status}' before READY", device)
+        t_complete = time.perf_counter()
+        mon.cmd("block-job-complete", {"device": watcher.job_id})
+        outcome = watcher.wait(until=set(), interval=0.001)
+        stall_ms = (outcome.finished_at - t_complete) * 1000
+        self._finish(watcher, outcome.error, device)
+        after = self._chain(mon, device)
+        top = after.layers[0] if after.layers else None
+        if top is None or top.node != image.node or top.filename != image.filename:
+            raise HypervisorError(
+                f"VM '{self.vm.name}', disk {device}: after the final commit the disk runs on "
+                f"{top.filename if top else 'nothing'}, expected {image.filename}",
+                "inspect with query-block; run reconcile",
+            )
+        self._drop_nodes(mon, [layer.node for layer in hotvm])
+        for layer in hotvm:
+            _remove_overlay(Path(layer.filename))
+        seconds = time.perf_counter() - t0
+        log.info(
+            "VM '%s', disk %s: final commit %.2fs, pivot stall %.1f ms",
+            self.vm.name,
+            device,
+            seconds,
+            stall_ms,
+        )
+        return CommitResult(device, seconds, stall_ms)
+
+    def _drop_nodes(self, mon: Monitor, nodes: list[str]) -> None:
+        """blockdev-del nodes we added (the monitor keeps them alive after they leave the chain)."""
+        listed = {n["node-name"] for n in mon.cmd("query-named-block-nodes", {"flat": True}, retry=True)}
+        for node in nodes:
+            if node in listed:
+                try:
+                    mon.cmd("blockdev-del", {"node-name": node})
+                except QmpCommandError as exc:
+                    log.warning("VM '%s': could not blockdev-del %s: %s", self.vm.name, node, exc)
+
+    # ------------------------------------------------------------------ reconcile
+
+    def reconcile(self) -> list[ReconcileAction]:
+        actions: list[ReconcileAction] = []
+        with self._session() as mon:
+            self._adopt_jobs(mon)
+            chains = self._chains(mon)
+            for chain in chains:
+                if not chain.hotvm_layers:
+                    continue
+                files = [layer.filename for layer in reversed(chain.hotvm_layers)]
+                log.warning(
+                    "VM '%s', disk %s: leftover hotvm overlays %s; committing them into %s",
+                    self.vm.name, chain.device, files, chain.image.filename if chain.image else "?",
+                )  # fmt: skip
+                self._commit_active(mon, chain)
+                actions.append(
+                    ReconcileAction(chain.device, files, "committed into the disk image and deleted")
+                )
+            actions += self._drop_orphans(mon, self._chains(mon))
+        return actions
+
+    def _adopt_jobs(self, mon: Monitor) -> None:
+        """Finish hotvm jobs a crashed run left behind, so the chains we read next are final."""
+        for job in mon.cmd("query-jobs", retry=True):
+            job_id = job["id"]
+            if not job_id.startswith("hotvm-"):
+                continue
+            watcher = self._watcher(mon, job_id, job_id)
+            status = job["status"]
+            if status not in ("concluded", "null", "ready"):
+                log.warning("VM '%s': waiting for job %s left by an earlier run", self.vm.name, job_id)
+                status = watcher.wait(until={"ready"}).status
+            if status == "ready":
+                log.warning("VM '%s': completing job %s left ready by an earlier run", self.vm.name, job_id)
+                mon.cmd("block-job-complete", {"device": job_id})
+                watcher.wait(until=set())
+            watcher.dismiss()
+
+    def _drop_orphans(self, mon: Monitor, chains: list[Chain]) -> list[ReconcileAction]:
+        """Overlay nodes hotvm added that never joined a chain (crash between blockdev-add and snapshot)."""
+        in_chains = {layer.node for chain in chains for layer in chain.layers}
+        actions = []
+        for node in mon.cmd("query-named-block-nodes", {"flat": True}, retry=True):
+            name, filename = node["node-name"], node.get("file", "")
+            if not name.startswith("hotvm") or name.endswith("-f") or name in in_chains:
+                continue
+            if OVERLAY_MARKER not in os.path.basename(filename):
+                continue
+            try:
+                mon.cmd("blockdev-del", {"node-name": name})
+            except QmpCommandError as exc:
+                log.warning("VM '%s': unused overlay node %s not removed: %s", self.vm.name, name, exc)
+                continue
+            _remove_overlay(Path(filename))
+            actions.append(ReconcileAction("", [filename], "removed an overlay that was never attached"))
+        return actions
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _node_name(path: Path) -> str:
+    """A node name QEMU accepts (letter first, <= 31 chars) that is stable for one overlay file."""
+    return "hotvm-" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+
+
+def _create_overlay(qemu_img: str, path: Path, backing: Layer, vm: str, device: str) -> None:
+    # -u: do not open the backing file (QEMU holds its write lock); the size is given explicitly.
+    cmd = [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", backing.filename, "-F", backing.format,
+           str(path), str(backing.virtual_size)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _remove_overlay(path)
+        raise HypervisorError(
+            f"VM '{vm}', disk {device}: qemu-img create {path} hung for {QEMU_IMG_TIMEOUT_S}s",
+            "check the overlay directory's storage",
+        ) from None
+    if proc.returncode != 0:
+        _remove_overlay(path)
+        raise HypervisorError(
+            f"VM '{vm}', disk {device}: cannot create overlay {path}: {proc.stderr.strip()}",
+            "check that the overlay directory exists, is writable and has free space (or set overlay_dir)",
+        )
+
+
+def _remove_overlay(path: Path) -> None:
+    """Delete an overlay file; refuses anything without the hotvm marker (never the user's images)."""
+    if OVERLAY_MARKER not in path.name:
+        raise AssertionError(f"refusing to delete {path}: not a hotvm overlay")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _disk_dict(disk: DiskInfo) -> dict:
+    return {
+        "device": disk.device,
+        "node_name": disk.node_name,
+        "path": disk.path,
+        "format": disk.format,
+        "virtual_size": disk.virtual_size,
+        "mode": str(disk.mode),
+        "hotvm_overlays": list(disk.hotvm_overlays),
+        "backing_chain": list(disk.backing_chain),
+        "bus": disk.bus,
+    }

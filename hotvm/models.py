@@ -1,0 +1,286 @@
+"""Typed data: the hotvm.yaml configuration and the backup-set manifest.
+
+Config errors are turned into one message that names the file, the key path and the fix, because a
+backup that silently runs with a mistyped option is worse than one that refuses to start.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hotvm import __version__
+from hotvm.errors import ConfigError, UnknownTargetError, UnknownVMError
+
+DEFAULT_CONFIG = Path("hotvm.yaml")
+CONFIG_ENV = "HOTVM_CONFIG"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class BootCheckSpec(StrictModel):
+    """How to tell that a restored copy of this VM came up (the seed's "test test test")."""
+
+    ready_pattern: str = "login:"
+    """Regular expression on the serial console that means 'up'."""
+    timeout_s: float = Field(180, gt=0)
+    memory_mb: int = Field(512, ge=16)
+    kernel: Path | None = None
+    """Direct kernel boot (VMs started with -kernel); otherwise the first disk is booted by the BIOS."""
+    initrd: Path | None = None
+    append: str = "console=ttyS0"
+
+
+class VMConfig(StrictModel):
+    name: str = Field(min_length=1)
+    qmp: Path | None = None
+    """The VM's QMP unix socket (QEMU driver): the VM must be started with -qmp unix:PATH,server=on,wait=off."""
+    config_files: list[Path] = []
+    """What defines the VM (the seed's VMX): launch script, OVMF vars, logs. Tarred into every backup."""
+    overlay_dir: Path | None = None
+    """Where REDO overlays are created; default: beside each disk image (like the seed's .REDO files)."""
+    exclude_disks: list[str] = []
+    """Devices never backed up (e.g. a scratch disk)."""
+    boot_check: BootCheckSpec = BootCheckSpec()
+
+
+class HostConfig(StrictModel):
+    name: str = Field(min_length=1)
+    driver: Literal["qemu"] = "qemu"
+    max_concurrent_backups: int = Field(2, ge=1, le=32)
+    """Seed: 2-4 concurrent backups per host; enforced with a Prefect global concurrency limit."""
+    vms: list[VMConfig] = []
+    overlay_dir: Path | None = None
+    job_timeout_s: float = Field(6 * 3600, gt=0)
+    """A block job (commit) that is not done by then is cancelled and rolled back: never wait forever."""
+    on_io_error: Literal["resume", "cancel"] = "cancel"
+    """'Answer the question': what to do when a job pauses on an I/O error or the VM stops on one."""
+
+    @model_validator(mode="after")
+    def _unique_vms(self) -> HostConfig:
+        names = [vm.name for vm in self.vms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"VM names must be unique on a host, repeated: {', '.join(dupes)}")
+        return self
+
+
+class TargetConfig(StrictModel):
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    default: bool = False
+    password_env: str | None = None
+    password_secret: str | None = None
+    key_file: Path | None = None
+    known_hosts: Path | None = None
+    endpoint_url: str | None = None
+    access_key_env: str | None = None
+    secret_key_env: str | None = None
+    options: dict[str, str | int | float | bool] = {}
+    """Extra keyword arguments for the fsspec filesystem (never secrets: use the *_env / *_secret keys)."""
+
+    @field_validator("url")
+    @classmethod
+    def _has_scheme_or_path(cls, url: str) -> str:
+        if "://" not in url and not url.startswith("/"):
+            raise ValueError("give a URL such as file:///srv/backups (or an absolute path)")
+        return url
+
+
+class TaskRetries(StrictModel):
+    retries: int = Field(2, ge=0, le=20)
+    retry_delay_s: float = Field(5, ge=0)
+
+
+class Config(StrictModel):
+    hosts: list[HostConfig] = Field(min_length=1)
+    targets: list[TargetConfig] = Field(min_length=1)
+    retries: TaskRetries = TaskRetries()
+    source: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        for kind, names in (("host", [h.name for h in self.hosts]), ("target", [t.name for t in self.targets])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind} names must be unique, repeated: {', '.join(dupes)}")
+        vm_names = [vm.name for h in self.hosts for vm in h.vms]
+        dupes = sorted({n for n in vm_names if vm_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"VM names must be unique across hosts, repeated: {', '.join(dupes)}")
+        if sum(t.default for t in self.targets) > 1:
+            raise ValueError("only one target may be marked default: true")
+        return self
+
+    def find_vm(self, name: str) -> tuple[HostConfig, VMConfig]:
+        for host in self.hosts:
+            for vm in host.vms:
+                if vm.name == name:
+                    return host, vm
+        known = ", ".join(vm.name for h in self.hosts for vm in h.vms) or "none"
+        raise UnknownVMError(
+            f"unknown VM '{name}' (configured: {known})",
+            f"add it under hosts[].vms in {self.source or DEFAULT_CONFIG}",
+        )
+
+    def find_host(self, name: str) -> HostConfig:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise ConfigError(
+            f"unknown host '{name}' (configured: {', '.join(h.name for h in self.hosts)})",
+            f"add it under hosts: in {self.source or DEFAULT_CONFIG}",
+        )
+
+    def find_target(self, name: str | None = None) -> TargetConfig:
+        if name is None:
+            defaults = [t for t in self.targets if t.default]
+            if defaults:
+                return defaults[0]
+            if len(self.targets) == 1:
+                return self.targets[0]
+            raise UnknownTargetError(
+                f"several targets configured ({', '.join(t.name for t in self.targets)}) and none is the default",
+                "pass --target NAME or mark one target 'default: true'",
+            )
+        for target in self.targets:
+            if target.name == name:
+                return target
+        raise UnknownTargetError(
+            f"unknown target '{name}' (configured: {', '.join(t.name for t in self.targets)})",
+            f"add it under targets: in {self.source or DEFAULT_CONFIG}",
+        )
+
+
+def config_path(path: Path | str | None = None) -> Path:
+    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key (check the spelling; see docs/config.md)")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: required key is missing")
+        else:
+            lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: object, source: Path | None = None) -> Config:
+    where = source or "configuration"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'hosts:' and 'targets:'", "see docs/config.md")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where} is invalid: {_describe_validation_error(exc)}", "fix the file") from None
+    config.source = source
+    return config
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    source = config_path(path)
+    try:
+        text = source.read_text()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {source} not found",
+            f"create it (see docs/config.md) or pass --config / set {CONFIG_ENV}",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {source}: {exc.strerror}", "check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source} is not valid YAML{at}", "fix the indentation or quoting there") from None
+    return parse_config(data, source)
+
+
+# --------------------------------------------------------------------------- backup-set manifest
+
+FORMAT_VERSION = 1
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class StepTiming(StrictModel):
+    step: str
+    device: str | None = None
+    seconds: float
+
+
+class SkippedDisk(StrictModel):
+    device: str
+    path: str | None = None
+    reason: str
+
+
+class DiskRecord(StrictModel):
+    """One exported disk: the ordered chunk list is the image; zero chunks are simply absent."""
+
+    device: str
+    source_path: str
+    source_format: str
+    virtual_size: int
+    chunk_size: int
+    chunks: list[tuple[int, str]]
+    """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros."""
+    digest: str
+    """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'): one value per image."""
+    frozen_at: dt.datetime
+    bytes_read: int
+    bytes_new: int
+    """Compressed bytes this export added to the chunk store (chunks already there cost nothing)."""
+    export_seconds: float
+    pivot_stall_ms: float | None = None
+
+
+class ConfigArchive(StrictModel):
+    name: str
+    sha256: str
+    size: int
+    files: list[str]
+
+
+class Manifest(StrictModel):
+    format_version: int = FORMAT_VERSION
+    tool_version: str = __version__
+    kind: Literal["image"] = "image"
+    backup_id: str
+    vm: str
+    host: str
+    driver: str
+    started_at: dt.datetime
+    completed_at: dt.datetime
+    chunk_hash: Literal["sha256"] = "sha256"
+    compression: Literal["zstd"] = "zstd"
+    disks: list[DiskRecord]
+    skipped_disks: list[SkippedDisk] = []
+    config_archive: ConfigArchive | None = None
+    vm_description: dict = {}
+    boot_check: BootCheckSpec | None = None
+    steps: list[StepTiming] = []
+    warnings: list[str] = []
+
+    def disk(self, device: str) -> DiskRecord:
+        for disk in self.disks:
+            if disk.device == device:
+                return disk
+        raise KeyError(device)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Debian 12 packages hotvm needs (QEMU, the demo guest's kernel and busybox, test servers).
+# Installs only what is missing, so `make` stays fast on a machine that has them.
+set -euo pipefail
+packages=(
+  qemu-system-x86 qemu-utils          # the hypervisor and qemu-img
+  linux-image-amd64 busybox-static cpio   # the tiny demo guest
+  zstd python3-venv
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "hotvm needs these Debian packages: ${missing[*]} (run as root, or apt-get install them)" >&2
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,65 @@
+"""Shared fixtures. A real Prefect server on loopback (started once per session) runs every flow test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Settings must be in the environment before prefect is first imported (here and in CLI subprocesses).
+_PREFECT_HOME = tempfile.mkdtemp(prefix="hotvm-prefect-")
+_PREFECT_PORT = _free_port()
+os.environ.update({
+    "PREFECT_HOME": _PREFECT_HOME,
+    "PREFECT_API_URL": f"http://127.0.0.1:{_PREFECT_PORT}/api",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+})
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> str:
+    """`prefect server start` on 127.0.0.1 with a private SQLite database."""
+    url = os.environ["PREFECT_API_URL"]
+    log = open(Path(_PREFECT_HOME) / "server.log", "w")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start",
+         "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prefect server did not start: see {log.name}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
