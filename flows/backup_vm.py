@@ -64,10 +64,10 @@ def backup_vm(vm: str, target: str | None = None, config: str | None = None,
     log = get_run_logger()
     session = backup.open_session(vm, config)
     backup_id = backup_id or run_backup_id()
-    started = utcnow()
     steps = _Steps()
     limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
     with concurrency(limit, occupy=1, strict=True):
+        started = utcnow()
         warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)
         warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]

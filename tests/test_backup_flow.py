@@ -224,3 +224,30 @@ def test_backup_leaves_no_state_in_memory_between_steps(running, tmp_path: Path)
     backup.commit(session, "d", 1)
     assert backup.commit(session, "d", "final").stall_ms is not None
     assert overlay_files(tmp_path) == []
+
+
+def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_path: Path) -> None:
+    from flows.backup_host import backup_host
+    from hotvm.formats.repository import Repository
+    from hotvm.models import TargetConfig
+    from targets import open_target
+
+    vms = {}
+    try:
+        for name in ("a", "b", "c"):
+            d = tmp_path / name
+            d.mkdir()
+            random_raw(d / "disk.raw", 64 * MiB, 24 * MiB)
+            vms[name] = start_qemu(d, [DiskSpec("disk", d / "disk.raw", format="raw")])
+        config = write_config(tmp_path / "hotvm.yaml", {n: v.qmp_path for n, v in vms.items()},
+                              f"file://{tmp_path}/target", max_concurrent_backups=1)
+        results = backup_host(host="local", config=str(config))
+    finally:
+        for vm in vms.values():
+            vm.stop()
+    assert sorted(r["vm"] for r in results if r["ok"]) == ["a", "b", "c"]
+    repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{tmp_path}/target")))
+    spans = sorted((e.manifest.started_at, e.manifest.completed_at) for e in repo.list_sets() if e.manifest)
+    assert len(spans) == 3
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False)), \
+        "max_concurrent_backups=1: backups of one host must not overlap"

@@ -1,0 +1,47 @@
+"""prefect.yaml against a real Prefect server: deployments register with their schedules, and a worker
+runs a hot backup from a deployment, as the Prefect UI would start it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import write_config
+from qemu_helpers import DiskSpec, qemu_img, start_qemu
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prefect(*args: str, timeout: float = 300) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    prefect("work-pool", "create", "hotvm-local", "--type", "process", "--overwrite")
+    prefect("deploy", "--all")
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert {"weekly-image", "backup-vm", "restore-vm"} <= set(deployments)
+        weekly = deployments["weekly-image"]
+        assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 6"]  # seed Table 7.3: weekly image
+
+    qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "32M")
+    vm = start_qemu(tmp_path, [DiskSpec("data", tmp_path / "d.qcow2")])
+    try:
+        vm.qemu_io("data", "write -P 0x33 0 1M")
+        config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/target")
+        prefect("deployment", "run", "backup-vm/backup-vm", "--param", "vm=web01",
+                "--param", f"config={config}")
+        prefect("worker", "start", "--pool", "hotvm-local", "--run-once", timeout=300)
+    finally:
+        vm.stop()
+    manifests = list((tmp_path / "target" / "vms" / "web01").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    assert json.loads(manifests[0].read_text())["disks"][0]["device"] == "data"
