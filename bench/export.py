@@ -29,18 +29,23 @@ def bench_image(work: Path, label: str, image: Path, rounds: int) -> tuple[float
     for i in range(rounds):
         dst = work / f"cp-{i}.img"
         drop_caches()
-        cp_times.append(timed(lambda: subprocess.run(["sh", "-c", f"cp --sparse=always {image} {dst} && sync"],
-                                                     check=True)))
+        cp_cmd = ["sh", "-c", f"cp --sparse=always {image} {dst} && sync"]
+        cp_times.append(timed(lambda cmd=cp_cmd: subprocess.run(cmd, check=True)))
         dst.unlink()
         repo = Repository(open_target(TargetConfig(name="bench", url=f"file://{work}/repo-{i}")))
         repo.ensure()
         drop_caches()
-        export_times.append(timed(lambda: (export_image(repo, device="d", image=str(image)),
-                                           subprocess.run(["sync"], check=True))))
+        export_times.append(
+            timed(
+                lambda repo=repo: (
+                    export_image(repo, device="d", image=str(image)),
+                    subprocess.run(["sync"], check=True),
+                )
+            )
+        )
         shutil.rmtree(work / f"repo-{i}")
     cp_s, ex_s = median(cp_times), median(export_times)
-    print(f"{label:<28} cp {cp_s:6.2f} s   export {ex_s:6.2f} s   "
-          f"export throughput = {cp_s / ex_s:5.2f}x cp")
+    print(f"{label:<28} cp {cp_s:6.2f} s   export {ex_s:6.2f} s   export throughput = {cp_s / ex_s:5.2f}x cp")
     return cp_s, ex_s
 
 
@@ -54,8 +59,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir or "/var/tmp", prefix="hotvm-bench-") as tmp:
         work = Path(tmp)
         cold = drop_caches()
-        print(f"image {args.size_gib:g} GiB, {args.rounds} rounds, medians, caches "
-              f"{'dropped before each run' if cold else 'NOT droppable here (warm reads)'}")
+        print(
+            f"image {args.size_gib:g} GiB, {args.rounds} rounds, medians, caches "
+            f"{'dropped before each run' if cold else 'NOT droppable here (warm reads)'}"
+        )
         for label, fraction in (("dense (50% random)", 0.5), ("sparse (10% random)", 0.1)):
             image = work / f"{fraction}.raw"
             write_random_extents(str(image), size, fraction)

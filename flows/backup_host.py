@@ -26,20 +26,26 @@ def backup_one_vm(vm: str, target: str | None, config: str | None) -> dict:
 
 
 @flow(name="backup-host", task_runner=ThreadPoolTaskRunner(max_workers=8))
-def backup_host(host: str, target: str | None = None, config: str | None = None,
-                vms: list[str] | None = None) -> list[dict]:
+def backup_host(
+    host: str, target: str | None = None, config: str | None = None, vms: list[str] | None = None
+) -> list[dict]:
     """Back up the VMs of `host` (all of them, or those named in `vms`)."""
     cfg = load_config(config)
     names = [vm.name for vm in cfg.find_host(host).vms if not vms or vm.name in vms]
     futures = [backup_one_vm.submit(name, target, config) for name in names]
     results = [f.result() for f in futures]
-    create_table_artifact([{k: r.get(k) for k in ("vm", "ok", "backup_id", "url", "error")} for r in results],
-                          key=f"backup-host-{''.join(c if c.isalnum() else '-' for c in host.lower())}",
-                          description=f"weekly image backup of host {host}")
+    create_table_artifact(
+        [{k: r.get(k) for k in ("vm", "ok", "backup_id", "url", "error")} for r in results],
+        key=f"backup-host-{''.join(c if c.isalnum() else '-' for c in host.lower())}",
+        description=f"weekly image backup of host {host}",
+    )
     failed = [r for r in results if not r["ok"]]
     for r in failed:
         get_run_logger().error("backup of %s failed: %s", r["vm"], r["error"])
     if failed:
-        raise HotvmError(f"{len(failed)} of {len(results)} VM backups on host {host} failed: "
-                         + ", ".join(r["vm"] for r in failed), "see each VM's flow run; rerun it to resume")
+        raise HotvmError(
+            f"{len(failed)} of {len(results)} VM backups on host {host} failed: "
+            + ", ".join(r["vm"] for r in failed),
+            "see each VM's flow run; rerun it to resume",
+        )
     return results

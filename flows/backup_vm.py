@@ -58,8 +58,9 @@ class _Steps:
 
 
 @flow(name="backup-vm", on_crashed=[_rollback_hook], on_cancellation=[_rollback_hook])
-def backup_vm(vm: str, target: str | None = None, config: str | None = None,
-              backup_id: str | None = None) -> dict:
+def backup_vm(
+    vm: str, target: str | None = None, config: str | None = None, backup_id: str | None = None
+) -> dict:
     """Hot image backup of one running VM into a new (or the resumed) backup set."""
     log = get_run_logger()
     session = backup.open_session(vm, config)
@@ -74,22 +75,38 @@ def backup_vm(vm: str, target: str | None = None, config: str | None = None,
         records = {r.device: r for r in plan.done}
         try:
             if plan.todo:
-                frozen = steps.run("add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config)
+                frozen = steps.run(
+                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config
+                )
                 for disk in frozen:
-                    record = steps.run("export", disk.device, export_disk, vm, target, backup_id, disk, config)
+                    record = steps.run(
+                        "export", disk.device, export_disk, vm, target, backup_id, disk, config
+                    )
                     steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
                     steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
-                    final = steps.run("commit_final", disk.device, commit_disk, vm, disk.device, "final", config)
+                    final = steps.run(
+                        "commit_final", disk.device, commit_disk, vm, disk.device, "final", config
+                    )
                     records[disk.device] = record.model_copy(update={"pivot_stall_ms": final.stall_ms})
             archive = steps.run("backup_config", None, backup_config, vm, target, backup_id, config)
             if plan.done:
-                warnings.append(f"resumed {backup_id}: {', '.join(r.device for r in plan.done)} came from an "
-                                "earlier attempt (each disk records its own frozen_at time)")
+                warnings.append(
+                    f"resumed {backup_id}: {', '.join(r.device for r in plan.done)} came from an "
+                    "earlier attempt (each disk records its own frozen_at time)"
+                )
             manifest = Manifest(
-                backup_id=backup_id, vm=vm, host=session.host.name, driver=session.host.driver,
-                started_at=started, completed_at=utcnow(), disks=list(records.values()),
-                skipped_disks=plan.skipped, config_archive=archive, boot_check=session.vm.boot_check,
-                steps=steps.timings, warnings=warnings,
+                backup_id=backup_id,
+                vm=vm,
+                host=session.host.name,
+                driver=session.host.driver,
+                started_at=started,
+                completed_at=utcnow(),
+                disks=list(records.values()),
+                skipped_disks=plan.skipped,
+                config_archive=archive,
+                boot_check=session.vm.boot_check,
+                steps=steps.timings,
+                warnings=warnings,
             )
             url = steps.run("transfer", None, transfer, vm, target, manifest, config)
         except BaseException:
@@ -97,8 +114,9 @@ def backup_vm(vm: str, target: str | None = None, config: str | None = None,
             rollback_vm(vm, config)
             raise
     summary = summarize(manifest, url)
-    create_markdown_artifact(_summary_markdown(summary), key=f"backup-{_artifact_key(vm)}",
-                             description=f"hot backup of {vm}")
+    create_markdown_artifact(
+        _summary_markdown(summary), key=f"backup-{_artifact_key(vm)}", description=f"hot backup of {vm}"
+    )
     log.info("backup %s of %s complete: %s", backup_id, vm, url)
     return summary
 
@@ -110,8 +128,16 @@ def summarize(manifest: Manifest, url: str) -> dict:
         "vm": manifest.vm,
         "url": url,
         "path": url,
-        "disks": [{"device": d.device, "bytes": d.virtual_size, "bytes_read": d.bytes_read,
-                   "bytes_new": d.bytes_new, "pivot_stall_ms": d.pivot_stall_ms} for d in manifest.disks],
+        "disks": [
+            {
+                "device": d.device,
+                "bytes": d.virtual_size,
+                "bytes_read": d.bytes_read,
+                "bytes_new": d.bytes_new,
+                "pivot_stall_ms": d.pivot_stall_ms,
+            }
+            for d in manifest.disks
+        ],
         "skipped_disks": [s.model_dump() for s in manifest.skipped_disks],
         "steps": [{"name": s.step, "device": s.device, "seconds": s.seconds} for s in manifest.steps],
         "pivot_stall_ms": max(stalls) if stalls else None,
@@ -124,8 +150,14 @@ def _artifact_key(name: str) -> str:
 
 
 def _summary_markdown(summary: dict) -> str:
-    lines = [f"# Backup {summary['backup_id']} of {summary['vm']}", "", f"Set: `{summary['url']}`", "",
-             "| step | disk | seconds |", "|---|---|---|"]
+    lines = [
+        f"# Backup {summary['backup_id']} of {summary['vm']}",
+        "",
+        f"Set: `{summary['url']}`",
+        "",
+        "| step | disk | seconds |",
+        "|---|---|---|",
+    ]
     lines += [f"| {s['name']} | {s['device'] or ''} | {s['seconds']:.3f} |" for s in summary["steps"]]
     if summary["warnings"]:
         lines += ["", "Warnings:"] + [f"- {w}" for w in summary["warnings"]]

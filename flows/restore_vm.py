@@ -14,8 +14,15 @@ from tasks.restore import boot_check, find_backup, restore_config, restore_disk
 
 
 @flow(name="restore-vm")
-def restore_vm(vm: str, to: str, backup_id: str | None = None, target: str | None = None,
-               fmt: str = "qcow2", boot_check_restored: bool = False, config: str | None = None) -> dict:
+def restore_vm(
+    vm: str,
+    to: str,
+    backup_id: str | None = None,
+    target: str | None = None,
+    fmt: str = "qcow2",
+    boot_check_restored: bool = False,
+    config: str | None = None,
+) -> dict:
     """Restore the latest (or the given) backup of a VM into the directory `to`."""
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
@@ -28,8 +35,9 @@ def restore_vm(vm: str, to: str, backup_id: str | None = None, target: str | Non
         "vm": vm,
         "backup_id": manifest.backup_id,
         "to": str(dest),
-        "disks": [{"device": d.device, "path": d.path, "format": d.format, "bytes": d.virtual_size}
-                  for d in disks],
+        "disks": [
+            {"device": d.device, "path": d.path, "format": d.format, "bytes": d.virtual_size} for d in disks
+        ],
         "config_files": config_files,
         "boot_check": None,
     }
@@ -37,10 +45,15 @@ def restore_vm(vm: str, to: str, backup_id: str | None = None, target: str | Non
         check = boot_check(manifest, disks, str(dest))
         result["boot_check"] = check.as_dict()
     (dest / "restore.json").write_text(json.dumps(result, indent=2))
-    create_table_artifact(result["disks"], key="restore-" + "".join(c if c.isalnum() else "-" for c in vm.lower()),
-                          description=f"restore of {vm} {manifest.backup_id}")
+    create_table_artifact(
+        result["disks"],
+        key="restore-" + "".join(c if c.isalnum() else "-" for c in vm.lower()),
+        description=f"restore of {vm} {manifest.backup_id}",
+    )
     get_run_logger().info("restored %s %s into %s", vm, manifest.backup_id, dest)
     if boot_check_restored and not result["boot_check"]["ok"]:
-        raise HotvmError(f"restored VM {vm} did not come up in the boot check",
-                         f"see {dest}/boot-check.log; the disks are kept for inspection")
+        raise HotvmError(
+            f"restored VM {vm} did not come up in the boot check",
+            f"see {dest}/boot-check.log; the disks are kept for inspection",
+        )
     return result

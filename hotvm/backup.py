@@ -77,8 +77,13 @@ def select_disks(disks: list[DiskInfo], vm: VMConfig) -> tuple[list[DiskInfo], l
         if disk.device in vm.exclude_disks:
             skipped.append(SkippedDisk(device=disk.device, path=disk.path, reason="excluded in the config"))
         elif not disk.backed_up:
-            skipped.append(SkippedDisk(device=disk.device, path=disk.path,
-                                       reason=f"disk mode is {disk.mode.value}: it cannot take an overlay"))
+            skipped.append(
+                SkippedDisk(
+                    device=disk.device,
+                    path=disk.path,
+                    reason=f"disk mode is {disk.mode.value}: it cannot take an overlay",
+                )
+            )
         else:
             todo.append(disk)
     return todo, skipped
@@ -112,12 +117,14 @@ def add_redo(session: Session, devices: list[str], backup_id: str) -> list[Froze
         return driver.add_redo(devices, backup_id)
 
 
-def export_disk(session: Session, target: str | None, backup_id: str, frozen: FrozenDisk,
-                progress: Progress | None = None) -> DiskRecord:
+def export_disk(
+    session: Session, target: str | None, backup_id: str, frozen: FrozenDisk, progress: Progress | None = None
+) -> DiskRecord:
     """Stream the frozen image into the target and journal the disk as done."""
     with session.repository(target) as repo:
-        record = export_image(repo, device=frozen.device, image=frozen.image, fmt=frozen.format,
-                              progress=progress)
+        record = export_image(
+            repo, device=frozen.device, image=frozen.image, fmt=frozen.format, progress=progress
+        )
         repo.write_disk_record(session.vm.name, backup_id, record)
     return record
 
@@ -150,6 +157,18 @@ def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
 
 
 __all__ = [
-    "DiskPlan", "Session", "StepTiming", "add_redo", "backup_config", "commit", "export_disk",
-    "new_backup_id", "open_session", "plan_disks", "reconcile", "select_disks", "transfer", "utcnow",
+    "DiskPlan",
+    "Session",
+    "StepTiming",
+    "add_redo",
+    "backup_config",
+    "commit",
+    "export_disk",
+    "new_backup_id",
+    "open_session",
+    "plan_disks",
+    "reconcile",
+    "select_disks",
+    "transfer",
+    "utcnow",
 ]

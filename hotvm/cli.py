@@ -11,23 +11,38 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from hotvm import progress as progress_events
 from hotvm.errors import HotvmError
 
-app = typer.Typer(help="Hot backups of running VMs (layered REDO overlays), run as Prefect flows.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-vm_app = typer.Typer(help="The tiny demo guest: a real Linux VM that keeps writing to its data disk.",
-                     no_args_is_help=True)
+app = typer.Typer(
+    help="Hot backups of running VMs (layered REDO overlays), run as Prefect flows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+vm_app = typer.Typer(
+    help="The tiny demo guest: a real Linux VM that keeps writing to its data disk.", no_args_is_help=True
+)
 app.add_typer(vm_app, name="vm")
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="hotvm.yaml (default: $HOTVM_CONFIG or ./hotvm.yaml)")]
-TargetOpt = Annotated[str | None, typer.Option("--target", "-t", help="target name (default: the only or default one)")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="hotvm.yaml (default: $HOTVM_CONFIG or ./hotvm.yaml)")
+]
+TargetOpt = Annotated[
+    str | None, typer.Option("--target", "-t", help="target name (default: the only or default one)")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print a machine-readable result on stdout")]
 
 
@@ -57,8 +72,13 @@ def _progress_bars(enabled: bool):
     if not enabled:
         yield
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=False) as bars:
         ids: dict[str, int] = {}
 
@@ -90,9 +110,12 @@ def main() -> None:
     except RuntimeError as exc:
         if "Failed to reach API" not in str(exc):
             raise
-        _fail_and_exit(HotvmError(
-            f"cannot reach the Prefect server at {os.environ.get('PREFECT_API_URL')}",
-            "start it (prefect server start), or unset PREFECT_API_URL to use the embedded one"))
+        _fail_and_exit(
+            HotvmError(
+                f"cannot reach the Prefect server at {os.environ.get('PREFECT_API_URL')}",
+                "start it (prefect server start), or unset PREFECT_API_URL to use the embedded one",
+            )
+        )
 
 
 def _fail_and_exit(exc: HotvmError) -> None:
@@ -110,7 +133,9 @@ def backup(
     vm: Annotated[str, typer.Argument(help="VM name from hotvm.yaml")],
     target: TargetOpt = None,
     config: ConfigOpt = None,
-    new: Annotated[bool, typer.Option("--new", help="start a new set even if an unfinished one exists")] = False,
+    new: Annotated[
+        bool, typer.Option("--new", help="start a new set even if an unfinished one exists")
+    ] = False,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
 ) -> None:
@@ -142,8 +167,10 @@ def _render_backup(result: dict) -> None:
         table.add_row(step["name"], step["device"] or "", f"{step['seconds']:.3f}")
     out.print(table)
     for disk in result["disks"]:
-        out.print(f"disk {disk['device']}: {disk['bytes'] >> 20} MiB, read {disk['bytes_read'] >> 20} MiB, "
-                  f"new {disk['bytes_new'] >> 20} MiB, pivot stall {disk['pivot_stall_ms'] or 0:.1f} ms")
+        out.print(
+            f"disk {disk['device']}: {disk['bytes'] >> 20} MiB, read {disk['bytes_read'] >> 20} MiB, "
+            f"new {disk['bytes_new'] >> 20} MiB, pivot stall {disk['pivot_stall_ms'] or 0:.1f} ms"
+        )
     for warning in result["warnings"]:
         out.print(f"[yellow]warning:[/] {warning}")
 
@@ -152,11 +179,15 @@ def _render_backup(result: dict) -> None:
 def restore(
     vm: Annotated[str, typer.Argument(help="VM name as backed up")],
     to: Annotated[Path, typer.Option("--to", help="new or empty directory for the restored files")],
-    backup_id: Annotated[str | None, typer.Option("--backup", help="backup id (default: latest complete)")] = None,
+    backup_id: Annotated[
+        str | None, typer.Option("--backup", help="backup id (default: latest complete)")
+    ] = None,
     target: TargetOpt = None,
     config: ConfigOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
-    boot_check: Annotated[bool, typer.Option("--boot-check", help="boot the restored VM isolated and time it")] = False,
+    boot_check: Annotated[
+        bool, typer.Option("--boot-check", help="boot the restored VM isolated and time it")
+    ] = False,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -165,8 +196,15 @@ def restore(
     from flows.restore_vm import restore_vm
 
     with _progress_bars(not as_json):
-        result = restore_vm(vm=vm, to=str(to), backup_id=backup_id, target=target, fmt=fmt,
-                            boot_check_restored=boot_check, config=_cfg(config))
+        result = restore_vm(
+            vm=vm,
+            to=str(to),
+            backup_id=backup_id,
+            target=target,
+            fmt=fmt,
+            boot_check_restored=boot_check,
+            config=_cfg(config),
+        )
     _emit(result, as_json, _render_restore)
 
 
@@ -191,18 +229,29 @@ def list_backups(
     from hotvm.restore import open_repository
 
     entries = open_repository(config, target).list_sets(vm)
-    rows = [{
-        "vm": e.vm, "backup_id": e.backup_id, "complete": e.complete,
-        "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
-        "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
-        "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
-    } for e in entries]
+    rows = [
+        {
+            "vm": e.vm,
+            "backup_id": e.backup_id,
+            "complete": e.complete,
+            "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
+            "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
+            "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
+        }
+        for e in entries
+    ]
 
     def render(rows: list[dict]) -> None:
         table = Table("vm", "backup", "state", "completed", "disks", "size")
         for r in rows:
-            table.add_row(r["vm"], r["backup_id"], "complete" if r["complete"] else "[yellow]incomplete[/]",
-                          r["completed_at"] or "", ", ".join(r["disks"]), f"{r['bytes'] >> 20} MiB")
+            table.add_row(
+                r["vm"],
+                r["backup_id"],
+                "complete" if r["complete"] else "[yellow]incomplete[/]",
+                r["completed_at"] or "",
+                ", ".join(r["disks"]),
+                f"{r['bytes'] >> 20} MiB",
+            )
         out.print(table)
 
     _emit(rows, as_json, render)
@@ -211,8 +260,8 @@ def list_backups(
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
-    from hotvm.status import vm_status
     from hotvm.models import load_config
+    from hotvm.status import vm_status
 
     cfg = load_config(config)
     rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vms]
@@ -220,11 +269,17 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     def render(rows: list[dict]) -> None:
         table = Table("host", "vm", "state", "disks", "overlays", "jobs")
         for r in rows:
-            overlays = "; ".join(f"{d['device']}: {', '.join(d['hotvm_overlays'])}"
-                                 for d in r["disks"] if d["hotvm_overlays"])
-            table.add_row(r["host"], r["vm"], r["state"],
-                          ", ".join(f"{d['device']} ({d['mode']})" for d in r["disks"]),
-                          f"[red]{overlays}[/]" if overlays else "none", ", ".join(r["jobs"]) or "none")
+            overlays = "; ".join(
+                f"{d['device']}: {', '.join(d['hotvm_overlays'])}" for d in r["disks"] if d["hotvm_overlays"]
+            )
+            table.add_row(
+                r["host"],
+                r["vm"],
+                r["state"],
+                ", ".join(f"{d['device']} ({d['mode']})" for d in r["disks"]),
+                f"[red]{overlays}[/]" if overlays else "none",
+                ", ".join(r["jobs"]) or "none",
+            )
         out.print(table)
 
     _emit(rows, as_json, render)

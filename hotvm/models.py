@@ -44,7 +44,7 @@ class BootCheckSpec(StrictModel):
 class VMConfig(StrictModel):
     name: str = Field(min_length=1)
     qmp: Path | None = None
-    """The VM's QMP unix socket (QEMU driver): the VM must be started with -qmp unix:PATH,server=on,wait=off."""
+    """The VM's QMP unix socket (QEMU driver): start the VM with -qmp unix:PATH,server=on,wait=off."""
     config_files: list[Path] = []
     """What defines the VM (the seed's VMX): launch script, OVMF vars, logs. Tarred into every backup."""
     overlay_dir: Path | None = None
@@ -110,7 +110,10 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> Config:
-        for kind, names in (("host", [h.name for h in self.hosts]), ("target", [t.name for t in self.targets])):
+        for kind, names in (
+            ("host", [h.name for h in self.hosts]),
+            ("target", [t.name for t in self.targets]),
+        ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
                 raise ValueError(f"{kind} names must be unique, repeated: {', '.join(dupes)}")
@@ -150,7 +153,7 @@ class Config(StrictModel):
             if len(self.targets) == 1:
                 return self.targets[0]
             raise UnknownTargetError(
-                f"several targets configured ({', '.join(t.name for t in self.targets)}) and none is the default",
+                f"targets {', '.join(t.name for t in self.targets)} are configured and none is the default",
                 "pass --target NAME or mark one target 'default: true'",
             )
         for target in self.targets:
@@ -201,7 +204,9 @@ def load_config(path: Path | str | None = None) -> Config:
             f"create it (see docs/config.md) or pass --config / set {CONFIG_ENV}",
         ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot read config file {source}: {exc.strerror}", "check its permissions") from None
+        raise ConfigError(
+            f"cannot read config file {source}: {exc.strerror}", "check its permissions"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

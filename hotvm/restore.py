@@ -23,8 +23,9 @@ def open_repository(config: Config | str | Path | None, target: str | None) -> R
     return Repository(open_target(_config(config).find_target(target)))
 
 
-def find_backup(config: Config | str | Path | None, vm: str, target: str | None,
-                backup_id: str | None = None) -> Manifest:
+def find_backup(
+    config: Config | str | Path | None, vm: str, target: str | None, backup_id: str | None = None
+) -> Manifest:
     return open_repository(config, target).find(vm, backup_id)
 
 
@@ -35,12 +36,22 @@ def prepare_destination(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
 
 
-def restore_one_disk(config: Config | str | Path | None, target: str | None, manifest: Manifest, device: str,
-                     dest: Path, fmt: DiskFormat, progress=None) -> RestoredDisk:  # noqa: ANN001
+def restore_one_disk(
+    config: Config | str | Path | None,
+    target: str | None,
+    manifest: Manifest,
+    device: str,
+    dest: Path,
+    fmt: DiskFormat,
+    progress=None,
+) -> RestoredDisk:  # noqa: ANN001
     repo = open_repository(config, target)
-    return restore_disk(repo, manifest.disk(device), dest / disk_file_name(device, fmt), fmt, progress=progress)
+    return restore_disk(
+        repo, manifest.disk(device), dest / disk_file_name(device, fmt), fmt, progress=progress
+    )
 
 
-def restore_config_files(config: Config | str | Path | None, target: str | None, manifest: Manifest,
-                         dest: Path) -> list[str]:
+def restore_config_files(
+    config: Config | str | Path | None, target: str | None, manifest: Manifest, dest: Path
+) -> list[str]:
     return restore_config(open_repository(config, target), manifest, dest)

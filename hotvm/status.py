@@ -21,8 +21,12 @@ def vm_status(host: HostConfig, vm: VMConfig) -> dict:
         row["state"] = f"unreachable: {exc.message}"
         return row
     row["state"] = str(description.get("status", "running"))
-    row["jobs"] = [f"{j.get('id', j.get('device'))} {j.get('type', '')} {j.get('status', '')}".strip()
-                   for j in description.get("block_jobs", [])]
-    row["disks"] = [{"device": d.device, "mode": d.mode.value, "path": d.path,
-                     "hotvm_overlays": list(d.hotvm_overlays)} for d in disks]
+    row["jobs"] = [
+        f"{j.get('id', j.get('device'))} {j.get('type', '')} {j.get('status', '')}".strip()
+        for j in description.get("block_jobs", [])
+    ]
+    row["disks"] = [
+        {"device": d.device, "mode": d.mode.value, "path": d.path, "hotvm_overlays": list(d.hotvm_overlays)}
+        for d in disks
+    ]
     return row

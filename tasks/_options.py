@@ -10,7 +10,7 @@ PERMANENT_ERRORS = (ConfigError, DiskNotSupported, TargetFull, BackupSetError, V
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's hook signature
-    """A wrong config, a full target, a stopped VM or a disk that cannot take an overlay fail the same way again."""
+    """A wrong config, a full target, a stopped VM or a disk that cannot take an overlay: the same again."""
     try:
         state.result()
     except PERMANENT_ERRORS:

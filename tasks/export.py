@@ -3,15 +3,17 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from hotvm import backup, progress as progress_events
+from hotvm import backup
+from hotvm import progress as progress_events
 from hotvm.hypervisors.base import FrozenDisk
 from hotvm.models import DiskRecord
 from tasks._options import STEP
 
 
 @task(name="export_disk", task_run_name="export_disk[{frozen.device}]", **STEP)
-def export_disk(vm: str, target: str | None, backup_id: str, frozen: FrozenDisk,
-                config: str | None = None) -> DiskRecord:
+def export_disk(
+    vm: str, target: str | None, backup_id: str, frozen: FrozenDisk, config: str | None = None
+) -> DiskRecord:
     """Stream the frozen disk into the target, showing progress in the UI."""
     log = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"export of {vm}/{frozen.device}")
@@ -26,6 +28,11 @@ def export_disk(vm: str, target: str | None, backup_id: str, frozen: FrozenDisk,
             log.info("export %s: %.0f%% of %d MiB allocated", frozen.device, pct, total >> 20)
 
     record = backup.export_disk(backup.open_session(vm, config), target, backup_id, frozen, progress)
-    log.info("exported %s: %d MiB read, %d MiB new in the store, %.2f s", frozen.device,
-             record.bytes_read >> 20, record.bytes_new >> 20, record.export_seconds)
+    log.info(
+        "exported %s: %d MiB read, %d MiB new in the store, %.2f s",
+        frozen.device,
+        record.bytes_read >> 20,
+        record.bytes_new >> 20,
+        record.export_seconds,
+    )
     return record

@@ -18,9 +18,11 @@ def find_backup(vm: str, target: str | None, backup_id: str | None, config: str 
 
 
 @task(name="restore_disk", task_run_name="restore_disk[{device}]", **STEP)
-def restore_disk(manifest: Manifest, device: str, dest: str, fmt: DiskFormat, target: str | None,
-                 config: str | None = None) -> RestoredDisk:
+def restore_disk(
+    manifest: Manifest, device: str, dest: str, fmt: DiskFormat, target: str | None, config: str | None = None
+) -> RestoredDisk:
     """Write one disk, verifying every chunk; the file appears only when it is whole."""
+
     def progress(done: int, total: int) -> None:
         progress_events.emit("restore", f"{manifest.vm}/{device}", done, total)
 
@@ -36,6 +38,7 @@ def restore_config(manifest: Manifest, dest: str, target: str | None, config: st
 def boot_check(manifest: Manifest, disks: list[RestoredDisk], dest: str) -> BootCheckResult:
     """Boot the restored disks in an isolated QEMU and time how long until the guest is up."""
     result = boot_check_restored(manifest, disks, Path(dest))
-    get_run_logger().info("boot check of %s: %s in %.1f s", manifest.vm, "up" if result.ok else "FAILED",
-                          result.seconds)
+    get_run_logger().info(
+        "boot check of %s: %s in %.1f s", manifest.vm, "up" if result.ok else "FAILED", result.seconds
+    )
     return result

@@ -23,13 +23,15 @@ def _free_port() -> int:
 # Settings must be in the environment before prefect is first imported (here and in CLI subprocesses).
 _PREFECT_HOME = tempfile.mkdtemp(prefix="hotvm-prefect-")
 _PREFECT_PORT = _free_port()
-os.environ.update({
-    "PREFECT_HOME": _PREFECT_HOME,
-    "PREFECT_API_URL": f"http://127.0.0.1:{_PREFECT_PORT}/api",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "WARNING",
-    "PREFECT_SERVER_UI_ENABLED": "false",
-})
+os.environ.update(
+    {
+        "PREFECT_HOME": _PREFECT_HOME,
+        "PREFECT_API_URL": f"http://127.0.0.1:{_PREFECT_PORT}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+    }
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,9 +42,21 @@ def prefect_server() -> str:
     url = os.environ["PREFECT_API_URL"]
     log = open(Path(_PREFECT_HOME) / "server.log", "w")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start",
-         "--host", "127.0.0.1", "--port", str(_PREFECT_PORT)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(_PREFECT_PORT),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while True:

@@ -27,8 +27,14 @@ def write_config(path: Path, vms: dict[str, Path], target_url: str, **host: obje
 
 def hotvm(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m hotvm`) in a child process, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "hotvm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=os.environ.copy(), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hotvm", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"hotvm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -77,8 +83,8 @@ def written_prefix(image: Path, fmt: str, blocks: int) -> int:
     if raw != image:
         raw.unlink()
     k = 0
-    while k < blocks and data[k * KiB64:(k + 1) * KiB64] == bytes([pattern(k)]) * KiB64:
+    while k < blocks and data[k * KiB64 : (k + 1) * KiB64] == bytes([pattern(k)]) * KiB64:
         k += 1
-    tail = data[k * KiB64: blocks * KiB64]
+    tail = data[k * KiB64 : blocks * KiB64]
     assert tail == bytes(len(tail)), f"block {k} is torn or written out of order: not a point-in-time copy"
     return k

@@ -52,11 +52,13 @@ def test_hot_backup_while_guest_writes_then_restore(prefect_server, running, tmp
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "data.qcow2"), "64M")
     qemu_img("create", "-q", "-f", "raw", str(tmp_path / "sys.raw"), "32M")
     qemu_img("create", "-q", "-f", "raw", str(tmp_path / "iso.raw"), "8M")
-    vm = running([
-        DiskSpec("data", tmp_path / "data.qcow2"),
-        DiskSpec("sys", tmp_path / "sys.raw", format="raw", bus="ide", style="drive"),
-        DiskSpec("iso", tmp_path / "iso.raw", format="raw", read_only=True),
-    ])
+    vm = running(
+        [
+            DiskSpec("data", tmp_path / "data.qcow2"),
+            DiskSpec("sys", tmp_path / "sys.raw", format="raw", bus="ide", style="drive"),
+            DiskSpec("iso", tmp_path / "iso.raw", format="raw", read_only=True),
+        ]
+    )
     writer = SequentialWriter(vm, "data", limit=512)
     for n in range(20):
         writer.write_block(n)
@@ -72,7 +74,11 @@ def test_hot_backup_while_guest_writes_then_restore(prefect_server, running, tmp
     assert any("skipped iso" in w and "read-only" in w for w in result["warnings"])
     assert result["pivot_stall_ms"] is not None
     assert [s["name"] for s in result["steps"] if s["device"] == "data"] == [
-        "export", "add_redo", "commit_level1", "commit_final"]
+        "export",
+        "add_redo",
+        "commit_level1",
+        "commit_final",
+    ]
     assert (tmp_path / "target" / "vms" / "web01" / result["backup_id"] / "manifest.json").exists()
 
     restored = restore_vm(vm="web01", to=str(tmp_path / "restored"), fmt="raw", config=str(config))
@@ -96,8 +102,13 @@ def test_killed_backup_is_reconciled_and_resumed(prefect_server, running, tmp_pa
     env = {**os.environ, "HOTVM_CONFIG": str(config)}
     os.environ["HOTVM_CONFIG"] = str(config)
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "hotvm", "backup", "web01", "--json"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hotvm", "backup", "web01", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
         chunks = tmp_path / "target" / "chunks"
         deadline = time.monotonic() + 120
         while not (chunks.exists() and any(chunks.rglob("*"))):
@@ -136,7 +147,8 @@ def small_tmpfs(tmp_path: Path):
 
 
 def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
-        prefect_server, running, small_tmpfs: Path, tmp_path: Path) -> None:
+    prefect_server, running, small_tmpfs: Path, tmp_path: Path
+) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -160,9 +172,21 @@ def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
     subprocess.run(["mount", "-o", "remount,size=96m", str(small_tmpfs)], check=True)
     flow_run_id = state.state_details.flow_run_id
     retry = subprocess.run(
-        [sys.executable, "-m", "prefect", "flow-run", "retry", str(flow_run_id),
-         "--entrypoint", "flows/backup_vm.py:backup_vm"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "flow-run",
+            "retry",
+            str(flow_run_id),
+            "--entrypoint",
+            "flows/backup_vm.py:backup_vm",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        stdin=subprocess.DEVNULL,
     )
     assert retry.returncode == 0, retry.stdout + retry.stderr
 
@@ -183,8 +207,10 @@ def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
 
 def test_bad_inputs_get_one_clear_message(prefect_server, tmp_path: Path) -> None:
     bad_key = tmp_path / "bad.yaml"
-    bad_key.write_text("hosts:\n  - name: h\n    vms: [{name: a, qmp: /x, qmpp: 1}]\n"
-                       "targets: [{name: t, url: file:///tmp}]\n")
+    bad_key.write_text(
+        "hosts:\n  - name: h\n    vms: [{name: a, qmp: /x, qmpp: 1}]\n"
+        "targets: [{name: t, url: file:///tmp}]\n"
+    )
     proc = hotvm("backup", "a", "--config", str(bad_key), check=False)
     assert proc.returncode == 2
     assert "hosts.0.vms.0.qmpp: unknown key" in proc.stderr
@@ -239,8 +265,12 @@ def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_pat
             d.mkdir()
             random_raw(d / "disk.raw", 64 * MiB, 24 * MiB)
             vms[name] = start_qemu(d, [DiskSpec("disk", d / "disk.raw", format="raw")])
-        config = write_config(tmp_path / "hotvm.yaml", {n: v.qmp_path for n, v in vms.items()},
-                              f"file://{tmp_path}/target", max_concurrent_backups=1)
+        config = write_config(
+            tmp_path / "hotvm.yaml",
+            {n: v.qmp_path for n, v in vms.items()},
+            f"file://{tmp_path}/target",
+            max_concurrent_backups=1,
+        )
         results = backup_host(host="local", config=str(config))
     finally:
         for vm in vms.values():
@@ -249,5 +279,6 @@ def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_pat
     repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{tmp_path}/target")))
     spans = sorted((e.manifest.started_at, e.manifest.completed_at) for e in repo.list_sets() if e.manifest)
     assert len(spans) == 3
-    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False)), \
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False)), (
         "max_concurrent_backups=1: backups of one host must not overlap"
+    )

@@ -15,8 +15,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prefect(*args: str, timeout: float = 300) -> str:
-    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -37,8 +43,9 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
     try:
         vm.qemu_io("data", "write -P 0x33 0 1M")
         config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/target")
-        prefect("deployment", "run", "backup-vm/backup-vm", "--param", "vm=web01",
-                "--param", f"config={config}")
+        prefect(
+            "deployment", "run", "backup-vm/backup-vm", "--param", "vm=web01", "--param", f"config={config}"
+        )
         prefect("worker", "start", "--pool", "hotvm-local", "--run-once", timeout=300)
     finally:
         vm.stop()

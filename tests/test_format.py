@@ -72,8 +72,9 @@ def test_user_backing_chain_and_compressed_clusters(tmp_path: Path, repo: Reposi
     packed = tmp_path / "packed.qcow2"
     subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", str(base), str(packed)], check=True)
     top = tmp_path / "vm.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(packed), "-F", "qcow2", str(top)],
-                   check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(packed), "-F", "qcow2", str(top)], check=True
+    )
     qemu_io(top, "qcow2", "write -P 0x02 1M 1M")
     record = export_image(repo, device="d", image=str(top))
     restored = restore_disk(repo, record, tmp_path / "r.raw", "raw")

@@ -86,12 +86,14 @@ class _ChunkJob:
 
     @property
     def data_bytes(self) -> int:
-        return sum(min(s.start + s.length, self.start + self.size) - max(s.start, self.start)
-                   for s in self.segments)
+        return sum(
+            min(s.start + s.length, self.start + self.size) - max(s.start, self.start) for s in self.segments
+        )
 
 
-def _export_chunk(job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters,
-                  zero: bytes) -> str | None:
+def _export_chunk(
+    job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters, zero: bytes
+) -> str | None:
     """Runs in a worker thread, so several reads are in flight at once (deep queues read faster)."""
     buf = bytearray(job.size)
     view = memoryview(buf)
@@ -122,8 +124,10 @@ def export_image(
     segments = data_segments(info)
     by_chunk = _segments_by_chunk(segments, chunk_size)
     total = sum(s.length for s in segments)
-    jobs = [_ChunkJob(i, i * chunk_size, min(chunk_size, info.virtual_size - i * chunk_size), segs)
-            for i, segs in sorted(by_chunk.items())]
+    jobs = [
+        _ChunkJob(i, i * chunk_size, min(chunk_size, info.virtual_size - i * chunk_size), segs)
+        for i, segs in sorted(by_chunk.items())
+    ]
     zero = bytes(chunk_size)
     counters = _Counters()
     chunks: list[tuple[int, str]] = []

@@ -26,8 +26,10 @@ def _qemu_img_json(*args: str) -> object:
     except FileNotFoundError:
         raise ImageError("qemu-img not found", "install qemu-utils (apt-get install qemu-utils)") from None
     except subprocess.CalledProcessError as exc:
-        raise ImageError(f"qemu-img {args[0]} failed on {args[-1]}: {exc.stderr.strip()}",
-                         "is the image readable and not locked by a writer?") from None
+        raise ImageError(
+            f"qemu-img {args[0]} failed on {args[-1]}: {exc.stderr.strip()}",
+            "is the image readable and not locked by a writer?",
+        ) from None
     return json.loads(out.stdout)
 
 
@@ -103,11 +105,16 @@ class ImageReader:
             done += n
 
     def _read_via_qemu_img(self, start: int, length: int) -> bytes:
-        opts = (f"driver=raw,offset={start},size={length},file.driver={self.info.format},"
-                f"file.file.driver=file,file.file.filename={self.info.path}")
+        opts = (
+            f"driver=raw,offset={start},size={length},file.driver={self.info.format},"
+            f"file.file.driver=file,file.file.filename={self.info.path}"
+        )
         with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
-            subprocess.run(["qemu-img", "convert", "--image-opts", opts, "-O", "raw", tmp.name],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["qemu-img", "convert", "--image-opts", opts, "-O", "raw", tmp.name],
+                check=True,
+                capture_output=True,
+            )
             with open(tmp.name, "rb") as fh:
                 data = fh.read()
         return data.ljust(length, b"\0")

@@ -100,8 +100,9 @@ class Repository:
         return f"{self.set_dir(vm, backup_id)}/disks/{safe_name(device)}.json"
 
     def write_disk_record(self, vm: str, backup_id: str, record: DiskRecord) -> None:
-        self.target.write_bytes(self.disk_record_path(vm, backup_id, record.device),
-                                record.model_dump_json(indent=1).encode())
+        self.target.write_bytes(
+            self.disk_record_path(vm, backup_id, record.device), record.model_dump_json(indent=1).encode()
+        )
 
     def read_disk_record(self, vm: str, backup_id: str, device: str) -> DiskRecord | None:
         path = self.disk_record_path(vm, backup_id, device)
@@ -121,8 +122,10 @@ class Repository:
         try:
             return self.target.read_bytes(f"{self.set_dir(vm, backup_id)}/{name}")
         except FileNotFoundError:
-            raise BackupSetError(f"{name} missing from backup {vm}/{backup_id} on '{self.target.name}'",
-                                 "the set is damaged; use another backup") from None
+            raise BackupSetError(
+                f"{name} missing from backup {vm}/{backup_id} on '{self.target.name}'",
+                "the set is damaged; use another backup",
+            ) from None
 
     def mark_started(self, vm: str, backup_id: str, host: str) -> None:
         """Make an unfinished set visible (list shows it incomplete; the next run resumes it)."""
@@ -147,8 +150,10 @@ class Repository:
                 "run 'hotvm list' to see complete backups; rerun the backup to finish this one",
             ) from None
         except ValidationError as exc:
-            raise BackupSetError(f"manifest of {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
-                                 "the set is damaged; use another backup") from None
+            raise BackupSetError(
+                f"manifest of {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
+                "the set is damaged; use another backup",
+            ) from None
 
     def list_vms(self) -> list[str]:
         return self.target.listdir("vms")
@@ -167,8 +172,10 @@ class Repository:
     def latest(self, vm: str) -> Manifest:
         complete = [e for e in self.list_sets(vm) if e.manifest]
         if not complete:
-            raise BackupSetError(f"no complete backup of VM '{vm}' on target '{self.target.name}'",
-                                 f"run 'hotvm backup {vm}' first, or pick another --target")
+            raise BackupSetError(
+                f"no complete backup of VM '{vm}' on target '{self.target.name}'",
+                f"run 'hotvm backup {vm}' first, or pick another --target",
+            )
         return complete[-1].manifest  # type: ignore[return-value]
 
     def find(self, vm: str, backup_id: str | None) -> Manifest:

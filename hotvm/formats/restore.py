@@ -81,8 +81,11 @@ def restore_disk(
         finally:
             os.close(fd)
         if fmt == "qcow2":
-            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
+                check=True,
+                capture_output=True,
+            )
             raw.unlink()
         os.rename(partial, dest)
     except BaseException:
@@ -98,8 +101,10 @@ def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list
         return []
     blob = repo.read_blob(manifest.vm, manifest.backup_id, manifest.config_archive.name)
     if chunk_digest(blob) != manifest.config_archive.sha256:
-        raise ChecksumMismatch(f"config archive of {manifest.vm}/{manifest.backup_id} is damaged",
-                               "restore the config from another backup")
+        raise ChecksumMismatch(
+            f"config archive of {manifest.vm}/{manifest.backup_id} is damaged",
+            "restore the config from another backup",
+        )
     target = dest_dir / "config"
     target.mkdir(parents=True, exist_ok=True)
     plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
@@ -107,8 +112,10 @@ def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list
         try:
             tar.extractall(target, filter="data")
         except tarfile.FilterError as exc:
-            raise BackupSetError(f"config archive holds an unsafe path: {exc}",
-                                 "the archive was tampered with; use another backup") from None
+            raise BackupSetError(
+                f"config archive holds an unsafe path: {exc}",
+                "the archive was tampered with; use another backup",
+            ) from None
         return [m.name for m in tar.getmembers()]
 
 

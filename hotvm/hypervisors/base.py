@@ -89,7 +89,7 @@ class HypervisorDriver(Protocol):
         ...
 
     def reconcile(self) -> list[ReconcileAction]:
-        """Commit every hotvm overlay left on the VM (earlier crash) back into its disk; return what was done."""
+        """Commit every hotvm overlay an earlier crash left on the VM back into its disk; report it."""
         ...
 
     def add_redo(self, devices: list[str], tag: str) -> list[FrozenDisk]:
