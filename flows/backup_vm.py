@@ -113,7 +113,7 @@ def backup_vm(
             log.error("backup of %s failed: committing its overlays back before the run ends", vm)
             rollback_vm(vm, config)
             raise
-    summary = summarize(manifest, url)
+    summary = summarize(manifest.model_copy(update={"steps": steps.timings}), url)
     create_markdown_artifact(
         _summary_markdown(summary), key=f"backup-{_artifact_key(vm)}", description=f"hot backup of {vm}"
     )

@@ -136,9 +136,9 @@ class Repository:
 
     def commit_manifest(self, manifest: Manifest) -> str:
         """The last write of a backup: from here on the set is complete and restorable."""
-        path = f"{self.set_dir(manifest.vm, manifest.backup_id)}/manifest.json"
-        self.target.write_bytes(path, manifest.model_dump_json(indent=1).encode())
-        return self.target.display(path)
+        set_dir = self.set_dir(manifest.vm, manifest.backup_id)
+        self.target.write_bytes(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
+        return self.target.display(set_dir)
 
     def load_manifest(self, vm: str, backup_id: str) -> Manifest:
         path = f"{self.set_dir(vm, backup_id)}/manifest.json"

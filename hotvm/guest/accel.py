@@ -95,11 +95,14 @@ def probe_kvm(state_dir: Path, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool
         with disk.open("wb") as fh:
             fh.truncate(2 << 20)
         cmd = guest_command(files.kernel, files.initramfs, serial, "kvm") + [
-            "-drive", f"file={disk},format=raw,if=virtio"]
+            "-drive",
+            f"file={disk},format=raw,if=virtio",
+        ]
         start = time.monotonic()
         with log.open("wb") as out:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
             alive = lambda: proc.poll() is None and "KVM internal error" not in read_text(log)  # noqa: E731
             ready = wait_for(serial, _READY, timeout, alive)
@@ -116,5 +119,10 @@ def probe_kvm(state_dir: Path, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool
 def _machine_key() -> dict[str, str]:
     """What the verdict depends on: this host, its kernel (KVM), QEMU and the guest kernel."""
     guest = sorted(p.name for p in Path("/boot").glob("vmlinuz-*"))
-    return {"host": socket.gethostname(), "host_kernel": os.uname().release, "qemu": qemu_version(),
-            "qemu_path": shutil.which("qemu-system-x86_64") or "", "guest_kernels": ",".join(guest)}
+    return {
+        "host": socket.gethostname(),
+        "host_kernel": os.uname().release,
+        "qemu": qemu_version(),
+        "qemu_path": shutil.which("qemu-system-x86_64") or "",
+        "guest_kernels": ",".join(guest),
+    }

@@ -71,7 +71,7 @@ def extract_pvh_vmlinux(bzimage: bytes) -> bytes | None:
 
 def has_pvh_note(elf: bytes) -> bool:
     """Does this ELF64 carry the Xen PHYS32_ENTRY note QEMU needs to boot it directly?"""
-    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
     for i in range(phnum):
         p_type, _, p_offset, _, _, p_filesz = struct.unpack_from("<IIQQQQ", elf, phoff + i * phentsize)
@@ -92,8 +92,14 @@ def _initramfs_key(kernel: GuestKernel) -> str:
     busybox = find_static_busybox()
     st = busybox.stat()
     dep = (kernel.modules_dir / "modules.dep").stat()
-    parts = [writer_script(), init_script([]), str(busybox), str(st.st_size), str(st.st_mtime_ns),
-             str(dep.st_mtime_ns)]
+    parts = [
+        writer_script(),
+        init_script([]),
+        str(busybox),
+        str(st.st_size),
+        str(st.st_mtime_ns),
+        str(dep.st_mtime_ns),
+    ]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
@@ -111,4 +117,3 @@ def _zstd(data: bytes) -> bytes:
     import zstandard
 
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
-

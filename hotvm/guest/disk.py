@@ -99,20 +99,20 @@ def read_ring_bytes(path: Path, fmt: str | None = None) -> bytes:
     """The first MiB of an image as raw bytes, through qemu-img (format-aware, honours QEMU's locks)."""
     if not path.is_file():
         raise ImageUnreadable(f"disk image {path} does not exist", "check the path")
-    info = _qemu_img_info(path, fmt)
+    info = image_info(path, fmt)
     fmt = fmt or info["format"]
     count = min(RING, int(info["virtual-size"]) // BLOCK)
     if count == 0:
         return b""
     with tempfile.TemporaryDirectory(prefix="hotvm-ring-") as tmp:
         out = Path(tmp) / "ring.raw"
-        cmd = ["qemu-img", "dd", "-f", fmt, "-O", "raw", f"bs={BLOCK}", f"count={count}",
-               f"if={path}", f"of={out}"]
-        _run_qemu_img(cmd, path)
+        opts = [f"bs={BLOCK}", f"count={count}", f"if={path}", f"of={out}"]
+        _run_qemu_img(["qemu-img", "dd", "-f", fmt, "-O", "raw", *opts], path)
         return out.read_bytes()[: count * BLOCK]
 
 
-def _qemu_img_info(path: Path, fmt: str | None) -> dict:
+def image_info(path: Path, fmt: str | None = None) -> dict:
+    """`qemu-img info` as JSON; fails (ImageUnreadable) on an image a running QEMU writes to."""
     cmd = ["qemu-img", "info", "--output=json", *(["-f", fmt] if fmt else []), str(path)]
     return json.loads(_run_qemu_img(cmd, path))
 
@@ -123,9 +123,11 @@ def _run_qemu_img(cmd: list[str], path: Path) -> str:
     except FileNotFoundError as exc:
         raise ImageUnreadable("qemu-img is not installed", "apt-get install qemu-utils") from exc
     if proc.returncode != 0:
-        msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-        hint = "stop the VM (or check a backup copy) first" if "lock" in msg else "is it a disk image?"
-        raise ImageUnreadable(f"cannot read {path}: {msg}", hint)
+        err = proc.stderr.strip()
+        if "lock" in err:
+            raise ImageUnreadable(f"{path} is in use by a running QEMU", "stop the VM or check a copy of it")
+        detail = err or f"exit {proc.returncode}"
+        raise ImageUnreadable(f"cannot read {path}: {detail}", "is it a disk image?")
     return proc.stdout
 
 

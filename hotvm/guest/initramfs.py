@@ -21,8 +21,14 @@ from pathlib import Path
 from hotvm.guest.errors import GuestError
 from hotvm.guest.scripts import DEFAULT_INTERVAL, WRITER_PATH, init_script, writer_script
 
-VIRTIO_MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci",
-                  "virtio_blk")
+VIRTIO_MODULES = (
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+)
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
@@ -33,8 +39,9 @@ class GuestKernel:
     modules_dir: Path
 
 
-def find_kernel(version: str | None = None, boot: Path = Path("/boot"),
-                modules_root: Path = Path("/lib/modules")) -> GuestKernel:
+def find_kernel(
+    version: str | None = None, boot: Path = Path("/boot"), modules_root: Path = Path("/lib/modules")
+) -> GuestKernel:
     """The host's installed kernel with modules (the running one if installed, else the newest)."""
     hint = "apt-get install --no-install-recommends linux-image-amd64"
     candidates = [p.name.removeprefix("vmlinuz-") for p in boot.glob("vmlinuz-*")]
@@ -53,7 +60,7 @@ def find_kernel(version: str | None = None, boot: Path = Path("/boot"),
 
 
 def resolve_modules(modules_dir: Path, names: tuple[str, ...] = VIRTIO_MODULES) -> list[tuple[str, Path]]:
-    """(name, file) of `names` and their dependencies in load order, skipping modules built into the kernel."""
+    """(name, file) of `names` and their dependencies in load order; built-in modules are skipped."""
     deps: dict[str, tuple[str, list[str]]] = {}
     for line in (modules_dir / "modules.dep").read_text().splitlines():
         target, _, rest = line.partition(":")
@@ -66,8 +73,10 @@ def resolve_modules(modules_dir: Path, names: tuple[str, ...] = VIRTIO_MODULES) 
         if name in order or name in builtin:
             return
         if name not in deps:
-            raise GuestError(f"kernel module {name} not found in {modules_dir}",
-                             f"needed by {' -> '.join(chain) or 'the demo guest'}; install the full kernel")
+            raise GuestError(
+                f"kernel module {name} not found in {modules_dir}",
+                f"needed by {' -> '.join(chain) or 'the demo guest'}; install the full kernel",
+            )
         # modules.dep lists a module's deps with the ones loaded last first: visit them reversed.
         for dep in reversed(deps[name][1]):
             visit(dep, (*chain, name))
@@ -78,8 +87,12 @@ def resolve_modules(modules_dir: Path, names: tuple[str, ...] = VIRTIO_MODULES) 
     return [(n, modules_dir / deps[n][0]) for n in order]
 
 
-def build_initramfs(out: Path, kernel: GuestKernel | None = None, busybox: Path | None = None,
-                    interval: float = DEFAULT_INTERVAL) -> Path:
+def build_initramfs(
+    out: Path,
+    kernel: GuestKernel | None = None,
+    busybox: Path | None = None,
+    interval: float = DEFAULT_INTERVAL,
+) -> Path:
     """Write the gzip'ed cpio to `out` (atomically) and return it."""
     kernel = kernel or find_kernel()
     busybox = busybox or find_static_busybox()
@@ -143,7 +156,7 @@ def _is_static_elf(path: Path) -> bool:
         head = fh.read(64)
         if head[:5] != b"\x7fELF\x02":
             return False
-        phoff, = struct.unpack_from("<Q", head, 0x20)
+        (phoff,) = struct.unpack_from("<Q", head, 0x20)
         phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
         fh.seek(phoff)
         table = fh.read(phentsize * phnum)
@@ -173,8 +186,15 @@ class _Cpio:
         self._entry("TRAILER!!!", 0, b"", ino=0, nlink=1)
         return self._buf.getvalue()
 
-    def _entry(self, name: str, mode: int, data: bytes, nlink: int = 1, rdev: tuple[int, int] = (0, 0),
-               ino: int | None = None) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        data: bytes,
+        nlink: int = 1,
+        rdev: tuple[int, int] = (0, 0),
+        ino: int | None = None,
+    ) -> None:
         if ino is None:
             ino, self._ino = self._ino, self._ino + 1
         encoded = name.encode() + b"\0"

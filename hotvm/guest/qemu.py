@@ -6,13 +6,11 @@ stuck monitor (someone else connected) must fail fast so the caller can fall bac
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -49,11 +47,15 @@ def accel_args(accel: str) -> list[str]:
 def guest_command(kernel: Path, initrd: Path, serial_log: Path, accel: str, append: str = "") -> list[str]:
     """Everything but the disk and the monitors: a headless, network-less, single-vCPU guest that exits
     (instead of rebooting) if its /init dies, so a failed boot is seen as a dead process."""
+    fixed = (
+        f"-nodefaults -no-user-config -machine pc -m {MEMORY_MB} -smp 1 -display none -nic none -no-reboot"
+    )
     return [
-        qemu_binary(), "-nodefaults", "-no-user-config", "-machine", "pc", *accel_args(accel),
-        "-m", str(MEMORY_MB), "-smp", "1", "-display", "none", "-nic", "none", "-no-reboot",
-        "-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{BASE_APPEND} {append}".strip(),
-        "-serial", f"file:{serial_log}",
+        qemu_binary(),
+        *fixed.split(),
+        *accel_args(accel),
+        *("-kernel", str(kernel), "-initrd", str(initrd), "-append", f"{BASE_APPEND} {append}".strip()),
+        *("-serial", f"file:{serial_log}"),
     ]
 
 
@@ -64,8 +66,10 @@ def qmp_args(sock: Path) -> list[str]:
 
 def check_socket_path(sock: Path) -> None:
     if len(str(sock)) > UNIX_PATH_MAX:
-        raise GuestError(f"socket path too long for a unix socket ({len(str(sock))} > {UNIX_PATH_MAX}): {sock}",
-                         "use a shorter state dir (--state-dir or HOTVM_STATE_DIR)")
+        raise GuestError(
+            f"socket path too long for a unix socket ({len(str(sock))} > {UNIX_PATH_MAX}): {sock}",
+            "use a shorter state dir (--state-dir or HOTVM_STATE_DIR)",
+        )
 
 
 def escape_opt(value: str) -> str:
@@ -132,32 +136,6 @@ def wait_exit(pid: int, marker: str | None, timeout: float) -> bool:
     return True
 
 
-def qmp_command(sock: Path, command: str, arguments: dict | None = None, timeout: float = 5.0) -> dict:
-    """Run one QMP command on a unix socket; raises OSError/TimeoutError if the monitor does not answer
-    (QEMU serves one client per monitor: a busy monitor accepts the connection but never greets)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-        conn.settimeout(timeout)
-        conn.connect(str(sock))
-        reader = conn.makefile("rb")
-        _qmp_read(reader)  # greeting
-        for cmd in ({"execute": "qmp_capabilities"}, {"execute": command, "arguments": arguments or {}}):
-            conn.sendall(json.dumps(cmd).encode() + b"\n")
-            reply = _qmp_read(reader)
-            if "error" in reply:
-                raise GuestError(f"QMP {cmd['execute']} failed: {reply['error'].get('desc')}")
-        return reply.get("return", {})
-
-
-def _qmp_read(reader) -> dict:
-    while True:
-        line = reader.readline()
-        if not line:
-            return {}  # QEMU closed the connection (e.g. right after `quit`)
-        msg = json.loads(line)
-        if "event" not in msg:
-            return msg
-
-
 # --------------------------------------------------------------------------- serial console
 
 
@@ -172,8 +150,9 @@ def tail(path: Path, lines: int = 15) -> str:
     return "\n".join(read_text(path).replace("\r", "").splitlines()[-lines:])
 
 
-def wait_for(path: Path, pattern: re.Pattern[str], timeout: float, alive: Callable[[], bool],
-             start: int = 0) -> re.Match[str] | None:
+def wait_for(
+    path: Path, pattern: re.Pattern[str], timeout: float, alive: Callable[[], bool], start: int = 0
+) -> re.Match[str] | None:
     """First match of `pattern` in the log at or after offset `start`; None on timeout or when `alive()`
     turns false (after one last read, so a line written just before exiting is not missed)."""
     deadline = time.monotonic() + timeout

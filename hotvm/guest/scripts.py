@@ -20,7 +20,7 @@ INTERVAL=${3:-@INTERVAL@}
 RING=@RING@
 BS=@BLOCK@
 T=${HOTVM_TMP:-/tmp}/hotvm-writer
-mkdir -p "$T/fill"
+mkdir -p "$T/fill" || { echo "HOTVM-ERROR cannot create $T" >> "$OUT"; exit 1; }
 IFLAG=; OFLAG=
 if [ -b "$DEV" ]; then IFLAG=iflag=direct; OFLAG=oflag=direct; fi
 
@@ -95,14 +95,20 @@ exec sh @WRITER@ /dev/vda /dev/ttyS0 "$interval"
 
 
 def writer_script(interval: float = DEFAULT_INTERVAL) -> str:
-    return (WRITER.replace("@RING@", str(RING)).replace("@BLOCK@", str(BLOCK))
-            .replace("@INTERVAL@", _num(interval)))
+    return (
+        WRITER.replace("@RING@", str(RING))
+        .replace("@BLOCK@", str(BLOCK))
+        .replace("@INTERVAL@", _num(interval))
+    )
 
 
 def init_script(modules: list[str], interval: float = DEFAULT_INTERVAL) -> str:
     """`modules`: names in load order (each at /lib/modules/<name>.ko in the initramfs)."""
-    return (INIT.replace("@MODULES@", " ".join(modules)).replace("@INTERVAL@", _num(interval))
-            .replace("@WRITER@", WRITER_PATH))
+    return (
+        INIT.replace("@MODULES@", " ".join(modules))
+        .replace("@INTERVAL@", _num(interval))
+        .replace("@WRITER@", WRITER_PATH)
+    )
 
 
 def _num(value: float) -> str:

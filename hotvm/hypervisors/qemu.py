@@ -168,6 +168,7 @@ class QemuDriver:
                     for n in nodes
                 ],
                 "pci": pci,
+                "block_jobs": mon.cmd("query-block-jobs", retry=True),
             }
 
     def config_files(self) -> list[Path]:
