@@ -66,6 +66,19 @@ def _config(entry: dict) -> Path:
 
 
 def main() -> int:
+    """Run the demo; the guest is always shut down, whatever fails."""
+    try:
+        return _run()
+    finally:
+        from hotvm import guest
+
+        state = WORK / "vms"
+        for vm in guest.list_vms(state) if state.exists() else []:
+            if vm.running:
+                guest.stop_vm(vm.name, state_dir=state)
+
+
+def _run() -> int:
     _prefect_env()
     from flows.backup_host import backup_host
     from flows.restore_vm import restore_vm
