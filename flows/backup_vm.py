@@ -67,7 +67,8 @@ def backup_vm(
     backup_id = backup_id or run_backup_id()
     steps = _Steps()
     limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
-    with concurrency(limit, occupy=1, strict=True):
+    # The shortest lease Prefect takes (renewed while the run lives): a killed run frees its slot in 1 min.
+    with concurrency(limit, occupy=1, strict=True, lease_duration=60):
         started = utcnow()
         warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)

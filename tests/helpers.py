@@ -14,8 +14,11 @@ from qemu_helpers import RunningQemu
 KiB64 = 64 * 1024
 
 
-def write_config(path: Path, vms: dict[str, Path], target_url: str, **host: object) -> Path:
-    lines = ["hosts:", "  - name: local"]
+def write_config(
+    path: Path, vms: dict[str, Path], target_url: str, host_name: str = "", **host: object
+) -> Path:
+    """A hotvm.yaml for one host; the host name defaults to one unique to the test (its own backup slots)."""
+    lines = ["hosts:", f"  - name: {host_name or 'h-' + path.parent.name}"]
     lines += [f"    {k}: {v}" for k, v in host.items()]
     lines.append("    vms:")
     for name, qmp in vms.items():

@@ -271,7 +271,7 @@ def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_pat
             f"file://{tmp_path}/target",
             max_concurrent_backups=1,
         )
-        results = backup_host(host="local", config=str(config))
+        results = backup_host(host=f"h-{tmp_path.name}", config=str(config))
     finally:
         for vm in vms.values():
             vm.stop()
