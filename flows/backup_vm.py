@@ -21,6 +21,7 @@ from prefect.runtime import flow_run
 from flows._limits import ensure_host_limit
 from hotvm import backup
 from hotvm.formats.repository import new_backup_id
+from hotvm.locks import BackupRunning, vm_lock
 from hotvm.models import Manifest, StepTiming, utcnow
 from tasks.commit import commit_disk
 from tasks.config import backup_config
@@ -34,7 +35,12 @@ from tasks.transfer import transfer
 def _rollback_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect hook signature
     """Crash or cancellation: the flow body's own rollback may not have run."""
     params = run.parameters or {}
-    backup.reconcile(backup.open_session(params["vm"], params.get("config")))
+    session = backup.open_session(params["vm"], params.get("config"))
+    try:
+        with vm_lock(session.host.name, session.vm.name):
+            backup.reconcile(session)
+    except BackupRunning:
+        pass  # another run owns the VM now and reconciles it first thing
 
 
 def run_backup_id() -> str:
@@ -68,7 +74,7 @@ def backup_vm(
     steps = _Steps()
     limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
     # The shortest lease Prefect takes (renewed while the run lives): a killed run frees its slot in 1 min.
-    with concurrency(limit, occupy=1, strict=True, lease_duration=60):
+    with concurrency(limit, occupy=1, strict=True, lease_duration=60), vm_lock(session.host.name, vm):
         started = utcnow()
         warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)

@@ -229,6 +229,13 @@ def test_bad_inputs_get_one_clear_message(prefect_server, tmp_path: Path) -> Non
     assert "nope.qmp" in proc.stderr and "-qmp unix:" in proc.stderr
     assert "Traceback" not in proc.stderr
 
+    from hotvm.locks import vm_lock
+
+    with vm_lock(f"h-{tmp_path.name}", "web01"):  # as if another backup of web01 were running
+        proc = hotvm("backup", "web01", "--config", str(good), check=False)
+    assert proc.returncode == 2
+    assert "a backup of VM 'web01'" in proc.stderr and "already running" in proc.stderr
+
     proc = hotvm("restore", "web01", "--to", str(tmp_path / "r"), "--config", str(good), check=False)
     assert proc.returncode == 2 and "no complete backup of VM 'web01'" in proc.stderr
 
