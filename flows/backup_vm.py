@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
@@ -22,7 +22,7 @@ from flows._limits import ensure_host_limit
 from hotvm import backup
 from hotvm.formats.repository import new_backup_id
 from hotvm.locks import BackupRunning, vm_lock
-from hotvm.models import Manifest, StepTiming, utcnow
+from hotvm.models import Manifest, StepTiming, TaskRetries, utcnow
 from tasks.commit import commit_disk
 from tasks.config import backup_config
 from tasks.export import export_disk
@@ -51,14 +51,16 @@ def run_backup_id() -> str:
 
 
 class _Steps:
-    """Wall-clock time of every step, recorded in the manifest and printed by the CLI."""
+    """Runs each step task with the configured retries; records its wall-clock time for the manifest."""
 
-    def __init__(self) -> None:
+    def __init__(self, retries: TaskRetries) -> None:
+        self.retries = retries
         self.timings: list[StepTiming] = []
 
-    def run(self, name: str, device: str | None, fn, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN001
+    def run(self, name: str, device: str | None, fn: Task, *args: Any, **kwargs: Any) -> Any:
+        step = fn.with_options(retries=self.retries.retries, retry_delay_seconds=self.retries.retry_delay_s)
         start = time.monotonic()
-        result = fn(*args, **kwargs)
+        result = step(*args, **kwargs)
         self.timings.append(StepTiming(step=name, device=device, seconds=round(time.monotonic() - start, 4)))
         return result
 
@@ -71,7 +73,7 @@ def backup_vm(
     log = get_run_logger()
     session = backup.open_session(vm, config)
     backup_id = backup_id or run_backup_id()
-    steps = _Steps()
+    steps = _Steps(session.config.retries)
     limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
     # The shortest lease Prefect takes (renewed while the run lives): a killed run frees its slot in 1 min.
     with concurrency(limit, occupy=1, strict=True, lease_duration=60), vm_lock(session.host.name, vm):
