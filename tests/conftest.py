@@ -36,6 +36,23 @@ os.environ.update(
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture
+def qemu(tmp_path: Path):
+    """start([DiskSpec, ...]) -> a bare TCG QEMU with those disks; every one is stopped after the test."""
+    from qemu_helpers import start_qemu
+
+    started = []
+
+    def start(disks):  # noqa: ANN001, ANN202
+        vm = start_qemu(tmp_path, disks)
+        started.append(vm)
+        return vm
+
+    yield start
+    for vm in started:
+        vm.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> str:
     """`prefect server start` on 127.0.0.1 with a private SQLite database."""

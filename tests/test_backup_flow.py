@@ -31,28 +31,14 @@ def random_raw(path: Path, size: int, data_bytes: int) -> Path:
     return path
 
 
-@pytest.fixture
-def running(tmp_path: Path):
-    started = []
-
-    def start(disks: list[DiskSpec]):
-        vm = start_qemu(tmp_path, disks)
-        started.append(vm)
-        return vm
-
-    yield start
-    for vm in started:
-        vm.stop()
-
-
-def test_hot_backup_while_guest_writes_then_restore(prefect_server, running, tmp_path: Path) -> None:
+def test_hot_backup_while_guest_writes_then_restore(prefect_server, qemu, tmp_path: Path) -> None:
     from flows.backup_vm import backup_vm
     from flows.restore_vm import restore_vm
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "data.qcow2"), "64M")
     qemu_img("create", "-q", "-f", "raw", str(tmp_path / "sys.raw"), "32M")
     qemu_img("create", "-q", "-f", "raw", str(tmp_path / "iso.raw"), "8M")
-    vm = running(
+    vm = qemu(
         [
             DiskSpec("data", tmp_path / "data.qcow2"),
             DiskSpec("sys", tmp_path / "sys.raw", format="raw", bus="ide", style="drive"),
@@ -94,9 +80,9 @@ def test_hot_backup_while_guest_writes_then_restore(prefect_server, running, tmp
     assert overlay_files(tmp_path) == []
 
 
-def test_killed_backup_is_reconciled_and_resumed(prefect_server, running, tmp_path: Path) -> None:
+def test_killed_backup_is_reconciled_and_resumed(prefect_server, qemu, tmp_path: Path) -> None:
     disk = random_raw(tmp_path / "data.raw", 512 * MiB, 384 * MiB)
-    vm = running([DiskSpec("data", disk, format="raw")])
+    vm = qemu([DiskSpec("data", disk, format="raw")])
     vm.qemu_io("data", f"write -P 0x11 {400 * MiB} {MiB}")
     config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/target")
     env = {**os.environ, "HOTVM_CONFIG": str(config)}
@@ -147,7 +133,7 @@ def small_tmpfs(tmp_path: Path):
 
 
 def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
-    prefect_server, running, small_tmpfs: Path, tmp_path: Path
+    prefect_server, qemu, small_tmpfs: Path, tmp_path: Path
 ) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -156,7 +142,7 @@ def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
 
     a = random_raw(tmp_path / "a.raw", 16 * MiB, 4 * MiB)
     b = random_raw(tmp_path / "b.raw", 32 * MiB, 24 * MiB)
-    vm = running([DiskSpec("a", a, format="raw"), DiskSpec("b", b, format="raw")])
+    vm = qemu([DiskSpec("a", a, format="raw"), DiskSpec("b", b, format="raw")])
     config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{small_tmpfs}/repo")
 
     state = backup_vm(vm="web01", config=str(config), return_state=True)
@@ -240,12 +226,12 @@ def test_bad_inputs_get_one_clear_message(prefect_server, tmp_path: Path) -> Non
     assert proc.returncode == 2 and "no complete backup of VM 'web01'" in proc.stderr
 
 
-def test_backup_leaves_no_state_in_memory_between_steps(running, tmp_path: Path) -> None:
+def test_backup_leaves_no_state_in_memory_between_steps(qemu, tmp_path: Path) -> None:
     """The plain-Python API (no Prefect) is the same steps the tasks call; each reopens what it needs."""
     from hotvm import backup
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "16M")
-    vm = running([DiskSpec("d", tmp_path / "d.qcow2")])
+    vm = qemu([DiskSpec("d", tmp_path / "d.qcow2")])
     vm.qemu_io("d", f"write -P 0x42 0 {KiB64}")
     config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/t")
     session = backup.open_session("web01", config)

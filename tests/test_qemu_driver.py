@@ -8,11 +8,10 @@ import logging
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from qemu_helpers import DiskSpec, RunningQemu, qemu_img, read_pattern_ok, start_qemu
+from qemu_helpers import DiskSpec, RunningQemu, qemu_img, read_pattern_ok
 
 from hotvm.errors import BlockJobError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors import open_driver
@@ -27,20 +26,6 @@ pytestmark = [
 
 K64 = 64 * 1024
 A, B, C = 0xAA, 0xBB, 0xCC  # written before layer 1, after layer 1, after layer 2 (at 0, 64k, 128k)
-
-
-@pytest.fixture
-def qemu(tmp_path: Path) -> Iterator:
-    started: list[RunningQemu] = []
-
-    def start(disks: list[DiskSpec]) -> RunningQemu:
-        vm = start_qemu(tmp_path, disks)
-        started.append(vm)
-        return vm
-
-    yield start
-    for vm in started:
-        vm.stop()
 
 
 def driver(vm: RunningQemu, **host: object) -> QemuDriver:
