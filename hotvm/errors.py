@@ -61,6 +61,10 @@ class TargetFull(TargetError):
     pass
 
 
+class TargetConfigError(TargetError, ConfigError):
+    """A target problem that retrying cannot fix (credentials, host key, no such share or bucket)."""
+
+
 class BackupSetError(HotvmError):
     """A backup set is missing, incomplete or corrupt."""
 

@@ -6,6 +6,7 @@ packages=(
   qemu-system-x86 qemu-utils          # the hypervisor and qemu-img
   linux-image-amd64 busybox-static cpio   # the tiny demo guest
   zstd python3-venv
+  samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
 )
 missing=()
 for p in "${packages[@]}"; do

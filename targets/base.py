@@ -2,31 +2,73 @@
 
 Only a handful of operations are needed by the backup-set format (put a blob atomically, read it, list,
 delete), so every scheme behaves the same to the core and each scheme's quirks stay in its own module.
+
+A scheme module overrides only what its filesystem does badly, through these hooks:
+  _session()      the filesystem for one operation (pooled schemes hand each thread its own connection)
+  _translate()    library exceptions -> one clear TargetError (OSError errnos are handled here)
+  _put_durably()  how bytes land under the temporary name;  _rename(): how the temporary name becomes final
+  atomic_put      True where one PUT is already atomic (object stores): no temporary name, no rename
+Errors: FileNotFoundError passes through (the format relies on it); everything else becomes a TargetError
+naming the target. TargetConfigError (also a ConfigError) marks what no retry can fix: a wrong password, an
+unknown host key, a missing environment variable.
 """
 
 from __future__ import annotations
 
 import errno
 import posixpath
+import socket
+import threading
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from hotvm.errors import TargetError, TargetFull
+from hotvm.errors import ConfigError, TargetError, TargetFull
+
+_UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
+                errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTDOWN}
+
+
+def redact_url(url: str) -> str:
+    """The URL without any password (user names stay: they help to tell targets apart)."""
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, socket.gaierror)) or (
+        isinstance(exc, OSError) and exc.errno in _UNREACHABLE)
 
 
 class Target:
     """Blob storage under `root` on an fsspec filesystem. Paths given to methods are relative to root."""
 
     scheme = "generic"
+    atomic_put = False
 
-    def __init__(self, name: str, url: str, fs: fsspec.AbstractFileSystem, root: str) -> None:
+    def __init__(self, name: str, url: str, fs: fsspec.AbstractFileSystem | None, root: str) -> None:
         self.name = name
-        self.url = url
+        self.url = redact_url(url)
         self.fs = fs
         self.root = root.rstrip("/") or "/"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.url}>"
 
     # -- paths
     def full(self, path: str) -> str:
@@ -35,89 +77,141 @@ class Target:
     def display(self, path: str = "") -> str:
         return posixpath.join(self.url.rstrip("/"), path) if path else self.url
 
+    @property
+    def where(self) -> str:
+        """host[:port] for messages about reaching the server."""
+        parts = urlsplit(self.url)
+        return parts.netloc.rpartition("@")[2] or self.url
+
     # -- error mapping: one clear message per failure, naming the target
     @contextmanager
     def _errors(self, what: str, path: str) -> Iterator[None]:
         try:
             yield
-        except TargetError:
+        except (TargetError, FileNotFoundError, ConfigError):
             raise
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise TargetFull(
-                    f"target '{self.name}' is full while {what} {self.display(path)}",
-                    "free space on it, prune old backups, or choose another target",
-                ) from None
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise TargetError(
-                    f"target '{self.name}' refused {what} {self.display(path)}: {exc.strerror or exc}",
-                    "check permissions on the target (hotvm needs to create files there)",
-                ) from None
-            raise TargetError(
+        except Exception as exc:
+            mapped = self._translate(exc, what, path)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+    def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
+        """Turn a library's exception into a TargetError (or FileNotFoundError); None keeps it as it is."""
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self.full_error(what, path)
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return self.refused_error(what, path, exc.strerror or str(exc))
+        if is_unreachable(exc):
+            return self.unreachable_error(exc)
+        if isinstance(exc, OSError):
+            return TargetError(
                 f"target '{self.name}' failed {what} {self.display(path)}: {exc}",
                 "check that the target is reachable and mounted",
-            ) from None
+            )
+        return None
+
+    def full_error(self, what: str, path: str) -> TargetFull:
+        return TargetFull(
+            f"target '{self.name}' is full while {what} {self.display(path)}",
+            "free space on it, prune old backups, or choose another target",
+        )
+
+    def refused_error(self, what: str, path: str, reason: str) -> TargetError:
+        return TargetError(
+            f"target '{self.name}' refused {what} {self.display(path)}: {reason}",
+            "check permissions on the target (hotvm needs to create files there)",
+        )
+
+    def unreachable_error(self, exc: BaseException) -> TargetError:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, EOFError):
+            reason = "the server closed the connection"
+        return TargetError(
+            f"target '{self.name}' cannot reach {self.where} ({reason})",
+            "check that the server is running and that the URL's host and port are right",
+        )
+
+    # -- the filesystem for one operation
+    @contextmanager
+    def _session(self) -> Iterator[Any]:
+        yield self.fs
 
     # -- operations
+    def connect(self) -> None:
+        """Open the connection now (openers call it so that a wrong password fails at once)."""
+
     def check(self) -> None:
         """Fail early, with a clear message, if the target cannot be written."""
         probe = f".hotvm-probe-{uuid.uuid4().hex}"
         with self._errors("writing to", ""):
-            self.fs.makedirs(self.root, exist_ok=True)
-            self.fs.pipe_file(self.full(probe), b"ok")
-            self.fs.rm_file(self.full(probe))
+            self._makedirs(self.root)
+            with self._session() as fs:
+                self._put(fs, self.full(probe), b"ok")
+                self._remove(fs, self.full(probe))
 
     def exists(self, path: str) -> bool:
-        with self._errors("checking", path):
-            return self.fs.exists(self.full(path))
+        with self._errors("checking", path), self._session() as fs:
+            return fs.exists(self.full(path))
 
     def read_bytes(self, path: str) -> bytes:
-        with self._errors("reading", path):
-            return self.fs.cat_file(self.full(path))
+        with self._errors("reading", path), self._session() as fs:
+            return fs.cat_file(self.full(path))
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write a blob so it appears whole or not at all (temporary name, then rename)."""
+        """Write a blob so it appears whole or not at all (temporary name then rename, or one atomic PUT)."""
         final = self.full(path)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
         with self._errors("writing", path):
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            try:
-                self._put_durably(tmp, data)
-                self.fs.mv(tmp, final)
-            except BaseException:
+            if self.atomic_put:
+                with self._session() as fs:
+                    self._put(fs, final, data)
+                return
+            self._makedirs(posixpath.dirname(final))
+            tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+            with self._session() as fs:
                 try:
-                    self.fs.rm_file(tmp)
-                except Exception:  # noqa: BLE001 - best-effort cleanup, the original error matters
-                    pass
-                raise
+                    self._put(fs, tmp, data)
+                    self._rename(fs, tmp, final)
+                except BaseException:
+                    with suppress(Exception):  # best-effort cleanup: the original error matters
+                        self._remove(fs, tmp)
+                    raise
+
+    def _put(self, fs: Any, full_path: str, data: bytes) -> None:
+        self._put_durably(full_path, data)
 
     def _put_durably(self, full_path: str, data: bytes) -> None:
+        """Kept for schemes that need no session (local files)."""
+        assert self.fs is not None
         self.fs.pipe_file(full_path, data)
+
+    def _rename(self, fs: Any, src: str, dst: str) -> None:
+        """Replace dst by src (atomically where the protocol can)."""
+        fs.mv(src, dst)
+
+    def _remove(self, fs: Any, full_path: str) -> None:
+        fs.rm_file(full_path)
+
+    def _makedirs(self, full_path: str) -> None:
+        with self._session() as fs:
+            fs.makedirs(full_path, exist_ok=True)
 
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) directly under `path`; empty if it does not exist."""
-        with self._errors("listing", path):
+        with self._errors("listing", path), self._session() as fs:
             try:
-                entries = self.fs.ls(self.full(path), detail=False)
+                entries = fs.ls(self.full(path), detail=False)
             except FileNotFoundError:
                 return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
     def delete(self, path: str) -> None:
-        with self._errors("deleting", path):
-            try:
-                self.fs.rm_file(self.full(path))
-            except FileNotFoundError:
-                pass
+        with self._errors("deleting", path), self._session() as fs, suppress(FileNotFoundError):
+            self._remove(fs, self.full(path))
 
     def delete_tree(self, path: str) -> None:
-        with self._errors("deleting", path):
-            try:
-                self.fs.rm(self.full(path), recursive=True)
-            except FileNotFoundError:
-                pass
+        with self._errors("deleting", path), self._session() as fs, suppress(FileNotFoundError):
+            fs.rm(self.full(path), recursive=True)
 
     def free_bytes(self) -> int | None:
         """Free space where the target can tell (local mounts); None where it cannot."""
@@ -125,3 +219,67 @@ class Target:
 
     def close(self) -> None:
         pass
+
+
+C = TypeVar("C")
+
+
+class Pool(Generic[C]):
+    """Connections for protocols that carry one request at a time (FTP, an SFTP channel).
+
+    `lease()` hands the calling thread a connection of its own and takes it back afterwards; a connection
+    whose operation failed with anything but `keep_on` is closed rather than reused (it may be broken).
+    """
+
+    def __init__(self, factory: Callable[[], C], closer: Callable[[C], None],
+                 keep_on: tuple[type[BaseException], ...] = (FileNotFoundError,),
+                 alive: Callable[[C], bool] | None = None, check_after_s: float = 0.0) -> None:
+        """`alive(conn)` is asked of a connection that sat idle `check_after_s` seconds or more, so that one
+        the server dropped meanwhile (restart, idle timeout) is replaced instead of failing the next call."""
+        self._factory, self._closer, self._keep_on = factory, closer, keep_on
+        self._alive, self._check_after_s = alive, check_after_s
+        self._idle: list[tuple[C, float]] = []
+        self._lock = threading.Lock()
+
+    def _take(self) -> C:
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            if self._alive is None or time.monotonic() - since < self._check_after_s:
+                return conn
+            try:
+                if self._alive(conn):
+                    return conn
+            except Exception:  # noqa: BLE001 - any failure of the probe means: do not use it
+                pass
+            self._discard(conn)
+        return self._factory()
+
+    @contextmanager
+    def lease(self) -> Iterator[C]:
+        conn = self._take()
+        try:
+            yield conn
+        except self._keep_on:
+            self._give_back(conn)
+            raise
+        except BaseException:
+            self._discard(conn)
+            raise
+        self._give_back(conn)
+
+    def _give_back(self, conn: C) -> None:
+        with self._lock:
+            self._idle.append((conn, time.monotonic()))
+
+    def _discard(self, conn: C) -> None:
+        with suppress(Exception):  # it is being thrown away because it may be broken
+            self._closer(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            self._discard(conn)

@@ -1,0 +1,177 @@
+"""s3:// targets: S3 or any S3-compatible object store (MinIO, Ceph RGW, ...), through s3fs.
+
+    s3://bucket/prefix     endpoint_url: for a non-AWS store; keys from access_key_env + secret_key_env
+                           (or the secret key from password_env / password_secret); none of them: the usual
+                           AWS chain (AWS_* variables, ~/.aws, instance role). options: region, timeout,
+                           retries (botocore attempts, 3), and any other S3FileSystem keyword.
+
+One PUT is atomic on S3 (an object appears whole or not at all), so blobs are written in place: no
+temporary name, no copy+delete "rename". botocore sends a checksum with every PUT and the store verifies it.
+The bucket must exist: hotvm never creates buckets (their policy and region are the owner's choice).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from s3fs import S3FileSystem
+
+from hotvm.errors import ConfigError, TargetConfigError, TargetError
+from hotvm.models import TargetConfig
+from targets import secrets
+from targets.base import Target
+
+_AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "InvalidToken",
+         "ExpiredToken", "AuthorizationHeaderMalformed", "UnrecognizedClientException"}
+_FULL = {"QuotaExceeded", "XMinioStorageFull", "StorageFull", "InsufficientStorage"}
+
+
+def _client_error(exc: BaseException) -> tuple[str, str] | None:
+    """(code, message) of the botocore ClientError behind exc, if there is one."""
+    seen = 0
+    while exc is not None and seen < 5:
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict) and "Error" in response:
+            return response["Error"].get("Code", ""), response["Error"].get("Message", "")
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None
+
+
+class S3Target(Target):
+    scheme = "s3"
+    atomic_put = True
+
+    def __init__(self, config: TargetConfig, fs: S3FileSystem, bucket: str, root: str,
+                 cred_source: str) -> None:
+        super().__init__(config.name, config.url, fs, root)
+        self.bucket, self.cred_source = bucket, cred_source
+        self.endpoint_url = config.endpoint_url
+
+    @property
+    def where(self) -> str:
+        return self.endpoint_url or "AWS S3"
+
+    def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
+        from botocore.exceptions import (
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        err = _client_error(exc)
+        code, message = err if err else ("", "")
+        if code in _AUTH:
+            return TargetConfigError(
+                f"target '{self.name}': {self.where} rejected the access key or secret key ({code}) from "
+                f"{self.cred_source}",
+                f"check the keys in {self.cred_source}",
+            )
+        if code == "NoSuchBucket":
+            return TargetConfigError(
+                f"target '{self.name}': bucket '{self.bucket}' does not exist on {self.where}",
+                "create the bucket first (hotvm never creates buckets), or fix the URL")
+        if code in _FULL:
+            return self.full_error(what, path)
+        if code in ("AccessDenied", "AllAccessDisabled", "Forbidden", "403"):
+            return self.refused_error(what, path, f"{code}: {message}" if message else code)
+        if isinstance(exc, NoCredentialsError):
+            return TargetConfigError(
+                f"target '{self.name}': no S3 credentials found",
+                "set access_key_env and secret_key_env in hotvm.yaml (or AWS_* variables)")
+        if isinstance(exc, EndpointConnectionError):
+            return self.unreachable_error(ConnectionError("could not connect"))
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
+            return self.unreachable_error(TimeoutError("timed out"))
+        if err:
+            return TargetError(f"target '{self.name}' failed {what} {self.display(path)}: {code} {message}",
+                               "check the bucket, the endpoint and the store's log")
+        return super()._translate(exc, what, path)
+
+    def connect(self) -> None:
+        """One LIST of at most one key: proves the endpoint, the keys and the bucket (NoSuchBucket)."""
+        from fsspec.asyn import sync
+
+        prefix = self.root.partition("/")[2]
+        with self._errors("connecting to", ""):
+            try:
+                sync(self.fs.loop, self.fs._call_s3, "list_objects_v2", Bucket=self.bucket,
+                     Prefix=f"{prefix}/" if prefix else "", MaxKeys=1)
+            except FileNotFoundError as exc:  # s3fs's name for NoSuchBucket
+                raise self._translate(exc, "connecting to", "") or exc from None
+
+    def check(self) -> None:
+        probe = self.full(".hotvm-probe")
+        with self._errors("writing to", ""):
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+
+    def _put(self, fs: Any, full_path: str, data: bytes) -> None:
+        fs.pipe_file(full_path, data)
+
+    def _makedirs(self, full_path: str) -> None:
+        pass  # no directories in an object store
+
+    def exists(self, path: str) -> bool:
+        with self._errors("checking", path):
+            try:
+                self.fs.info(self.full(path))
+                return True
+            except FileNotFoundError:
+                return False
+
+    def close(self) -> None:
+        self.fs.invalidate_cache()
+
+
+def open_s3(config: TargetConfig) -> S3Target:
+    parts = urlsplit(config.url)
+    bucket = parts.netloc
+    if not bucket or "@" in bucket:
+        raise ConfigError(f"target '{config.name}': s3 URL needs a bucket: {config.url}",
+                          "write it as s3://bucket/prefix (keys go in access_key_env / secret_key_env)")
+    prefix = unquote(parts.path).strip("/")
+    root = f"{bucket}/{prefix}" if prefix else bucket
+
+    key = secret = None
+    sources = []
+    if config.access_key_env:
+        key = secrets.from_env(config, config.access_key_env, "S3 access key").value
+        sources.append(f"environment variable {config.access_key_env}")
+    if config.secret_key_env:
+        if config.password_env or config.password_secret:
+            raise TargetConfigError(
+                f"target '{config.name}' sets both secret_key_env and password_env/_secret",
+                "keep one of them for the S3 secret key")
+        cred = secrets.from_env(config, config.secret_key_env, "S3 secret key")
+    else:
+        cred = secrets.password(config, "S3 secret key")
+    secret = cred.value
+    if secret is not None:
+        sources.append(cred.source)
+    if (key is None) != (secret is None):
+        raise TargetConfigError(
+            f"target '{config.name}': an S3 access key needs its secret key and the other way round",
+            "set both access_key_env and secret_key_env (or password_env / password_secret)",
+        )
+    cred_source = " and ".join(sources) if sources else "the default AWS credential chain"
+
+    opts = dict(config.options)
+    timeout = float(opts.pop("timeout", 20))
+    attempts = int(opts.pop("retries", 3))
+    client_kwargs: dict[str, Any] = {}
+    if config.endpoint_url:
+        client_kwargs["endpoint_url"] = config.endpoint_url
+    if "region" in opts:
+        client_kwargs["region_name"] = str(opts.pop("region"))
+    fs = S3FileSystem(
+        key=key, secret=secret, client_kwargs=client_kwargs,
+        config_kwargs={"connect_timeout": timeout, "read_timeout": timeout * 3,
+                       "retries": {"max_attempts": attempts, "mode": "standard"}},
+        use_listings_cache=False, skip_instance_cache=True, **opts,
+    )
+    target = S3Target(config, fs, bucket, root, cred_source)
+    target.connect()
+    return target

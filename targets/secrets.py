@@ -1,0 +1,76 @@
+"""Credentials for targets: from environment variables named in the config, or a Prefect Secret block.
+
+The core runs without a Prefect server: Prefect is imported only when a target names a `password_secret`.
+Secrets never appear in a message: errors name the variable or the block, never the value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hotvm.errors import TargetConfigError, TargetError
+from hotvm.models import TargetConfig
+
+
+@dataclass(frozen=True)
+class Credential:
+    value: str | None
+    source: str
+    """Where the value came from, for messages: "environment variable X", "Prefect Secret block 'y'"."""
+
+
+def from_env(config: TargetConfig, var: str, what: str = "password") -> Credential:
+    value = os.environ.get(var)
+    if value is None or value == "":
+        raise TargetConfigError(
+            f"target '{config.name}': environment variable {var} (its {what}) is not set",
+            f"export {var}=... in the environment that runs hotvm (or its Prefect worker)",
+        )
+    return Credential(value, f"environment variable {var}")
+
+
+def from_prefect_secret(config: TargetConfig, block: str, what: str = "password") -> Credential:
+    try:
+        from prefect.blocks.system import Secret
+    except ImportError:  # pragma: no cover - prefect is a dependency, but the core must not need it
+        raise TargetConfigError(
+            f"target '{config.name}': password_secret '{block}' needs Prefect, which is not installed",
+            "install prefect, or use password_env",
+        ) from None
+    hint = (f"create it: python -c \"import getpass; from prefect.blocks.system import Secret; "
+            f"Secret(value=getpass.getpass()).save('{block}')\" (or in the Prefect UI: Blocks > Secret)")
+    try:
+        secret = Secret.load(block, _sync=True)
+    except ValueError:
+        raise TargetConfigError(
+            f"target '{config.name}': Prefect Secret block '{block}' (its {what}) does not exist", hint,
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - the Prefect API may be down: say so, without details that leak
+        raise TargetError(  # not a ConfigError: the API may be back for the retry
+            f"target '{config.name}': cannot read Prefect Secret block '{block}' (its {what}): "
+            f"{type(exc).__name__}",
+            "check that the Prefect API (PREFECT_API_URL) is reachable, or use password_env",
+        ) from None
+    raw = secret.value.get_secret_value()  # not Secret.get(): it would turn "123" into an int
+    if isinstance(raw, dict):
+        raw = raw.get("password", raw.get("value"))
+    if not isinstance(raw, str) or raw == "":
+        raise TargetConfigError(
+            f"target '{config.name}': Prefect Secret block '{block}' holds no usable {what}", hint,
+        )
+    return Credential(raw, f"Prefect Secret block '{block}'")
+
+
+def password(config: TargetConfig, what: str = "password") -> Credential:
+    """The target's password (or secret key) from password_env or password_secret; value None if neither."""
+    if config.password_env and config.password_secret:
+        raise TargetConfigError(
+            f"target '{config.name}' sets both password_env and password_secret",
+            "keep one of them",
+        )
+    if config.password_env:
+        return from_env(config, config.password_env, what)
+    if config.password_secret:
+        return from_prefect_secret(config, config.password_secret, what)
+    return Credential(None, f"no {what} configured (password_env / password_secret)")

@@ -1,0 +1,231 @@
+"""smb:// targets: a Windows share or a NAS over SMB2/3, through smbprotocol's smbclient.
+
+    smb://[DOMAIN;]user@host[:port]/share/path      password from password_env or password_secret
+
+Not fsspec's SMBFileSystem: it registers sessions in smbclient's process-wide pool, where a second target with
+the same user but another (wrong) password would silently reuse the first one's session. Each SMBTarget keeps
+private connection caches: one connection per thread, leased from a pool. smbprotocol multiplexes threads on
+one connection, but it fails a request when the server has not granted enough credits yet instead of waiting,
+which export's four writers hit on a fresh connection. A connection the server dropped is noticed (its receive
+thread died) and replaced on the next call. Blobs land under a temporary name and are renamed with
+replace-if-exists (SMB2 SET_INFO rename).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import smbclient
+import smbclient.shutil
+from smbprotocol.exceptions import (
+    BadNetworkName,
+    LogonFailure,
+    SMBAuthenticationError,
+    SMBException,
+    SMBOSError,
+    SMBResponseException,
+)
+from smbprotocol.header import NtStatus
+
+from hotvm.errors import ConfigError, TargetConfigError, TargetError
+from hotvm.models import TargetConfig
+from targets import secrets
+from targets.base import Pool, Target, is_unreachable
+
+_FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
+_DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
+           0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
+
+
+def _healthy(connection: Any) -> bool:
+    """smbprotocol keeps `transport.connected` True after the server went away; its receive thread knows."""
+    worker = getattr(connection, "_t_worker", None)
+    return bool(connection.transport.connected and getattr(connection, "_t_exc", None) is None
+                and (worker is None or worker.is_alive()))
+
+
+def _healthy_kw(kw: dict[str, Any]) -> bool:
+    cache = kw["connection_cache"]
+    return bool(cache) and all(_healthy(c) for c in list(cache.values()))
+
+
+def _close_connection(kw: dict[str, Any]) -> None:
+    for connection in list(kw["connection_cache"].values()):
+        if _healthy(connection):
+            smbclient.reset_connection_cache(fail_on_error=False, connection_cache=kw["connection_cache"])
+        else:  # no LOGOFF over a dead socket
+            with suppress(Exception):
+                connection.disconnect(close=False)
+    kw["connection_cache"].clear()
+
+
+class SMBTarget(Target):
+    scheme = "smb"
+
+    def __init__(self, config: TargetConfig, host: str, port: int, user: str | None,
+                 cred: secrets.Credential, root: str) -> None:
+        super().__init__(config.name, config.url, None, root)
+        self.host, self.port, self.user, self.cred = host, port, user, cred
+        opts = dict(config.options)
+        self._kw: dict[str, Any] = {
+            "port": port,
+            "username": user,
+            "password": cred.value,
+            "connection_timeout": int(opts.pop("timeout", 15)),
+        }
+        if "encrypt" in opts:
+            self._kw["encrypt"] = bool(opts.pop("encrypt"))
+        if opts:
+            raise ConfigError(f"target '{config.name}': unknown smb option(s): {', '.join(sorted(opts))}",
+                              "smb targets take the options: timeout, encrypt")
+        self._dirs: set[str] = set()
+        self._pool: Pool[dict[str, Any]] = Pool(
+            self._new_connection, _close_connection,
+            keep_on=(FileNotFoundError, SMBOSError, SMBResponseException), alive=_healthy_kw)
+
+    def _unc(self, full_path: str) -> str:
+        return "\\\\" + self.host + full_path.replace("/", "\\")
+
+    # -- connections: one per thread (see the module docstring), each in a private smbclient cache
+    def _new_connection(self) -> dict[str, Any]:
+        kw = {**self._kw, "connection_cache": {}}
+        smbclient.register_session(self.host, **{k: v for k, v in kw.items() if k != "connection_cache"},
+                                   connection_cache=kw["connection_cache"])
+        return kw
+
+    @contextmanager
+    def _session(self) -> Iterator[dict[str, Any]]:
+        with self._pool.lease() as kw:
+            yield kw
+
+    # -- errors
+    def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
+        if isinstance(exc, (LogonFailure, SMBAuthenticationError)):
+            return TargetConfigError(
+                f"target '{self.name}': {self.where} rejected user '{self.user}' and the password from "
+                f"{self.cred.source}",
+                f"check the user in the URL and the password in {self.cred.source}",
+            )
+        if isinstance(exc, BadNetworkName):
+            return self._no_share()
+        status = getattr(exc, "ntstatus", None) or getattr(exc, "status", None)
+        if status in _FULL:
+            return self.full_error(what, path)
+        if status in _DENIED:
+            return self.refused_error(what, path, "access denied")
+        if isinstance(exc, SMBOSError) and exc.errno == 2:
+            return FileNotFoundError(2, "No such file or directory", self.display(path))
+        if isinstance(exc, ValueError) and str(exc).startswith("Failed to connect"):
+            return self.unreachable_error(exc.__cause__ or exc)
+        if is_unreachable(exc) or isinstance(exc, SMBException) and not isinstance(exc, SMBResponseException):
+            return self.unreachable_error(exc)
+        if isinstance(exc, (SMBResponseException, SMBOSError)):
+            return TargetError(f"target '{self.name}' failed {what} {self.display(path)}: {exc}",
+                               "check the share and its permissions")
+        return super()._translate(exc, what, path)
+
+    def _no_share(self) -> TargetConfigError:
+        return TargetConfigError(
+            f"target '{self.name}': {self.where} has no share '{self.root.strip('/').split('/')[0]}'",
+            "check the share name (the first path component of the URL)",
+        )
+
+    # -- operations
+    def connect(self) -> None:
+        share = "/" + self.root.strip("/").split("/")[0]
+        with self._errors("connecting to", ""), self._session() as kw:
+            try:
+                smbclient.stat(self._unc(share), **kw)  # no such share: fail now, clearly
+            except SMBOSError as exc:
+                if exc.errno != 2:
+                    raise
+                raise self._no_share() from None
+
+    def exists(self, path: str) -> bool:
+        with self._errors("checking", path), self._session() as kw:
+            try:
+                smbclient.stat(self._unc(self.full(path)), **kw)
+                return True
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return False
+                raise
+
+    def read_bytes(self, path: str) -> bytes:
+        with self._errors("reading", path), self._session() as kw, \
+                smbclient.open_file(self._unc(self.full(path)), "rb", buffering=0, **kw) as fh:
+            return fh.readall()
+
+    def _put(self, kw: dict[str, Any], full_path: str, data: bytes) -> None:
+        with smbclient.open_file(self._unc(full_path), "wb", buffering=0, **kw) as fh:
+            view = memoryview(data)
+            while view:
+                view = view[fh.write(view):]
+
+    def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
+        smbclient.replace(self._unc(src), self._unc(dst), **kw)
+
+    def _remove(self, kw: dict[str, Any], full_path: str) -> None:
+        try:
+            smbclient.remove(self._unc(full_path), **kw)
+        except SMBOSError as exc:
+            if exc.errno == 2:
+                raise FileNotFoundError(2, "No such file", full_path) from None
+            raise
+
+    def _makedirs(self, full_path: str) -> None:
+        # the share itself ("/share") cannot be created
+        if full_path in self._dirs or full_path.strip("/").count("/") < 1:
+            return
+        with self._session() as kw:
+            smbclient.makedirs(self._unc(full_path), exist_ok=True, **kw)
+        self._dirs.add(full_path)
+
+    def listdir(self, path: str) -> list[str]:
+        with self._errors("listing", path), self._session() as kw:
+            try:
+                return sorted(smbclient.listdir(self._unc(self.full(path)), **kw))
+            except SMBOSError as exc:
+                if exc.errno == 2:
+                    return []
+                raise
+
+    def delete_tree(self, path: str) -> None:
+        full = self.full(path)
+        with self._errors("deleting", path), self._session() as kw:
+            self._dirs = {d for d in self._dirs if not (d == full or d.startswith(full.rstrip("/") + "/"))}
+            try:
+                smbclient.shutil.rmtree(self._unc(full), **kw)
+            except SMBOSError as exc:
+                if exc.errno != 2:
+                    raise
+
+    def free_bytes(self) -> int | None:
+        share = "/" + self.root.strip("/").split("/")[0]
+        try:
+            with self._errors("checking free space on", ""), self._session() as kw:
+                return smbclient.stat_volume(self._unc(share), **kw).caller_available_size
+        except TargetError:
+            return None
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_smb(config: TargetConfig) -> SMBTarget:
+    parts = urlsplit(config.url)
+    path = unquote(parts.path).rstrip("/")
+    if not parts.hostname or path.count("/") < 1 or path == "/":
+        raise ConfigError(f"target '{config.name}': smb URL needs a host and a share: {parts.geturl()}",
+                          "write it as smb://user@host[:port]/share/path")
+    user = unquote(parts.username) if parts.username else None
+    if user and ";" in user:  # smb://DOMAIN;user@host (the usual SMB URL form) -> DOMAIN\user
+        domain, _, name = user.partition(";")
+        user = f"{domain}\\{name}"
+    cred = secrets.password(config)
+    target = SMBTarget(config, parts.hostname, parts.port or 445, user, cred, path)
+    target.connect()
+    return target
