@@ -408,3 +408,36 @@ def test_core_imports_no_prefect_and_no_scheme_libraries() -> None:
                          cwd=Path(__file__).parents[1], stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr
 
+
+
+# ---------------------------------------------------------------- the CLI against every target
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_cli_backup_list_restore_on_every_target(scheme: str, request, tmp_path: Path, env, qemu,
+                                                 prefect_server) -> None:
+    """What a user does: name the target in hotvm.yaml, back up hot, list, restore; bytes come back equal."""
+    import json
+
+    import yaml
+    from helpers import hotvm
+    from qemu_helpers import DiskSpec
+
+    made = env(make_config(scheme, request, tmp_path))
+    disk = tmp_path / "data.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(16 << 20)
+        fh.write(os.urandom(5 << 20))
+    vm = qemu([DiskSpec("data", disk, format="raw")])
+    config = tmp_path / "hotvm.yaml"
+    config.write_text(yaml.safe_dump({
+        "hosts": [{"name": f"h-{tmp_path.name}", "vms": [{"name": "web01", "qmp": str(vm.qmp_path)}]}],
+        "targets": [made.config.model_dump(mode="json", exclude_defaults=True)],
+    }))
+    name = made.config.name
+    backup = json.loads(hotvm("backup", "web01", "--target", name, "--config", str(config), "--json").stdout)
+    assert backup["disks"][0]["bytes_read"] >= 5 << 20
+    listed = json.loads(hotvm("list", "--target", name, "--config", str(config), "--json").stdout)
+    assert [(e["backup_id"], e["complete"]) for e in listed] == [(backup["backup_id"], True)]
+    out = tmp_path / "restored"
+    hotvm("restore", "web01", "--to", str(out), "--format", "raw", "--target", name, "--config", str(config))
+    vm.stop()
+    assert (out / "data.raw").read_bytes() == disk.read_bytes()
