@@ -20,6 +20,12 @@ def drop_caches() -> bool:
         return False
 
 
+def machine_load() -> str:
+    """For the caveats line: other work on the machine moves every figure here."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

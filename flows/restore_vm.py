@@ -10,7 +10,7 @@ from prefect.artifacts import create_table_artifact
 
 from hotvm.errors import HotvmError
 from hotvm.restore import prepare_destination
-from tasks.restore import boot_check, find_backup, restore_config, restore_disk
+from tasks.restore import boot_check, find_backup, record_restore_test, restore_config, restore_disk
 
 
 @flow(name="restore-vm")
@@ -44,6 +44,7 @@ def restore_vm(
     if boot_check_restored:
         check = boot_check(manifest, disks, str(dest))
         result["boot_check"] = check.as_dict()
+        record_restore_test(manifest, result, target, config)
     (dest / "restore.json").write_text(json.dumps(result, indent=2))
     create_table_artifact(
         result["disks"],

@@ -6,6 +6,8 @@ recovery), only the target it was backed up to.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from pathlib import Path
 
 from hotvm.errors import HotvmError
@@ -48,6 +50,17 @@ def restore_one_disk(
     repo = open_repository(config, target)
     return restore_disk(
         repo, manifest.disk(device), dest / disk_file_name(device, fmt), fmt, progress=progress
+    )
+
+
+def record_restore_test(
+    config: Config | str | Path | None, target: str | None, manifest: Manifest, result: dict
+) -> str:
+    """Keep each measured restore beside its backup set: the evidence an RTO is checked against."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    body = json.dumps({"tested_at": stamp, **result}, indent=2, default=str).encode()
+    return open_repository(config, target).write_blob(
+        manifest.vm, manifest.backup_id, f"restore-tests/{stamp}.json", body
     )
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -9,6 +11,8 @@ from hotvm.hypervisors.base import FrozenDisk
 from hotvm.models import DiskRecord
 from tasks._options import STEP
 
+UI_UPDATE_S = 5.0
+
 
 @task(name="export_disk", task_run_name="export_disk[{frozen.device}]", **STEP)
 def export_disk(
@@ -17,13 +21,14 @@ def export_disk(
     """Stream the frozen disk into the target, showing progress in the UI."""
     log = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"export of {vm}/{frozen.device}")
-    last = [-10.0]
+    last_update = [time.monotonic()]
 
     def progress(done: int, total: int) -> None:
         progress_events.emit("export", f"{vm}/{frozen.device}", done, total)
-        pct = 100.0 * done / total if total else 100.0
-        if pct - last[0] >= 10 or done == total:
-            last[0] = pct
+        # Each UI update is a round trip to the API on the export's hot path: a few per minute suffice.
+        if time.monotonic() - last_update[0] >= UI_UPDATE_S or done == total:
+            last_update[0] = time.monotonic()
+            pct = 100.0 * done / total if total else 100.0
             update_progress_artifact(artifact, pct)
             log.info("export %s: %.0f%% of %d MiB allocated", frozen.device, pct, total >> 20)
 

@@ -34,6 +34,13 @@ def restore_config(manifest: Manifest, dest: str, target: str | None, config: st
     return restore.restore_config_files(config, target, manifest, Path(dest))
 
 
+@task(name="record_restore_test", **STEP)
+def record_restore_test(
+    manifest: Manifest, result: dict, target: str | None, config: str | None = None
+) -> str:
+    return restore.record_restore_test(config, target, manifest, result)
+
+
 @task(name="boot_check", retries=0)
 def boot_check(manifest: Manifest, disks: list[RestoredDisk], dest: str) -> BootCheckResult:
     """Boot the restored disks in an isolated QEMU and time how long until the guest is up."""
