@@ -391,10 +391,15 @@ class QemuDriver:
         outcome = watcher.wait(until={"ready"})
         if outcome.status != "ready":
             self._finish(watcher, outcome.error or f"ended as '{outcome.status}' before READY", device)
-        t_complete = time.perf_counter()
+        t_complete, t_complete_wall = time.perf_counter(), time.time()
         mon.cmd("block-job-complete", {"device": watcher.job_id})
         outcome = watcher.wait(until=set(), interval=0.001)
-        stall_ms = (outcome.finished_at - t_complete) * 1000
+        # QEMU stamps BLOCK_JOB_COMPLETED when the pivot is done: measure to it, not to our next poll.
+        completed_at = mon.event_time("BLOCK_JOB_COMPLETED", device=watcher.job_id)
+        if completed_at is not None and completed_at >= t_complete_wall:
+            stall_ms = (completed_at - t_complete_wall) * 1000
+        else:
+            stall_ms = (outcome.finished_at - t_complete) * 1000
         self._finish(watcher, outcome.error, device)
         after = self._chain(mon, device)
         top = after.layers[0] if after.layers else None

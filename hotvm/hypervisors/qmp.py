@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class Monitor:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: QMPClient | None = None
+        self.events: deque[dict] = deque(maxlen=512)
+        """Recent QMP events (collected with each command's reply), for their QEMU-side timestamps."""
 
     # ------------------------------------------------------------------ plumbing
 
@@ -119,6 +122,14 @@ class Monitor:
 
     # ------------------------------------------------------------------ commands
 
+    def event_time(self, name: str, **data: object) -> float | None:
+        """QEMU's own wall-clock timestamp of the latest event `name` whose data match, if seen."""
+        for event in reversed(self.events):
+            if event.get("event") == name and all(event.get("data", {}).get(k) == v for k, v in data.items()):
+                stamp = event.get("timestamp", {})
+                return stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+        return None
+
     def cmd(
         self, name: str, args: dict | None = None, *, timeout: float | None = None, retry: bool = False
     ) -> Any:
@@ -128,7 +139,11 @@ class Monitor:
             self.connect()
             assert self._client is not None
             try:
-                return self._run(_execute(self._client, name, args), timeout or self.command_timeout)
+                result, events = self._run(
+                    _execute(self._client, name, args), timeout or self.command_timeout
+                )
+                self.events.extend(dict(e) for e in events)
+                return result
             except ExecuteError as exc:
                 raise QmpCommandError(
                     f"VM '{self.vm_name}': QEMU refused {name}: {exc}", error_class=exc.error_class
@@ -146,7 +161,6 @@ class Monitor:
         raise AssertionError("unreachable")
 
 
-async def _execute(client: QMPClient, name: str, args: dict | None) -> Any:
+async def _execute(client: QMPClient, name: str, args: dict | None) -> tuple[Any, list]:
     result = await client.execute(name, args or None)
-    client.events.clear()  # we poll state rather than read events: do not let them pile up
-    return result
+    return result, client.events.clear()  # state is polled; events are kept only for their timestamps
