@@ -13,6 +13,7 @@ replace-if-exists (SMB2 SET_INFO rename).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -91,10 +92,29 @@ class SMBTarget(Target):
 
     # -- connections: one per thread (see the module docstring), each in a private smbclient cache
     def _new_connection(self) -> dict[str, Any]:
-        kw = {**self._kw, "connection_cache": {}}
-        smbclient.register_session(self.host, **{k: v for k, v in kw.items() if k != "connection_cache"},
-                                   connection_cache=kw["connection_cache"])
-        return kw
+        """Log on, but never wait longer than the timeout: smbprotocol waits for a session-setup reply
+        without one, so a server that accepts TCP and then stays silent would hang the backup."""
+        cache: dict[str, Any] = {}
+        outcome: list[BaseException] = []
+        done = threading.Event()
+
+        def logon() -> None:
+            try:
+                smbclient.register_session(self.host, **self._kw, connection_cache=cache)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=logon, name=f"smb-logon-{self.host}", daemon=True).start()
+        if not done.wait(self._kw["connection_timeout"] * 2):
+            for conn in list(cache.values()):
+                with suppress(Exception):
+                    conn.disconnect(close=True)  # wakes the logon thread, which then ends
+            raise ConnectionError(f"no SMB session setup reply within {self._kw['connection_timeout'] * 2} s")
+        if outcome:
+            raise outcome[0]
+        return {**self._kw, "connection_cache": cache}
 
     @contextmanager
     def _session(self) -> Iterator[dict[str, Any]]:
