@@ -15,6 +15,7 @@ unknown host key, a missing environment variable.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import posixpath
 import socket
@@ -23,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -53,6 +55,37 @@ def redact_url(url: str) -> str:
 def is_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, socket.gaierror)) or (
         isinstance(exc, OSError) and exc.errno in _UNREACHABLE)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One name in a listing, with what the storage says about it (None where it says nothing)."""
+
+    name: str
+    is_dir: bool | None
+    size: int | None
+    modified: dt.datetime | None
+
+
+def _modified(info: dict[str, Any]) -> dt.datetime | None:
+    for key in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(key)
+        if isinstance(value, dt.datetime):
+            return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        if isinstance(value, int | float) and value > 0:
+            return dt.datetime.fromtimestamp(value, dt.UTC)
+    return None
+
+
+def _entry(info: dict[str, Any]) -> Entry:
+    kind = info.get("type")
+    size = info.get("size")
+    return Entry(
+        name=posixpath.basename(str(info["name"]).rstrip("/")),
+        is_dir={"directory": True, "file": False}.get(kind) if isinstance(kind, str) else None,
+        size=int(size) if isinstance(size, int | float) else None,
+        modified=_modified(info),
+    )
 
 
 class Target:
@@ -204,6 +237,22 @@ class Target:
             except FileNotFoundError:
                 return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def scan(self, path: str) -> list[Entry]:
+        """listdir with type, size and modification time, fresh (no cached listing), where the filesystem
+        reports them; schemes whose session is not an fsspec filesystem get names only (prune then leaves
+        unreferenced chunks alone: it cannot tell them from chunks a running backup has just written)."""
+        full = self.full(path)
+        with self._errors("listing", path), self._session() as fs:
+            if isinstance(fs, fsspec.AbstractFileSystem):
+                fs.invalidate_cache(full)
+                try:
+                    infos = fs.ls(full, detail=True)
+                except FileNotFoundError:
+                    return []
+                entries = [_entry(i) for i in infos if str(i["name"]).rstrip("/") != full.rstrip("/")]
+                return sorted(entries, key=lambda e: e.name)
+        return [Entry(name, None, None, None) for name in self.listdir(path)]
 
     def delete(self, path: str) -> None:
         with self._errors("deleting", path), self._session() as fs, suppress(FileNotFoundError):

@@ -1,0 +1,358 @@
+"""Backup throughput to each target scheme vs a plain copy of the same bytes to the same server, in one run.
+
+    .venv/bin/python bench/targets.py [--size-mib 1024] [--rounds 1] [--schemes file,smb,sftp,ftp,ftps,s3]
+
+hotvm: `export_image` of a raw image full of random data (nothing compresses, nothing is zero) into a fresh
+repository (`repo.ensure()` first, not timed), under a fresh prefix every round so no chunk is deduplicated.
+Plain: the standard tool copies the same file to the same loopback server (tests/servers.py):
+  file  `cp` into a directory, then `sync` (hotvm's file target fsyncs every chunk: `sync` after it too)
+  smb   `smbclient put` (Debian package smbclient: bench-only, not in scripts/install-system-deps.sh)
+  sftp  OpenSSH `sftp -b` (batch mode) with the test key
+  ftp   `curl -T`;  ftps: `curl --ssl-reqd --cacert` (explicit TLS, like hotvm's ftps://)
+  s3    s3fs `put` (fsspec; multipart upload) to moto
+The image is read from the page cache by both. A `sync` (not timed) precedes every copy; the order of plain
+and hotvm alternates between rounds. Target (issue #4): hotvm throughput >= 0.8x the plain copy's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# This file's name would shadow the `targets` package: the repository root goes first, bench/ last.
+sys.path[:] = [str(HERE.parent), str(HERE.parent / "tests"),
+               *(p for p in sys.path if Path(p or ".").resolve() != HERE), str(HERE)]
+from _common import machine_load, median, write_random_extents  # noqa: E402
+from servers import FtpServer, MotoServer, SambaServer, SshServer, _descendants  # noqa: E402
+
+from hotvm.formats.export import export_image  # noqa: E402
+from hotvm.formats.repository import Repository  # noqa: E402
+from hotvm.models import TargetConfig  # noqa: E402
+from targets import open_target  # noqa: E402
+
+SCHEMES = ["file", "smb", "sftp", "ftp", "ftps", "s3"]
+BUCKET = "hotvm-bench"
+TARGET_RATIO = 0.8
+
+
+def sh(*args: str, input: str | None = None) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True, input=input)
+
+
+def _stat_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process (reaped children included), in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu() -> float:
+    """This process (hotvm, s3fs) and the tools it ran and reaped (cp, smbclient, sftp, curl, qemu-img)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Scheme:
+    """One scheme: its server, a target config under a fresh prefix, the plain copy, cleanup."""
+
+    name = ""
+    sync_after = False  # time a `sync` after both contenders (local disk only)
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+
+    def start(self) -> None:
+        pass
+
+    def server_cpu(self, settle: bool = True) -> float:
+        return 0.0
+
+    def stop(self) -> None:
+        pass
+
+    def config(self, tag: str) -> TargetConfig:
+        raise NotImplementedError
+
+    def plain(self, image: Path, tag: str) -> None:
+        raise NotImplementedError
+
+    def cleanup(self, tag: str) -> None:
+        raise NotImplementedError
+
+
+class FileScheme(Scheme):
+    name = "file"
+    sync_after = True
+
+    def config(self, tag: str) -> TargetConfig:
+        return TargetConfig(name="bench-file", url=f"file://{self.work}/file-{tag}")
+
+    def plain(self, image: Path, tag: str) -> None:
+        dest = self.work / f"plain-{tag}"
+        dest.mkdir()
+        sh("cp", str(image), f"{dest}/")
+
+    def cleanup(self, tag: str) -> None:
+        for d in (f"file-{tag}", f"plain-{tag}"):
+            shutil.rmtree(self.work / d, ignore_errors=True)
+
+
+class ServerScheme(Scheme):
+    server: SambaServer | SshServer | FtpServer | MotoServer
+    idle_children = 0
+
+    def server_cpu(self, settle: bool = True) -> float:
+        """CPU of the server and its children. smbd and sshd fork one child per connection: with `settle`,
+        wait until those of the run are gone, so that all their CPU is in the parent's cutime/cstime."""
+        proc = self.server.proc
+        assert proc is not None
+        deadline = time.monotonic() + 5
+        while settle and len(_descendants(proc.pid)) > self.idle_children and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return sum(_stat_cpu(pid) for pid in (proc.pid, *_descendants(proc.pid)))
+
+    def stop(self) -> None:
+        if getattr(self, "server", None) is not None:
+            self.server.close()
+
+
+class SmbScheme(ServerScheme):
+    name = "smb"
+
+    def start(self) -> None:
+        self.server = SambaServer().start()
+        self.idle_children = len(_descendants(self.server.proc.pid))
+        os.environ["HOTVM_BENCH_SMB_PASSWORD"] = self.server.password
+        self.auth = self.work / "smb-auth"
+        self.auth.write_text(f"username = {self.server.user}\npassword = {self.server.password}\n")
+        self.auth.chmod(0o600)
+
+    def config(self, tag: str) -> TargetConfig:
+        s = self.server
+        return TargetConfig(name="bench-smb", url=f"smb://{s.user}@127.0.0.1:{s.port}/{s.share}/hotvm-{tag}",
+                            password_env="HOTVM_BENCH_SMB_PASSWORD")
+
+    def plain(self, image: Path, tag: str) -> None:
+        s = self.server
+        sh("smbclient", f"//127.0.0.1/{s.share}", "-p", str(s.port), "-A", str(self.auth),
+           "-c", f"put {image} plain-{tag}.raw")
+
+    def cleanup(self, tag: str) -> None:
+        shutil.rmtree(self.server.share_dir / f"hotvm-{tag}", ignore_errors=True)
+        (self.server.share_dir / f"plain-{tag}.raw").unlink(missing_ok=True)
+
+
+class SftpScheme(ServerScheme):
+    name = "sftp"
+
+    def start(self) -> None:
+        self.server = SshServer().start()
+        self.idle_children = len(_descendants(self.server.proc.pid))
+
+    def config(self, tag: str) -> TargetConfig:
+        s = self.server
+        return TargetConfig(name="bench-sftp", url=f"sftp://root@127.0.0.1:{s.port}{s.root_dir}/hotvm-{tag}",
+                            key_file=s.client_key, known_hosts=s.known_hosts)
+
+    def plain(self, image: Path, tag: str) -> None:
+        s = self.server
+        sh("sftp", "-q", "-b", "-", "-P", str(s.port), "-i", str(s.client_key),
+           "-o", f"UserKnownHostsFile={s.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+           "-o", "BatchMode=yes", "root@127.0.0.1",
+           input=f"put {image} {s.root_dir}/plain-{tag}.raw\n")
+
+    def cleanup(self, tag: str) -> None:
+        shutil.rmtree(self.server.root_dir / f"hotvm-{tag}", ignore_errors=True)
+        (self.server.root_dir / f"plain-{tag}.raw").unlink(missing_ok=True)
+
+
+class FtpScheme(ServerScheme):
+    name = "ftp"
+    tls = False
+
+    def start(self) -> None:
+        self.server = FtpServer(tls=self.tls).start()
+        self.idle_children = len(_descendants(self.server.proc.pid))
+        os.environ["HOTVM_BENCH_FTP_PASSWORD"] = self.server.password
+
+    def config(self, tag: str) -> TargetConfig:
+        s = self.server
+        return TargetConfig(name=f"bench-{self.name}", url=f"{self.name}://{s.user}@127.0.0.1:{s.port}/hotvm-{tag}",
+                            password_env="HOTVM_BENCH_FTP_PASSWORD",
+                            options={"ca_file": str(s.cert)} if self.tls else {})
+
+    def plain(self, image: Path, tag: str) -> None:
+        s = self.server
+        tls = ["--ssl-reqd", "--cacert", str(s.cert)] if self.tls else []
+        sh("curl", "-sS", "--fail", *tls, "-u", f"{s.user}:{s.password}", "-T", str(image),
+           f"ftp://127.0.0.1:{s.port}/plain-{tag}.raw")
+
+    def cleanup(self, tag: str) -> None:
+        shutil.rmtree(self.server.root_dir / f"hotvm-{tag}", ignore_errors=True)
+        (self.server.root_dir / f"plain-{tag}.raw").unlink(missing_ok=True)
+
+
+class FtpsScheme(FtpScheme):
+    name = "ftps"
+    tls = True
+
+
+class S3Scheme(ServerScheme):
+    name = "s3"
+
+    def start(self) -> None:
+        self.server = MotoServer(auth=True).start()
+        self.idle_children = len(_descendants(self.server.proc.pid))
+        self.access, self.secret = self.server.make_user(BUCKET)
+        os.environ["HOTVM_BENCH_S3_KEY"] = self.access
+        os.environ["HOTVM_BENCH_S3_SECRET"] = self.secret
+
+    def _fs(self):
+        from s3fs import S3FileSystem
+
+        return S3FileSystem(key=self.access, secret=self.secret, skip_instance_cache=True,
+                            client_kwargs={"endpoint_url": self.server.endpoint_url})
+
+    def config(self, tag: str) -> TargetConfig:
+        return TargetConfig(name="bench-s3", url=f"s3://{BUCKET}/hotvm-{tag}",
+                            endpoint_url=self.server.endpoint_url,
+                            access_key_env="HOTVM_BENCH_S3_KEY", secret_key_env="HOTVM_BENCH_S3_SECRET")
+
+    def plain(self, image: Path, tag: str) -> None:
+        self._fs().put(str(image), f"{BUCKET}/plain-{tag}.raw")
+
+    def cleanup(self, tag: str) -> None:  # moto keeps objects in memory
+        fs = self._fs()
+        for path in (f"{BUCKET}/hotvm-{tag}", f"{BUCKET}/plain-{tag}.raw"):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+
+
+CLASSES: dict[str, type[Scheme]] = {c.name: c for c in (FileScheme, SmbScheme, SftpScheme, FtpScheme,
+                                                        FtpsScheme, S3Scheme)}
+
+
+class Measured:
+    """Wall time and CPU seconds (client side, server side) of one copy."""
+
+    def __init__(self, scheme: Scheme) -> None:
+        self.scheme = scheme
+
+    def __enter__(self) -> Measured:
+        sh("sync")  # dirty pages of the previous copy are not this one's to write
+        self.client0, self.server0 = client_cpu(), self.scheme.server_cpu(settle=False)
+        self.start = time.perf_counter()
+        return self
+
+    def stop_clock(self) -> None:
+        if self.scheme.sync_after:
+            sh("sync")
+        self.wall = time.perf_counter() - self.start
+
+    def __exit__(self, *exc: object) -> None:
+        self.client = client_cpu() - self.client0
+        self.server = self.scheme.server_cpu() - self.server0
+
+
+def run_plain(scheme: Scheme, image: Path, tag: str) -> Measured:
+    with Measured(scheme) as m:
+        scheme.plain(image, tag)
+        m.stop_clock()
+    return m
+
+
+def run_hotvm(scheme: Scheme, image: Path, tag: str) -> Measured:
+    target = open_target(scheme.config(tag))
+    try:
+        repo = Repository(target)
+        repo.ensure()
+        with Measured(scheme) as m:
+            export_image(repo, device="bench", image=str(image), fmt="raw")
+            m.stop_clock()
+            target.close()  # inside the CPU window: the server's per-connection children end with it
+    finally:
+        target.close()
+    return m
+
+
+def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int) -> bool:
+    plain: list[Measured] = []
+    hotvm: list[Measured] = []
+    for i in range(rounds):
+        tag = uuid.uuid4().hex[:8]
+        try:
+            if i % 2 == 0:
+                plain.append(run_plain(scheme, image, tag))
+                hotvm.append(run_hotvm(scheme, image, tag))
+            else:
+                hotvm.append(run_hotvm(scheme, image, tag))
+                plain.append(run_plain(scheme, image, tag))
+        finally:
+            scheme.cleanup(tag)
+
+    def summary(runs: list[Measured]) -> tuple[float, str]:
+        wall = median([r.wall for r in runs])
+        return wall, (f"{wall:6.2f} s {size / (1 << 20) / wall:6.0f} MiB/s  cpu "
+                      f"{median([r.client for r in runs]):4.1f} + {median([r.server for r in runs]):4.1f} s")
+
+    plain_s, plain_text = summary(plain)
+    hotvm_s, hotvm_text = summary(hotvm)
+    ratio = plain_s / hotvm_s
+    met = ratio >= TARGET_RATIO
+    print(f"{scheme.name:<5}  plain {plain_text}   hotvm {hotvm_text}   {ratio:5.2f}x  "
+          f"{'met' if met else 'MISSED'}", flush=True)
+    return met
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of: "
+                        + ", ".join(SCHEMES))
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /var/tmp)")
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in CLASSES]
+    if unknown:
+        parser.error(f"unknown scheme(s): {', '.join(unknown)}")
+    if "smb" in chosen and not shutil.which("smbclient"):
+        sys.exit("smb needs smbclient for the plain copy: apt-get install smbclient")
+    size = args.size_mib << 20
+
+    with tempfile.TemporaryDirectory(dir=args.dir or "/var/tmp", prefix="hotvm-bench-") as tmp:
+        work = Path(tmp)
+        image = work / "random.raw"
+        write_random_extents(str(image), size, 1.0)
+        sh("sh", "-c", f"cat {image} > /dev/null")  # both contenders read it from the page cache
+        print(f"image {args.size_mib} MiB of random data, {args.rounds} round(s), "
+              f"{'medians, ' if args.rounds > 1 else ''}reads from the page cache; {machine_load()}",
+              flush=True)
+        print(f"ratio = hotvm throughput / plain throughput (target >= {TARGET_RATIO}x); "
+              "cpu = client + server CPU seconds", flush=True)
+        started: list[Scheme] = []
+        try:
+            for name in chosen:
+                scheme = CLASSES[name](work)
+                started.append(scheme)
+                scheme.start()
+                bench_scheme(scheme, image, args.rounds, size)
+                scheme.stop()
+        finally:
+            for scheme in started:
+                scheme.stop()
+        print(f"end: {machine_load()}")
+
+
+if __name__ == "__main__":
+    main()
