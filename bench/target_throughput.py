@@ -1,6 +1,7 @@
 """Backup throughput to each target scheme vs a plain copy of the same bytes to the same server, in one run.
 
-    .venv/bin/python bench/targets.py [--size-mib 1024] [--rounds 1] [--schemes file,smb,sftp,ftp,ftps,s3]
+    .venv/bin/python bench/target_throughput.py [--size-mib 1024] [--rounds 1]
+                                                [--schemes file,smb,sftp,ftp,ftps,s3]
 
 hotvm: `export_image` of a raw image full of random data (nothing compresses, nothing is zero) into a fresh
 repository (`repo.ensure()` first, not timed), under a fresh prefix every round so no chunk is deduplicated.
@@ -27,9 +28,7 @@ import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# This file's name would shadow the `targets` package: the repository root goes first, bench/ last.
-sys.path[:] = [str(HERE.parent), str(HERE.parent / "tests"),
-               *(p for p in sys.path if Path(p or ".").resolve() != HERE), str(HERE)]
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from _common import machine_load, median, write_random_extents  # noqa: E402
 from servers import FtpServer, MotoServer, SambaServer, SshServer, _descendants  # noqa: E402
 
