@@ -147,11 +147,14 @@ def backup_config(session: Session, target: str | None, backup_id: str) -> Confi
 def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
     """Last step: check every referenced chunk is on the target, then commit the manifest atomically."""
     with session.repository(target) as repo:
-        missing = {d for disk in manifest.disks for _, d in disk.chunks if not repo.has_chunk(d)}
-        if missing:
+        damaged = [disk for disk in manifest.disks if not all(repo.has_chunk(d) for _, d in disk.chunks)]
+        if damaged:
+            for disk in damaged:  # un-journal them, so the rerun exports these disks again
+                repo.target.delete(repo.disk_record_path(manifest.vm, manifest.backup_id, disk.device))
             raise BackupSetError(
-                f"{len(missing)} chunk(s) of {manifest.vm}/{manifest.backup_id} are missing on the target",
-                "rerun the backup: the missing disks are exported again",
+                f"chunks of disk(s) {', '.join(d.device for d in damaged)} of {manifest.vm}/"
+                f"{manifest.backup_id} are missing on the target",
+                "rerun the backup: those disks are exported again",
             )
         return repo.commit_manifest(manifest)
 

@@ -275,3 +275,25 @@ def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_pat
     assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:], strict=False)), (
         "max_concurrent_backups=1: backups of one host must not overlap"
     )
+
+
+def test_a_chunk_lost_before_the_manifest_makes_the_rerun_export_the_disk_again(qemu, tmp_path: Path) -> None:
+    from hotvm import backup
+    from hotvm.errors import BackupSetError
+    from hotvm.models import Manifest, utcnow
+
+    disk = random_raw(tmp_path / "d.raw", 16 * MiB, 4 * MiB)
+    vm = qemu([DiskSpec("d", disk, format="raw")])
+    config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/t")
+    session = backup.open_session("web01", config)
+    frozen = backup.add_redo(session, ["d"], "b1")
+    record = backup.export_disk(session, None, "b1", frozen[0])
+    backup.add_redo(session, ["d"], "b1")
+    backup.commit(session, "d", 1)
+    backup.commit(session, "d", "final")
+    next((tmp_path / "t" / "chunks").rglob(record.chunks[0][1])).unlink()  # e.g. a racing prune
+    manifest = Manifest(backup_id="b1", vm="web01", host="h", driver="qemu", started_at=utcnow(),
+                        completed_at=utcnow(), disks=[record])
+    with pytest.raises(BackupSetError, match="disk\\(s\\) d of web01/b1 are missing"):
+        backup.transfer(session, None, manifest)
+    assert [d.device for d in backup.plan_disks(session, None, "b1").todo] == ["d"]
