@@ -75,10 +75,42 @@ class HostConfig(StrictModel):
         return self
 
 
+class Keep(StrictModel):
+    """Retention per VM on a target (hotvm/retention.py): a set stays if any rule keeps it.
+
+    GFS as in borg/restic: `daily: 7` keeps the newest complete set of each of the 7 newest days that have
+    one (likewise ISO weeks, months, years); `last` the newest N; `days` every set younger than N days.
+    Only complete sets count; the newest complete set of a VM is never removed, whatever the policy."""
+
+    last: int = Field(0, ge=0)
+    days: int = Field(0, ge=0)
+    daily: int = Field(0, ge=0)
+    weekly: int = Field(0, ge=0)
+    monthly: int = Field(0, ge=0)
+    yearly: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _keeps_something(self) -> Keep:
+        if not any((self.last, self.days, self.daily, self.weekly, self.monthly, self.yearly)):
+            raise ValueError(
+                "keep: give at least one of last, days, daily, weekly, monthly, yearly greater than 0"
+            )
+        return self
+
+    def describe(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.model_dump().items() if v)
+
+
+TABLE_7_3_IMAGE_KEEP = Keep(last=1, days=7)
+"""Seed Table 7.3: full VM image weekly, kept one week."""
+
+
 class TargetConfig(StrictModel):
     name: str = Field(min_length=1)
     url: str = Field(min_length=1)
     default: bool = False
+    keep: Keep = TABLE_7_3_IMAGE_KEEP
+    """Retention of image backups on this target (`hotvm prune`, the prune deployment)."""
     password_env: str | None = None
     password_secret: str | None = None
     key_file: Path | None = None

@@ -441,3 +441,25 @@ def test_cli_backup_list_restore_on_every_target(scheme: str, request, tmp_path:
     hotvm("restore", "web01", "--to", str(out), "--format", "raw", "--target", name, "--config", str(config))
     vm.stop()
     assert (out / "data.raw").read_bytes() == disk.read_bytes()
+
+
+def test_scan_reports_what_prune_needs(target: Target) -> None:
+    """scan() (prune's listing): fresh names, types, sizes and modification times where the scheme has them;
+    ftp/smb sessions are not fsspec filesystems and give names only (prune then never sweeps chunks)."""
+    import datetime as dt
+
+    before = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    target.write_bytes("s/c/one", b"12345")
+    target.write_bytes("s/two", b"")
+    assert target.scan("missing") == []
+    top = {e.name: e for e in target.scan("s")}
+    assert sorted(top) == ["c", "two"]
+    (one,) = target.scan("s/c")
+    assert one.name == "one"
+    if target.scheme in ("ftp", "ftps", "smb"):
+        assert one.modified is None
+        return
+    assert top["c"].is_dir and top["two"].is_dir is False and one.size == 5
+    assert one.modified is not None and before < one.modified < before + dt.timedelta(minutes=10)
+    target.delete("s/c/one")
+    assert target.scan("s/c") == []  # no stale cached listing (s3fs caches ls)

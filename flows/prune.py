@@ -1,0 +1,101 @@
+"""prune: retention for one target (seed Table 7.3: images kept one week), then free unreferenced chunks.
+
+    list_sets -> decide_retention (per VM, pure) -> remove_sets (manifest first) -> sweep_chunks
+
+The policy is the target's `keep:` in hotvm.yaml; any keep_* parameter replaces it as a whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from hotvm.models import utcnow
+from hotvm.prune import PruneReport, gone, target_and_policy
+from targets.base import redact_url
+from tasks.prune import decide_retention, list_sets, remove_sets, sweep_chunks
+
+
+@flow(name="prune")
+def prune(
+    target: str | None = None,
+    vm: str | None = None,
+    dry_run: bool = False,
+    config: str | None = None,
+    keep_last: int | None = None,
+    keep_days: int | None = None,
+    keep_daily: int | None = None,
+    keep_weekly: int | None = None,
+    keep_monthly: int | None = None,
+    keep_yearly: int | None = None,
+    incomplete_grace_hours: float = 24.0,
+    chunk_grace_minutes: float = 60.0,
+) -> dict:
+    """Remove the backup sets the retention policy does not keep, then the chunks nothing references."""
+    log = get_run_logger()
+    target_cfg, policy = target_and_policy(
+        config, target, last=keep_last, days=keep_days, daily=keep_daily, weekly=keep_weekly,
+        monthly=keep_monthly, yearly=keep_yearly,
+    )
+    set_grace = dt.timedelta(hours=incomplete_grace_hours)
+    chunk_grace = dt.timedelta(minutes=chunk_grace_minutes)
+    now = utcnow()
+    points = list_sets(target_cfg.name, vm, config)
+    decisions = decide_retention(points, policy, now, set_grace)
+    outcomes = remove_sets(target_cfg.name, decisions, dry_run, config)
+    sweep = sweep_chunks(
+        target_cfg.name, gone(decisions, outcomes, dry_run), dry_run, set_grace, chunk_grace, config
+    )
+    report = PruneReport(
+        target=target_cfg.name, url=redact_url(target_cfg.url), vm=vm, dry_run=dry_run, policy=policy,
+        at=now, sets=outcomes, sweep=sweep,
+    )
+    create_table_artifact(
+        artifact_rows(report), key=f"prune-{_artifact_key(target_cfg.name)}", description=describe(report)
+    )
+    log.info("%s", describe(report))
+    return report.summary()
+
+
+def artifact_rows(report: PruneReport) -> list[dict]:
+    def decision(s) -> str:  # noqa: ANN001 - SetOutcome
+        if s.error:
+            return f"removal failed: {s.error}"
+        if s.keep:
+            return "kept"
+        return "would remove" if report.dry_run else "removed"
+
+    return [
+        {
+            "vm": s.vm,
+            "backup": s.backup_id,
+            "state": str(s.state),
+            "time": f"{s.time:%Y-%m-%d %H:%M}",
+            "decision": decision(s),
+            "reasons": "; ".join(s.reasons),
+        }
+        for s in report.sets
+    ]
+
+
+def describe(report: PruneReport) -> str:
+    sweep = report.sweep
+    verb = "would remove" if report.dry_run else "removed"
+    text = (
+        f"prune of '{report.target}' ({report.policy.describe()}){' [dry run]' if report.dry_run else ''}: "
+        f"{len(report.kept)} set(s) kept, {len(report.removed)} {verb}; "
+    )
+    if sweep.swept:
+        freed = "to free" if report.dry_run else "freed"
+        text += f"{sweep.chunks_removed} chunk(s) {verb}, {report.bytes_freed / 2**20:.1f} MiB {freed}"
+    else:
+        text += "chunk sweep skipped: " + "; ".join(sweep.skipped_because)
+    if report.errors:
+        text += f"; {len(report.errors)} error(s)"
+    return text
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())

@@ -1,0 +1,220 @@
+"""`hotvm check`: is every backup set on a target restorable? (like `restic check`, PBS verify)
+
+Always: every manifest parses; every disk's chunk list matches the disk's digest; every chunk a complete
+set references, and its config archive, exist on the target. With `read_data`: every referenced chunk is
+also read once (however many sets share it), decompressed and hashed, and its sha256 compared with its
+name; each config archive with its checksum. Damage on the target (bit rot, a truncated or replaced
+file, a chunk removed by hand) then shows before a restore needs that set.
+
+Problems are collected per set; one problem never stops the check. Incomplete sets are listed, not
+checked (they are never restored).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal
+
+import zstandard
+from pydantic import BaseModel
+
+from hotvm.errors import HotvmError
+from hotvm.formats.export import chunk_count, chunk_digest, image_digest
+from hotvm.formats.repository import Repository
+from hotvm.prune import TMP_MARK, SetListing, list_sets, repository_present
+from hotvm.retention import SetState
+
+ProblemKind = Literal[
+    "repository",
+    "manifest_unreadable",
+    "disk_digest",
+    "chunk_missing",
+    "chunk_corrupt",
+    "chunk_unreadable",
+    "config_missing",
+    "config_corrupt",
+]
+EXAMPLES = 3
+
+
+class Problem(BaseModel):
+    kind: ProblemKind
+    detail: str
+
+
+class SetCheck(BaseModel):
+    vm: str
+    backup_id: str
+    state: SetState
+    disks: int = 0
+    chunks: int = 0
+    """Chunk references of the set (a chunk used twice counts twice)."""
+    problems: list[Problem] = []
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class CheckReport(BaseModel):
+    target: str
+    url: str
+    vm: str | None = None
+    read_data: bool
+    sets: list[SetCheck] = []
+    problems: list[Problem] = []
+    """Problems of the repository itself (not of one set)."""
+    chunks_present: int = 0
+    chunks_referenced: int = 0
+    """Distinct chunks the checked sets reference."""
+    chunks_unreferenced: int | None = None
+    """Present but referenced by no set (prune removes them); only counted when every VM is checked."""
+    chunks_read: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def problem_count(self) -> int:
+        return len(self.problems) + sum(len(s.problems) for s in self.sets)
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
+
+    def summary(self) -> dict:
+        return {**self.model_dump(mode="json"), "ok": self.ok, "problem_count": self.problem_count}
+
+
+def _examples(items: list[tuple[int, str]]) -> str:
+    shown = ", ".join(f"chunk {i} {d[:16]}…" for i, d in items[:EXAMPLES])
+    return shown + (", …" if len(items) > EXAMPLES else "")
+
+
+def _verify_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int]:
+    """(what is wrong or None, bytes read)."""
+    try:
+        blob = repo.target.read_bytes(repo.chunk_path(digest))
+    except FileNotFoundError:
+        return "vanished while checking", 0
+    except HotvmError as exc:
+        return f"unreadable: {exc.message}", 0
+    try:
+        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_size)
+    except zstandard.ZstdError as exc:
+        return f"not a valid zstd frame ({exc})", len(blob)
+    if chunk_digest(data) != digest:
+        return "content does not match its sha256", len(blob)
+    return None, len(blob)
+
+
+def _check_set(listing: SetListing, store: set[str], check: SetCheck) -> None:
+    manifest = listing.manifest
+    assert manifest is not None
+    check.disks = len(manifest.disks)
+    for disk in manifest.disks:
+        check.chunks += len(disk.chunks)
+        if image_digest(disk.chunks, chunk_count(disk.virtual_size, disk.chunk_size)) != disk.digest:
+            what = f"disk '{disk.device}': chunk list does not match its digest"
+            check.problems.append(Problem(kind="disk_digest", detail=what))
+        missing = [(i, d) for i, d in disk.chunks if d not in store]
+        if missing:
+            check.problems.append(
+                Problem(
+                    kind="chunk_missing",
+                    detail=f"disk '{disk.device}': {len(missing)} of {len(disk.chunks)} chunk(s) missing "
+                    f"({_examples(missing)})",
+                )
+            )
+    archive = manifest.config_archive
+    if archive and archive.name not in {f.name for f in listing.files}:
+        check.problems.append(Problem(kind="config_missing", detail=f"{archive.name} is missing"))
+
+
+def _check_config(repo: Repository, listing: SetListing, check: SetCheck) -> int:
+    manifest = listing.manifest
+    assert manifest is not None and manifest.config_archive is not None
+    archive = manifest.config_archive
+    try:
+        blob = repo.target.read_bytes(f"{listing.point.path}/{archive.name}")
+    except FileNotFoundError:
+        return 0  # already reported as missing
+    if chunk_digest(blob) != archive.sha256:
+        what = f"{archive.name} does not match its sha256"
+        check.problems.append(Problem(kind="config_corrupt", detail=what))
+    return len(blob)
+
+
+def _attribute(listing: SetListing, bad: dict[str, str], check: SetCheck) -> None:
+    """One problem per disk and kind for the damaged chunks this set uses."""
+    assert listing.manifest is not None
+    for disk in listing.manifest.disks:
+        hits = [(i, d) for i, d in disk.chunks if d in bad]
+        unreadable = [(i, d) for i, d in hits if bad[d].startswith(("unreadable", "vanished"))]
+        corrupt = [(i, d) for i, d in hits if not bad[d].startswith(("unreadable", "vanished"))]
+        for kind, group, what in (
+            ("chunk_corrupt", corrupt, "damaged (decompression or sha256 failed)"),
+            ("chunk_unreadable", unreadable, "unreadable"),
+        ):
+            if group:
+                detail = f"disk '{disk.device}': {len(group)} chunk(s) {what} ({_examples(group)})"
+                check.problems.append(Problem(kind=kind, detail=detail))
+
+
+def check_repository(
+    repo: Repository, *, read_data: bool = False, vm: str | None = None, workers: int = 4
+) -> CheckReport:
+    started = time.monotonic()
+    target = repo.target
+    report = CheckReport(target=target.name, url=target.display(), vm=vm, read_data=read_data)
+    if not repository_present(repo):
+        report.problems.append(
+            Problem(kind="repository", detail=f"no hotvm repository at {target.display()}")
+        )
+        return report
+    store = {
+        e.name
+        for prefix in target.scan("chunks")
+        if prefix.is_dir is not False
+        for e in target.scan(f"chunks/{prefix.name}")
+        if TMP_MARK not in e.name
+    }
+    report.chunks_present = len(store)
+    listings = list_sets(repo, vm)
+    max_size: dict[str, int] = {}
+    """Every distinct chunk referenced, with the largest chunk size it is used at."""
+    for listing in listings:
+        p = listing.point
+        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state)
+        report.sets.append(check)
+        if p.state is SetState.DAMAGED:
+            check.problems.append(Problem(kind="manifest_unreadable", detail=listing.problem or "unreadable"))
+            continue
+        if listing.manifest is None:
+            continue
+        _check_set(listing, store, check)
+        for disk in listing.manifest.disks:
+            for _, digest in disk.chunks:
+                max_size[digest] = max(max_size.get(digest, 0), disk.chunk_size)
+    report.chunks_referenced = len(max_size)
+    if vm is None:
+        report.chunks_unreferenced = len(store - max_size.keys())
+    if read_data:
+        to_read = sorted(d for d in max_size if d in store)
+        bad: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(lambda d: _verify_chunk(repo, d, max_size[d]), to_read)
+            for digest, (wrong, nbytes) in zip(to_read, results, strict=True):
+                report.chunks_read += 1
+                report.bytes_read += nbytes
+                if wrong:
+                    bad[digest] = wrong
+        for listing, check in zip(listings, report.sets, strict=True):
+            if listing.manifest is None:
+                continue
+            if bad:
+                _attribute(listing, bad, check)
+            if listing.manifest.config_archive is not None:
+                report.bytes_read += _check_config(repo, listing, check)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
