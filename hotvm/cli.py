@@ -52,7 +52,6 @@ def _prefect_env(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Failures reach the user as one line from hotvm; Prefect's tracebacks only with --verbose.
     os.environ["PREFECT_LOGGING_LEVEL"] = "INFO" if verbose else "CRITICAL"
-    os.environ.setdefault("PREFECT_UI_ENABLED", "false") if not os.environ.get("PREFECT_API_URL") else None
 
 
 def _cfg(config: Path | None) -> str | None:
@@ -95,13 +94,6 @@ def _progress_bars(enabled: bool):
             progress_events.set_listener(None)
 
 
-def _fail(exc: HotvmError) -> None:
-    err.print(f"[bold red]error:[/] {exc.message}")
-    if exc.hint:
-        err.print(f"  [yellow]fix:[/] {exc.hint}")
-    raise typer.Exit(2)
-
-
 def main() -> None:
     try:
         app()
@@ -119,10 +111,11 @@ def main() -> None:
 
 
 def _fail_and_exit(exc: HotvmError) -> None:
-    try:
-        _fail(exc)
-    except typer.Exit as ex:
-        sys.exit(ex.exit_code)
+    """One line saying what failed, one saying what to do; exit code 2."""
+    err.print(f"[bold red]error:[/] {exc.message}")
+    if exc.hint:
+        err.print(f"  [yellow]fix:[/] {exc.hint}")
+    sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- backup / restore / list
