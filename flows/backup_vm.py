@@ -1,7 +1,8 @@
 """backup_vm: the seed's Code Listing 7.1 for one running VM, every step a retryable task.
 
-    reconcile -> add_redo (all disks, one instant) -> per disk: export_disk, add_redo, commit level 1,
-    commit final -> backup_config -> transfer (manifest last)
+    reconcile -> add_redo (all disks, one instant, + this backup's dirty bitmaps) -> per disk: export_disk
+    (only the chunks the previous backup's bitmap marks dirty, when it can be trusted), add_redo, commit
+    level 1, commit final -> backup_config -> transfer (manifest last) -> drop the superseded bitmaps
 
 A failure at any point commits the overlays back (rollback) before the run ends; a rerun (Prefect UI
 "Retry", `prefect flow-run retry`, or `hotvm backup --resume`) keeps the same backup id and skips the
@@ -23,6 +24,7 @@ from hotvm import backup
 from hotvm.formats.repository import new_backup_id
 from hotvm.locks import BackupRunning, vm_lock
 from hotvm.models import Manifest, StepTiming, TaskRetries, utcnow
+from tasks.bitmaps import drop_bitmaps
 from tasks.commit import commit_disk
 from tasks.config import backup_config
 from tasks.export import export_disk
@@ -82,15 +84,21 @@ def backup_vm(
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)
         warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
         records = {r.device: r for r in plan.done}
+        frozen, exported = [], set()
         try:
             if plan.todo:
                 frozen = steps.run(
-                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config
-                )
+                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config,
+                    track_changes=True,
+                )  # fmt: skip
                 for disk in frozen:
+                    baseline = plan.baselines.get(disk.device)
                     record = steps.run(
-                        "export", disk.device, export_disk, vm, target, backup_id, disk, config
+                        "export", disk.device, export_disk, vm, target, backup_id, disk, config, baseline
                     )
+                    exported.add(disk.device)
+                    if warning := backup.incremental_warning(record, baseline):
+                        warnings.append(warning)
                     steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
                     steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
                     final = steps.run(
@@ -121,7 +129,24 @@ def backup_vm(
         except BaseException:
             log.error("backup of %s failed: committing its overlays back before the run ends", vm)
             rollback_vm(vm, config)
+            # This run's bitmap stays only on disks whose export was journaled (a resume keeps those);
+            # the baseline's bitmap stays everywhere: it has seen every write since the last good backup.
+            # After the rollback: a persistent bitmap is read-only while its image is frozen under an overlay.
+            unused = {d.device: [d.bitmap] for d in frozen if d.bitmap and d.device not in exported}
+            try:
+                if unused:
+                    drop_bitmaps(vm, unused, config)
+            except Exception as exc:  # noqa: BLE001 - a stray bitmap costs memory, not correctness
+                log.warning("could not remove this run's dirty bitmaps %s: %s", unused, exc)
             raise
+        # The set is complete: the previous backup's bitmaps are superseded by this one's.
+        superseded = backup.superseded_bitmaps(plan.baselines, records)
+        if superseded:
+            try:
+                drop_bitmaps(vm, superseded, config)
+            except Exception as exc:  # noqa: BLE001 - the backup is complete; a stray bitmap only costs RAM
+                log.warning("backup complete, but superseded bitmaps %s stay: %s", superseded, exc)
+                manifest.warnings.append(f"superseded dirty bitmaps not removed: {exc}")
     summary = summarize(manifest.model_copy(update={"steps": steps.timings}), url)
     create_markdown_artifact(
         _summary_markdown(summary), key=f"backup-{_artifact_key(vm)}", description=f"hot backup of {vm}"
@@ -132,6 +157,7 @@ def backup_vm(
 
 def summarize(manifest: Manifest, url: str) -> dict:
     stalls = [d.pivot_stall_ms for d in manifest.disks if d.pivot_stall_ms is not None]
+    modes = {d.device: d.export_mode or "full" for d in manifest.disks}
     return {
         "backup_id": manifest.backup_id,
         "vm": manifest.vm,
@@ -143,12 +169,24 @@ def summarize(manifest: Manifest, url: str) -> dict:
                 "bytes": d.virtual_size,
                 "bytes_read": d.bytes_read,
                 "bytes_new": d.bytes_new,
+                "bytes_reused": d.bytes_reused,
+                "mode": d.export_mode or "full",
+                "incremental_from": d.incremental_from,
+                "bitmap": d.bitmap,
                 "pivot_stall_ms": d.pivot_stall_ms,
             }
             for d in manifest.disks
         ],
         "skipped_disks": [s.model_dump() for s in manifest.skipped_disks],
-        "steps": [{"name": s.step, "device": s.device, "seconds": s.seconds} for s in manifest.steps],
+        "steps": [
+            {
+                "name": s.step,
+                "device": s.device,
+                "seconds": s.seconds,
+                "note": modes.get(s.device or "", "") if s.step == "export" else "",
+            }
+            for s in manifest.steps
+        ],
         "pivot_stall_ms": max(stalls) if stalls else None,
         "warnings": manifest.warnings,
     }
@@ -164,10 +202,13 @@ def _summary_markdown(summary: dict) -> str:
         "",
         f"Set: `{summary['url']}`",
         "",
-        "| step | disk | seconds |",
-        "|---|---|---|",
+        "| step | disk | seconds | note |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {s['name']} | {s['device'] or ''} | {s['seconds']:.3f} |" for s in summary["steps"]]
+    lines += [
+        f"| {s['name']} | {s['device'] or ''} | {s['seconds']:.3f} | {s.get('note', '')} |"
+        for s in summary["steps"]
+    ]
     if summary["warnings"]:
         lines += ["", "Warnings:"] + [f"- {w}" for w in summary["warnings"]]
     return "\n".join(lines)

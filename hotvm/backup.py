@@ -6,17 +6,25 @@ on its own, in another process, after a crash: state lives in the hypervisor and
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotvm.errors import BackupSetError
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
-from hotvm.formats.export import Progress, chunk_digest, export_image
+from hotvm.formats.export import CHUNK_SIZE, Progress, chunk_digest, export_image
 from hotvm.formats.repository import Repository, new_backup_id
 from hotvm.hypervisors import open_driver
-from hotvm.hypervisors.base import CommitResult, DiskInfo, FrozenDisk, HypervisorDriver, ReconcileAction
+from hotvm.hypervisors.base import (
+    BitmapUnusable,
+    CommitResult,
+    DiskInfo,
+    FrozenDisk,
+    HypervisorDriver,
+    ReconcileAction,
+)
 from hotvm.models import (
     Config,
     ConfigArchive,
@@ -30,6 +38,8 @@ from hotvm.models import (
     utcnow,
 )
 from targets import open_target
+
+log = logging.getLogger("hotvm.backup")
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,21 @@ def open_session(vm: str, config: Config | str | Path | None = None) -> Session:
 
 
 @dataclass(frozen=True)
+class Baseline:
+    """What the latest complete backup of this VM on the target says about one disk."""
+
+    backup_id: str
+    bitmap: str | None
+    """The bitmap that has tracked the disk's changes since that backup (if it still exists)."""
+
+
+@dataclass(frozen=True)
 class DiskPlan:
     todo: list[DiskInfo]
     done: list[DiskRecord]
     skipped: list[SkippedDisk]
+    baselines: dict[str, Baseline] = field(default_factory=dict)
+    """Per device: the previous backup on this target an incremental can start from."""
 
 
 def select_disks(disks: list[DiskInfo], vm: VMConfig) -> tuple[list[DiskInfo], list[SkippedDisk]]:
@@ -101,6 +122,7 @@ def plan_disks(session: Session, target: str | None, backup_id: str) -> DiskPlan
         disks = driver.list_disks()
     todo, skipped = select_disks(disks, session.vm)
     done = []
+    baselines: dict[str, Baseline] = {}
     with session.repository(target) as repo:
         repo.ensure()
         repo.mark_started(session.vm.name, backup_id, session.host.name)
@@ -109,24 +131,116 @@ def plan_disks(session: Session, target: str | None, backup_id: str) -> DiskPlan
             if record is not None:
                 done.append(record)
                 todo.remove(disk)
-    return DiskPlan(todo, done, skipped)
+        previous = latest_complete(repo, session.vm.name, exclude=backup_id)
+        if previous is not None:
+            baselines = {d.device: Baseline(previous.backup_id, d.bitmap) for d in previous.disks}
+    return DiskPlan(todo, done, skipped, baselines)
 
 
-def add_redo(session: Session, devices: list[str], backup_id: str) -> list[FrozenDisk]:
+def latest_complete(repo: Repository, vm: str, exclude: str | None = None) -> Manifest | None:
+    complete = [e for e in repo.list_sets(vm) if e.manifest is not None and e.backup_id != exclude]
+    return complete[-1].manifest if complete else None
+
+
+def add_redo(
+    session: Session, devices: list[str], backup_id: str, track_changes: bool = False
+) -> list[FrozenDisk]:
+    """track_changes (first overlay only): start the bitmap of this backup at this very freeze point."""
     with session.driver() as driver:
-        return driver.add_redo(devices, backup_id)
+        return driver.add_redo(devices, backup_id, track_changes=track_changes)
 
 
 def export_disk(
-    session: Session, target: str | None, backup_id: str, frozen: FrozenDisk, progress: Progress | None = None
+    session: Session,
+    target: str | None,
+    backup_id: str,
+    frozen: FrozenDisk,
+    progress: Progress | None = None,
+    baseline: Baseline | None = None,
 ) -> DiskRecord:
-    """Stream the frozen image into the target and journal the disk as done."""
+    """Stream the frozen image into the target and journal the disk as done.
+
+    Incremental when `baseline`'s bitmap is still on the disk and trustworthy: only the chunks it marks
+    dirty are read, the rest come from the baseline's chunk list. Otherwise a full read, saying why.
+    """
     with session.repository(target) as repo:
+        previous, dirty, why = None, None, "no earlier backup of this disk on the target"
+        if baseline is not None:
+            previous, dirty, why = _incremental_base(session, repo, frozen, baseline)
         record = export_image(
-            repo, device=frozen.device, image=frozen.image, fmt=frozen.format, progress=progress
+            repo, device=frozen.device, image=frozen.image, fmt=frozen.format, progress=progress,
+            previous=previous, dirty=dirty,
+        )  # fmt: skip
+        incremental = previous is not None and dirty is not None
+        record = record.model_copy(
+            update={
+                "bitmap": frozen.bitmap,
+                "incremental_from": baseline.backup_id if incremental and baseline else None,
+                "export_mode": (
+                    f"incremental from {baseline.backup_id}" if incremental and baseline else f"full ({why})"
+                ),
+            }
         )
         repo.write_disk_record(session.vm.name, backup_id, record)
     return record
+
+
+def _incremental_base(
+    session: Session, repo: Repository, frozen: FrozenDisk, baseline: Baseline
+) -> tuple[DiskRecord | None, list[tuple[int, int]] | None, str]:
+    """(previous record, dirty extents, '') for an incremental, else (None, None, why a full read)."""
+    if baseline.bitmap is None:
+        return None, None, f"backup {baseline.backup_id} started no dirty bitmap on disk {frozen.device}"
+    try:
+        previous = repo.load_manifest(session.vm.name, baseline.backup_id).disk(frozen.device)
+    except (BackupSetError, KeyError):
+        return None, None, f"backup {baseline.backup_id} is gone or has no disk {frozen.device}"
+    if previous.virtual_size != frozen.virtual_size:
+        return (
+            None,
+            None,
+            (f"disk {frozen.device} changed size ({previous.virtual_size} -> {frozen.virtual_size} bytes)"),
+        )
+    if previous.chunk_size != CHUNK_SIZE:
+        return None, None, f"backup {baseline.backup_id} used another chunk size"
+    try:
+        with session.driver() as driver:
+            dirty = driver.dirty_extents(frozen.device, baseline.bitmap)
+    except BitmapUnusable as exc:
+        log.warning("VM '%s': %s: full read", session.vm.name, exc.message)
+        return None, None, exc.message
+    return previous, dirty, ""
+
+
+def incremental_warning(record: DiskRecord, baseline: Baseline | None) -> str | None:
+    """A warning when an earlier backup exists on the target and this disk was still read in full."""
+    if baseline is None or record.incremental_from is not None:
+        return None
+    return f"disk {record.device}: not incremental from {baseline.backup_id}, {record.export_mode}"
+
+
+def superseded_bitmaps(
+    baselines: dict[str, Baseline], records: dict[str, DiskRecord]
+) -> dict[str, list[str]]:
+    """Once a set is complete: per device, the previous backup's bitmap (this set's own tracks from now on).
+
+    Only the bitmap of the previous backup on the SAME target is removed: another target's chain keeps its
+    own bitmap."""
+    return {
+        device: [b.bitmap]
+        for device, b in baselines.items()
+        if b.bitmap and device in records and records[device].bitmap != b.bitmap
+    }
+
+
+def drop_bitmaps(session: Session, names: dict[str, list[str]]) -> list[str]:
+    """Remove hotvm bitmaps by name, per device; returns 'device: name' for each one removed."""
+    removed = []
+    with session.driver() as driver:
+        for device, wanted in names.items():
+            if wanted:
+                removed += [f"{device}: {n}" for n in driver.remove_bitmaps(device, wanted)]
+    return removed
 
 
 def commit(session: Session, device: str, level: int | str) -> CommitResult:
@@ -160,18 +274,22 @@ def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
 
 
 __all__ = [
+    "Baseline",
     "DiskPlan",
     "Session",
     "StepTiming",
     "add_redo",
     "backup_config",
     "commit",
+    "drop_bitmaps",
     "export_disk",
+    "incremental_warning",
     "new_backup_id",
     "open_session",
     "plan_disks",
     "reconcile",
     "select_disks",
+    "superseded_bitmaps",
     "transfer",
     "utcnow",
 ]

@@ -2,8 +2,9 @@
 
 Always: every manifest parses; every disk's chunk list matches the disk's digest; every chunk a complete
 set references, and its config archive, exist on the target. With `read_data`: every referenced chunk is
-also read once (however many sets share it), decompressed and hashed, and its sha256 compared with its
-name; each config archive with its checksum. Damage on the target (bit rot, a truncated or replaced
+also read once (however many sets share it), authenticated (encrypted repository), decompressed and
+hashed, and its hash (sha256, or the repository's HMAC) compared with its name; each config archive with its
+checksum. Damage on the target (bit rot, a truncated or replaced
 file, a chunk removed by hand) then shows before a restore needs that set.
 
 Problems are collected per set; one problem never stops the check. Incomplete sets are listed, not
@@ -19,7 +20,7 @@ from typing import Literal
 import zstandard
 from pydantic import BaseModel
 
-from hotvm.errors import HotvmError
+from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.export import chunk_count, chunk_digest, image_digest
 from hotvm.formats.repository import Repository
 from hotvm.prune import TMP_MARK, SetListing, list_sets, repository_present
@@ -93,18 +94,23 @@ def _examples(items: list[tuple[int, str]]) -> str:
 
 def _verify_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int]:
     """(what is wrong or None, bytes read)."""
+    path = repo.chunk_path(digest)
     try:
-        blob = repo.target.read_bytes(repo.chunk_path(digest))
+        blob = repo.target.read_bytes(path)
     except FileNotFoundError:
         return "vanished while checking", 0
     except HotvmError as exc:
         return f"unreadable: {exc.message}", 0
     try:
-        data = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_size)
+        frame = repo.open_blob(path, blob, "chunk")
+    except ChecksumMismatch:
+        return "fails authentication (encrypted chunk damaged or tampered with)", len(blob)
+    try:
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_size)
     except zstandard.ZstdError as exc:
         return f"not a valid zstd frame ({exc})", len(blob)
-    if chunk_digest(data) != digest:
-        return "content does not match its sha256", len(blob)
+    if repo.chunk_id(data) != digest:
+        return f"content does not match its {repo.chunk_hash}", len(blob)
     return None, len(blob)
 
 
@@ -135,11 +141,18 @@ def _check_config(repo: Repository, listing: SetListing, check: SetCheck) -> int
     manifest = listing.manifest
     assert manifest is not None and manifest.config_archive is not None
     archive = manifest.config_archive
+    path = f"{listing.point.path}/{archive.name}"
     try:
-        blob = repo.target.read_bytes(f"{listing.point.path}/{archive.name}")
+        blob = repo.target.read_bytes(path)
     except FileNotFoundError:
         return 0  # already reported as missing
-    if chunk_digest(blob) != archive.sha256:
+    try:
+        plain = repo.open_blob(path, blob, archive.name)
+    except ChecksumMismatch:
+        what = f"{archive.name} fails authentication (damaged or tampered with)"
+        check.problems.append(Problem(kind="config_corrupt", detail=what))
+        return len(blob)
+    if chunk_digest(plain) != archive.sha256:
         what = f"{archive.name} does not match its sha256"
         check.problems.append(Problem(kind="config_corrupt", detail=what))
     return len(blob)
@@ -153,7 +166,7 @@ def _attribute(listing: SetListing, bad: dict[str, str], check: SetCheck) -> Non
         unreadable = [(i, d) for i, d in hits if bad[d].startswith(("unreadable", "vanished"))]
         corrupt = [(i, d) for i, d in hits if not bad[d].startswith(("unreadable", "vanished"))]
         for kind, group, what in (
-            ("chunk_corrupt", corrupt, "damaged (decompression or sha256 failed)"),
+            ("chunk_corrupt", corrupt, "damaged (authentication, decompression or hash failed)"),
             ("chunk_unreadable", unreadable, "unreadable"),
         ):
             if group:

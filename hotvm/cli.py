@@ -155,13 +155,14 @@ def backup(
 def _render_backup(result: dict) -> None:
     out.print(f"[bold green]backup {result['backup_id']} of {result['vm']} complete[/]")
     out.print(f"set: {result['url']}")
-    table = Table("step", "disk", "seconds")
+    table = Table("step", "disk", "seconds", "note")
     for step in result["steps"]:
-        table.add_row(step["name"], step["device"] or "", f"{step['seconds']:.3f}")
+        table.add_row(step["name"], step["device"] or "", f"{step['seconds']:.3f}", step.get("note", ""))
     out.print(table)
     for disk in result["disks"]:
         out.print(
-            f"disk {disk['device']}: {disk['bytes'] >> 20} MiB, read {disk['bytes_read'] >> 20} MiB, "
+            f"disk {disk['device']} ({disk.get('mode', 'full')}): {disk['bytes'] >> 20} MiB, "
+            f"read {disk['bytes_read'] >> 20} MiB, "
             f"new {disk['bytes_new'] >> 20} MiB, pivot stall {disk['pivot_stall_ms'] or 0:.1f} ms"
         )
     for warning in result["warnings"]:

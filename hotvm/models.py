@@ -120,6 +120,12 @@ class TargetConfig(StrictModel):
     secret_key_env: str | None = None
     options: dict[str, str | int | float | bool] = {}
     """Extra keyword arguments for the fsspec filesystem (never secrets: use the *_env / *_secret keys)."""
+    encryption_key_env: str | None = None
+    """Environment variable holding the repository's encryption passphrase (or base64 of 32 random bytes).
+    Set one of encryption_key_env / encryption_key_secret to create an encrypted repository; the key is
+    never written to the target: losing it loses the backups (docs/format.md, "Encryption")."""
+    encryption_key_secret: str | None = None
+    """Prefect Secret block holding the encryption passphrase (instead of encryption_key_env)."""
 
     @field_validator("url")
     @classmethod
@@ -287,6 +293,15 @@ class DiskRecord(StrictModel):
     """Compressed bytes this export added to the chunk store (chunks already there cost nothing)."""
     export_seconds: float
     pivot_stall_ms: float | None = None
+    bitmap: str | None = None
+    """QEMU dirty bitmap (on the disk's image node) that tracks changes since this backup's freeze point."""
+    incremental_from: str | None = None
+    """Backup id whose chunk list this export started from (only chunks its bitmap marked dirty were read);
+    None: a full read. Either way `chunks` is the complete image."""
+    bytes_reused: int = 0
+    """Bytes of non-zero chunks taken from `incremental_from`'s chunk list without reading them."""
+    export_mode: str = ""
+    """'incremental from <id>' or 'full (<why>)'."""
 
 
 class ConfigArchive(StrictModel):
@@ -306,7 +321,8 @@ class Manifest(StrictModel):
     driver: str
     started_at: dt.datetime
     completed_at: dt.datetime
-    chunk_hash: Literal["sha256"] = "sha256"
+    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
+    """How chunks are named: sha256 of the content, or (encrypted repository) HMAC-SHA256 under its id key."""
     compression: Literal["zstd"] = "zstd"
     disks: list[DiskRecord]
     skipped_disks: list[SkippedDisk] = []

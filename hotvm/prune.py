@@ -34,9 +34,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from hotvm import retention
-from hotvm.errors import BackupSetError, HotvmError, TargetError
-from hotvm.formats.repository import MARKER, Repository, safe_name
-from hotvm.models import FORMAT_VERSION, Config, DiskRecord, Keep, Manifest, TargetConfig, load_config, utcnow
+from hotvm.errors import ChecksumMismatch, HotvmError
+from hotvm.formats.repository import Repository, read_marker, safe_name
+from hotvm.models import Config, DiskRecord, Keep, Manifest, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
 from targets import open_target
 from targets.base import Entry, Target
@@ -74,22 +74,11 @@ def opened(config: Config | str | Path | None, target: str | None) -> Iterator[R
 
 
 def repository_present(repo: Repository) -> bool:
-    """False if the target holds no repository; refuses one written by a newer format."""
-    try:
-        meta = json.loads(repo.target.read_bytes(MARKER))
-    except FileNotFoundError:
+    """False if the target holds no repository; refuses one written by a newer format, and (encrypted)
+    a wrong or missing key, before anything else is read."""
+    if read_marker(repo.target, "prune it with the newer hotvm") is None:
         return False
-    except ValueError:
-        raise BackupSetError(
-            f"{MARKER} on target '{repo.target.name}' is unreadable", "run 'hotvm check'; fix or restore it"
-        ) from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise TargetError(
-            f"target '{repo.target.name}' holds a hotvm repository of format {meta['format_version']}, "
-            f"newer than this hotvm understands ({FORMAT_VERSION})",
-            "prune it with the newer hotvm",
-        )
-    return True
+    return repo.unlock()
 
 
 @dataclass(frozen=True)
@@ -119,14 +108,6 @@ def set_paths(target: Target, vm: str | None = None) -> Iterator[str]:
                 yield f"vms/{vm_dir}/{entry.name}"
 
 
-def _started(target: Target, path: str) -> dict:
-    try:
-        body = json.loads(target.read_bytes(f"{path}/started.json"))
-    except (FileNotFoundError, ValueError):
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
 def _parse_time(value: object) -> dt.datetime | None:
     try:
         return retention.aware(dt.datetime.fromisoformat(str(value)))
@@ -134,8 +115,9 @@ def _parse_time(value: object) -> dt.datetime | None:
         return None
 
 
-def read_set(target: Target, path: str) -> SetListing | None:
+def read_set(repo: Repository, path: str) -> SetListing | None:
     """None if the set is gone (another prune removed it meanwhile)."""
+    target = repo.target
     vm_dir, backup_id = path.split("/")[1:3]
     files = tuple(target.scan(path))
     if not files:
@@ -143,16 +125,16 @@ def read_set(target: Target, path: str) -> SetListing | None:
     names = {f.name: f for f in files}
     if "manifest.json" in names:
         try:
-            manifest = Manifest.model_validate_json(target.read_bytes(f"{path}/manifest.json"))
+            manifest = repo.parse_manifest(path)
         except FileNotFoundError:
             return None
-        except ValueError as exc:
+        except (ValueError, ChecksumMismatch) as exc:
             when = names["manifest.json"].modified or id_time(backup_id) or utcnow()
             point = BackupPoint(vm_dir, backup_id, SetState.DAMAGED, when, path=path)
             return SetListing(point, None, files, problem=str(exc).splitlines()[0])
         point = BackupPoint(manifest.vm, backup_id, SetState.COMPLETE, manifest.completed_at, path=path)
         return SetListing(point, manifest, files)
-    started = _started(target, path)
+    started = repo.read_started(path)
     journals = target.scan(f"{path}/disks") if "disks" in names else []
     times = [_parse_time(started.get("started_at")), id_time(backup_id)]
     times += [e.modified for e in (*files, *journals)]
@@ -164,7 +146,7 @@ def read_set(target: Target, path: str) -> SetListing | None:
 
 
 def list_sets(repo: Repository, vm: str | None = None) -> list[SetListing]:
-    listings = (read_set(repo.target, path) for path in set_paths(repo.target, vm))
+    listings = (read_set(repo, path) for path in set_paths(repo.target, vm))
     return [listing for listing in listings if listing is not None]
 
 
@@ -172,25 +154,25 @@ def _manifest_refs(manifest: Manifest) -> set[str]:
     return {digest for disk in manifest.disks for _, digest in disk.chunks}
 
 
-def _raw_refs(target: Target, path: str) -> set[str] | None:
+def _raw_refs(repo: Repository, path: str) -> set[str] | None:
     """Chunk references of a manifest this hotvm cannot validate; None if not even that can be read."""
     try:
-        body = json.loads(target.read_bytes(f"{path}/manifest.json"))
+        body = json.loads(repo.read_file(f"{path}/manifest.json"))
         return {str(pair[1]) for disk in body["disks"] for pair in disk["chunks"]}
     except FileNotFoundError:
         return set()
-    except (ValueError, KeyError, TypeError, IndexError):
+    except (ValueError, KeyError, TypeError, IndexError, ChecksumMismatch):
         return None
 
 
-def _journal_refs(target: Target, path: str) -> set[str]:
+def _journal_refs(repo: Repository, path: str) -> set[str]:
     """Chunks of the disks an incomplete set has finished (a torn journal: that disk is exported again)."""
     refs: set[str] = set()
-    for entry in target.scan(f"{path}/disks"):
+    for entry in repo.target.scan(f"{path}/disks"):
         if entry.name.endswith(".json") and TMP_MARK not in entry.name:
             try:
-                record = DiskRecord.model_validate_json(target.read_bytes(f"{path}/disks/{entry.name}"))
-            except (FileNotFoundError, ValueError):
+                record = DiskRecord.model_validate_json(repo.read_file(f"{path}/disks/{entry.name}"))
+            except (FileNotFoundError, ValueError, ChecksumMismatch):
                 continue
             refs.update(digest for _, digest in record.chunks)
     return refs
@@ -290,7 +272,7 @@ def remove_sets(repo: Repository, decisions: Iterable[Decision], *, dry_run: boo
         if d.keep or dry_run:
             continue
         if p.state is not SetState.COMPLETE:
-            fresh = read_set(repo.target, p.path)
+            fresh = read_set(repo, p.path)
             if fresh is None:
                 outcome.removed = True
                 continue
@@ -346,13 +328,13 @@ def sweep(
         if s.manifest is not None:
             marked |= _manifest_refs(s.manifest)
         elif s.point.state is SetState.DAMAGED:
-            refs = _raw_refs(target, s.point.path)
+            refs = _raw_refs(repo, s.point.path)
             if refs is None:
                 report.skipped_because.append(f"manifest of {where} is unreadable: its chunks are unknown")
             else:
                 marked |= refs
         else:
-            marked |= _journal_refs(target, s.point.path)
+            marked |= _journal_refs(repo, s.point.path)
             if may_be_running(s.point, now, set_grace):
                 report.skipped_because.append(
                     f"backup {where} may still be running (last written {ago(now - s.point.time)} ago)"

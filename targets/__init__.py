@@ -55,7 +55,9 @@ def open_target(config: TargetConfig) -> Target:
                 "remove it from the URL and name an environment variable (password_env:) or a Prefect Secret "
                 "block (password_secret:) instead",
             )
-    return opener(config)
+    target = opener(config)
+    target.config = config
+    return target
 
 
 __all__ = ["Target", "TargetConfigError", "open_target"]

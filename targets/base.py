@@ -25,12 +25,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
 from hotvm.errors import ConfigError, TargetError, TargetFull
+
+if TYPE_CHECKING:
+    from hotvm.models import TargetConfig
 
 _UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
                 errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTDOWN}
@@ -93,6 +96,9 @@ class Target:
 
     scheme = "generic"
     atomic_put = False
+    config: TargetConfig | None = None
+    """The configuration it was opened from (open_target sets it): the repository finds its encryption key
+    there."""
 
     def __init__(self, name: str, url: str, fs: fsspec.AbstractFileSystem | None, root: str) -> None:
         self.name = name

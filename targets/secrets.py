@@ -35,8 +35,9 @@ def from_prefect_secret(config: TargetConfig, block: str, what: str = "password"
         from prefect.blocks.system import Secret
     except ImportError:  # pragma: no cover - prefect is a dependency, but the core must not need it
         raise TargetConfigError(
-            f"target '{config.name}': password_secret '{block}' needs Prefect, which is not installed",
-            "install prefect, or use password_env",
+            f"target '{config.name}': Prefect Secret block '{block}' (its {what}) needs Prefect, "
+            "which is not installed",
+            "install prefect, or name an environment variable instead (*_env)",
         ) from None
     hint = (f"create it: python -c \"import getpass; from prefect.blocks.system import Secret; "
             f"Secret(value=getpass.getpass()).save('{block}')\" (or in the Prefect UI: Blocks > Secret)")
@@ -50,7 +51,8 @@ def from_prefect_secret(config: TargetConfig, block: str, what: str = "password"
         raise TargetError(  # not a ConfigError: the API may be back for the retry
             f"target '{config.name}': cannot read Prefect Secret block '{block}' (its {what}): "
             f"{type(exc).__name__}",
-            "check that the Prefect API (PREFECT_API_URL) is reachable, or use password_env",
+            "check that the Prefect API (PREFECT_API_URL) is reachable, or use an environment variable "
+            "(*_env)",
         ) from None
     raw = secret.value.get_secret_value()  # not Secret.get(): it would turn "123" into an int
     if isinstance(raw, dict):
@@ -74,3 +76,19 @@ def password(config: TargetConfig, what: str = "password") -> Credential:
     if config.password_secret:
         return from_prefect_secret(config, config.password_secret, what)
     return Credential(None, f"no {what} configured (password_env / password_secret)")
+
+
+def encryption_key(config: TargetConfig) -> Credential:
+    """The repository's encryption secret from encryption_key_env or encryption_key_secret; value None if
+    neither is set (the repository is not encrypted)."""
+    what = "encryption key"
+    if config.encryption_key_env and config.encryption_key_secret:
+        raise TargetConfigError(
+            f"target '{config.name}' sets both encryption_key_env and encryption_key_secret",
+            "keep one of them",
+        )
+    if config.encryption_key_env:
+        return from_env(config, config.encryption_key_env, what)
+    if config.encryption_key_secret:
+        return from_prefect_secret(config, config.encryption_key_secret, what)
+    return Credential(None, "no encryption key configured (encryption_key_env / encryption_key_secret)")

@@ -16,9 +16,14 @@ UI_UPDATE_S = 5.0
 
 @task(name="export_disk", task_run_name="export_disk[{frozen.device}]", **STEP)
 def export_disk(
-    vm: str, target: str | None, backup_id: str, frozen: FrozenDisk, config: str | None = None
+    vm: str,
+    target: str | None,
+    backup_id: str,
+    frozen: FrozenDisk,
+    config: str | None = None,
+    baseline: backup.Baseline | None = None,
 ) -> DiskRecord:
-    """Stream the frozen disk into the target, showing progress in the UI."""
+    """Stream the frozen disk into the target (only changed chunks when the baseline's bitmap is good)."""
     log = get_run_logger()
     artifact = create_progress_artifact(0.0, description=f"export of {vm}/{frozen.device}")
     last_update = [time.monotonic()]
@@ -32,10 +37,13 @@ def export_disk(
             update_progress_artifact(artifact, pct)
             log.info("export %s: %.0f%% of %d MiB allocated", frozen.device, pct, total >> 20)
 
-    record = backup.export_disk(backup.open_session(vm, config), target, backup_id, frozen, progress)
+    record = backup.export_disk(
+        backup.open_session(vm, config), target, backup_id, frozen, progress, baseline
+    )
     log.info(
-        "exported %s: %d MiB read, %d MiB new in the store, %.2f s",
+        "exported %s (%s): %d MiB read, %d MiB new in the store, %.2f s",
         frozen.device,
+        record.export_mode,
         record.bytes_read >> 20,
         record.bytes_new >> 20,
         record.export_seconds,

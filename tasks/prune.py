@@ -40,8 +40,14 @@ def remove_sets(
     for o in outcomes:
         if not o.keep:
             verb = "would remove" if dry_run else "removed" if o.removed else "FAILED to remove"
-            log.info("%s %s/%s: %s%s", verb, o.vm, o.backup_id, "; ".join(o.reasons),
-                     f" ({o.error})" if o.error else "")
+            log.info(
+                "%s %s/%s: %s%s",
+                verb,
+                o.vm,
+                o.backup_id,
+                "; ".join(o.reasons),
+                f" ({o.error})" if o.error else "",
+            )
     return outcomes
 
 

@@ -8,6 +8,10 @@ from tasks._options import STEP
 
 
 @task(name="add_redo", task_run_name="add_redo[{devices}]", **STEP)
-def add_redo(vm: str, devices: list[str], backup_id: str, config: str | None = None) -> list[FrozenDisk]:
-    """Put an overlay (the seed's REDO log) on each disk at one instant; the guest keeps running."""
-    return backup.add_redo(backup.open_session(vm, config), devices, backup_id)
+def add_redo(
+    vm: str, devices: list[str], backup_id: str, config: str | None = None, track_changes: bool = False
+) -> list[FrozenDisk]:
+    """Put an overlay (the seed's REDO log) on each disk at one instant; the guest keeps running.
+
+    track_changes: start this backup's dirty bitmap on each disk in the same QMP transaction."""
+    return backup.add_redo(backup.open_session(vm, config), devices, backup_id, track_changes)

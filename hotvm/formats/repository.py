@@ -8,23 +8,39 @@
 
 Chunks are shared by every set in the repository, so a rerun after a failure and next week's backup only
 upload what is not there yet.
+
+An encrypted repository (format 2, docs/format.md "Encryption") names chunks by HMAC-SHA256 under a key
+and stores every file but the marker AES-256-GCM encrypted; this class is the only place that reads or
+writes file contents, so the rest of hotvm sees plain bytes either way.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 import secrets
+import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from hotvm.errors import BackupSetError, TargetError
+from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.models import FORMAT_VERSION, DiskRecord, Manifest
 from targets.base import Target
 
+if TYPE_CHECKING:
+    from hotvm.formats.crypto import Sealer
+    from hotvm.models import TargetConfig
+
 MARKER = "hotvm-repository.json"
+ENCRYPTED_FORMAT = 2
+"""Repository format of an encrypted repository: a hotvm that predates encryption refuses it (and so never
+writes plain chunks into it); an unencrypted repository stays format 1 (FORMAT_VERSION)."""
+REPOSITORY_FORMAT = ENCRYPTED_FORMAT
+"""The newest repository format this hotvm reads and writes."""
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -40,6 +56,28 @@ def new_backup_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
+def read_marker(target: Target, hint: str = "upgrade hotvm") -> dict | None:
+    """The repository marker, None if the target holds no repository; refuses a newer format."""
+    try:
+        meta = json.loads(target.read_bytes(MARKER))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise BackupSetError(
+            f"{MARKER} on target '{target.name}' is unreadable", "run 'hotvm check'; fix or restore it"
+        ) from None
+    if not isinstance(meta, dict):
+        raise BackupSetError(f"{MARKER} on target '{target.name}' is unreadable", "fix or restore it")
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or version > REPOSITORY_FORMAT:
+        raise TargetError(
+            f"target '{target.name}' holds a hotvm repository of format {version}, "
+            f"newer than this hotvm understands ({REPOSITORY_FORMAT})",
+            hint,
+        )
+    return meta
+
+
 @dataclass(frozen=True)
 class SetEntry:
     vm: str
@@ -52,24 +90,151 @@ class SetEntry:
 
 
 class Repository:
-    def __init__(self, target: Target) -> None:
-        self.target = target
+    """The repository on one target. The encryption key comes from the target's configuration
+    (`config`, else the one open_target attached to the target); it is resolved and checked against the
+    marker on first use, before any other file is read or written."""
 
-    # ---- repository
-    def ensure(self) -> None:
-        """Create the repository on first use; refuse a repository written by a newer format."""
-        if self.target.exists(MARKER):
-            meta = json.loads(self.target.read_bytes(MARKER))
-            if meta.get("format_version", 0) > FORMAT_VERSION:
-                raise TargetError(
-                    f"target '{self.target.name}' holds a hotvm repository of format "
-                    f"{meta['format_version']}, newer than this hotvm understands ({FORMAT_VERSION})",
-                    "upgrade hotvm",
+    def __init__(self, target: Target, config: TargetConfig | None = None) -> None:
+        self.target = target
+        self.config = config if config is not None else target.config
+        self._lock = threading.Lock()
+        self._create_lock = threading.Lock()
+        self._opened = False
+        self._sealer: Sealer | None = None
+        self._encryption: dict | None = None
+
+    # ---- repository and its encryption
+    def _secret(self) -> tuple[str | None, str]:
+        """(the encryption secret or None, where it comes from); never logged, never stored."""
+        if self.config is None:
+            return None, "no target configuration"
+        from targets.secrets import encryption_key
+
+        cred = encryption_key(self.config)
+        return cred.value, cred.source
+
+    def unlock(self) -> bool:
+        """Read the marker and set up encryption; False if the target holds no repository (yet).
+
+        Raises a clear error for a wrong key, a missing key, or a key configured for a repository that
+        was created without encryption (a downgrade is never accepted silently)."""
+        with self._lock:
+            if self._opened:
+                return True
+            meta = read_marker(self.target)
+            if meta is None:
+                return False
+            self._open(meta)
+            return True
+
+    def _open(self, meta: dict) -> None:
+        name = self.target.name
+        entry = meta.get("encryption")
+        secret, source = self._secret()
+        if entry is None:
+            if meta.get("format_version", 0) >= ENCRYPTED_FORMAT:
+                raise BackupSetError(
+                    f"{MARKER} on target '{name}' says format {meta['format_version']} but has no "
+                    "encryption entry", "the marker is damaged; restore it from a copy",
                 )
+            if secret is not None:
+                raise TargetConfigError(
+                    f"target '{name}' holds an unencrypted hotvm repository, but its configuration sets an "
+                    "encryption key",
+                    "encryption cannot be added to an existing repository: send encrypted backups to a new "
+                    "target or prefix, or remove encryption_key_env/encryption_key_secret for this one",
+                )
+        else:
+            if secret is None:
+                raise TargetConfigError(
+                    f"target '{name}' is encrypted: set encryption_key_env/secret",
+                    "name the environment variable (encryption_key_env) or the Prefect Secret block "
+                    "(encryption_key_secret) that holds the key this repository was created with",
+                )
+            from hotvm.formats.crypto import Sealer, open_encryption
+
+            try:
+                keys = open_encryption(secret, entry)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise BackupSetError(
+                    f"{MARKER} on target '{name}': its encryption entry cannot be used ({exc})",
+                    "upgrade hotvm, or restore the marker from a copy",
+                ) from None
+            if keys is None:
+                raise TargetConfigError(
+                    f"wrong encryption key for target '{name}'",
+                    f"the key from {source} is not the one this repository was created with",
+                )
+            self._sealer = Sealer(keys)
+            self._encryption = dict(entry)
+        self._opened = True
+
+    def ensure(self) -> None:
+        """Create the repository on first use (encrypted if the target configures a key); refuse a
+        repository written by a newer format, a wrong or missing key, and a change of encryption."""
+        if self.unlock():
             return
         self.target.check()
-        meta = {"format": "hotvm", "format_version": FORMAT_VERSION, "chunk_hash": "sha256"}
+        secret, _ = self._secret()
+        meta: dict = {"format": "hotvm", "format_version": FORMAT_VERSION, "chunk_hash": "sha256"}
+        if secret is not None:
+            from hotvm.formats.crypto import CHUNK_ID, new_encryption
+
+            entry, _keys = new_encryption(secret)
+            meta = {"format": "hotvm", "format_version": ENCRYPTED_FORMAT, "chunk_hash": CHUNK_ID,
+                    "encryption": entry}
         self.target.write_bytes(MARKER, json.dumps(meta, indent=2).encode())
+        # Read it back: if another first backup wrote its own marker meanwhile, use the one that won.
+        if not self.unlock():
+            raise TargetError(
+                f"target '{self.target.name}' does not show {MARKER} right after writing it",
+                "check the target (an eventually consistent store?)",
+            )
+
+    @property
+    def encrypted(self) -> bool:
+        self.unlock()
+        return self._sealer is not None
+
+    @property
+    def chunk_hash(self) -> str:
+        return "hmac-sha256" if self.encrypted else "sha256"
+
+    def _read_sealer(self) -> Sealer | None:
+        self.unlock()
+        return self._sealer
+
+    def _write_sealer(self) -> Sealer | None:
+        """Writes never happen before the repository's encryption is known: create it if need be."""
+        if not self.unlock():
+            with self._create_lock:
+                if not self.unlock():
+                    self.ensure()
+        return self._sealer
+
+    def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
+        """A chunk's name: sha256 of its plain content, or in an encrypted repository HMAC-SHA256 under the
+        repository's id key (names do not reveal content hashes; identical chunks still share a name)."""
+        sealer = self._write_sealer()
+        return sealer.chunk_id(data) if sealer else hashlib.sha256(data).hexdigest()
+
+    def seal(self, path: str, data: bytes | bytearray | memoryview) -> bytes:
+        """What is stored at `path` for these plain bytes (encrypted, with the path as AAD, if need be)."""
+        sealer = self._write_sealer()
+        return sealer.seal(path, data) if sealer else bytes(data)
+
+    def open_blob(self, path: str, blob: bytes, what: str) -> bytes:
+        """The plain bytes of the file at `path` read as `blob`; ChecksumMismatch naming `what` if it
+        fails authentication (an encrypted repository never hands out unauthenticated bytes)."""
+        sealer = self._read_sealer()
+        return sealer.open(path, blob, what) if sealer else blob
+
+    def write_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
+        self.target.write_bytes(path, self.seal(path, data))
+
+    def read_file(self, path: str, what: str | None = None) -> bytes:
+        """Plain bytes of a file (FileNotFoundError passes through)."""
+        return self.open_blob(path, self.target.read_bytes(path), what or self.target.display(path))
 
     # ---- chunks
     @staticmethod
@@ -79,17 +244,24 @@ class Repository:
     def has_chunk(self, digest: str) -> bool:
         return self.target.exists(self.chunk_path(digest))
 
-    def put_chunk(self, digest: str, compressed: bytes) -> None:
-        self.target.write_bytes(self.chunk_path(digest), compressed)
+    def put_chunk(self, digest: str, compressed: bytes) -> int:
+        """Store a chunk's zstd frame (encrypted in an encrypted repository); returns the bytes stored."""
+        path = self.chunk_path(digest)
+        blob = self.seal(path, compressed)
+        self.target.write_bytes(path, blob)
+        return len(blob)
 
     def get_chunk(self, digest: str) -> bytes:
+        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository."""
+        path = self.chunk_path(digest)
         try:
-            return self.target.read_bytes(self.chunk_path(digest))
+            blob = self.target.read_bytes(path)
         except FileNotFoundError:
             raise BackupSetError(
                 f"chunk {digest[:16]}… is missing from target '{self.target.name}'",
                 "the repository is damaged; restore from another backup or copy",
             ) from None
+        return self.open_blob(path, blob, f"chunk {digest[:16]}… on target '{self.target.name}'")
 
     # ---- sets
     @staticmethod
@@ -100,27 +272,28 @@ class Repository:
         return f"{self.set_dir(vm, backup_id)}/disks/{safe_name(device)}.json"
 
     def write_disk_record(self, vm: str, backup_id: str, record: DiskRecord) -> None:
-        self.target.write_bytes(
+        self.write_file(
             self.disk_record_path(vm, backup_id, record.device), record.model_dump_json(indent=1).encode()
         )
 
     def read_disk_record(self, vm: str, backup_id: str, device: str) -> DiskRecord | None:
         path = self.disk_record_path(vm, backup_id, device)
         try:
-            return DiskRecord.model_validate_json(self.target.read_bytes(path))
+            return DiskRecord.model_validate_json(self.read_file(path))
         except FileNotFoundError:
             return None
-        except ValidationError:
-            return None  # torn or foreign file: export it again
+        except (ValidationError, ChecksumMismatch):
+            return None  # torn, foreign or unauthentic file: export it again
 
     def write_blob(self, vm: str, backup_id: str, name: str, data: bytes) -> str:
         path = f"{self.set_dir(vm, backup_id)}/{name}"
-        self.target.write_bytes(path, data)
+        self.write_file(path, data)
         return path
 
     def read_blob(self, vm: str, backup_id: str, name: str) -> bytes:
         try:
-            return self.target.read_bytes(f"{self.set_dir(vm, backup_id)}/{name}")
+            path = f"{self.set_dir(vm, backup_id)}/{name}"
+            return self.read_file(path, f"{name} of backup {vm}/{backup_id}")
         except FileNotFoundError:
             raise BackupSetError(
                 f"{name} missing from backup {vm}/{backup_id} on '{self.target.name}'",
@@ -132,18 +305,41 @@ class Repository:
         path = f"{self.set_dir(vm, backup_id)}/started.json"
         if not self.target.exists(path):
             body = {"vm": vm, "backup_id": backup_id, "host": host, "started_at": dt.datetime.now(dt.UTC)}
-            self.target.write_bytes(path, json.dumps(body, default=str).encode())
+            self.write_file(path, json.dumps(body, default=str).encode())
+
+    def read_started(self, path: str) -> dict:
+        """started.json of the set at `path` (vms/<vm>/<id>); {} if absent, torn or unauthentic."""
+        try:
+            body = json.loads(self.read_file(f"{path}/started.json"))
+        except (FileNotFoundError, ValueError, ChecksumMismatch):
+            return {}
+        return body if isinstance(body, dict) else {}
 
     def commit_manifest(self, manifest: Manifest) -> str:
         """The last write of a backup: from here on the set is complete and restorable."""
         set_dir = self.set_dir(manifest.vm, manifest.backup_id)
-        self.target.write_bytes(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
+        if self.encrypted:
+            # A first backup racing another one to create the repository may have lost: its chunks and
+            # records are under keys the marker no longer names. Never complete such a set.
+            meta = read_marker(self.target)
+            if meta is None or meta.get("encryption") != self._encryption:
+                raise BackupSetError(
+                    f"the encryption of target '{self.target.name}' changed during backup "
+                    f"{manifest.vm}/{manifest.backup_id} (another first backup created the repository?)",
+                    "rerun the backup",
+                )
+            manifest = manifest.model_copy(update={"chunk_hash": "hmac-sha256"})
+        self.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
         return self.target.display(set_dir)
 
+    def parse_manifest(self, path: str) -> Manifest:
+        """The manifest of the set at `path`: FileNotFoundError if it has none, ValueError (a pydantic
+        ValidationError) or ChecksumMismatch if it cannot be trusted."""
+        return Manifest.model_validate_json(self.read_file(f"{path}/manifest.json", f"manifest of {path}"))
+
     def load_manifest(self, vm: str, backup_id: str) -> Manifest:
-        path = f"{self.set_dir(vm, backup_id)}/manifest.json"
         try:
-            return Manifest.model_validate_json(self.target.read_bytes(path))
+            return self.parse_manifest(self.set_dir(vm, backup_id))
         except FileNotFoundError:
             raise BackupSetError(
                 f"backup {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
@@ -159,6 +355,7 @@ class Repository:
         return self.target.listdir("vms")
 
     def list_sets(self, vm: str | None = None) -> list[SetEntry]:
+        self.unlock()  # a wrong or missing key says so, not "no backups"
         entries = []
         for vm_dir in [safe_name(vm)] if vm else self.list_vms():
             for backup_id in self.target.listdir(f"vms/{vm_dir}"):

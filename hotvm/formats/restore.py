@@ -36,8 +36,18 @@ class RestoredDisk:
 
 
 def _fetch_verified(repo: Repository, record: DiskRecord, index: int, digest: str) -> bytes:
-    data = zstandard.ZstdDecompressor().decompress(repo.get_chunk(digest), max_output_size=record.chunk_size)
-    if chunk_digest(data) != digest:
+    try:
+        frame = repo.get_chunk(digest)
+    except ChecksumMismatch as exc:  # an encrypted chunk that fails authentication: never used as data
+        raise ChecksumMismatch(
+            f"chunk {index} of disk '{record.device}': {exc.message}",
+            "the backup copy is damaged; restore another backup",
+        ) from None
+    try:
+        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=record.chunk_size)
+    except zstandard.ZstdError:
+        data = b""  # reported below as a mismatch
+    if repo.chunk_id(data) != digest:
         raise ChecksumMismatch(
             f"chunk {index} of disk '{record.device}' does not match its checksum ({digest[:16]}…)",
             "the backup copy is damaged; restore another backup",

@@ -11,8 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from hotvm.errors import HotvmError
+
 # Every overlay hotvm creates has this marker in its file name; nothing else is ever committed or deleted.
 OVERLAY_MARKER = ".hotvm-redo-"
+# Every dirty bitmap hotvm creates is named BITMAP_PREFIX + backup id; it is only ever removed by name.
+BITMAP_PREFIX = "hotvm-"
+
+
+def bitmap_name(backup_id: str) -> str:
+    return f"{BITMAP_PREFIX}{backup_id}"
+
+
+class BitmapUnusable(HotvmError):
+    """The change-tracking bitmap cannot be trusted (missing, inconsistent, ...): the export reads it all."""
 
 
 class DiskMode(enum.StrEnum):
@@ -55,6 +67,10 @@ class FrozenDisk:
     format: str
     overlay: str
     virtual_size: int
+    node: str = ""
+    """QEMU node of the frozen image (where the dirty bitmaps live)."""
+    bitmap: str | None = None
+    """Dirty bitmap created at this freeze point (add_redo with track_changes), else None."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +108,20 @@ class HypervisorDriver(Protocol):
         """Commit every hotvm overlay an earlier crash left on the VM back into its disk; report it."""
         ...
 
-    def add_redo(self, devices: list[str], tag: str) -> list[FrozenDisk]:
-        """Put a new overlay on each device, all at the same instant (one transaction)."""
+    def add_redo(self, devices: list[str], tag: str, track_changes: bool = False) -> list[FrozenDisk]:
+        """Put a new overlay on each device, all at the same instant (one transaction).
+
+        track_changes: also start a dirty bitmap `bitmap_name(tag)` on each disk's image in that same
+        transaction (first overlay only), so it records every write after exactly this point."""
+        ...
+
+    def dirty_extents(self, device: str, bitmap: str) -> list[tuple[int, int]]:
+        """(start, length) of every range `bitmap` marks dirty on the disk's frozen image (the disk must be
+        on its hotvm overlay). Raises BitmapUnusable, saying why, when the bitmap cannot be trusted."""
+        ...
+
+    def remove_bitmaps(self, device: str, names: list[str]) -> list[str]:
+        """Delete those of `names` the disk's image holds (only hotvm's own); returns what was removed."""
         ...
 
     def commit_level1(self, device: str) -> CommitResult:

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from hotvm.errors import BlockJobError, ConfigError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors.base import (
+    BITMAP_PREFIX,
     OVERLAY_MARKER,
+    BitmapUnusable,
     CommitResult,
     DiskInfo,
     DiskMode,
@@ -34,6 +38,7 @@ from hotvm.models import HostConfig, VMConfig
 log = logging.getLogger("hotvm.qemu")
 
 QEMU_IMG_TIMEOUT_S = 60
+NBD_EXPORT_PREFIX = "hotvm-nbd-"
 MAX_LAYERS = 2
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 _BUS_BY_TYPE = (("virtio-blk", "virtio"), ("scsi", "scsi"), ("ide", "ide"), ("usb", "usb"), ("nvme", "nvme"),
@@ -219,7 +224,7 @@ class QemuDriver:
                 "commit them first (commit_level1 / commit_final) or run reconcile",
             )
 
-    def add_redo(self, devices: list[str], tag: str) -> list[FrozenDisk]:
+    def add_redo(self, devices: list[str], tag: str, track_changes: bool = False) -> list[FrozenDisk]:
         if not tag or _SAFE.search(tag):
             raise HypervisorError(
                 f"invalid overlay tag {tag!r}", "use letters, digits, '-', '_' and '.' only"
@@ -243,6 +248,29 @@ class QemuDriver:
                     )
                 plan.append((chain, chain.layers[0], path, _node_name(path)))
 
+            # The bitmap starts on the image itself (first overlay only), in the same transaction as the
+            # overlay: it then records exactly the writes after this freeze point. Writes the guest makes
+            # on the overlays reach the image, and so the bitmap, through the commits (verified on 7.2).
+            bitmaps: dict[str, str] = {}
+            actions: list[dict] = []
+            if track_changes:
+                bitmap = f"{BITMAP_PREFIX}{tag}"
+                nodes = {n["node-name"]: n for n in mon.cmd("query-named-block-nodes", {"flat": True})}
+                for chain, top, _, _ in plan:
+                    if chain.hotvm_layers:
+                        continue
+                    node = nodes.get(top.node, {})
+                    if any(b.get("name") == bitmap for b in node.get("dirty-bitmaps", [])):
+                        # left by a failed attempt of this same set (same id): its point is not ours
+                        mon.cmd("block-dirty-bitmap-remove", {"node": top.node, "name": bitmap})
+                    actions.append(
+                        {
+                            "type": "block-dirty-bitmap-add",
+                            "data": {"node": top.node, "name": bitmap, "persistent": _can_persist(node)},
+                        }
+                    )
+                    bitmaps[chain.device] = bitmap
+
             created: list[Path] = []
             added: list[str] = []
             try:
@@ -263,7 +291,8 @@ class QemuDriver:
                 mon.cmd(
                     "transaction",
                     {
-                        "actions": [
+                        "actions": actions
+                        + [
                             {"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}
                             for _, top, _, node in plan
                         ]
@@ -288,9 +317,12 @@ class QemuDriver:
                     ) from None
                 raise
             return [
-                FrozenDisk(chain.device, top.filename, top.format, str(path), top.virtual_size)
+                FrozenDisk(
+                    chain.device, top.filename, top.format, str(path), top.virtual_size, top.node,
+                    bitmaps.get(chain.device),
+                )
                 for chain, top, path, _ in plan
-            ]
+            ]  # fmt: skip
 
     def _undo_redo(self, mon: Monitor, nodes: list[str], files: list[Path]) -> None:
         for node in nodes:
@@ -298,6 +330,139 @@ class QemuDriver:
                 mon.cmd("blockdev-del", {"node-name": node})
         for path in files:
             _remove_overlay(path)
+
+    # ------------------------------------------------------------------ dirty bitmaps
+
+    def _image_bitmaps(self, mon: Monitor, chain: Chain) -> tuple[Layer, list[dict]]:
+        image = chain.image
+        if image is None:
+            raise HypervisorError(f"VM '{self.vm.name}', disk {chain.device} has no image", "")
+        nodes = mon.cmd("query-named-block-nodes", {"flat": True}, retry=True)
+        node = next((n for n in nodes if n["node-name"] == image.node), {})
+        return image, list(node.get("dirty-bitmaps", []))
+
+    def dirty_extents(self, device: str, bitmap: str) -> list[tuple[int, int]]:
+        where = f"disk {device}"
+        with self._session() as mon:
+            chain = self._chain(mon, device)
+            if not chain.hotvm_layers:
+                raise HypervisorError(
+                    f"VM '{self.vm.name}', {where} is not frozen (no hotvm overlay)",
+                    "read dirty extents only between add_redo and the commits",
+                )
+            image, bitmaps = self._image_bitmaps(mon, chain)
+            found = next((b for b in bitmaps if b.get("name") == bitmap), None)
+            if found is None:
+                raise BitmapUnusable(
+                    f"bitmap {bitmap} missing on {where} (VM restarted, raw disk, or bitmap removed?)"
+                )
+            if found.get("inconsistent"):
+                raise BitmapUnusable(
+                    f"bitmap {bitmap} on {where} is inconsistent (QEMU crashed or was killed?)"
+                )
+            if not found.get("recording", False):
+                raise BitmapUnusable(f"bitmap {bitmap} on {where} is not recording (disabled by someone?)")
+            if found.get("busy"):
+                raise BitmapUnusable(f"bitmap {bitmap} on {where} is in use by another job or export")
+            extents = self._read_bitmap_over_nbd(mon, device, image, bitmap)
+            granularity = int(found.get("granularity", 65536))
+            dirty = sum(length for _, length in extents)
+            if abs(dirty - int(found.get("count", 0))) >= granularity:
+                raise BitmapUnusable(
+                    f"bitmap {bitmap} on {where}: NBD reported {dirty} dirty bytes, QEMU counts "
+                    f"{found.get('count')}"
+                )
+            return extents
+
+    def _nbd_socket(self) -> Path:
+        """One private socket per VM, at a stable path so reconcile finds a server a crash left running."""
+        assert self.vm.qmp is not None
+        name = f".hotvm-nbd-{hashlib.sha1(str(self.vm.qmp).encode()).hexdigest()[:12]}.sock"
+        beside = Path(self.vm.qmp).parent / name  # QEMU can create files where it created its QMP socket
+        return beside if len(str(beside)) < 100 else Path(tempfile.gettempdir()) / name
+
+    def _read_bitmap_over_nbd(
+        self, mon: Monitor, device: str, image: Layer, bitmap: str
+    ) -> list[tuple[int, int]]:
+        """Export the frozen image read-only with the bitmap; `qemu-img map` lists its dirty extents."""
+        sock = self._nbd_socket()
+        export = f"{NBD_EXPORT_PREFIX}{_SAFE.sub('_', device)}"[:60]
+        self._stop_nbd(mon)
+        try:
+            mon.cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+        except QmpCommandError as exc:
+            raise BitmapUnusable(
+                f"cannot start QEMU's NBD server to read bitmap {bitmap}: {exc.message}"
+            ) from None
+        try:
+            mon.cmd(
+                "block-export-add",
+                {"type": "nbd", "id": export, "node-name": image.node, "name": export, "writable": False,
+                 "bitmaps": [bitmap]},
+            )  # fmt: skip
+            opts = (f"driver=nbd,server.type=unix,server.path={sock},export={export},"
+                    f"x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}")  # fmt: skip
+            try:
+                proc = subprocess.run(
+                    ["qemu-img", "map", "--output=json", "--image-opts", opts],
+                    capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S * 10,
+                )  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise BitmapUnusable(f"qemu-img map of bitmap {bitmap} over NBD timed out") from None
+            if proc.returncode != 0:
+                raise BitmapUnusable(
+                    f"qemu-img map of bitmap {bitmap} over NBD failed: {proc.stderr.strip()}"
+                )
+            # With x-dirty-bitmap the NBD client reports the bitmap in place of allocation, and the
+            # dirty bit is the 'hole' bit: "data": false means DIRTY, "data": true means clean.
+            extents = [(int(e["start"]), int(e["length"])) for e in json.loads(proc.stdout) if not e["data"]]
+            covered = sum(int(e["length"]) for e in json.loads(proc.stdout))
+            if covered != image.virtual_size:
+                raise BitmapUnusable(
+                    f"bitmap {bitmap}: NBD map covers {covered} bytes of a {image.virtual_size}-byte disk"
+                )
+            return extents
+        finally:
+            self._stop_nbd(mon)
+
+    def _stop_nbd(self, mon: Monitor) -> None:
+        """Remove hotvm's NBD exports and stop the NBD server hotvm started (found by its socket file)."""
+        exports = [e["id"] for e in mon.cmd("query-block-exports", retry=True)]
+        mine = [e for e in exports if e.startswith(NBD_EXPORT_PREFIX)]
+        for export in mine:
+            with contextlib.suppress(QmpCommandError):
+                mon.cmd("block-export-del", {"id": export, "mode": "hard"})
+        deadline = time.monotonic() + 10
+        while mine and time.monotonic() < deadline:
+            left = {e["id"] for e in mon.cmd("query-block-exports", retry=True)}
+            if not left & set(mine):
+                break
+            time.sleep(0.02)
+        sock = self._nbd_socket()
+        if sock.exists():
+            try:
+                mon.cmd("nbd-server-stop")
+            except QmpCommandError as exc:
+                log.debug("nbd-server-stop: %s", exc)
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+
+    def remove_bitmaps(self, device: str, names: list[str]) -> list[str]:
+        removed = []
+        with self._session() as mon:
+            image, bitmaps = self._image_bitmaps(mon, self._chain(mon, device))
+            present = {b.get("name") for b in bitmaps}
+            for name in names:
+                if not name.startswith(BITMAP_PREFIX) or name not in present:
+                    continue
+                try:
+                    mon.cmd("block-dirty-bitmap-remove", {"node": image.node, "name": name})
+                    removed.append(name)
+                except QmpCommandError as exc:
+                    log.warning(
+                        "VM '%s', disk %s: bitmap %s not removed: %s", self.vm.name, device, name, exc
+                    )
+        return removed
 
     # ------------------------------------------------------------------ commits
 
@@ -437,6 +602,7 @@ class QemuDriver:
     def reconcile(self) -> list[ReconcileAction]:
         actions: list[ReconcileAction] = []
         with self._session() as mon:
+            self._stop_nbd(mon)
             self._adopt_jobs(mon)
             chains = self._chains(mon)
             for chain in chains:
@@ -497,6 +663,14 @@ class QemuDriver:
 def _node_name(path: Path) -> str:
     """A node name QEMU accepts (letter first, <= 31 chars) that is stable for one overlay file."""
     return "hotvm-" + hashlib.sha1(str(path).encode()).hexdigest()[:16]
+
+
+def _can_persist(node: dict) -> bool:
+    """Persistent bitmaps need qcow2 v3 (compat 1.1): they are stored in the image on a clean shutdown."""
+    if node.get("drv") != "qcow2":
+        return False
+    compat = node.get("image", {}).get("format-specific", {}).get("data", {}).get("compat", "1.1")
+    return compat != "0.10"
 
 
 def _create_overlay(qemu_img: str, path: Path, backing: Layer, vm: str, device: str) -> None:
