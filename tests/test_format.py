@@ -96,3 +96,16 @@ def test_restore_detects_damaged_chunk(tmp_path: Path, repo: Repository) -> None
     chunk.unlink()
     with pytest.raises(BackupSetError, match="missing"):
         restore_disk(repo, record, tmp_path / "r.raw", "raw")
+
+
+def test_restore_is_thin_inside_chunks(tmp_path: Path, repo: Repository) -> None:
+    """Trimmed or never-written space inside a stored chunk comes back as holes, not written zeros."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as fh:
+        fh.truncate(16 * MiB)
+        fh.seek(MiB)
+        fh.write(os.urandom(64 * 1024))  # one small write in the first chunk
+    record = export_image(repo, device="d", image=str(image))
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+    assert restored.stat().st_blocks * 512 <= 256 * 1024  # ~64 KiB allocated, not the whole 4 MiB chunk

@@ -55,6 +55,26 @@ def _fetch_verified(repo: Repository, record: DiskRecord, index: int, digest: st
     return data
 
 
+HOLE_BLOCK = 64 * 1024
+_ZERO_BLOCK = bytes(HOLE_BLOCK)
+
+
+def write_sparse(fd: int, data: bytes, offset: int) -> None:
+    """Write `data` at `offset` but leave all-zero 64 KiB blocks as holes (the file was truncated to size):
+    a chunk holding a little data and trimmed or never-written space restores thin, and faster."""
+    view = memoryview(data)
+    run_start = None
+    for pos in range(0, len(data) + HOLE_BLOCK, HOLE_BLOCK):
+        block = view[pos : pos + HOLE_BLOCK]
+        if block and block != _ZERO_BLOCK[: len(block)]:
+            if run_start is None:
+                run_start = pos
+            continue
+        if run_start is not None:
+            os.pwrite(fd, view[run_start:pos], offset + run_start)
+            run_start = None
+
+
 def restore_disk(
     repo: Repository,
     record: DiskRecord,
@@ -79,7 +99,7 @@ def restore_disk(
             def fetch_and_write(item: tuple[int, str]) -> int:
                 index, digest = item
                 data = _fetch_verified(repo, record, index, digest)
-                os.pwrite(fd, data, index * record.chunk_size)
+                write_sparse(fd, data, index * record.chunk_size)
                 return len(data)
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
