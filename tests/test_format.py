@@ -109,3 +109,30 @@ def test_restore_is_thin_inside_chunks(tmp_path: Path, repo: Repository) -> None
     restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
     assert restored.read_bytes() == image.read_bytes()
     assert restored.stat().st_blocks * 512 <= 256 * 1024  # ~64 KiB allocated, not the whole 4 MiB chunk
+
+
+def test_two_vms_cloned_from_one_template_share_chunks(tmp_path: Path, repo: Repository) -> None:
+    template = tmp_path / "template.raw"
+    with open(template, "wb") as fh:
+        fh.truncate(32 * MiB)
+        fh.write(os.urandom(24 * MiB))
+    clones = []
+    for name in ("a", "b"):
+        clone = tmp_path / f"{name}.qcow2"
+        create = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(template), "-F", "raw", str(clone)]
+        subprocess.run(create, check=True)
+        qemu_io(clone, "qcow2", f"write -P 0x{ord(name):x} 28M 1M")  # each clone's own data
+        clones.append(export_image(repo, device="vda", image=str(clone)))
+    assert clones[0].bytes_new >= 24 * MiB
+    assert clones[1].bytes_new < MiB  # only its own chunk (compresses well) is new
+
+
+def test_trimmed_blocks_cost_nothing_and_restore_as_holes(tmp_path: Path, repo: Repository) -> None:
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    qemu_io(image, "qcow2", "write -P 0x5a 0 16M", "discard 4M 8M")  # the guest trimmed the middle
+    record = export_image(repo, device="d", image=str(image))
+    assert [i for i, _ in record.chunks] == [0, 3]
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert same_content(image, restored)
+    assert restored.stat().st_blocks * 512 <= 8 * MiB + 256 * 1024
