@@ -136,3 +136,16 @@ def test_trimmed_blocks_cost_nothing_and_restore_as_holes(tmp_path: Path, repo: 
     restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
     assert same_content(image, restored)
     assert restored.stat().st_blocks * 512 <= 8 * MiB + 256 * 1024
+
+
+def test_restore_reads_each_distinct_chunk_once(tmp_path: Path, repo: Repository) -> None:
+    image = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "32M"], check=True)
+    qemu_io(image, "raw", "write -P 0x77 0 32M")  # eight identical chunks
+    record = export_image(repo, device="d", image=str(image))
+    assert len(record.chunks) == 8 and len({d for _, d in record.chunks}) == 1
+    reads = []
+    original = repo.get_chunk
+    repo.get_chunk = lambda digest: reads.append(digest) or original(digest)  # count, do not fake
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert len(reads) == 1 and restored.read_bytes() == image.read_bytes()

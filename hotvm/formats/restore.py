@@ -96,14 +96,20 @@ def restore_disk(
         try:
             os.ftruncate(fd, record.virtual_size)
 
-            def fetch_and_write(item: tuple[int, str]) -> int:
-                index, digest = item
-                data = _fetch_verified(repo, record, index, digest)
-                write_sparse(fd, data, index * record.chunk_size)
-                return len(data)
+            places: dict[str, list[int]] = {}
+            for index, digest in record.chunks:
+                places.setdefault(digest, []).append(index)
+
+            def fetch_and_write(digest: str) -> int:
+                """Each distinct chunk is fetched and verified once, then written wherever it occurs."""
+                indexes = places[digest]
+                data = _fetch_verified(repo, record, indexes[0], digest)
+                for index in indexes:
+                    write_sparse(fd, data, index * record.chunk_size)
+                return len(data) * len(indexes)
 
             with ThreadPoolExecutor(max_workers=workers) as pool:
-                for n in pool.map(fetch_and_write, record.chunks):
+                for n in pool.map(fetch_and_write, places):
                     written += n
                     if progress:
                         progress(written, total)
