@@ -30,3 +30,16 @@ bench: setup
 
 clean:
 	rm -rf .hotvm demo-out
+
+# A real Prefect deployment on this machine: PostgreSQL + `prefect server start` + work pool + deployments
+# (docs/scale-out.md). `make worker HOST=hv1` starts that host's worker here; `make server-stop` stops all.
+.PHONY: server worker server-stop
+server: setup
+	./scripts/prefect-server.sh start
+
+worker: setup
+	@test -n "$(HOST)" || { echo "usage: make worker HOST=<hypervisor host of hotvm.yaml>" >&2; exit 2; }
+	./scripts/prefect-server.sh worker $(HOST)
+
+server-stop:
+	./scripts/prefect-server.sh stop

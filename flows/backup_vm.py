@@ -11,6 +11,7 @@ disks the target already holds.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from flows._limits import ensure_host_limit
+from flows._limits import ensure_host_limit, local_host_slot
 from hotvm import backup
 from hotvm.formats.repository import new_backup_id
 from hotvm.locks import BackupRunning, vm_lock
@@ -62,7 +63,14 @@ class _Steps:
     def run(self, name: str, device: str | None, fn: Task, *args: Any, **kwargs: Any) -> Any:
         step = fn.with_options(retries=self.retries.retries, retry_delay_seconds=self.retries.retry_delay_s)
         start = time.monotonic()
-        result = step(*args, **kwargs)
+        try:
+            result = step(*args, **kwargs)
+        except BaseException as exc:
+            # The per-VM report of backup_policy/backup_host names the step that failed.
+            if getattr(exc, "hotvm_step", None) is None:
+                with contextlib.suppress(AttributeError):
+                    exc.hotvm_step = f"{name}[{device}]" if device else name
+            raise
         self.timings.append(StepTiming(step=name, device=device, seconds=round(time.monotonic() - start, 4)))
         return result
 
@@ -78,11 +86,22 @@ def backup_vm(
     steps = _Steps(session.config.retries)
     limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
     # The shortest lease Prefect takes (renewed while the run lives): a killed run frees its slot in 1 min.
-    with concurrency(limit, occupy=1, strict=True, lease_duration=60), vm_lock(session.host.name, vm):
+    with (
+        local_host_slot(session.host.name, session.host.max_concurrent_backups),
+        concurrency(limit, occupy=1, strict=True, lease_duration=60),
+        vm_lock(session.host.name, vm),
+    ):
         started = utcnow()
         warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)
         warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
+        if not plan.todo and not plan.done:
+            # No backup set: an empty "complete" set would count toward retention and rotate a good one out.
+            reason = "no disks to back up" + (
+                f" ({'; '.join(f'{s.device}: {s.reason}' for s in plan.skipped)})" if plan.skipped else ""
+            )
+            log.warning("backup of %s skipped: %s", vm, reason)
+            return skipped_summary(vm, reason, plan.skipped, steps.timings, warnings)
         records = {r.device: r for r in plan.done}
         frozen, exported = [], set()
         try:
@@ -189,6 +208,23 @@ def summarize(manifest: Manifest, url: str) -> dict:
         ],
         "pivot_stall_ms": max(stalls) if stalls else None,
         "warnings": manifest.warnings,
+    }
+
+
+def skipped_summary(
+    vm: str, reason: str, skipped: list, timings: list[StepTiming], warnings: list[str]
+) -> dict:
+    return {
+        "backup_id": None,
+        "vm": vm,
+        "url": None,
+        "path": None,
+        "skipped": reason,
+        "disks": [],
+        "skipped_disks": [s.model_dump() for s in skipped],
+        "steps": [{"name": t.step, "device": t.device, "seconds": t.seconds, "note": ""} for t in timings],
+        "pivot_stall_ms": None,
+        "warnings": warnings,
     }
 
 

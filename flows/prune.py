@@ -2,7 +2,8 @@
 
     list_sets -> decide_retention (per VM, pure) -> remove_sets (manifest first) -> sweep_chunks
 
-The policy is the target's `keep:` in hotvm.yaml; any keep_* parameter replaces it as a whole.
+The policy is the target's `keep:` in hotvm.yaml, else each VM's policy `image.keep` (hotvm/policies.py);
+any keep_* parameter replaces it as a whole.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import datetime as dt
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from hotvm.models import utcnow
-from hotvm.prune import PruneReport, gone, target_and_policy
+from hotvm.models import Keep, load_config, utcnow
+from hotvm.prune import PruneReport, gone, policy_keeps, target_and_policy
 from targets.base import redact_url
 from tasks.prune import decide_retention, list_sets, remove_sets, sweep_chunks
 
@@ -35,15 +36,23 @@ def prune(
 ) -> dict:
     """Remove the backup sets the retention policy does not keep, then the chunks nothing references."""
     log = get_run_logger()
-    target_cfg, policy = target_and_policy(
-        config, target, last=keep_last, days=keep_days, daily=keep_daily, weekly=keep_weekly,
-        monthly=keep_monthly, yearly=keep_yearly,
+    cfg = load_config(config)
+    overrides = dict(
+        last=keep_last, days=keep_days, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly,
+        yearly=keep_yearly,
     )
+    target_cfg, policy = target_and_policy(cfg, target, **overrides)
+    per_vm = policy_keeps(cfg, target_cfg, **overrides)  # the VMs' policies, when the target sets no keep:
     set_grace = dt.timedelta(hours=incomplete_grace_hours)
     chunk_grace = dt.timedelta(minutes=chunk_grace_minutes)
     now = utcnow()
     points = list_sets(target_cfg.name, vm, config)
-    decisions = decide_retention(points, policy, now, set_grace)
+    groups: dict[str, tuple[Keep, list]] = {}
+    for point in points:
+        keep = per_vm.get(point.vm, policy)
+        groups.setdefault(keep.model_dump_json(), (keep, []))[1].append(point)
+    decisions = [d for keep, group in groups.values() for d in decide_retention(group, keep, now, set_grace)]
+    decisions.sort(key=lambda d: d.point.vm)  # stable: each VM's sets stay oldest first
     outcomes = remove_sets(target_cfg.name, decisions, dry_run, config)
     sweep = sweep_chunks(
         target_cfg.name, gone(decisions, outcomes, dry_run), dry_run, set_grace, chunk_grace, config

@@ -123,17 +123,27 @@ def _fail_and_exit(exc: HotvmError) -> None:
 
 @app.command()
 def backup(
-    vm: Annotated[str, typer.Argument(help="VM name from hotvm.yaml")],
+    vm: Annotated[str | None, typer.Argument(help="VM name from hotvm.yaml (omit with --all)")] = None,
     target: TargetOpt = None,
     config: ConfigOpt = None,
     new: Annotated[
         bool, typer.Option("--new", help="start a new set even if an unfinished one exists")
     ] = False,
+    all_vms: Annotated[
+        bool, typer.Option("--all", help="every VM of the policy (weekly-image run), a report per VM")
+    ] = False,
+    policy: Annotated[str, typer.Option("--policy", help="with --all: the policy in hotvm.yaml")] = "default",
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
 ) -> None:
-    """Back up a running VM hot (weekly-image flow for one VM); resumes an unfinished set of it."""
+    """Back up a running VM hot (weekly-image flow for one VM); resumes an unfinished set of it.
+    With --all: every VM of a policy, concurrently within each host's limit, reported per VM."""
     _prefect_env(verbose)
+    if all_vms or vm is None:
+        if vm is not None or not all_vms:
+            raise HotvmError("give either a VM name or --all", "hotvm backup VM, or hotvm backup --all")
+        _backup_all(policy, target, config, as_json)
+        return
     from hotvm.models import load_config
     from hotvm.restore import open_repository
 
@@ -152,7 +162,39 @@ def backup(
     _emit(result, as_json, _render_backup)
 
 
+def _backup_all(policy: str, target: str | None, config: Path | None, as_json: bool) -> None:
+    from flows._fleet import BackupsFailed, report_rows
+    from flows.backup_policy import backup_policy
+    from hotvm.models import load_config
+
+    load_config(config).find_policy(policy)  # a clear error before any flow starts
+    try:
+        results, failed = backup_policy(policy=policy, config=_cfg(config), target=target), None
+    except BackupsFailed as exc:
+        results, failed = exc.results, exc
+    _emit(report_rows(results), as_json, _render_backup_all)
+    if failed is not None:
+        err.print(f"[bold red]error:[/] {failed.message}")
+        raise typer.Exit(1)
+
+
+def _render_backup_all(rows: list[dict]) -> None:
+    colour = {"success": "green", "skipped": "yellow", "failed": "red"}
+    table = Table("host", "vm", "status", "backup / step", "detail", "seconds")
+    for r in rows:
+        table.add_row(
+            r["host"], r["vm"], f"[{colour[r['status']]}]{r['status']}[/]",
+            r["backup_id"] or r["step"] or "", r["detail"], f"{r['seconds']:.1f}",
+        )  # fmt: skip
+    out.print(table)
+    counts = {k: sum(r["status"] == k for r in rows) for k in colour}
+    out.print(", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
 def _render_backup(result: dict) -> None:
+    if result.get("skipped"):
+        out.print(f"[yellow]backup of {result['vm']} skipped:[/] {result['skipped']}")
+        return
     out.print(f"[bold green]backup {result['backup_id']} of {result['vm']} complete[/]")
     out.print(f"set: {result['url']}")
     table = Table("step", "disk", "seconds", "note")
@@ -182,6 +224,9 @@ def restore(
     boot_check: Annotated[
         bool, typer.Option("--boot-check", help="boot the restored VM isolated and time it")
     ] = False,
+    from_tape: Annotated[
+        str | None, typer.Option("--from-tape", help="read the backup straight from this tape (tapes:)")
+    ] = None,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -189,6 +234,16 @@ def restore(
     _prefect_env(verbose)
     from flows.restore_vm import restore_vm
 
+    if from_tape:
+        if boot_check:
+            raise HotvmError("--boot-check is not available with --from-tape", "restore, then boot-check it")
+        from flows.tape_copy import tape_restore
+
+        result = tape_restore(
+            vm=vm, tape=from_tape, to=str(to), backup_id=backup_id, fmt=fmt, config=_cfg(config)
+        )
+        _emit(result, as_json, _render_restore)
+        return
     with _progress_bars(not as_json):
         result = restore_vm(
             vm=vm,
@@ -497,3 +552,62 @@ def _render_check(result: dict) -> None:
         out.print("[bold green]no problems found[/]")
     else:
         out.print(f"[bold red]{result['problem_count']} problem(s) found[/]")
+
+
+# ----------------------------------------------------------------------------- tape copies
+
+tape_app = typer.Typer(help="Tape copies of the image repository (seed Table 7.3).", no_args_is_help=True)
+app.add_typer(tape_app, name="tape")
+TapeOpt = Annotated[str, typer.Option("--tape", help="tape name from hotvm.yaml (tapes:)")]
+
+
+@tape_app.command("copy")
+def tape_copy_cmd(
+    tape: TapeOpt,
+    vms: Annotated[list[str] | None, typer.Argument(help="only these VMs (default: every VM)")] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
+) -> None:
+    """Copy the complete backup sets of a target to tape as one new, self-contained copy (tape-copy flow)."""
+    _prefect_env(verbose)
+    from flows.tape_copy import artifact_rows, tape_copy
+
+    result = tape_copy(tape=tape, target=target, vms=vms or None, config=_cfg(config))
+
+    def render(result: dict) -> None:
+        table = Table("vm", "backup", "where", "MiB", "chunks", "sha256")
+        for r in artifact_rows(result):
+            table.add_row(r["vm"], r["backup"], r["where"], str(r["MiB"]), str(r["chunks"]), r["sha256"])
+        out.print(table)
+        out.print(
+            f"[bold green]tape copy {result['copy_id']}[/] of '{result['target']}' on "
+            f"{', '.join(result['media'])}, expires {result['expires'][:16]}; "
+            f"catalog: {result['catalog_path']}"
+        )
+
+    _emit(result, as_json, render)
+
+
+@tape_app.command("list")
+def tape_list_cmd(tape: TapeOpt, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Read every medium of the tape forward: labels, files, the sets on it and when it expires."""
+    from hotvm.tape import media_rows, open_tape
+    from hotvm.tape.copy import catalogs_from_scan, scan_library
+
+    library = open_tape(config, tape)
+    states = scan_library(library)
+    rows = media_rows(library, states, catalogs_from_scan(states))
+
+    def render(rows: list[dict]) -> None:
+        table = Table("medium", "copies", "files", "sets", "expires", "free")
+        for r in rows:
+            kinds = ", ".join(f"{f['file']}:{f['kind']}" for f in r["files"]) or "blank"
+            free = f"{r['free_bytes'] >> 20} MiB" if r["free_bytes"] is not None else "?"
+            copies = ", ".join(r["copies"]) + (" (incomplete: " + ", ".join(r["incomplete_copies"]) + ")"
+                                              if r["incomplete_copies"] else "")
+            table.add_row(r["medium"], copies, kinds, "\n".join(r["sets"]), r["expires"] or "reusable", free)
+        out.print(table)
+
+    _emit(rows, as_json, render)

@@ -135,6 +135,104 @@ class TargetConfig(StrictModel):
         return url
 
 
+# --------------------------------------------------------------------------- policies (Table 7.3)
+
+TABLE_7_3_FILES_KEEP = Keep(days=31)
+"""Seed Table 7.3: file-level backup daily, kept one month."""
+TABLE_7_3_TAPE_KEEP = Keep(days=60)
+"""Seed Table 7.3: weekly copy of the image repository to tape, kept two months."""
+
+
+def _check_cron(expr: str) -> str:
+    import datetime as _dt
+
+    from cronsim import CronSim, CronSimError
+
+    try:
+        CronSim(expr, _dt.datetime(2026, 1, 1))
+    except CronSimError as exc:
+        raise ValueError(
+            f"invalid cron schedule {expr!r} ({exc}): give 5 fields, minute hour day-of-month month "
+            "day-of-week, e.g. \"0 2 * * 6\""
+        ) from None
+    return expr
+
+
+class _Scheduled(StrictModel):
+    schedule: str
+
+    @field_validator("schedule")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        return _check_cron(value)
+
+
+class ImagePolicy(_Scheduled):
+    """Weekly full VM image to disk (the weekly-image deployment runs it)."""
+
+    schedule: str = "0 2 * * 6"
+    target: str | None = None
+    """None: the target marked default (or the only one)."""
+    keep: Keep = TABLE_7_3_IMAGE_KEEP
+    """Used by prune for this policy's VMs when the target has no `keep:` of its own."""
+
+
+class FilesPolicy(_Scheduled):
+    """Daily file-level backup: accepted and validated; the flow that runs it comes with issue 7."""
+
+    schedule: str = "0 1 * * *"
+    target: str | None = None
+    keep: Keep = TABLE_7_3_FILES_KEEP
+
+
+class TapePolicy(_Scheduled):
+    """Weekly copy of the image repository to tape."""
+
+    schedule: str = "0 8 * * 0"
+    tape: str = Field(min_length=1)
+    keep: Keep = TABLE_7_3_TAPE_KEEP
+
+
+class Policy(StrictModel):
+    name: str = Field(min_length=1)
+    vms: list[str] = Field(["*"], min_length=1)
+    """VM names or fnmatch globs ("web*"); a VM belongs to the first policy that matches it."""
+    image: ImagePolicy = ImagePolicy()
+    files: FilesPolicy | None = None
+    tape: TapePolicy | None = None
+
+
+def default_policy(config: Config) -> Policy:
+    """Table 7.3 when hotvm.yaml has no `policies:`: every VM, image weekly to the default target."""
+    tapes = getattr(config, "tapes", None) or []
+    tape = TapePolicy(tape=tapes[0].name) if len(tapes) == 1 else None
+    return Policy(name="default", vms=["*"], image=ImagePolicy(), files=FilesPolicy(), tape=tape)
+
+
+class TapeConfig(StrictModel):
+    """A tape library or drive for tape copies (hotvm/tape, docs/tape.md)."""
+
+    name: str = Field(min_length=1)
+    url: str = Field(min_length=1)
+    """vtl:///DIR?media=N&capacity=SIZE (file-backed virtual library) or a device path like /dev/nst0."""
+    keep: Keep = TABLE_7_3_TAPE_KEEP
+    """Tape retention: only `days` applies (a medium is reused once every copy on it is older)."""
+
+    @field_validator("url")
+    @classmethod
+    def _tape_url(cls, url: str) -> str:
+        if not (url.startswith("vtl:///") or url.startswith("/dev/")):
+            raise ValueError("give vtl:///DIR?media=N&capacity=SIZE or a tape device like /dev/nst0")
+        return url
+
+    @field_validator("keep")
+    @classmethod
+    def _days_only(cls, keep: Keep) -> Keep:
+        if not keep.days or any((keep.last, keep.daily, keep.weekly, keep.monthly, keep.yearly)):
+            raise ValueError("tape keep: give days only (e.g. {days: 60}); media expire by age")
+        return keep
+
+
 class TaskRetries(StrictModel):
     retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(5, ge=0)
@@ -144,6 +242,9 @@ class Config(StrictModel):
     hosts: list[HostConfig] = Field(min_length=1)
     targets: list[TargetConfig] = Field(min_length=1)
     retries: TaskRetries = TaskRetries()
+    tapes: list[TapeConfig] = []
+    policies: list[Policy] = []
+    """Empty: one default policy (Table 7.3) over every VM; see `effective_policies`."""
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -151,6 +252,7 @@ class Config(StrictModel):
         for kind, names in (
             ("host", [h.name for h in self.hosts]),
             ("target", [t.name for t in self.targets]),
+            ("tape", [t.name for t in self.tapes]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
@@ -161,7 +263,52 @@ class Config(StrictModel):
             raise ValueError(f"VM names must be unique across hosts, repeated: {', '.join(dupes)}")
         if sum(t.default for t in self.targets) > 1:
             raise ValueError("only one target may be marked default: true")
+        self._check_policies()
         return self
+
+    def _check_policies(self) -> None:
+        names = [p.name for p in self.policies]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"policy names must be unique, repeated: {', '.join(dupes)}")
+        targets = {t.name for t in self.targets}
+        tapes = getattr(self, "tapes", None)
+        tape_names = None if tapes is None else {t.name for t in tapes}
+        for p in self.policies:
+            for kind, ref in (("image", p.image), ("files", p.files)):
+                if ref is not None and ref.target is not None and ref.target not in targets:
+                    raise ValueError(
+                        f"policy '{p.name}' {kind}.target: unknown target '{ref.target}' "
+                        f"(configured: {', '.join(sorted(targets))})"
+                    )
+            # Tape names are checked once `tapes:` exists in the config model (the tape-copy work adds it).
+            if p.tape is not None and tape_names is not None and p.tape.tape not in tape_names:
+                raise ValueError(
+                    f"policy '{p.name}' tape.tape: unknown tape '{p.tape.tape}' "
+                    f"(configured: {', '.join(sorted(tape_names)) or 'none'})"
+                )
+
+    def effective_policies(self) -> list[Policy]:
+        return list(self.policies) or [default_policy(self)]
+
+    def find_policy(self, name: str) -> Policy:
+        for policy in self.effective_policies():
+            if policy.name == name:
+                return policy
+        known = ", ".join(p.name for p in self.effective_policies())
+        raise ConfigError(
+            f"unknown policy '{name}' (configured: {known})",
+            f"add it under policies: in {self.source or DEFAULT_CONFIG}",
+        )
+
+    def find_tape(self, name: str) -> TapeConfig:
+        for tape in self.tapes:
+            if tape.name == name:
+                return tape
+        raise ConfigError(
+            f"unknown tape '{name}' (configured: {', '.join(t.name for t in self.tapes) or 'none'})",
+            f"add it under tapes: in {self.source or DEFAULT_CONFIG}",
+        )
 
     def find_vm(self, name: str) -> tuple[HostConfig, VMConfig]:
         for host in self.hosts:

@@ -60,6 +60,26 @@ def target_and_policy(
     return target_cfg, retention.with_overrides(target_cfg.keep, **overrides)
 
 
+def policy_keeps(cfg: Config, target_cfg: TargetConfig, **overrides: int | None) -> dict[str, Keep]:
+    """Per-VM retention from the policies (hotvm/policies.py): each VM whose policy's image target is this
+    target gets the policy's `image.keep`. Empty when the target has an explicit `keep:` or keep flags
+    are given: those apply to every VM."""
+    from hotvm.policies import policy_for_vm
+
+    if "keep" in target_cfg.model_fields_set or any(v is not None for v in overrides.values()):
+        return {}
+    default_target = next((t.name for t in cfg.targets if t.default), None)
+    if default_target is None and len(cfg.targets) == 1:
+        default_target = cfg.targets[0].name
+    keeps = {}
+    for host in cfg.hosts:
+        for vm in host.vms:
+            policy = policy_for_vm(cfg, vm.name)
+            if policy is not None and (policy.image.target or default_target) == target_cfg.name:
+                keeps[vm.name] = policy.image.keep
+    return keeps
+
+
 @contextmanager
 def opened(config: Config | str | Path | None, target: str | None) -> Iterator[Repository]:
     cfg = config if isinstance(config, Config) else load_config(config)

@@ -7,6 +7,7 @@ packages=(
   linux-image-amd64 busybox-static cpio   # the tiny demo guest
   zstd python3-venv
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
+  postgresql                          # the Prefect server's database (scripts/prefect-server.sh)
 )
 missing=()
 for p in "${packages[@]}"; do

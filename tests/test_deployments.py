@@ -37,6 +37,8 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
         assert {"weekly-image", "backup-vm", "restore-vm"} <= set(deployments)
         weekly = deployments["weekly-image"]
         assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 6"]  # seed Table 7.3: weekly image
+        assert weekly.entrypoint == "flows/backup_policy.py:backup_policy"
+        assert weekly.parameters["policy"] == "default"
         assert [s.schedule.cron for s in deployments["prune"].schedules] == ["30 5 * * *"]
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "32M")

@@ -268,6 +268,10 @@ def test_prune_flow_and_cli(prefect_server, tmp_path: Path) -> None:
     config.write_text(f"hosts: [{{name: h1}}]\ntargets:\n  - name: nas\n    url: file://{root}\n"
                       "    keep: {last: 1}\n")
 
+    only_prune = ArtifactFilter(key=ArtifactFilterKey(any_=["prune-nas"]))
+    with get_client(sync_client=True) as client:  # other tests on this server may prune a 'nas' too
+        before = len(client.read_artifacts(artifact_filter=only_prune))
+
     dry = json.loads(hotvm("prune", "--dry-run", "--json", "-c", str(config)).stdout)
     assert dry["removed"] == 2 and dry["dry_run"] and h.set_dir("w0").exists()
     assert dry["policy"] == Keep(last=1).model_dump()
@@ -278,9 +282,8 @@ def test_prune_flow_and_cli(prefect_server, tmp_path: Path) -> None:
     assert result["removed"] == 2 and result["sweep"]["chunks_removed"] == 2 and result["bytes_freed"] > 0
     assert not h.set_dir("w0").exists() and not h.set_dir("w1").exists() and h.set_dir("w2").exists()
     with get_client(sync_client=True) as client:
-        only_prune = ArtifactFilter(key=ArtifactFilterKey(any_=["prune-nas"]))
         artifacts = client.read_artifacts(artifact_filter=only_prune)
-    assert len(artifacts) == 3  # two dry runs from the CLI, then this run
+    assert len(artifacts) == before + 3  # two dry runs from the CLI, then this run
     latest = max(artifacts, key=lambda a: a.created)
     assert latest.type == "table"
     rows = json.loads(latest.data) if isinstance(latest.data, str) else latest.data

@@ -10,8 +10,9 @@ import io
 import os
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -36,9 +37,18 @@ class RestoredDisk:
 
 
 def _fetch_verified(repo: Repository, record: DiskRecord, index: int, digest: str) -> bytes:
+    return verify_chunk(repo, record, index, digest, lambda: repo.get_chunk(digest))
+
+
+def verify_chunk(
+    repo: Repository, record: DiskRecord, index: int, digest: str, open_frame: Callable[[], bytes]
+) -> bytes:
+    """The plain bytes of chunk `index` of a disk: `open_frame` gives its zstd frame (read from a target, or
+    a tape, and authenticated in an encrypted repository); it is decompressed and checked against its
+    name. ChecksumMismatch if anything does not match: such a chunk is never used as data."""
     try:
-        frame = repo.get_chunk(digest)
-    except ChecksumMismatch as exc:  # an encrypted chunk that fails authentication: never used as data
+        frame = open_frame()
+    except ChecksumMismatch as exc:
         raise ChecksumMismatch(
             f"chunk {index} of disk '{record.device}': {exc.message}",
             "the backup copy is damaged; restore another backup",
@@ -75,44 +85,20 @@ def write_sparse(fd: int, data: bytes, offset: int) -> None:
             run_start = None
 
 
-def restore_disk(
-    repo: Repository,
-    record: DiskRecord,
-    dest: Path,
-    fmt: DiskFormat = "qcow2",
-    *,
-    workers: int = 4,
-    progress: Callable[[int, int], None] | None = None,
-) -> RestoredDisk:
+@contextmanager
+def disk_output(dest: Path, fmt: DiskFormat, virtual_size: int) -> Iterator[int]:
+    """A thin raw file of `virtual_size` to write a disk into (yields its fd); on success it is fsynced,
+    converted to qcow2 if asked and renamed to `dest`; on any failure nothing is left behind."""
     if dest.exists():
         raise HotvmError(f"{dest} already exists", "restore into an empty directory or remove the file")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
     raw = partial if fmt == "raw" else dest.with_name(dest.name + ".raw.partial")
-    total = sum(min(record.chunk_size, record.virtual_size - i * record.chunk_size) for i, _ in record.chunks)
-    written = 0
     try:
         fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, record.virtual_size)
-
-            places: dict[str, list[int]] = {}
-            for index, digest in record.chunks:
-                places.setdefault(digest, []).append(index)
-
-            def fetch_and_write(digest: str) -> int:
-                """Each distinct chunk is fetched and verified once, then written wherever it occurs."""
-                indexes = places[digest]
-                data = _fetch_verified(repo, record, indexes[0], digest)
-                for index in indexes:
-                    write_sparse(fd, data, index * record.chunk_size)
-                return len(data) * len(indexes)
-
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for n in pool.map(fetch_and_write, places):
-                    written += n
-                    if progress:
-                        progress(written, total)
+            os.ftruncate(fd, virtual_size)
+            yield fd
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -128,6 +114,37 @@ def restore_disk(
         for leftover in (raw, partial):
             leftover.unlink(missing_ok=True)
         raise
+
+
+def restore_disk(
+    repo: Repository,
+    record: DiskRecord,
+    dest: Path,
+    fmt: DiskFormat = "qcow2",
+    *,
+    workers: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> RestoredDisk:
+    total = sum(min(record.chunk_size, record.virtual_size - i * record.chunk_size) for i, _ in record.chunks)
+    written = 0
+    with disk_output(dest, fmt, record.virtual_size) as fd:
+        places: dict[str, list[int]] = {}
+        for index, digest in record.chunks:
+            places.setdefault(digest, []).append(index)
+
+        def fetch_and_write(digest: str) -> int:
+            """Each distinct chunk is fetched and verified once, then written wherever it occurs."""
+            indexes = places[digest]
+            data = _fetch_verified(repo, record, indexes[0], digest)
+            for index in indexes:
+                write_sparse(fd, data, index * record.chunk_size)
+            return len(data) * len(indexes)
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for n in pool.map(fetch_and_write, places):
+                written += n
+                if progress:
+                    progress(written, total)
     return RestoredDisk(record.device, str(dest), fmt, record.virtual_size, written)
 
 
@@ -136,6 +153,12 @@ def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list
     if manifest.config_archive is None:
         return []
     blob = repo.read_blob(manifest.vm, manifest.backup_id, manifest.config_archive.name)
+    return unpack_config(manifest, blob, dest_dir)
+
+
+def unpack_config(manifest: Manifest, blob: bytes, dest_dir: Path) -> list[str]:
+    """Check the (plain) config archive against the manifest and unpack it under dest_dir/config."""
+    assert manifest.config_archive is not None
     if chunk_digest(blob) != manifest.config_archive.sha256:
         raise ChecksumMismatch(
             f"config archive of {manifest.vm}/{manifest.backup_id} is damaged",

@@ -1,0 +1,180 @@
+"""Many VMs on one host under the per-host limit: the weekly-image run ("backup all") at scale.
+
+    .venv/bin/python bench/many_vms.py [--vms 50] [--disk-mib 128] [--data-mib 64] [--limit 2] [--timeline]
+
+Starts N bare TCG QEMUs (64 MiB RAM, no guest OS) with one raw disk each (DISK-MIB, DATA-MIB of it random:
+every export is real work, and no dedup between VMs), all on one host with max_concurrent_backups=LIMIT,
+then runs the backup_policy flow (policy default, flows/backup_policy.py) over them against a
+`prefect server start` on loopback (or PREFECT_API_URL if set). From the manifests (started_at /
+completed_at are taken inside the host's slot) and their step timings it prints:
+  - the maximum number of backups of the host that overlapped (target: never > LIMIT);
+  - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.1x);
+  - Prefect overhead per VM: (wall x LIMIT - sum of all step times) / N, i.e. slot time per VM that no
+    step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+from _common import machine_load, write_random_extents  # noqa: E402
+from qemu_helpers import DiskSpec, start_qemu  # noqa: E402
+
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path) -> subprocess.Popen | None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    port = free_port()
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+        }
+    )
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"prefect server did not start: see {home / 'server.log'}")
+
+
+def max_overlap(spans: list[tuple]) -> int:
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    peak = cur = 0
+    for _, delta in events:
+        cur += delta
+        peak = max(peak, cur)
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vms", type=int, default=50)
+    ap.add_argument("--disk-mib", type=int, default=128)
+    ap.add_argument("--data-mib", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--timeline", action="store_true", help="print each VM's slot interval")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="hotvm-many-"))
+    (work / "prefect").mkdir()
+    server = start_server(work / "prefect")
+    vms = {}
+    try:
+        t0 = time.perf_counter()
+        for i in range(args.vms):
+            d = work / f"vm{i:02d}"
+            d.mkdir()
+            write_random_extents(str(d / "disk.raw"), args.disk_mib * MiB, args.data_mib / args.disk_mib)
+            vms[f"vm{i:02d}"] = start_qemu(d, [DiskSpec("disk", d / "disk.raw", format="raw")])
+        print(f"{args.vms} QEMUs started in {time.perf_counter() - t0:.1f} s")
+        config = work / "hotvm.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "hosts": [
+                        {
+                            "name": f"bench-{work.name}",
+                            "max_concurrent_backups": args.limit,
+                            "vms": [{"name": n, "qmp": str(v.qmp_path)} for n, v in vms.items()],
+                        }
+                    ],
+                    "targets": [{"name": "nas", "url": f"file://{work}/target"}],
+                },
+                sort_keys=False,
+            )
+        )
+        from flows._fleet import BackupsFailed
+        from flows.backup_policy import backup_policy
+        from hotvm.formats.repository import Repository
+        from hotvm.models import TargetConfig
+        from targets import open_target
+
+        start = time.perf_counter()
+        try:
+            results = backup_policy(policy="default", config=str(config))
+        except BackupsFailed as exc:
+            results = exc.results
+            for r in results:
+                if r["status"] == "failed":
+                    print(f"FAILED {r['vm']} at {r['step']}: {r['error']}")
+        wall = time.perf_counter() - start
+    finally:
+        for vm in vms.values():
+            vm.stop()
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+
+    repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{work}/target")))
+    manifests = [e.manifest for e in repo.list_sets() if e.manifest]
+    ok = sum(r["status"] == "success" for r in results)
+    spans = [(m.started_at, m.completed_at) for m in manifests]
+    peak = max_overlap(spans)
+    export = sum(s.seconds for m in manifests for s in m.steps if s.step == "export")
+    steps = sum(s.seconds for m in manifests for s in m.steps)
+    in_slot = sum((m.completed_at - m.started_at).total_seconds() for m in manifests)
+    ideal = export / args.limit
+    if args.timeline:
+        t_first = min(s for s, _ in spans)
+        for m in sorted(manifests, key=lambda m: m.started_at):
+            start, end = ((t - t_first).total_seconds() for t in (m.started_at, m.completed_at))
+            print(f"  {m.vm} in its slot {start:6.2f} .. {end:6.2f} s")
+    n = args.vms
+    print(
+        f"{ok}/{n} VMs backed up ({args.data_mib} MiB random of {args.disk_mib} MiB each), limit {args.limit}"
+    )
+    verdict = "met" if peak <= args.limit else "MISSED"
+    print(f"max concurrency observed: {peak} (target: never > {args.limit}: {verdict})")
+    print(f"wall {wall:.1f} s; ideal (sum of exports {export:.1f} s / {args.limit}) {ideal:.1f} s: "
+          f"{wall / ideal:.2f}x (target <= 1.1x: {'met' if wall <= 1.1 * ideal else 'MISSED'})")  # fmt: skip
+    print(f"all steps {steps:.1f} s (exports {export / steps:.0%}); slot-held time {in_slot:.1f} s")
+    per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
+    print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
+          f"(wall x {args.limit} - exports) / {n} = {per_vm_export:.2f} s")  # fmt: skip
+    print(machine_load())
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()

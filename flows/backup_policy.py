@@ -1,0 +1,38 @@
+"""backup_policy: the weekly-image run ("backup all") over every VM a policy selects, across hosts.
+
+Every VM is a backup_vm subflow; they run concurrently, and each host's global concurrency limit (taken
+inside backup_vm) caps how many run at once on that host, across concurrently running deployments too.
+Report per VM (Prefect table artifact, `hotvm backup --all`): success / skipped (why) / failed (at which
+step). The run fails if any VM failed; the others still ran.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from hotvm.models import load_config
+from hotvm.policies import claimed_elsewhere, vms_for_policy
+
+
+@flow(name="backup-policy", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS))
+def backup_policy(
+    policy: str = "default", config: str | None = None, target: str | None = None
+) -> list[dict]:
+    """Image backup of every VM of `policy` to its image target (`target` overrides it)."""
+    cfg = load_config(config)
+    chosen = cfg.find_policy(policy)
+    target = target or chosen.image.target
+    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen)]
+    skipped = [
+        {"host": host.name, "vm": vm.name, "reason": f"belongs to policy '{owner}' (first match wins)"}
+        for host, vm, owner in claimed_elsewhere(cfg, chosen)
+    ]
+    results = run_vms(pairs, target, config, skipped)
+    return publish(
+        results,
+        f"backup-policy-{artifact_key(policy)}",
+        f"image backup of policy {policy}",
+        f"policy {policy}",
+    )
