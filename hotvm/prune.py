@@ -23,6 +23,7 @@ frees space is the sweep of chunks that no remaining set references. Other backu
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -273,7 +274,9 @@ class PruneReport(BaseModel):
 def backup_points(repo: Repository, vm: str | None = None) -> list[BackupPoint]:
     if not repository_present(repo):
         return []
-    return [listing.point for listing in list_sets(repo, vm)]
+    held = repo.holds()
+    points = [listing.point for listing in list_sets(repo, vm)]
+    return [dataclasses.replace(p, hold=held.get((p.vm, p.backup_id))) for p in points]
 
 
 def _delete_set(target: Target, path: str) -> None:

@@ -295,3 +295,16 @@ def test_prune_flow_and_cli(prefect_server, tmp_path: Path) -> None:
     bad = hotvm("check", "--json", "-c", str(config), check=False)
     assert bad.returncode == 1
     assert json.loads(bad.stdout)["sets"][0]["problems"][0]["kind"] == "chunk_missing"
+
+
+def test_prune_keeps_sets_a_tape_copy_still_reads(history: History) -> None:
+    h = history
+    web2 = h.manifests["web2"].backup_id
+    policy = Keep(last=1, monthly=3)
+    with h.repo.hold("tape copy X to 'vtl'", [("web01", web2)]):
+        held = prune_repository(h.repo, policy, dry_run=True, now=FUTURE)
+        kept = next(s for s in held.sets if s.backup_id == web2)
+        assert kept.keep and "held: tape copy X to 'vtl'" in kept.reasons
+    released = prune_repository(h.repo, policy, dry_run=True, now=FUTURE)
+    assert web2 in {s.backup_id for s in released.removed}  # the hold ends with the copy
+    assert not list((h.root / "holds").glob("*.json"))

@@ -22,6 +22,8 @@ import json
 import re
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -350,6 +352,37 @@ class Repository:
                 f"manifest of {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
                 "the set is damaged; use another backup",
             ) from None
+
+    # ---- holds: sets a long reader (a tape copy) still needs; prune keeps them
+    HOLD_MAX_AGE = dt.timedelta(hours=24)
+
+    @contextmanager
+    def hold(self, holder: str, sets: list[tuple[str, str]]) -> Iterator[None]:
+        """While the block runs, prune keeps these (vm, backup_id) sets, whatever its policy says."""
+        path = f"holds/{secrets.token_hex(8)}.json"
+        body = {"holder": holder, "sets": sets, "created": dt.datetime.now(dt.UTC).isoformat()}
+        self.write_file(path, json.dumps(body).encode())
+        try:
+            yield
+        finally:
+            self.target.delete(path)
+
+    def holds(self, now: dt.datetime | None = None) -> dict[tuple[str, str], str]:
+        """(vm, backup_id) -> who holds it. A hold older than HOLD_MAX_AGE is a killed reader's: ignored."""
+        now = now or dt.datetime.now(dt.UTC)
+        held: dict[tuple[str, str], str] = {}
+        for name in self.target.listdir("holds"):
+            if not name.endswith(".json") or ".tmp-" in name:
+                continue
+            try:
+                body = json.loads(self.read_file(f"holds/{name}"))
+            except (FileNotFoundError, ValueError):
+                continue
+            if now - dt.datetime.fromisoformat(body["created"]) > self.HOLD_MAX_AGE:
+                continue
+            for vm, backup_id in body["sets"]:
+                held[(vm, backup_id)] = body["holder"]
+        return held
 
     def list_vms(self) -> list[str]:
         return self.target.listdir("vms")

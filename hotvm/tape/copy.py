@@ -376,8 +376,20 @@ def copy_to_tape(
     label = {"format": "hotvm-tape-label", "version": 1, "library": library.name, "copy_id": copy_id,
              "created": _now_iso(now), "expires": _now_iso(expires)}
     writer = CopyWriter(library, plan, label)
-    entries = []
     mtime = now.timestamp()
+    held = [(m.vm, m.backup_id) for m in sets]
+    with repo.hold(f"tape copy {copy_id} to '{library.name}'", held):
+        return _write_copy(repo, writer, sets, members, marker, mtime, catalog_head={
+            "format": CATALOG_FORMAT, "version": 1, "copy_id": copy_id, "tape": library.name,
+            "target": target_name, "repository": marker, "created": _now_iso(now),
+            "expires": _now_iso(expires), "keep_days": keep_days,
+        })
+
+
+def _write_copy(repo: Repository, writer: CopyWriter, sets: list, members: list, marker: dict, mtime: float,
+                catalog_head: dict) -> dict:
+    """Each set as one tar archive (its files, then every chunk it references), then the catalog."""
+    entries = []
     try:
         for manifest, (files, chunks) in zip(sets, members, strict=True):
             name = f"{manifest.vm}/{manifest.backup_id}"
@@ -394,12 +406,7 @@ def copy_to_tape(
                 "chunks": len(chunks),
                 "disks": [d.device for d in manifest.disks],
             })
-        catalog = {
-            "format": CATALOG_FORMAT, "version": 1, "copy_id": copy_id, "tape": library.name,
-            "target": target_name, "repository": marker, "created": _now_iso(now),
-            "expires": _now_iso(expires),
-            "keep_days": keep_days, "media": writer.media, "sets": entries,
-        }
+        catalog = {**catalog_head, "media": writer.media, "sets": entries}
         out = writer.begin(CATALOG, "catalog")
         out.write(json.dumps(catalog, indent=1, sort_keys=True).encode())
         writer.end(out)  # (if the catalog spilled onto one more medium, its label there says so)
