@@ -28,7 +28,7 @@ def test_demo_backs_up_a_writing_guest_restores_and_boots_it(prefect_server, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo passed" in proc.stdout
     result = json.loads((tmp_path / "demo" / "demo-result.json").read_text())
-    assert result["static_data_ok"] and result["ring"]["consistent"]
+    assert result["static_data_ok"] and result["ring"]["consistent"] and result["tape_restore_identical"]
     assert result["restore"]["boot_check"]["ok"]
     backup_id = result["backup"]["backup_id"]
     tests = list(
