@@ -64,31 +64,25 @@ def from_prefect_secret(config: TargetConfig, block: str, what: str = "password"
     return Credential(raw, f"Prefect Secret block '{block}'")
 
 
-def password(config: TargetConfig, what: str = "password") -> Credential:
-    """The target's password (or secret key) from password_env or password_secret; value None if neither."""
-    if config.password_env and config.password_secret:
+def _credential(config: TargetConfig, key: str, what: str) -> Credential:
+    """`<key>_env` or `<key>_secret` of the target, never both; value None if neither is set."""
+    env, block = getattr(config, f"{key}_env"), getattr(config, f"{key}_secret")
+    if env and block:
         raise TargetConfigError(
-            f"target '{config.name}' sets both password_env and password_secret",
-            "keep one of them",
+            f"target '{config.name}' sets both {key}_env and {key}_secret", "keep one of them"
         )
-    if config.password_env:
-        return from_env(config, config.password_env, what)
-    if config.password_secret:
-        return from_prefect_secret(config, config.password_secret, what)
-    return Credential(None, f"no {what} configured (password_env / password_secret)")
+    if env:
+        return from_env(config, env, what)
+    if block:
+        return from_prefect_secret(config, block, what)
+    return Credential(None, f"no {what} configured ({key}_env / {key}_secret)")
+
+
+def password(config: TargetConfig, what: str = "password") -> Credential:
+    """The target's password (or secret key) from password_env or password_secret."""
+    return _credential(config, "password", what)
 
 
 def encryption_key(config: TargetConfig) -> Credential:
-    """The repository's encryption secret from encryption_key_env or encryption_key_secret; value None if
-    neither is set (the repository is not encrypted)."""
-    what = "encryption key"
-    if config.encryption_key_env and config.encryption_key_secret:
-        raise TargetConfigError(
-            f"target '{config.name}' sets both encryption_key_env and encryption_key_secret",
-            "keep one of them",
-        )
-    if config.encryption_key_env:
-        return from_env(config, config.encryption_key_env, what)
-    if config.encryption_key_secret:
-        return from_prefect_secret(config, config.encryption_key_secret, what)
-    return Credential(None, "no encryption key configured (encryption_key_env / encryption_key_secret)")
+    """The repository's encryption secret; value None if the repository is not encrypted."""
+    return _credential(config, "encryption_key", "encryption key")

@@ -53,6 +53,17 @@ def qemu(tmp_path: Path):
         vm.stop()
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 12 MiB tmpfs: a target that fills up for real (remount it larger to 'free space')."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> str:
     """`prefect server start` on 127.0.0.1 with a private SQLite database."""

@@ -122,16 +122,6 @@ def test_killed_backup_is_reconciled_and_resumed(prefect_server, qemu, tmp_path:
     assert overlay_files(tmp_path) == []
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
     prefect_server, qemu, small_tmpfs: Path, tmp_path: Path
 ) -> None:

@@ -95,16 +95,6 @@ def stack():
         shutil.rmtree(s.dir, ignore_errors=True)
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 def test_postgres_server_worker_run_a_deployment_and_a_retried_run_resumes(
     stack: Stack, small_tmpfs: Path, tmp_path: Path
 ) -> None:
