@@ -1,7 +1,8 @@
 """Export a frozen disk image into the chunk store: sparse-aware, zstd-compressed, checksummed, streamed.
 
-The main thread reads chunk after chunk (only the allocated extents); a small pool hashes, compresses and
-uploads them. At most `2 * workers` chunks are in memory at once, whatever the disk size.
+The main thread only schedules chunks (those holding allocated extents); a small pool of workers reads,
+hashes, compresses and uploads each one, so several reads are in flight at once. At most `2 * workers`
+chunks are in memory, whatever the disk size.
 """
 
 from __future__ import annotations
