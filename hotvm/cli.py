@@ -611,3 +611,226 @@ def tape_list_cmd(tape: TapeOpt, config: ConfigOpt = None, as_json: JsonOpt = Fa
         out.print(table)
 
     _emit(rows, as_json, render)
+
+
+# ------------------------------------------------------------------------- restore tests, recovery by tier
+
+
+def _run_reporting(flow_call, as_json: bool, render) -> None:  # noqa: ANN001
+    """Run a flow that raises RunFailed with its per-VM results: print them either way, exit 1 on failure."""
+    from hotvm.verify import RunFailed
+
+    state = flow_call(return_state=True)
+    if state.is_completed():
+        _emit(state.result(), as_json, render)
+        return
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, RunFailed):
+        _emit(exc.results, as_json, render)
+        err.print(f"[bold red]error:[/] {exc.message}")
+        raise typer.Exit(1)
+    if isinstance(exc, BaseException):
+        raise exc
+    raise HotvmError(state.message or "the run failed", "rerun with --verbose")
+
+
+@app.command()
+def verify(
+    vm: Annotated[str | None, typer.Argument(help="VM name (default: every VM on the target)")] = None,
+    backup_id: Annotated[
+        str | None, typer.Option("--backup", help="backup id (default: latest complete)")
+    ] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    boot: Annotated[
+        bool, typer.Option("--boot", help="also boot the restored copy isolated and time it to ready")
+    ] = False,
+    sample: Annotated[
+        int | None, typer.Option("--sample", help="test only N VMs, least recently tested first")
+    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the scratch restore for inspection")] = False,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Restore-test backups in a scratch directory: every chunk checked (--boot: booted with no network),
+    result recorded beside the set. Exits 1 if any test fails, naming the damaged chunk or file."""
+    _prefect_env(verbose)
+    from flows.verify import verify as verify_flow
+
+    def call(return_state: bool):  # noqa: ANN202
+        return verify_flow(
+            vm=vm, backup_id=backup_id, target=target, boot=boot, keep=keep, sample=sample,
+            config=_cfg(config), return_state=return_state,
+        )
+
+    _run_reporting(call, as_json, _render_verify)
+
+
+def _render_verify(results: list[dict]) -> None:
+    table = Table("vm", "backup", "mode", "restore s", "boot s", "ready s", "result")
+    for r in results:
+        boot = (r.get("boot_check") or {}).get("seconds")
+        state = "[green]verified[/]" if r["verified"] else "[red]" + "; ".join(r["problems"]) + "[/]"
+        table.add_row(
+            r["vm"], r["backup_id"], r.get("mode") or "", f"{r['restore_seconds']:.1f}",
+            f"{boot:.1f}" if boot is not None else "", f"{r['seconds_to_ready']:.1f}", state,
+        )
+    out.print(table)
+
+
+@app.command()
+def recover(
+    tier: Annotated[int, typer.Option("--tier", help="recover every VM of this tier (1 = first)")],
+    to: Annotated[Path, typer.Option("--to", help="directory; each VM goes into DIR/<vm>/")],
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    boot_check: Annotated[
+        bool, typer.Option("--boot-check", help="boot each restored VM isolated and time it")
+    ] = False,
+    fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Restore all VMs of a tier in recovery order, at most each host's max_concurrent_backups at once;
+    reports measured time vs RTO per VM. Exits 1 if a VM fails or misses its RTO."""
+    _prefect_env(verbose)
+    from flows.recover import recover as recover_flow
+
+    def call(return_state: bool):  # noqa: ANN202
+        return recover_flow(
+            tier=tier, to=str(to), target=target, boot_check=boot_check, fmt=fmt, config=_cfg(config),
+            return_state=return_state,
+        )
+
+    _run_reporting(call, as_json, _render_recover)
+
+
+def _render_recover(rows: list[dict]) -> None:
+    table = Table("#", "vm", "host", "seconds", "RTO s", "result")
+    for r in rows:
+        if not r.get("verified"):
+            state = "[red]" + "; ".join(r.get("problems") or []) + "[/]"
+        elif r["meets_rto"] is False:
+            state = "[red]over RTO[/]"
+        else:
+            state = "[green]recovered[/]"
+        rto = f"{r['rto_s']:.0f}" if r["rto_s"] is not None else ""
+        table.add_row(str(r["order"]), r["vm"], r["host"], f"{r['seconds']:.1f}", rto, state)
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- plan: RPO/RTO/tiers, DR plan
+
+plan_app = typer.Typer(help="RPO, RTO and tiers per VM; the DR plan document.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+
+
+@plan_app.command("check")
+def plan_check_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Check every VM: schedules meet its RPO, file-level backup if it asks for file restores, last
+    measured restore within its RTO. Prints the violations; exits 1 if there are any."""
+    from hotvm.models import load_config
+    from hotvm.plan import check_plan
+
+    violations = [v.as_dict() for v in check_plan(load_config(config))]
+
+    def render(rows: list[dict]) -> None:
+        if not rows:
+            out.print("[bold green]every VM meets its RPO and RTO[/]")
+            return
+        table = Table("vm", "host", "check", "problem")
+        for r in rows:
+            table.add_row(r["vm"], r["host"], r["check"], f"[red]{r['detail']}[/]")
+        out.print(table)
+        out.print(f"[bold red]{len(rows)} violation(s)[/]")
+
+    _emit(violations, as_json, render)
+    if violations:
+        raise typer.Exit(1)
+
+
+@plan_app.command("export")
+def plan_export_cmd(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="md, html or xlsx")] = "md",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file to write (default: stdout; xlsx needs a file)")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Write the DR plan: per tier, the VMs in recovery order, their latest backups (image, tape with
+    media labels), the exact restore commands, measured restore times, contacts and notes."""
+    from hotvm.models import load_config
+    from hotvm.plan import FORMATS, plan_document, render
+
+    if fmt not in FORMATS:
+        raise HotvmError(f"unknown plan format '{fmt}'", f"use one of {', '.join(FORMATS)}")
+    if fmt == "xlsx" and output is None:
+        raise HotvmError("xlsx cannot be written to a terminal", "pass --output FILE.xlsx")
+    data = render(plan_document(load_config(config)), fmt)
+    if output is None:
+        sys.stdout.write(data.decode())
+        return
+    output.write_bytes(data)
+    err.print(f"DR plan written to {output}")
+
+
+# ----------------------------------------------------------------------------- inventory
+
+
+@app.command("inventory")
+def inventory_cmd(
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="csv, xlsx, md or json (default: a table)")
+    ] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write to this file")] = None,
+    target: Annotated[
+        str | None,
+        typer.Option("--target", "-t", help="also version it there (inventory/) and report the changes"),
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every VM of every host: CPUs, RAM, disks (bus, path, format, size, allocated, mode), NICs with
+    MACs, CD-ROMs, startup order, limits, status. Unreachable VMs are listed with the reason."""
+    from hotvm import inventory
+    from hotvm.models import load_config
+
+    fmt = "json" if as_json and fmt is None else fmt
+    if fmt is not None and fmt not in inventory.FORMATS:
+        raise HotvmError(f"unknown format '{fmt}'", f"use one of: {', '.join(inventory.FORMATS)}")
+    if fmt == "xlsx" and output is None:
+        raise HotvmError("xlsx is a binary file", "add --output FILE.xlsx")
+    cfg = load_config(config)
+    inv = inventory.collect(cfg)
+    if target is not None:
+        from hotvm.prune import opened
+
+        with opened(cfg, target) as repo:
+            stored, prev_name, prev = inventory.store(repo, inv)
+        change = inventory.diff(prev, inv)
+        err.print(f"inventory stored as {stored} on target '{cfg.find_target(target).name}'")
+        err.print(inventory.diff_markdown(change, prev_name), markup=False, highlight=False)
+    if fmt is None:
+        _render_inventory(inventory.vm_rows(inv), output)
+        return
+    data = inventory.render(inv, fmt)  # type: ignore[arg-type]
+    if output is None:
+        sys.stdout.write(data.decode())
+    else:
+        output.write_bytes(data)
+        err.print(f"inventory of {len(inv.vms)} VM(s) written to {output}")
+
+
+def _render_inventory(rows: list[dict], output: Path | None) -> None:
+    table = Table("host", "vm", "status", "cpus", "MiB", "disks", "nics", "order", "policy")
+    for r in rows:
+        state = f"[red]{r['error']}[/]" if r["error"] else r["status"]
+        table.add_row(
+            r["host"], r["vm"], state, r["cpus"], r["memory_mb"], r["disks"].replace("; ", "\n"),
+            r["nics"].replace("; ", "\n"), r["startup_order"], r["policy"] or "[yellow]none[/]",
+        )  # fmt: skip
+    if output is None:
+        out.print(table)
+    else:
+        with output.open("w") as fh:
+            Console(file=fh, width=200).print(table)

@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hotvm import __version__
 from hotvm.errors import ConfigError, UnknownTargetError, UnknownVMError
@@ -23,6 +33,46 @@ CONFIG_ENV = "HOTVM_CONFIG"
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- durations (RPO, RTO)
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_duration(value: object) -> dt.timedelta:
+    """'24h', '30m', '7d', '1w', '90s' or combined ('1h30m') -> timedelta; anything else: ValueError."""
+    if isinstance(value, dt.timedelta):
+        seconds = value.total_seconds()
+    else:
+        text = str(value).strip().lower().replace(" ", "") if isinstance(value, str) else ""
+        parts = _DURATION_PART.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(
+                f"invalid duration {value!r}: give a number with a unit s, m, h, d or w, e.g. 30m, 24h, 7d"
+            )
+        seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise ValueError(f"invalid duration {value!r}: it must be longer than 0")
+    return dt.timedelta(seconds=seconds)
+
+
+def format_duration(value: dt.timedelta) -> str:
+    """The shortest exact spelling: 86400 s -> '1d', 5400 s -> '1h30m'."""
+    seconds = int(round(value.total_seconds()))
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size:
+            out.append(f"{seconds // size}{unit}")
+            seconds %= size
+    return "".join(out) or "0s"
+
+
+Duration = Annotated[
+    dt.timedelta, BeforeValidator(parse_duration), PlainSerializer(format_duration, return_type=str)
+]
+"""A duration in hotvm.yaml (rpo, rto): '30m', '24h', '7d'."""
 
 
 # --------------------------------------------------------------------------- configuration
@@ -52,6 +102,22 @@ class VMConfig(StrictModel):
     exclude_disks: list[str] = []
     """Devices never backed up (e.g. a scratch disk)."""
     boot_check: BootCheckSpec = BootCheckSpec()
+    startup_order: int | None = None
+    """Order this VM is started in (lower first) after a recovery; listed in the inventory."""
+    external_data: list[str] = []
+    """Data the VM depends on that lives outside its disks (NFS shares, databases...); in the inventory."""
+    rpo: Duration | None = None
+    """Overrides the policy's rpo for this VM (`hotvm plan check`)."""
+    rto: Duration | None = None
+    """Overrides the policy's rto for this VM."""
+    tier: int | None = Field(None, ge=1)
+    """Overrides the policy's tier (1 = recovered first)."""
+    file_restores: bool = False
+    """True: single files must be restorable, so the VM's policy needs `files:` (checked by plan check)."""
+    contacts: str | None = None
+    """Who to call about this VM in a disaster (printed in the DR plan)."""
+    notes: str | None = None
+    """Free text for the DR plan (dependencies, post-restore steps)."""
 
 
 class HostConfig(StrictModel):
@@ -200,6 +266,12 @@ class Policy(StrictModel):
     image: ImagePolicy = ImagePolicy()
     files: FilesPolicy | None = None
     tape: TapePolicy | None = None
+    rpo: Duration | None = None
+    """Most data that may be lost (e.g. 24h): the schedules must protect at least this often."""
+    rto: Duration | None = None
+    """Longest a restore may take: checked against the newest measured restore (restore --boot-check)."""
+    tier: int = Field(3, ge=1)
+    """Recovery order: tier 1 is recovered first (`hotvm plan export`)."""
 
 
 def default_policy(config: Config) -> Policy:
@@ -233,6 +305,15 @@ class TapeConfig(StrictModel):
         return keep
 
 
+class PlanConfig(StrictModel):
+    """The DR plan document (`hotvm plan export`, the dr-plan deployment)."""
+
+    contacts: list[str] = []
+    notes: str | None = None
+    export_targets: list[str] | None = None
+    """Targets the dr-plan flow writes the plan to (None: every target); pick ones off the protected hosts."""
+
+
 class TaskRetries(StrictModel):
     retries: int = Field(2, ge=0, le=20)
     retry_delay_s: float = Field(5, ge=0)
@@ -244,6 +325,7 @@ class Config(StrictModel):
     retries: TaskRetries = TaskRetries()
     tapes: list[TapeConfig] = []
     policies: list[Policy] = []
+    plan: PlanConfig = PlanConfig()
     """Empty: one default policy (Table 7.3) over every VM; see `effective_policies`."""
     source: Path | None = Field(default=None, exclude=True)
 
@@ -264,7 +346,16 @@ class Config(StrictModel):
         if sum(t.default for t in self.targets) > 1:
             raise ValueError("only one target may be marked default: true")
         self._check_policies()
+        self._check_plan()
         return self
+
+    def _check_plan(self) -> None:
+        targets = {t.name for t in self.targets}
+        for name in self.plan.export_targets or []:
+            if name not in targets:
+                raise ValueError(
+                    f"plan.export_targets: unknown target '{name}' (configured: {', '.join(sorted(targets))})"
+                )
 
     def _check_policies(self) -> None:
         names = [p.name for p in self.policies]

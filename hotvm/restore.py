@@ -56,9 +56,14 @@ def restore_one_disk(
 def record_restore_test(
     config: Config | str | Path | None, target: str | None, manifest: Manifest, result: dict
 ) -> str:
-    """Keep each measured restore beside its backup set: the evidence an RTO is checked against."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    body = json.dumps({"tested_at": stamp, **result}, indent=2, default=str).encode()
+    """Keep each measured restore beside its backup set: the evidence an RTO is checked against.
+
+    `verified` (default: the boot check passed, or no boot check) false marks the set unverified;
+    `problems` says why (the damaged chunk, disk or file)."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    check = result.get("boot_check") or {}
+    record = {"tested_at": stamp, "verified": check.get("ok", True), "problems": [], **result}
+    body = json.dumps(record, indent=2, default=str).encode()
     return open_repository(config, target).write_blob(
         manifest.vm, manifest.backup_id, f"restore-tests/{stamp}.json", body
     )

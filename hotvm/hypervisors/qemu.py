@@ -176,6 +176,62 @@ class QemuDriver:
                 "block_jobs": mon.cmd("query-block-jobs", retry=True),
             }
 
+    def hardware(self) -> dict:
+        """What `describe_vm` leaves out and an inventory needs: NICs with their MACs, CD-ROM drives, and
+        the bytes each disk's image chain allocates on the host (QEMU's `actual-size` of every layer)."""
+        with self._session() as mon:
+            nics, cdroms = [], []
+            for parent in ("/machine/peripheral", "/machine/peripheral-anon"):
+                try:
+                    children = mon.cmd("qom-list", {"path": parent}, retry=True)
+                except QmpCommandError:
+                    continue
+                for child in children:
+                    kind = str(child.get("type", ""))
+                    if not kind.startswith("child<"):
+                        continue
+                    qtype, path = kind[6:-1], f"{parent}/{child['name']}"
+                    if qtype in ("ide-cd", "scsi-cd", "usb-storage-cd"):
+                        cdroms.append({"qdev": path})
+                        continue
+                    try:
+                        mac = mon.cmd("qom-get", {"path": path, "property": "mac"})
+                    except QmpCommandError:
+                        continue  # not a network card
+                    try:
+                        netdev = mon.cmd("qom-get", {"path": path, "property": "netdev"}) or ""
+                    except QmpCommandError:
+                        netdev = ""
+                    anon = parent.endswith("-anon")
+                    nics.append({"id": "" if anon else child["name"], "model": qtype, "mac": mac,
+                                 "netdev": netdev})  # fmt: skip
+            for block in mon.cmd("query-block", retry=True):
+                qdev = block.get("qdev", "")
+                match = next((c for c in cdroms if c["qdev"] in (qdev, f"/machine/peripheral/{qdev}")), None)
+                if match is None:
+                    if block.get("removable") and block.get("type") == "unknown" and "inserted" not in block:
+                        match = {"qdev": qdev}
+                        cdroms.append(match)
+                    else:
+                        continue
+                inserted = block.get("inserted") or {}
+                match.update(
+                    device=block.get("device") or qdev.rsplit("/", 1)[-1],
+                    path=inserted.get("file") or None,
+                    format=inserted.get("drv") or None,
+                )
+            for cd in cdroms:
+                cd.setdefault("device", cd["qdev"].rsplit("/", 1)[-1])
+                cd.setdefault("path", None)
+                cd.setdefault("format", None)
+            listed = mon.cmd("query-named-block-nodes", {"flat": True}, retry=True)
+            nodes = {n["node-name"]: n for n in listed}
+            allocated = {}
+            for chain in self._chains(mon):
+                top = nodes.get(chain.layers[0].node) if chain.layers else None
+                allocated[chain.device] = _chain_actual_size(top.get("image")) if top else None
+            return {"nics": nics, "cdroms": cdroms, "allocated": allocated}
+
     def config_files(self) -> list[Path]:
         found = []
         for path in self.vm.config_files:
@@ -699,6 +755,16 @@ def _remove_overlay(path: Path) -> None:
         raise AssertionError(f"refusing to delete {path}: not a hotvm overlay")
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _chain_actual_size(image: dict | None) -> int | None:
+    """Sum of `actual-size` over an ImageInfo and its nested backing images (None if QEMU gives none)."""
+    total, seen = 0, False
+    while image:
+        if "actual-size" in image:
+            total, seen = total + int(image["actual-size"]), True
+        image = image.get("backing-image")
+    return total if seen else None
 
 
 def _disk_dict(disk: DiskInfo) -> dict:

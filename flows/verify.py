@@ -1,0 +1,99 @@
+"""verify: automatic restore tests (seed: "test test test"), and scrub: checksum-only check of every set.
+
+verify restores the latest (or the given) backup of each VM, or a rotating `sample` of VMs least recently
+tested first, into a scratch directory (every chunk checked), optionally boots it isolated until its ready
+pattern, and records the result beside the set: the time to ready is the VM's measured RTO. A failure marks
+the set unverified (its restore-test record has verified=false), is logged at ERROR naming the damaged
+chunk/disk/file, and fails the run after every VM was tested.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows._fleet import artifact_key
+from hotvm.errors import HotvmError
+from hotvm.verify import RunFailed
+from tasks.verify import select_vms, verify_set
+
+
+def verify_rows(results: list[dict]) -> list[dict]:
+    return [
+        {
+            "vm": r["vm"],
+            "backup_id": r["backup_id"],
+            "mode": r.get("mode"),
+            "verified": r["verified"],
+            "restore_s": r.get("restore_seconds"),
+            "boot_s": (r.get("boot_check") or {}).get("seconds"),
+            "ready_s": r.get("seconds_to_ready"),
+            "problems": "; ".join(r.get("problems") or []),
+        }
+        for r in results
+    ]
+
+
+@flow(name="verify")
+def verify(
+    vm: str | None = None,
+    backup_id: str | None = None,
+    target: str | None = None,
+    boot: bool = False,
+    keep: bool = False,
+    sample: int | None = None,
+    config: str | None = None,
+) -> list[dict]:
+    """Restore-test one VM, every VM on the target, or `sample` of them (least recently tested first)."""
+    if backup_id and not vm:
+        raise HotvmError("a backup id needs a VM", "pass vm= with backup_id=")
+    vms = [vm] if vm else select_vms(config, target, sample)
+    results = [verify_set(v, target, backup_id, boot, keep, config) for v in vms]
+    create_table_artifact(
+        verify_rows(results),
+        key="verify-" + artifact_key(vm or "all"),
+        description=f"restore tests ({'boot' if boot else 'checksums'})",
+    )
+    failed = [r for r in results if not r["verified"]]
+    if failed:
+        raise RunFailed(
+            f"{len(failed)} of {len(results)} restore test(s) failed: "
+            + "; ".join(f"{r['vm']} {r['backup_id']}: {', '.join(r['problems'])}" for r in failed),
+            "those sets are marked unverified; back the VMs up again or restore an older set",
+            results,
+        )
+    get_run_logger().info("%d restore test(s) passed", len(results))
+    return results
+
+
+@flow(name="scrub")
+def scrub(target: str | None = None, vm: str | None = None, config: str | None = None) -> dict:
+    """Checksum-only verification of every set (= `hotvm check --read-data`), like a PBS verify job."""
+    from hotvm.check import check_repository
+    from hotvm.prune import opened
+
+    with opened(config, target) as repo:
+        report = check_repository(repo, read_data=True, vm=vm)
+    rows = [
+        {
+            "vm": s.vm,
+            "backup_id": s.backup_id,
+            "state": str(s.state.value if hasattr(s.state, "value") else s.state),
+            "chunks": s.chunks,
+            "problems": "; ".join(f"{p.kind}: {p.detail}" for p in s.problems),
+        }
+        for s in report.sets
+    ]
+    create_table_artifact(rows, key="scrub-" + artifact_key(report.target), description="checksum scrub")
+    log = get_run_logger()
+    for s in report.sets:
+        for p in s.problems:
+            log.error("scrub: %s %s: %s: %s", s.vm, s.backup_id, p.kind, p.detail)
+    for p in report.problems:
+        log.error("scrub: %s: %s", p.kind, p.detail)
+    if not report.ok:
+        raise HotvmError(
+            f"scrub of target '{report.target}' found {report.problem_count} problem(s)",
+            "see the scrub artifact; damaged sets cannot be restored",
+        )
+    return report.summary()
