@@ -16,22 +16,15 @@ from prefect.cache_policies import NO_CACHE
 
 from flows._limits import ensure_host_limit
 from flows.backup_vm import backup_vm
-from hotvm.errors import HotvmError
+from hotvm.errors import RunFailed
 from hotvm.models import load_config
 
 MAX_PARALLEL_VMS = 16
 """Threads waiting for (or holding) a host slot; the per-host limits decide what actually runs."""
 
 
-class BackupsFailed(HotvmError):
+class BackupsFailed(RunFailed):
     """Some VMs of a "backup all" run failed; `results` is the whole per-VM report."""
-
-    def __init__(self, message: str, hint: str = "", results: list[dict] | None = None) -> None:
-        super().__init__(message, hint)
-        self.results = results or []
-
-    def __reduce__(self):  # noqa: ANN204 - survive pickling with the report
-        return (self.__class__, (self.message, self.hint, self.results))
 
 
 def _failed_task(flow_run_id: object) -> str | None:

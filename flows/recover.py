@@ -6,8 +6,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from hotvm.errors import HotvmError
-from hotvm.verify import RunFailed, recover_tier
+from hotvm.errors import HotvmError, RunFailed
+from hotvm.verify import recover_tier
 
 
 @flow(name="recover")

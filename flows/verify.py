@@ -13,8 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._fleet import artifact_key
-from hotvm.errors import HotvmError
-from hotvm.verify import RunFailed
+from hotvm.errors import HotvmError, RunFailed
 from tasks.verify import select_vms, verify_set
 
 

@@ -618,7 +618,7 @@ def tape_list_cmd(tape: TapeOpt, config: ConfigOpt = None, as_json: JsonOpt = Fa
 
 def _run_reporting(flow_call, as_json: bool, render) -> None:  # noqa: ANN001
     """Run a flow that raises RunFailed with its per-VM results: print them either way, exit 1 on failure."""
-    from hotvm.verify import RunFailed
+    from hotvm.errors import RunFailed
 
     state = flow_call(return_state=True)
     if state.is_completed():

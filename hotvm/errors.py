@@ -71,3 +71,14 @@ class BackupSetError(HotvmError):
 
 class ChecksumMismatch(BackupSetError):
     pass
+
+
+class RunFailed(HotvmError):
+    """A run over many VMs had failures; `results` holds every VM's result, for the report."""
+
+    def __init__(self, message: str, hint: str = "", results: list[dict] | None = None) -> None:
+        super().__init__(message, hint)
+        self.results = results or []
+
+    def __reduce__(self):  # survive pickling with the report
+        return (self.__class__, (self.message, self.hint, self.results))

@@ -33,17 +33,6 @@ from hotvm.models import Config, Manifest, load_config
 DEFAULT_TIER = 1
 
 
-class RunFailed(HotvmError):
-    """Some restore tests or recoveries failed; `results` holds every VM's result (for the report)."""
-
-    def __init__(self, message: str, hint: str = "", results: list[dict] | None = None) -> None:
-        super().__init__(message, hint)
-        self.results = results or []
-
-    def __reduce__(self):  # noqa: ANN204 - survive pickling with the report
-        return (self.__class__, (self.message, self.hint, self.results))
-
-
 def _config(config: Config | str | Path | None) -> Config:
     return config if isinstance(config, Config) else load_config(config)
 
