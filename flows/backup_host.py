@@ -19,7 +19,7 @@ def backup_host(
 ) -> list[dict]:
     """Back up the VMs of `host` (all of them, or those named in `vms`)."""
     cfg = load_config(config)
-    pairs = [(host, vm.name) for vm in cfg.find_host(host).vms if not vms or vm.name in vms]
+    pairs = [(host, vm.name) for vm in cfg.find_host(host).vm_list() if not vms or vm.name in vms]
     results = run_vms(pairs, target, config)
     return publish(
         results, f"backup-host-{artifact_key(host)}", f"weekly image backup of host {host}", f"host {host}"

@@ -24,6 +24,8 @@ from hotvm.hypervisors.base import (
     FrozenDisk,
     HypervisorDriver,
     ReconcileAction,
+    config_documents,
+    readable_image,
 )
 from hotvm.models import (
     Config,
@@ -143,10 +145,13 @@ def latest_complete(repo: Repository, vm: str, exclude: str | None = None) -> Ma
 
 
 def add_redo(
-    session: Session, devices: list[str], backup_id: str, track_changes: bool = False
+    session: Session, devices: list[str], backup_id: str, track_changes: bool = False, quiesce: bool = False
 ) -> list[FrozenDisk]:
-    """track_changes (first overlay only): start the bitmap of this backup at this very freeze point."""
+    """track_changes (first overlay only): start the bitmap of this backup at this very freeze point.
+    quiesce (first overlay only): freeze the guest file systems around that instant."""
     with session.driver() as driver:
+        if quiesce:
+            return driver.add_redo(devices, backup_id, track_changes=track_changes, quiesce=True)
         return driver.add_redo(devices, backup_id, track_changes=track_changes)
 
 
@@ -167,10 +172,13 @@ def export_disk(
         previous, dirty, why = None, None, "no earlier backup of this disk on the target"
         if baseline is not None:
             previous, dirty, why = _incremental_base(session, repo, frozen, baseline)
-        record = export_image(
-            repo, device=frozen.device, image=frozen.image, fmt=frozen.format, progress=progress,
-            previous=previous, dirty=dirty,
-        )  # fmt: skip
+        with session.driver() as driver, readable_image(driver, frozen) as local:
+            record = export_image(
+                repo, device=frozen.device, image=local.image, fmt=local.format, progress=progress,
+                previous=previous, dirty=dirty,
+            )  # fmt: skip
+        if local.image != frozen.image:  # a staged copy: record where the disk really lives
+            record = record.model_copy(update={"source_path": frozen.image, "source_format": frozen.format})
         incremental = previous is not None and dirty is not None
         record = record.model_copy(
             update={
@@ -251,8 +259,8 @@ def commit(session: Session, device: str, level: int | str) -> CommitResult:
 
 def backup_config(session: Session, target: str | None, backup_id: str) -> ConfigArchive:
     with session.driver() as driver:
-        files, description = driver.config_files(), driver.describe_vm()
-    data, names = build_config_archive(files, description)
+        files, description, documents = driver.config_files(), driver.describe_vm(), config_documents(driver)
+    data, names = build_config_archive(files, description, documents)
     with session.repository(target) as repo:
         repo.write_blob(session.vm.name, backup_id, ARCHIVE_NAME, data)
     return ConfigArchive(name=ARCHIVE_NAME, sha256=chunk_digest(data), size=len(data), files=names)

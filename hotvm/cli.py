@@ -313,7 +313,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     from hotvm.status import vm_status
 
     cfg = load_config(config)
-    rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vms]
+    rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vm_list()]
 
     def render(rows: list[dict]) -> None:
         table = Table("host", "vm", "state", "disks", "overlays", "jobs")

@@ -126,7 +126,7 @@ def collect(config: Config) -> Inventory:
 
     entries = []
     for host in config.hosts:
-        for vm in host.vms:
+        for vm in host.vm_list():
             entry = _vm_entry(host, vm)
             policy = policy_for_vm(config, vm.name)
             entry.policy = policy.name if policy is not None else None

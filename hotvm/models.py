@@ -112,6 +112,11 @@ class VMConfig(StrictModel):
     """Overrides the policy's rto for this VM."""
     tier: int | None = Field(None, ge=1)
     """Overrides the policy's tier (1 = recovered first)."""
+    guest_agent: Path | None = None
+    """QEMU driver: the guest agent's unix socket (-chardev socket,path=PATH,server=on,wait=off + a
+    virtserialport named org.qemu.guest_agent.0); needed for `quiesce: true`."""
+    standby_host: str | None = None
+    """Host the sync-config flow keeps a powered-off copy of this VM registered on (seed: VMX sync)."""
     file_restores: bool = False
     """True: single files must be restorable, so the VM's policy needs `files:` (checked by plan check)."""
     contacts: str | None = None
@@ -122,7 +127,21 @@ class VMConfig(StrictModel):
 
 class HostConfig(StrictModel):
     name: str = Field(min_length=1)
-    driver: Literal["qemu"] = "qemu"
+    driver: Literal["qemu", "libvirt", "vsphere"] = "qemu"
+    uri: str | None = None
+    """libvirt: the connection URI (qemu:///system, qemu+ssh://host/system, ...); default qemu:///system."""
+    url: str | None = None
+    """vSphere: the SDK URL of vCenter or an ESXi host, e.g. https://vc.example.com/sdk."""
+    username: str | None = None
+    """vSphere: the user name (the password comes from password_env or password_secret, never the file)."""
+    password_env: str | None = None
+    password_secret: str | None = None
+    verify_tls: bool | Path = True
+    """vSphere: verify the server certificate (true), do not (false: test labs only), or a CA bundle path."""
+    datastore: str | None = None
+    """vSphere: datastore restored and standby VMs are placed on (default: the first the host has)."""
+    vm_dir: Path | None = None
+    """Where restored or standby copies of VMs are placed on this host (disk images, launch specs)."""
     max_concurrent_backups: int = Field(2, ge=1, le=32)
     """Seed: 2-4 concurrent backups per host; enforced with a Prefect global concurrency limit."""
     vms: list[VMConfig] = []
@@ -138,7 +157,31 @@ class HostConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"VM names must be unique on a host, repeated: {', '.join(dupes)}")
+        if self.driver == "vsphere":
+            missing = [k for k in ("url", "username") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"a vsphere host needs {' and '.join(missing)} (see docs/config.md)")
+            if not (self.password_env or self.password_secret):
+                raise ValueError(
+                    "a vsphere host needs password_env (environment variable) or password_secret "
+                    "(Prefect Secret block): passwords never go in hotvm.yaml"
+                )
+        if self.driver == "libvirt" and self.uri is None:
+            self.uri = "qemu:///system"
         return self
+
+    @property
+    def discovers_vms(self) -> bool:
+        """libvirt and vSphere hosts with no `vms:` listed back up every VM the host has."""
+        return self.driver != "qemu" and not self.vms
+
+    def vm_list(self) -> list[VMConfig]:
+        """The VMs of this host: those listed, or (discovers_vms) every VM the host reports now."""
+        if not self.discovers_vms:
+            return self.vms
+        from hotvm.hypervisors import discover_vms  # lazy: models must not need a hypervisor library
+
+        return [VMConfig(name=name) for name in discover_vms(self)]
 
 
 class Keep(StrictModel):
@@ -272,6 +315,9 @@ class Policy(StrictModel):
     """Longest a restore may take: checked against the newest measured restore (restore --boot-check)."""
     tier: int = Field(3, ge=1)
     """Recovery order: tier 1 is recovered first (`hotvm plan export`)."""
+    quiesce: bool = False
+    """Freeze the guest file systems (guest agent / VMware Tools) around add_redo only: an
+    application-consistent point instead of a crash-consistent one. Fails the backup if it cannot."""
 
 
 def default_policy(config: Config) -> Policy:
@@ -347,6 +393,16 @@ class Config(StrictModel):
             raise ValueError("only one target may be marked default: true")
         self._check_policies()
         self._check_plan()
+        hosts = {h.name for h in self.hosts}
+        for h in self.hosts:
+            for vm in h.vms:
+                if vm.standby_host is not None and vm.standby_host not in hosts | {h.name}:
+                    raise ValueError(
+                        f"VM '{vm.name}' standby_host: unknown host '{vm.standby_host}' "
+                        f"(configured: {', '.join(sorted(hosts))})"
+                    )
+                if vm.standby_host == h.name:
+                    raise ValueError(f"VM '{vm.name}' standby_host: give another host than its own")
         return self
 
     def _check_plan(self) -> None:
@@ -406,7 +462,14 @@ class Config(StrictModel):
             for vm in host.vms:
                 if vm.name == name:
                     return host, vm
+        for host in self.hosts:  # asked only when the name is not listed: no connection for listed VMs
+            if host.discovers_vms:
+                for vm in host.vm_list():
+                    if vm.name == name:
+                        return host, vm
         known = ", ".join(vm.name for h in self.hosts for vm in h.vms) or "none"
+        if any(h.discovers_vms for h in self.hosts):
+            known += " and every VM of " + ", ".join(h.name for h in self.hosts if h.discovers_vms)
         raise UnknownVMError(
             f"unknown VM '{name}' (configured: {known})",
             f"add it under hosts[].vms in {self.source or DEFAULT_CONFIG}",
@@ -564,6 +627,9 @@ class Manifest(StrictModel):
     compression: Literal["zstd"] = "zstd"
     disks: list[DiskRecord]
     skipped_disks: list[SkippedDisk] = []
+    consistency: Literal["crash", "application"] = "crash"
+    """crash: the disks as after a power cut (the seed's hot backup); application: guest file systems
+    were frozen (guest agent / VMware Tools quiescing) at the freeze point."""
     config_archive: ConfigArchive | None = None
     vm_description: dict = {}
     boot_check: BootCheckSpec | None = None

@@ -30,7 +30,7 @@ def vms_for_policy(config: Config, policy: Policy | str) -> list[tuple[HostConfi
     return [
         (host, vm)
         for host in config.hosts
-        for vm in host.vms
+        for vm in host.vm_list()
         if (owner := policy_for_vm(config, vm.name)) is not None and owner.name == policy.name
     ]
 
@@ -40,7 +40,7 @@ def claimed_elsewhere(config: Config, policy: Policy | str) -> list[tuple[HostCo
     policy = _policy(config, policy)
     out = []
     for host in config.hosts:
-        for vm in host.vms:
+        for vm in host.vm_list():
             owner = policy_for_vm(config, vm.name)
             if matches(policy, vm.name) and owner is not None and owner.name != policy.name:
                 out.append((host, vm, owner.name))

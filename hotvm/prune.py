@@ -74,7 +74,7 @@ def policy_keeps(cfg: Config, target_cfg: TargetConfig, **overrides: int | None)
         default_target = cfg.targets[0].name
     keeps = {}
     for host in cfg.hosts:
-        for vm in host.vms:
+        for vm in host.vm_list():
             policy = policy_for_vm(cfg, vm.name)
             if policy is not None and (policy.image.target or default_target) == target_cfg.name:
                 keeps[vm.name] = policy.image.keep

@@ -42,7 +42,7 @@ def _config(config: Config | str | Path | None) -> Config:
 
 def _vm_entry(cfg: Config, vm: str):  # noqa: ANN202 - (HostConfig, VMConfig) or (None, None)
     for host in cfg.hosts:
-        for entry in host.vms:
+        for entry in host.vm_list():
             if entry.name == vm:
                 return host, entry
     return None, None

@@ -6,10 +6,13 @@ task that is retried, or a run that follows a killed one, acts on the real state
 
 from __future__ import annotations
 
+import contextlib
 import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from hotvm.errors import HotvmError
 
@@ -71,6 +74,8 @@ class FrozenDisk:
     """QEMU node of the frozen image (where the dirty bitmaps live)."""
     bitmap: str | None = None
     """Dirty bitmap created at this freeze point (add_redo with track_changes), else None."""
+    consistency: Literal["crash", "application"] = "crash"
+    """application: the guest's file systems were frozen (quiesced) at this freeze point."""
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,15 @@ class HypervisorDriver(Protocol):
         """Commit every hotvm overlay an earlier crash left on the VM back into its disk; report it."""
         ...
 
-    def add_redo(self, devices: list[str], tag: str, track_changes: bool = False) -> list[FrozenDisk]:
+    def add_redo(
+        self, devices: list[str], tag: str, track_changes: bool = False, quiesce: bool = False
+    ) -> list[FrozenDisk]:
         """Put a new overlay on each device, all at the same instant (one transaction).
 
         track_changes: also start a dirty bitmap `bitmap_name(tag)` on each disk's image in that same
-        transaction (first overlay only), so it records every write after exactly this point."""
+        transaction (first overlay only), so it records every write after exactly this point.
+        quiesce: freeze the guest file systems around this instant only (guest agent / VMware Tools),
+        always thawed again, even on failure; raises when the guest cannot be quiesced."""
         ...
 
     def dirty_extents(self, device: str, bitmap: str) -> list[tuple[int, int]]:
@@ -130,6 +139,80 @@ class HypervisorDriver(Protocol):
 
     def commit_final(self, device: str) -> CommitResult:
         """Active commit of the last hotvm overlay and pivot back onto the original image."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FrozenImageSource(Protocol):
+    """Optional driver method for disks that are not local files (vSphere datastores, remote libvirt)."""
+
+    def open_frozen_image(self, frozen: FrozenDisk) -> contextlib.AbstractContextManager[FrozenDisk]:
+        """The frozen disk as a local file that `qemu-img` can read (a copy, or a local view of it)."""
+        ...
+
+
+@contextmanager
+def readable_image(driver: HypervisorDriver, frozen: FrozenDisk) -> Iterator[FrozenDisk]:
+    """The frozen image as a local file: the disk itself for local drivers, else what the driver opens."""
+    opener = getattr(driver, "open_frozen_image", None)
+    if opener is None:
+        yield frozen
+        return
+    with opener(frozen) as local:
+        yield local
+
+
+def config_documents(driver: HypervisorDriver) -> dict[str, bytes]:
+    """Optional driver method `config_documents()`: generated config (libvirt domain XML, a VMX fetched
+    from a datastore) stored under documents/ in the config archive, beside the files of config_files()."""
+    fn = getattr(driver, "config_documents", None)
+    return fn() if fn is not None else {}
+
+
+# --------------------------------------------------------------------------- host-level operations
+
+
+@dataclass(frozen=True)
+class VMDefinition:
+    """Everything needed to register a copy of a backed-up VM on a host (restore --to-host, sync-config)."""
+
+    name: str
+    """Name of the VM on the destination host."""
+    source_vm: str
+    source_driver: str
+    documents: dict[str, bytes]
+    """The config archive's documents/ (domain XML, .vmx, ...) by name."""
+    files: dict[str, bytes]
+    """The config archive's files/ (launch scripts, nvram, ...) by their original absolute path."""
+    description: dict
+    """The VM description stored with the backup (describe_vm())."""
+    disks: dict[str, Path]
+    """device -> restored image file on this machine; the host driver uses or uploads it."""
+    new_identity: bool = True
+    """True: a copy beside the original (new UUID and MAC addresses); False: the standby of the same VM."""
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    host: str
+    name: str
+    action: Literal["created", "updated", "unchanged"]
+    started: bool = False
+    location: str = ""
+    """Where the definition lives (domain name/UUID, datastore path of the .vmx, launch spec path)."""
+
+
+class HostDriver(Protocol):
+    """Host-wide operations: the seed's `registered_vm_names` and registering a VM (RegisterVM)."""
+
+    name: str
+
+    def list_vms(self) -> list[str]: ...
+
+    def register_vm(self, definition: VMDefinition, start: bool = False) -> RegisterResult:
+        """Define (register) the VM, powered off unless `start`; idempotent: an identical VM already
+        registered under that name is left alone ("unchanged"), a different one is updated."""
         ...
 
     def close(self) -> None: ...
