@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) vcsim
 
 $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh
@@ -13,6 +13,12 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# vcsim (govmomi's vCenter simulator) for the vSphere tests: built offline from Debian's Go sources into
+# ~/.cache/hotvm/vcsim (never committed); a no-op when already built.
+.PHONY: vcsim
+vcsim:
+	./scripts/build-vcsim.sh
 
 demo: setup
 	$(VENV)/bin/python -m hotvm.demo

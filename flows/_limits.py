@@ -7,7 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
+
+from hotvm.locks import vm_lock
 
 
 def host_limit_name(host: str) -> str:
@@ -40,4 +43,19 @@ def local_host_slot(host: str, limit: int) -> Iterator[None]:
     with _local_lock:
         slot = _local_slots.setdefault((host, limit), threading.BoundedSemaphore(limit))
     with slot:
+        yield
+
+
+@contextmanager
+def backup_slot(host: str, limit: int, vm: str) -> Iterator[None]:
+    """Everything a run that puts overlays on a VM must hold, in this order: the host's slot (in-process
+    queue, then the Prefect global limit; the shortest lease Prefect takes, renewed while the run lives,
+    so a killed run frees its slot within a minute) and the VM's own lock (one backup per VM at a time,
+    image or files: a second run would reconcile the overlays the first one is reading from)."""
+    name = ensure_host_limit(host, limit)
+    with (
+        local_host_slot(host, limit),
+        concurrency(name, occupy=1, strict=True, lease_duration=60),
+        vm_lock(host, vm),
+    ):
         yield

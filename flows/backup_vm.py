@@ -17,14 +17,16 @@ from typing import Any
 
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from flows._limits import ensure_host_limit, local_host_slot
+from flows._limits import backup_slot
 from hotvm import backup
 from hotvm.formats.repository import new_backup_id
+from hotvm.hypervisors.base import FrozenDisk
+from hotvm.hypervisors.qemu_agent import check_quiesce_possible
 from hotvm.locks import BackupRunning, vm_lock
 from hotvm.models import Manifest, StepTiming, TaskRetries, utcnow
+from hotvm.policies import policy_for_vm
 from tasks.bitmaps import drop_bitmaps
 from tasks.commit import commit_disk
 from tasks.config import backup_config
@@ -82,15 +84,10 @@ def backup_vm(
     """Hot image backup of one running VM into a new (or the resumed) backup set."""
     log = get_run_logger()
     session = backup.open_session(vm, config)
+    quiesce = quiesce_for(session)  # refused here, before anything touches the VM
     backup_id = backup_id or run_backup_id()
     steps = _Steps(session.config.retries)
-    limit = ensure_host_limit(session.host.name, session.host.max_concurrent_backups)
-    # The shortest lease Prefect takes (renewed while the run lives): a killed run frees its slot in 1 min.
-    with (
-        local_host_slot(session.host.name, session.host.max_concurrent_backups),
-        concurrency(limit, occupy=1, strict=True, lease_duration=60),
-        vm_lock(session.host.name, vm),
-    ):
+    with backup_slot(session.host.name, session.host.max_concurrent_backups, vm):
         started = utcnow()
         warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
         plan = steps.run("plan", None, plan_disks, vm, target, backup_id, config)
@@ -108,7 +105,7 @@ def backup_vm(
             if plan.todo:
                 frozen = steps.run(
                     "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config,
-                    track_changes=True,
+                    track_changes=True, quiesce=quiesce,
                 )  # fmt: skip
                 for disk in frozen:
                     baseline = plan.baselines.get(disk.device)
@@ -139,6 +136,7 @@ def backup_vm(
                 completed_at=utcnow(),
                 disks=list(records.values()),
                 skipped_disks=plan.skipped,
+                consistency=set_consistency(frozen, plan.done),
                 config_archive=archive,
                 boot_check=session.vm.boot_check,
                 steps=steps.timings,
@@ -174,6 +172,22 @@ def backup_vm(
     return summary
 
 
+def quiesce_for(session: backup.Session) -> bool:
+    """The VM's policy says whether to quiesce; a QEMU VM without an agent socket is refused up front."""
+    policy = policy_for_vm(session.config, session.vm.name)
+    if policy is None or not policy.quiesce:
+        return False
+    check_quiesce_possible(session.host, session.vm, policy.name)
+    return True
+
+
+def set_consistency(frozen: list[FrozenDisk], resumed: list) -> str:
+    """application only when every disk of the set was frozen in this run's one quiesced instant."""
+    if frozen and not resumed and all(d.consistency == "application" for d in frozen):
+        return "application"
+    return "crash"
+
+
 def summarize(manifest: Manifest, url: str) -> dict:
     stalls = [d.pivot_stall_ms for d in manifest.disks if d.pivot_stall_ms is not None]
     modes = {d.device: d.export_mode or "full" for d in manifest.disks}
@@ -207,6 +221,7 @@ def summarize(manifest: Manifest, url: str) -> dict:
             for s in manifest.steps
         ],
         "pivot_stall_ms": max(stalls) if stalls else None,
+        "consistency": manifest.consistency,
         "warnings": manifest.warnings,
     }
 
@@ -237,6 +252,8 @@ def _summary_markdown(summary: dict) -> str:
         f"# Backup {summary['backup_id']} of {summary['vm']}",
         "",
         f"Set: `{summary['url']}`",
+        "",
+        f"Consistency: {summary.get('consistency', 'crash')}",
         "",
         "| step | disk | seconds | note |",
         "|---|---|---|---|",

@@ -10,25 +10,35 @@ from prefect.artifacts import create_table_artifact
 
 from hotvm.errors import HotvmError
 from hotvm.restore import prepare_destination
+from hotvm.standby import restore_dir_on_host
 from tasks.restore import boot_check, find_backup, record_restore_test, restore_config, restore_disk
+from tasks.sync import register_vm
 
 
 @flow(name="restore-vm")
 def restore_vm(
     vm: str,
-    to: str,
+    to: str | None = None,
     backup_id: str | None = None,
     target: str | None = None,
     fmt: str = "qcow2",
     boot_check_restored: bool = False,
     config: str | None = None,
+    to_host: str | None = None,
+    name: str | None = None,
+    start: bool = False,
 ) -> dict:
-    """Restore the latest (or the given) backup of a VM into the directory `to`."""
+    """Restore the latest (or the given) backup of a VM into the directory `to`.
+
+    to_host: also register the restored VM on that host (as `name`, default the VM's own name; another
+    name gets a new UUID and MACs), its disks by default in the host's vm_dir/NAME; `start` starts it."""
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
-    dest = Path(to).resolve()
-    prepare_destination(dest)
+    if to is None and to_host is None:
+        raise HotvmError("restore needs a destination", "pass to (a directory) or to_host (a host)")
     manifest = find_backup(vm, target, backup_id, config)
+    dest = Path(to or restore_dir_on_host(config, to_host, name or vm, manifest.backup_id)).resolve()
+    prepare_destination(dest)
     disks = [restore_disk(manifest, d.device, str(dest), fmt, target, config) for d in manifest.disks]
     config_files = restore_config(manifest, str(dest), target, config)
     result = {
@@ -45,6 +55,9 @@ def restore_vm(
         check = boot_check(manifest, disks, str(dest))
         result["boot_check"] = check.as_dict()
         record_restore_test(manifest, result, target, config)
+    booted = not boot_check_restored or result["boot_check"]["ok"]
+    if to_host is not None and booted:  # a copy that failed its boot check is not registered
+        result["registered"] = register_vm(manifest, to_host, name or vm, disks, target, config, start)
     (dest / "restore.json").write_text(json.dumps(result, indent=2))
     create_table_artifact(
         result["disks"],

@@ -104,7 +104,9 @@ def select_disks(disks: list[DiskInfo], vm: VMConfig) -> tuple[list[DiskInfo], l
                 SkippedDisk(
                     device=disk.device,
                     path=disk.path,
-                    reason=f"disk mode is {disk.mode.value}: it cannot take an overlay",
+                    reason=f"disk mode is {disk.mode.value}"
+                    + (f" ({disk.mode_reason})" if disk.mode_reason else "")
+                    + ": it cannot take an overlay",
                 )
             )
         else:

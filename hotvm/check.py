@@ -35,7 +35,10 @@ ProblemKind = Literal[
     "chunk_unreadable",
     "config_missing",
     "config_corrupt",
+    "entries_missing",
 ]
+FILE_CHUNK_MAX = 8 << 20
+"""A file set's chunk: a pack (4 MiB plus one last file under 1 MiB) or a 4 MiB piece of a large file."""
 EXAMPLES = 3
 
 
@@ -48,6 +51,7 @@ class SetCheck(BaseModel):
     vm: str
     backup_id: str
     state: SetState
+    kind: Literal["image", "files"] = "image"
     disks: int = 0
     chunks: int = 0
     """Chunk references of the set (a chunk used twice counts twice)."""
@@ -174,6 +178,41 @@ def _attribute(listing: SetListing, bad: dict[str, str], check: SetCheck) -> Non
                 check.problems.append(Problem(kind=kind, detail=detail))
 
 
+def _check_file_sets(
+    repo: Repository, vm: str | None, store: set[str], max_size: dict[str, int], report: CheckReport
+) -> list[tuple[SetCheck, set[str]]]:
+    """Daily file sets (files/...): manifest readable, entry lists present, every chunk in the store."""
+    from hotvm.files.prune import list_file_sets
+
+    checked = []
+    for listing in list_file_sets(repo):
+        p = listing.point
+        if vm is not None and p.vm != vm:
+            continue
+        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state, kind="files")
+        report.sets.append(check)
+        if p.state is SetState.DAMAGED:
+            check.problems.append(Problem(kind="manifest_unreadable", detail="file set manifest unreadable"))
+            continue
+        if listing.manifest is None:
+            continue
+        refs = listing.manifest.chunks()
+        check.disks, check.chunks = len(listing.manifest.volumes), len(refs)
+        names = {e.name for e in repo.target.scan(f"{p.path}/volumes")}
+        for volume in listing.manifest.volumes:
+            if volume.entries not in names:
+                what = f"entry list of {volume.key} is missing"
+                check.problems.append(Problem(kind="entries_missing", detail=what))
+        missing = sorted(refs - store)
+        if missing:
+            what = f"{len(missing)} of {len(refs)} chunk(s) of file contents missing ({missing[0][:16]}…)"
+            check.problems.append(Problem(kind="chunk_missing", detail=what))
+        for digest in refs:
+            max_size[digest] = max(max_size.get(digest, 0), FILE_CHUNK_MAX)
+        checked.append((check, refs))
+    return checked
+
+
 def check_repository(
     repo: Repository, *, read_data: bool = False, vm: str | None = None, workers: int = 4
 ) -> CheckReport:
@@ -209,6 +248,7 @@ def check_repository(
         for disk in listing.manifest.disks:
             for _, digest in disk.chunks:
                 max_size[digest] = max(max_size.get(digest, 0), disk.chunk_size)
+    file_sets = _check_file_sets(repo, vm, store, max_size, report)
     report.chunks_referenced = len(max_size)
     if vm is None:
         report.chunks_unreferenced = len(store - max_size.keys())
@@ -222,7 +262,12 @@ def check_repository(
                 report.bytes_read += nbytes
                 if wrong:
                     bad[digest] = wrong
-        for listing, check in zip(listings, report.sets, strict=True):
+        for check, refs in file_sets:
+            damaged = sorted(d for d in refs if d in bad)
+            if damaged:
+                detail = f"{len(damaged)} chunk(s) of file contents damaged/unreadable ({damaged[0][:16]}…)"
+                check.problems.append(Problem(kind="chunk_corrupt", detail=detail))
+        for listing, check in zip(listings, report.sets[: len(listings)], strict=True):
             if listing.manifest is None:
                 continue
             if bad:

@@ -197,6 +197,7 @@ def _render_backup(result: dict) -> None:
         return
     out.print(f"[bold green]backup {result['backup_id']} of {result['vm']} complete[/]")
     out.print(f"set: {result['url']}")
+    out.print(f"consistency: {result.get('consistency', 'crash')}")
     table = Table("step", "disk", "seconds", "note")
     for step in result["steps"]:
         table.add_row(step["name"], step["device"] or "", f"{step['seconds']:.3f}", step.get("note", ""))
@@ -214,7 +215,9 @@ def _render_backup(result: dict) -> None:
 @app.command()
 def restore(
     vm: Annotated[str, typer.Argument(help="VM name as backed up")],
-    to: Annotated[Path, typer.Option("--to", help="new or empty directory for the restored files")],
+    to: Annotated[
+        Path | None, typer.Option("--to", help="new or empty directory for the restored files")
+    ] = None,
     backup_id: Annotated[
         str | None, typer.Option("--backup", help="backup id (default: latest complete)")
     ] = None,
@@ -227,11 +230,32 @@ def restore(
     from_tape: Annotated[
         str | None, typer.Option("--from-tape", help="read the backup straight from this tape (tapes:)")
     ] = None,
+    hybrid: Annotated[
+        bool, typer.Option("--hybrid", help="image as raw + the newest file backup applied (docs/files.md)")
+    ] = False,
+    to_host: Annotated[
+        str | None,
+        typer.Option("--to-host", help="register the restored VM on this host (disks in its vm_dir/NAME)"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="with --to-host: name of the copy (new UUID and MACs)")
+    ] = None,
+    start: Annotated[bool, typer.Option("--start", help="with --to-host: start the registered VM")] = False,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Restore a VM's disks (verified chunk by chunk) and config files into a directory."""
+    """Restore a VM's disks (verified chunk by chunk) and config files into a directory; --to-host also
+    registers it on a host (any driver), as --name with a new identity, powered off unless --start."""
     _prefect_env(verbose)
+    if to is None and (to_host is None or hybrid or from_tape):
+        raise HotvmError("give a destination", "pass --to DIR (or --to-host HOST to register the VM there)")
+    if (name or start) and to_host is None:
+        raise HotvmError("--name and --start need --to-host", "add --to-host HOST")
+    if hybrid:
+        from hotvm.cli_files import hybrid_restore_cmd
+
+        hybrid_restore_cmd(vm, to, backup_id, target, config, as_json)
+        return
     from flows.restore_vm import restore_vm
 
     if from_tape:
@@ -247,12 +271,15 @@ def restore(
     with _progress_bars(not as_json):
         result = restore_vm(
             vm=vm,
-            to=str(to),
+            to=str(to) if to is not None else None,
             backup_id=backup_id,
             target=target,
             fmt=fmt,
             boot_check_restored=boot_check,
             config=_cfg(config),
+            to_host=to_host,
+            name=name,
+            start=start,
         )
     _emit(result, as_json, _render_restore)
 
@@ -265,6 +292,55 @@ def _render_restore(result: dict) -> None:
     if check:
         state = "[green]came up[/]" if check["ok"] else "[red]did not come up[/]"
         out.print(f"boot check: {state} in {check['seconds']:.1f} s (measured recovery time)")
+    reg = result.get("registered")
+    if reg:
+        started = ", started" if reg["started"] else ", powered off"
+        where = f"host {reg['host']}: {reg['action']}{started}"
+        out.print(f"registered {reg['name']} on {where} ({reg['location']})")
+
+
+@app.command("sync-config")
+def sync_config_cmd(
+    vm: Annotated[
+        str | None, typer.Argument(help="only this VM (default: every VM with a standby_host)")
+    ] = None,
+    standby: Annotated[
+        str | None, typer.Option("--standby", help="standby host (default: the VM's standby_host)")
+    ] = None,
+    with_disks: Annotated[
+        bool, typer.Option("--with-disks", help="also restore the latest disks into the standby's vm_dir")
+    ] = False,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Register each VM's latest backed-up config on its standby host, powered off (seed: VMX sync)."""
+    _prefect_env(verbose)
+    from flows.sync_config import sync_config
+    from hotvm.errors import RunFailed
+
+    try:
+        rows, failed = sync_config(vm=vm, standby=standby, with_disks=with_disks, target=target,
+                                   config=_cfg(config)), None  # fmt: skip
+    except RunFailed as exc:
+        rows, failed = exc.results, exc
+    _emit(rows, as_json, _render_sync)
+    if failed is not None:
+        err.print(f"[bold red]error:[/] {failed.message}")
+        raise typer.Exit(1)
+
+
+def _render_sync(rows: list[dict]) -> None:
+    colour = {"created": "green", "updated": "yellow", "unchanged": "dim", "failed": "red"}
+    table = Table("vm", "standby", "action", "backup", "where")
+    for r in rows:
+        action = r.get("action", "failed")
+        table.add_row(
+            r["vm"], r.get("host") or "", f"[{colour.get(action, 'white')}]{action}[/]",
+            r.get("backup_id") or "", r.get("location") or r.get("error") or "",
+        )  # fmt: skip
+    out.print(table)
 
 
 @app.command("list")
@@ -286,12 +362,13 @@ def list_backups(
             "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
             "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
             "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
+            "consistency": e.manifest.consistency if e.manifest else None,
         }
         for e in entries
     ]
 
     def render(rows: list[dict]) -> None:
-        table = Table("vm", "backup", "state", "completed", "disks", "size")
+        table = Table("vm", "backup", "state", "completed", "disks", "size", "consistency")
         for r in rows:
             table.add_row(
                 r["vm"],
@@ -300,6 +377,7 @@ def list_backups(
                 r["completed_at"] or "",
                 ", ".join(r["disks"]),
                 f"{r['bytes'] >> 20} MiB",
+                r["consistency"] or "",
             )
         out.print(table)
 
@@ -360,6 +438,9 @@ def vm_create(
     size: Annotated[str, typer.Option("--size", help="data disk size, e.g. 64M, 1G")] = "64M",
     fmt: Annotated[str, typer.Option("--format", help="qcow2 or raw")] = "qcow2",
     state_dir: StateOpt = None,
+    agent: Annotated[
+        bool, typer.Option("--agent", help="with qemu-ga and an ext4 disk to quiesce (docs/standby.md)")
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Create a demo VM (kernel + busybox initramfs + data disk) and print its hotvm.yaml entry."""
@@ -367,7 +448,7 @@ def vm_create(
 
     from hotvm import guest
 
-    vm = guest.create_vm(name, data_size=size, fmt=fmt, state_dir=state_dir)
+    vm = guest.create_vm(name, data_size=size, fmt=fmt, state_dir=state_dir, agent=agent)
     entry = guest.vm_config_entry(name, state_dir=state_dir)
 
     def render(entry: dict) -> None:
@@ -834,3 +915,8 @@ def _render_inventory(rows: list[dict], output: Path | None) -> None:
     else:
         with output.open("w") as fh:
             Console(file=fh, width=200).print(table)
+
+
+from hotvm.cli_files import files_app  # noqa: E402 - it imports the options defined above
+
+app.add_typer(files_app, name="files")

@@ -287,7 +287,7 @@ class ImagePolicy(_Scheduled):
 
 
 class FilesPolicy(_Scheduled):
-    """Daily file-level backup: accepted and validated; the flow that runs it comes with issue 7."""
+    """Daily file-level backup (the daily-files deployment; docs/files.md): kept one month by default."""
 
     schedule: str = "0 1 * * *"
     target: str | None = None

@@ -125,7 +125,8 @@ def vm_plan(config: Config, host: HostConfig, vm: VMConfig, index: int = 0) -> V
 
 def vm_plans(config: Config) -> list[VMPlan]:
     """Every configured VM in recovery order: tier, then startup_order (if set), then config order."""
-    plans = [vm_plan(config, h, v, i) for i, (h, v) in enumerate((h, v) for h in config.hosts for v in h.vm_list())]
+    pairs = ((h, v) for h in config.hosts for v in h.vm_list())
+    plans = [vm_plan(config, h, v, i) for i, (h, v) in enumerate(pairs)]
     return sorted(plans, key=lambda p: (p.tier, p.startup_order is None, p.startup_order or 0, p.index))
 
 

@@ -27,7 +27,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 
 from hotvm import retention
 from hotvm.errors import ChecksumMismatch, HotvmError
+from hotvm.files.filesets import FileSets
 from hotvm.formats.repository import Repository, read_marker, safe_name
 from hotvm.models import Config, DiskRecord, Keep, Manifest, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
@@ -78,6 +79,19 @@ def policy_keeps(cfg: Config, target_cfg: TargetConfig, **overrides: int | None)
             policy = policy_for_vm(cfg, vm.name)
             if policy is not None and (policy.image.target or default_target) == target_cfg.name:
                 keeps[vm.name] = policy.image.keep
+    return keeps
+
+
+def files_keeps(cfg: Config) -> dict[str, Keep]:
+    """Per-VM retention of file sets: the `files.keep` of each VM's policy (default Table 7.3, 31 days)."""
+    from hotvm.policies import policy_for_vm
+
+    keeps = {}
+    for host in cfg.hosts:
+        for vm in host.vm_list():
+            policy = policy_for_vm(cfg, vm.name)
+            if policy is not None and policy.files is not None:
+                keeps[vm.name] = policy.files.keep
     return keeps
 
 
@@ -229,6 +243,8 @@ class SweepReport(BaseModel):
     tmp_removed: list[str] = []
     tmp_bytes_freed: int = 0
     notes: list[str] = []
+    file_sets: list[SetOutcome] = []
+    """Daily file sets (files/...): kept by the files policy (Table 7.3: one month), their chunks marked."""
 
 
 class PruneReport(BaseModel):
@@ -333,9 +349,12 @@ def sweep(
     now: dt.datetime | None = None,
     set_grace: dt.timedelta = DEFAULT_SET_GRACE,
     chunk_grace: dt.timedelta = DEFAULT_CHUNK_GRACE,
+    files_keep: Keep | Mapping[str, Keep] | None = None,
 ) -> SweepReport:
     """Mark from what the target holds now (minus `exclude`: set paths removed, or to be removed in a dry
-    run), then sweep the chunk store. `now` is the wall clock that chunk modification times are held to."""
+    run), then sweep the chunk store. `now` is the wall clock that chunk modification times are held to.
+    File sets are pruned here first (`files_keep`: one Keep, or per VM as from `files_keeps`; default Table
+    7.3: 31 days), then marked as image sets."""
     target = repo.target
     now = retention.aware(now or utcnow())
     report = SweepReport()
@@ -362,6 +381,7 @@ def sweep(
                 report.skipped_because.append(
                     f"backup {where} may still be running (last written {ago(now - s.point.time)} ago)"
                 )
+    known |= _mark_file_sets(repo, report, marked, dry_run, now, set_grace, files_keep)
     cutoff = now - chunk_grace
     strays: list[tuple[str, Entry]] = []
     no_time = 0
@@ -391,7 +411,7 @@ def sweep(
             continue
         if not dry_run and time.monotonic() - last_check >= RECHECK_S:
             last_check = time.monotonic()
-            new = sorted(set(set_paths(target)) - known)
+            new = sorted((set(set_paths(target)) | set(FileSets(repo).set_paths())) - known)
             if new:
                 stop = f"a new backup started during the sweep ({new[0]}): sweep stopped"
                 continue
@@ -421,6 +441,48 @@ def sweep(
             report.tmp_removed.append(path)
             report.tmp_bytes_freed += entry.size or 0
     return report
+
+
+def _mark_file_sets(
+    repo: Repository,
+    report: SweepReport,
+    marked: set[str],
+    dry_run: bool,
+    now: dt.datetime,
+    set_grace: dt.timedelta,
+    files_keep: Keep | Mapping[str, Keep] | None,
+) -> set[str]:
+    """Retention of the file sets, then mark the chunks of those that stay; returns every file set path."""
+    from hotvm.files.prune import FILES_KEEP, list_file_sets
+
+    listings = list_file_sets(repo)
+    by_path = {f.point.path: f for f in listings}
+    per_vm = files_keep if isinstance(files_keep, Mapping) else {}
+    default = files_keep if isinstance(files_keep, Keep) else FILES_KEEP
+    groups: dict[str, tuple[Keep, list]] = {}
+    for f in listings:
+        keep = per_vm.get(f.point.vm, default)
+        groups.setdefault(keep.model_dump_json(), (keep, []))[1].append(f.point)
+    decisions = [
+        d
+        for keep, points in groups.values()
+        for d in retention.decide(points, keep, now, incomplete_grace=set_grace)
+    ]
+    report.file_sets = remove_sets(repo, decisions, dry_run=dry_run)
+    for d, outcome in zip(decisions, report.file_sets, strict=True):
+        if outcome.removed or (dry_run and not outcome.keep):
+            continue
+        listing = by_path[d.point.path]
+        where = f"file set {d.point.vm}/{d.point.backup_id}"
+        if listing.refs is None:
+            report.skipped_because.append(f"manifest of {where} is unreadable: its chunks are unknown")
+            continue
+        marked |= listing.refs
+        if may_be_running(d.point, now, set_grace):
+            report.skipped_because.append(
+                f"{where} may still be running (last written {ago(now - d.point.time)} ago)"
+            )
+    return set(by_path)
 
 
 def prune_repository(

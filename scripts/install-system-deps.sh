@@ -9,6 +9,7 @@ packages=(
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
   postgresql                          # the Prefect server's database (scripts/prefect-server.sh)
   fdisk dosfstools ntfs-3g e2fsprogs  # partition and format guest file systems (file-level tests, hybrid restore)
+  mtools fusefat                      # FAT without a kernel vfat module: test images (mtools), hybrid restore (fusefat)
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config   # libvirt driver (libvirt-python builds here)
   golang-go golang-github-vmware-govmomi-dev   # vcsim, the vSphere simulator, built offline from source
   qemu-guest-agent                    # put into the demo guest for quiesced (application-consistent) backups

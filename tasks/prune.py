@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from hotvm import prune, retention
-from hotvm.models import Keep
+from hotvm.models import Keep, load_config
 from hotvm.prune import SetOutcome, SweepReport
 from hotvm.retention import BackupPoint, Decision
 from tasks._options import STEP
@@ -63,8 +63,9 @@ def sweep_chunks(
     """Mark the chunks every remaining set references, then remove the others (not while a backup runs)."""
     with prune.opened(config, target) as repo:
         report = prune.sweep(
-            repo, dry_run=dry_run, exclude=removed, set_grace=set_grace, chunk_grace=chunk_grace
-        )
+            repo, dry_run=dry_run, exclude=removed, set_grace=set_grace, chunk_grace=chunk_grace,
+            files_keep=prune.files_keeps(load_config(config)),
+        )  # fmt: skip
     log = get_run_logger()
     for reason in report.skipped_because:
         log.warning("chunk sweep skipped: %s", reason)

@@ -9,9 +9,16 @@ from tasks._options import STEP
 
 @task(name="add_redo", task_run_name="add_redo[{devices}]", **STEP)
 def add_redo(
-    vm: str, devices: list[str], backup_id: str, config: str | None = None, track_changes: bool = False
+    vm: str,
+    devices: list[str],
+    backup_id: str,
+    config: str | None = None,
+    track_changes: bool = False,
+    quiesce: bool = False,
 ) -> list[FrozenDisk]:
     """Put an overlay (the seed's REDO log) on each disk at one instant; the guest keeps running.
 
-    track_changes: start this backup's dirty bitmap on each disk in the same QMP transaction."""
-    return backup.add_redo(backup.open_session(vm, config), devices, backup_id, track_changes)
+    track_changes: start this backup's dirty bitmap on each disk in the same QMP transaction.
+    quiesce: freeze the guest's file systems (guest agent) around that instant only; always thawed."""
+    session = backup.open_session(vm, config)
+    return backup.add_redo(session, devices, backup_id, track_changes, quiesce=quiesce)

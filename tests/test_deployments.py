@@ -40,6 +40,12 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
         assert weekly.entrypoint == "flows/backup_policy.py:backup_policy"
         assert weekly.parameters["policy"] == "default"
         assert [s.schedule.cron for s in deployments["prune"].schedules] == ["30 5 * * *"]
+        daily = deployments["daily-files"]  # seed Table 7.3: file-level backup daily
+        assert [s.schedule.cron for s in daily.schedules] == ["0 1 * * *"]
+        assert daily.entrypoint == "flows/daily_files.py:daily_files"
+        sync = deployments["sync-config"]  # seed: VMX files synchronized to a standby host, daily
+        assert [s.schedule.cron for s in sync.schedules] == ["0 6 * * *"]
+        assert sync.entrypoint == "flows/sync_config.py:sync_config"
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "32M")
     vm = start_qemu(tmp_path, [DiskSpec("data", tmp_path / "d.qcow2")])

@@ -15,6 +15,7 @@ import os
 import shutil
 import stat
 import struct
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,69 @@ VIRTIO_MODULES = (
     "virtio_blk",
 )
 _MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+BASE_DIRS = ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules")
+
+# --------------------------------------------------------------------------- optional guest agent
+# The agent variant (build_initramfs(agent=True)) adds Debian's qemu-ga with its shared libraries, the
+# virtio console (the agent's channel) and ext4 (a file system for it to freeze: the second disk, /dev/vdb,
+# made with mkfs.ext4 on the host). The plain demo initramfs stays as small and fast as before.
+QEMU_GA = Path("/usr/sbin/qemu-ga")
+AGENT_MODULES = ("virtio_console", "crc32c_generic", "ext4")
+AGENT_SCRIPT = "/bin/hotvm-agent"
+FS_MOUNT = "/mnt/fs"
+FS_BEAT_LOG = "beat.log"
+"""The guest appends a counter to FS_MOUNT/beat.log and prints HOTVM-FSBEAT seq=N: stalls while frozen."""
+AGENT_SH = r"""#!/bin/sh
+# hotvm demo guest: mount the ext4 disk, keep writing to it, and run qemu-ga on its virtio port.
+say() { echo "$*" > /dev/ttyS0; }
+mkdir -p @MOUNT@ /run /var/run
+i=0
+while [ ! -b /dev/vdb ] && [ $i -lt 300 ]; do i=$((i + 1)); sleep 0.1; done
+if mount -t ext4 /dev/vdb @MOUNT@; then
+    say "HOTVM-FS mounted"
+    (
+        n=0
+        [ -f @MOUNT@/@BEAT@ ] && n=$(wc -l < @MOUNT@/@BEAT@)
+        while :; do
+            n=$((n + 1))
+            echo "$n" >> @MOUNT@/@BEAT@
+            say "HOTVM-FSBEAT seq=$n"
+            sleep 0.3
+        done
+    ) &
+else
+    say "HOTVM-ERROR cannot mount /dev/vdb (ext4)"
+fi
+port=
+i=0
+while [ -z "$port" ] && [ $i -lt 300 ]; do
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+    done
+    i=$((i + 1))
+    [ -n "$port" ] || sleep 0.1
+done
+if [ -z "$port" ] || [ ! -c "$port" ]; then
+    say "HOTVM-ERROR no org.qemu.guest_agent.0 port"
+    exit 1
+fi
+mkdir -p /dev/virtio-ports
+ln -sf "$port" /dev/virtio-ports/org.qemu.guest_agent.0
+syslogd -O /dev/ttyS0  # qemu-ga logs each freeze/thaw to syslog: they show on the serial console
+say "HOTVM-AGENT starting on $port"
+exec /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run -l /dev/ttyS0
+"""
+AGENT_INIT = r"""#!/bin/busybox sh
+# hotvm demo guest with agent: load the modules, start the agent side, then the usual demo /init
+# (which mounts /proc, /sys and /dev: the agent side waits for its devices).
+/bin/busybox --install -s /bin
+export PATH=/bin
+for m in @MODULES@; do
+    insmod "/lib/modules/$m.ko" || echo "HOTVM-ERROR insmod $m failed" > /dev/ttyS0
+done
+@AGENT@ &
+exec /bin/busybox sh /hotvm-init
+"""
 
 
 @dataclass(frozen=True)
@@ -92,13 +156,14 @@ def build_initramfs(
     kernel: GuestKernel | None = None,
     busybox: Path | None = None,
     interval: float = DEFAULT_INTERVAL,
+    agent: bool = False,
 ) -> Path:
-    """Write the gzip'ed cpio to `out` (atomically) and return it."""
+    """Write the gzip'ed cpio to `out` (atomically) and return it. agent: also qemu-ga (see above)."""
     kernel = kernel or find_kernel()
     busybox = busybox or find_static_busybox()
-    modules = resolve_modules(kernel.modules_dir)
+    modules = resolve_modules(kernel.modules_dir, VIRTIO_MODULES + (AGENT_MODULES if agent else ()))
     archive = _Cpio()
-    for d in ("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"):
+    for d in BASE_DIRS:
         archive.add_dir(d)
     archive.add_char_device("dev/console", 5, 1)
     archive.add_file("bin/busybox", busybox.read_bytes(), 0o755)
@@ -106,13 +171,55 @@ def build_initramfs(
     archive.add_file(WRITER_PATH.lstrip("/"), writer_script(interval).encode(), 0o755)
     for name, path in modules:
         archive.add_file(f"lib/modules/{name}.ko", read_module(path), 0o644)
-    archive.add_file("init", init_script([n for n, _ in modules], interval).encode(), 0o755)
+    names = [n for n, _ in modules]
+    if agent:
+        _add_agent(archive)
+        # The agent's /init loads every module and starts the agent side; the demo /init then loads none.
+        archive.add_file("hotvm-init", init_script([], interval).encode(), 0o755)
+        init = AGENT_INIT.replace("@MODULES@", " ".join(names)).replace("@AGENT@", AGENT_SCRIPT)
+        archive.add_file("init", init.encode(), 0o755)
+    else:
+        archive.add_file("init", init_script(names, interval).encode(), 0o755)
     data = gzip.compress(archive.finish(), compresslevel=9, mtime=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     tmp.replace(out)
     return out
+
+
+def agent_libraries(binary: Path = QEMU_GA) -> list[Path]:
+    """The shared libraries `binary` loads (its ELF interpreter included), as `ldd` resolves them."""
+    if not binary.is_file():
+        raise GuestError(f"{binary} not found", "apt-get install qemu-guest-agent")
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise GuestError(f"ldd {binary} failed: {proc.stderr.strip()}", "check the binary")
+    libs = []
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0] if parts else ""
+        if path.startswith("/"):
+            libs.append(Path(path))
+    return libs
+
+
+def _add_agent(archive: _Cpio) -> None:
+    """qemu-ga and its libraries at their host paths (the ELF interpreter path is fixed in the binary)."""
+    dirs = {"usr", "usr/sbin", "mnt", "run", "var", "etc"}
+    files = [QEMU_GA, *agent_libraries()]
+    for path in files:
+        parent = path.parent
+        while str(parent) != "/":
+            dirs.add(str(parent).lstrip("/"))
+            parent = parent.parent
+    for d in sorted(dirs - set(BASE_DIRS), key=lambda p: (p.count("/"), p)):
+        archive.add_dir(d)  # real directories here even where the host has merged-/usr symlinks
+    for path in files:
+        archive.add_file(str(path).lstrip("/"), path.resolve().read_bytes(), 0o755)
+    archive.add_char_device("dev/null", 1, 3)  # ash opens it for `cmd &` before devtmpfs is mounted
+    script = AGENT_SH.replace("@MOUNT@", FS_MOUNT).replace("@BEAT@", FS_BEAT_LOG)
+    archive.add_file(AGENT_SCRIPT.lstrip("/"), script.encode(), 0o755)
 
 
 def find_static_busybox() -> Path:

@@ -11,6 +11,7 @@ long-running worker.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 from hotvm.bootcheck import boot_disks
 from hotvm.errors import HotvmError
 from hotvm.guest.accel import choose_accel
-from hotvm.guest.artifacts import ensure_guest_files
+from hotvm.guest.artifacts import GuestFiles, ensure_guest_files
 from hotvm.guest.disk import image_info
 from hotvm.guest.errors import (
     BootTimeout,
@@ -34,10 +35,12 @@ from hotvm.guest.errors import (
     VMNotFound,
     VMNotRunning,
 )
+from hotvm.guest.initramfs import AGENT_INIT, AGENT_SH, QEMU_GA, build_initramfs, find_kernel
 from hotvm.guest.qemu import (
     BASE_APPEND,
     MEMORY_MB,
     check_socket_path,
+    escape_opt,
     guest_command,
     pid_alive,
     qmp_args,
@@ -60,6 +63,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _READY = re.compile(r"HOTVM-READY last=(\d+)")
 _HEARTBEAT = re.compile(r"HOTVM-HEARTBEAT seq=(\d+)")
 _MIN_DISK = 2 << 20  # the ring takes the first MiB
+FS_DISK = "fs.raw"  # agent VMs: the ext4 disk (qdev id "fs") the guest mounts at /mnt/fs
+AGENT_PORT = "org.qemu.guest_agent.0"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class VMStatus:
     launch_script: Path
     accel: str | None
     """Accelerator of the current (or last) run."""
+    guest_agent: Path | None = None
+    """VMs created with agent=True: the qemu-ga socket (the guest also mounts its ext4 disk `fs`)."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +110,13 @@ def create_vm(
     data_size: int | str = "64M",
     fmt: str = "qcow2",
     state_dir: str | os.PathLike[str] | None = None,
+    agent: bool = False,
+    fs_size: int | str = "16M",
 ) -> VMStatus:
-    """Make the VM's directory: kernel, initramfs and an empty data disk (the guest fills the ring)."""
+    """Make the VM's directory: kernel, initramfs and an empty data disk (the guest fills the ring).
+
+    agent: also Debian's qemu-ga in the initramfs on a virtio port (socket qga.sock), and a second disk
+    `fs` (ext4, made here with mkfs.ext4) the guest mounts and keeps appending to: something to quiesce."""
     if not _NAME.match(name):
         raise GuestError(f"invalid VM name {name!r}", "use letters, digits, '.', '_' or '-' (max 63)")
     if fmt not in ("qcow2", "raw"):
@@ -116,14 +128,16 @@ def create_vm(
     vmdir = root / name
     if (vmdir / "vm.json").exists():
         raise VMExists(f"VM {name} already exists in {root}", f"use it, or delete {vmdir}")
-    for sock in ("qmp.sock", "qmp2.sock"):
+    for sock in ("qmp.sock", "qmp2.sock", "qga.sock"):
         check_socket_path(vmdir / sock)
     files = ensure_guest_files(root)
     vmdir.mkdir(parents=True, exist_ok=True)
     kernel = vmdir / ("vmlinux" if files.pvh else "vmlinuz")
     initramfs = vmdir / "initramfs.cpio.gz"
     _link_or_copy(files.kernel, kernel)
-    _link_or_copy(files.initramfs, initramfs)
+    _link_or_copy(_agent_initramfs(root, files) if agent else files.initramfs, initramfs)
+    if agent:
+        _make_ext4(vmdir / FS_DISK, parse_size(fs_size))
     disk = vmdir / f"data.{fmt}"
     proc = subprocess.run(
         ["qemu-img", "create", "-q", "-f", fmt, str(disk), str(size)], capture_output=True, text=True
@@ -143,6 +157,8 @@ def create_vm(
         "initramfs": initramfs.name,
         "created": dt.datetime.now(dt.UTC).isoformat(),
     }
+    if agent:
+        meta |= {"agent": True, "fs_disk": FS_DISK}
     (vmdir / "vm.json").write_text(json.dumps(meta, indent=2) + "\n")
     vm = get_vm(name, root)
     _write_launch_script(vm, meta, choose_accel(root).accel)  # the VM's definition exists before a start
@@ -264,7 +280,7 @@ def vm_config_entry(name: str, state_dir: str | os.PathLike[str] | None = None) 
     """The VM's entry for hotvm.yaml (hosts[].vms[]), boot_check included (a restored copy is "up"
     once the guest writes again)."""
     vm, meta = _load(name, state_root(state_dir))
-    return {
+    entry: dict = {
         "name": name,
         "qmp": str(vm.qmp),
         "config_files": [str(vm.launch_script)],
@@ -277,6 +293,9 @@ def vm_config_entry(name: str, state_dir: str | os.PathLike[str] | None = None) 
             "append": BASE_APPEND,
         },
     }
+    if vm.guest_agent is not None:
+        entry["guest_agent"] = str(vm.guest_agent)
+    return entry
 
 
 def boot_check(
@@ -350,6 +369,7 @@ def _load(name: str, root: Path) -> tuple[VMStatus, dict]:
         serial_log=vmdir / "serial.log",
         launch_script=vmdir / "launch.sh",
         accel=run.get("accel"),
+        guest_agent=vmdir / "qga.sock" if meta.get("agent") else None,
     )
     return status, meta
 
@@ -370,9 +390,42 @@ def _write_launch_script(vm: VMStatus, meta: dict, accel: str, interval: float |
         *qmp_args(vm.qmp2),
         *("-pidfile", str(vm.dir / "qemu.pid"), "-daemonize", "-D", str(vm.dir / "qemu.log")),
     ]
+    if vm.guest_agent is not None:
+        fs = {
+            "driver": "raw",
+            "node-name": "fs-disk",
+            "file": {"driver": "file", "filename": str(vm.dir / meta["fs_disk"]), "node-name": "fs-file"},
+        }
+        cmd += [
+            *("-blockdev", json.dumps(fs, separators=(",", ":"))),
+            *("-device", "virtio-blk-pci,drive=fs-disk,id=fs"),
+            *("-chardev", f"socket,path={escape_opt(str(vm.guest_agent))},server=on,wait=off,id=qga0"),
+            *("-device", "virtio-serial-pci", "-device", f"virtserialport,chardev=qga0,name={AGENT_PORT}"),
+        ]  # fmt: skip
     vm.launch_script.write_text(render_script(cmd, f"hotvm demo VM {vm.name}: the exact command hotvm runs"))
     vm.launch_script.chmod(0o755)
     return cmd
+
+
+def _agent_initramfs(root: Path, files: GuestFiles) -> Path:
+    """The agent variant of the shared initramfs, cached beside it (keyed by it and by qemu-ga)."""
+    st = QEMU_GA.stat() if QEMU_GA.exists() else None
+    key = f"{files.initramfs.name}-{st.st_size if st else 0}-{st.st_mtime_ns if st else 0}"
+    key += AGENT_SH + AGENT_INIT
+    out = files.initramfs.with_name(f"initramfs-qga-{hashlib.sha256(key.encode()).hexdigest()[:12]}.cpio.gz")
+    if not out.exists():
+        build_initramfs(out, find_kernel(files.kernel_version), agent=True)
+    return out
+
+
+def _make_ext4(path: Path, size: int) -> None:
+    with path.open("wb") as fh:
+        fh.truncate(size)
+    proc = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "hotvm-fs", str(path)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise GuestError(f"mkfs.ext4 {path} failed: {proc.stderr.strip()}", "apt-get install e2fsprogs")
 
 
 def _alive(vm: VMStatus) -> bool:

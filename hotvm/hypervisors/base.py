@@ -37,6 +37,8 @@ class DiskMode(enum.StrEnum):
     READ_ONLY = "read-only"  # skipped with a warning
     TEMPORARY = "temporary"  # snapshot=on / non-persistent: writes are thrown away; skipped with a warning
     NO_FILE = "no-writable-file"  # empty drive, non-file protocol: skipped with a warning
+    SHARED = "shared"  # attached to several VMs (libvirt <shareable/>): an overlay would split it; skipped
+    NO_SNAPSHOT = "no-snapshot"  # the user excluded it from snapshots (libvirt snapshot='no'); skipped
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class DiskInfo:
     backing_chain: list[str] = field(default_factory=list)
     """The user's own backing files below `path` (never touched by hotvm)."""
     bus: str = ""
+    mode_reason: str = ""
+    """Why a skipped disk has its mode, in the hypervisor's words (e.g. independent_persistent)."""
 
     @property
     def backed_up(self) -> bool:

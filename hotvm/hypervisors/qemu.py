@@ -30,6 +30,7 @@ from hotvm.hypervisors.base import (
     FrozenDisk,
     ReconcileAction,
 )
+from hotvm.hypervisors.qemu_agent import frozen_filesystems
 from hotvm.hypervisors.qemu_chain import Chain, Layer, build_chains
 from hotvm.hypervisors.qemu_jobs import JobWatcher
 from hotvm.hypervisors.qmp import CONNECT_TIMEOUT_S, Monitor, QmpCommandError
@@ -107,7 +108,7 @@ class QemuDriver:
         return next((bus for key, bus in _BUS_BY_TYPE if key in qtype), qtype)
 
     def _disk_info(self, mon: Monitor, chain: Chain) -> DiskInfo:
-        mode, _ = chain.mode()
+        mode, why = chain.mode()
         idx = chain.image_index
         if mode is DiskMode.TEMPORARY and idx + 1 < len(chain.layers):
             idx += 1  # report the user's real image below QEMU's throw-away overlay
@@ -122,6 +123,7 @@ class QemuDriver:
             hotvm_overlays=[layer.filename for layer in reversed(chain.hotvm_layers)],
             backing_chain=[layer.filename for layer in chain.layers[idx + 1 :]],
             bus=self._bus(mon, chain.qdev),
+            mode_reason=why,
         )
 
     def list_disks(self) -> list[DiskInfo]:
@@ -280,7 +282,15 @@ class QemuDriver:
                 "commit them first (commit_level1 / commit_final) or run reconcile",
             )
 
-    def add_redo(self, devices: list[str], tag: str, track_changes: bool = False) -> list[FrozenDisk]:
+    def add_redo(
+        self, devices: list[str], tag: str, track_changes: bool = False, quiesce: bool = False
+    ) -> list[FrozenDisk]:
+        if quiesce and self.vm.guest_agent is None:
+            raise ConfigError(
+                f"VM '{self.vm.name}': its policy asks for quiesce but no guest_agent socket is configured",
+                "add guest_agent: /path/to/qga.sock to the VM in hotvm.yaml (and run qemu-ga in the guest), "
+                "or set quiesce: false in its policy",
+            )
         if not tag or _SAFE.search(tag):
             raise HypervisorError(
                 f"invalid overlay tag {tag!r}", "use letters, digits, '-', '_' and '.' only"
@@ -327,58 +337,76 @@ class QemuDriver:
                     )
                     bitmaps[chain.device] = bitmap
 
-            created: list[Path] = []
-            added: list[str] = []
-            try:
-                for chain, top, path, node in plan:
-                    _create_overlay(qemu_img, path, top, self.vm.name, chain.device)
-                    created.append(path)
-                    mon.cmd(
-                        "blockdev-add",
-                        {
-                            "driver": "qcow2",
-                            "node-name": node,
-                            "file": {"driver": "file", "filename": str(path), "node-name": f"{node}-f"},
-                            "backing": None,
-                        },
-                    )
-                    added.append(node)
-                t0 = time.perf_counter()
-                mon.cmd(
-                    "transaction",
-                    {
-                        "actions": actions
-                        + [
-                            {"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}
-                            for _, top, _, node in plan
-                        ]
-                    },
-                )
-                log.info(
-                    "VM '%s': overlays on %s in one transaction (%.1f ms)",
-                    self.vm.name, ", ".join(c.device for c, *_ in plan), (time.perf_counter() - t0) * 1000,
-                )  # fmt: skip
-            except HypervisorUnreachable:
-                # the transaction may have gone through: never delete files QEMU could be writing to
-                log.error(
-                    "VM '%s': connection lost while adding overlays; reconcile will sort it out", self.vm.name
-                )
-                raise
-            except HypervisorError as exc:
-                self._undo_redo(mon, added, created)
-                if isinstance(exc, QmpCommandError):
-                    raise HypervisorError(
-                        f"VM '{self.vm.name}': could not add overlays ({exc.message}); nothing was changed",
-                        "check the overlay directory (exists, writable by QEMU, free space)",
-                    ) from None
-                raise
+            # quiesce: the guest's file systems are frozen for the overlay creation and the transaction
+            # only, and thawed whatever happens (frozen_filesystems); the export runs on a thawed guest.
+            freeze = (
+                frozen_filesystems(self.vm.guest_agent, self.vm.name)
+                if quiesce and self.vm.guest_agent is not None
+                else contextlib.nullcontext(0)
+            )
+            with freeze:
+                self._redo_transaction(mon, plan, actions, qemu_img)
             return [
                 FrozenDisk(
                     chain.device, top.filename, top.format, str(path), top.virtual_size, top.node,
-                    bitmaps.get(chain.device),
+                    bitmaps.get(chain.device), "application" if quiesce else "crash",
                 )
                 for chain, top, path, _ in plan
             ]  # fmt: skip
+
+    def _redo_transaction(
+        self,
+        mon: Monitor,
+        plan: list[tuple[Chain, Layer, Path, str]],
+        actions: list[dict],
+        qemu_img: str,
+    ) -> None:
+        """Create and attach the overlay files, then snapshot every disk onto them in ONE transaction."""
+        created: list[Path] = []
+        added: list[str] = []
+        try:
+            for chain, top, path, node in plan:
+                _create_overlay(qemu_img, path, top, self.vm.name, chain.device)
+                created.append(path)
+                mon.cmd(
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": str(path), "node-name": f"{node}-f"},
+                        "backing": None,
+                    },
+                )
+                added.append(node)
+            t0 = time.perf_counter()
+            mon.cmd(
+                "transaction",
+                {
+                    "actions": actions
+                    + [
+                        {"type": "blockdev-snapshot", "data": {"node": top.node, "overlay": node}}
+                        for _, top, _, node in plan
+                    ]
+                },
+            )
+            log.info(
+                "VM '%s': overlays on %s in one transaction (%.1f ms)",
+                self.vm.name, ", ".join(c.device for c, *_ in plan), (time.perf_counter() - t0) * 1000,
+            )  # fmt: skip
+        except HypervisorUnreachable:
+            # the transaction may have gone through: never delete files QEMU could be writing to
+            log.error(
+                "VM '%s': connection lost while adding overlays; reconcile will sort it out", self.vm.name
+            )
+            raise
+        except HypervisorError as exc:
+            self._undo_redo(mon, added, created)
+            if isinstance(exc, QmpCommandError):
+                raise HypervisorError(
+                    f"VM '{self.vm.name}': could not add overlays ({exc.message}); nothing was changed",
+                    "check the overlay directory (exists, writable by QEMU, free space)",
+                ) from None
+            raise
 
     def _undo_redo(self, mon: Monitor, nodes: list[str], files: list[Path]) -> None:
         for node in nodes:

@@ -1,0 +1,201 @@
+"""daily-files: file-level backup of running VMs from the same hot snapshot (seed Table 7.1/7.3).
+
+    reconcile -> plan_files -> add_redo (all disks, one instant, + this set's dirty bitmaps) -> per disk:
+    scan_files (every guest file system on the frozen base; a volume the previous set's bitmap shows
+    unchanged is not walked; elsewhere only new or changed files are read and stored), add_redo, commit
+    level 1, commit final -> finish_files (manifest last) -> drop the superseded bitmaps -> update_catalog
+
+Same guarantees as backup_vm: the per-VM lock and host slot it shares with image backups, rollback on any
+failure and in the crash/cancel hooks, reconcile first, and a rerun (same backup id) skips the volumes and
+disks the target already journals. An unreadable file system is reported and skipped; the others still
+back up. `daily_files` runs it for every VM whose policy has `files:`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._fleet import MAX_PARALLEL_VMS, _failed_task, artifact_key, publish
+from flows._limits import backup_slot, ensure_host_limit
+from flows.backup_vm import _rollback_hook, _Steps, run_backup_id
+from hotvm import backup
+from hotvm.files.backup import summary_rows
+from hotvm.models import load_config, utcnow
+from hotvm.policies import policy_for_vm, vms_for_policy
+from tasks.bitmaps import drop_bitmaps
+from tasks.commit import commit_disk
+from tasks.files import finish_files, plan_files, scan_files, update_catalog
+from tasks.reconcile import reconcile_vm, rollback_vm
+from tasks.redo import add_redo
+
+
+def files_target(session: backup.Session, target: str | None) -> str | None:
+    """--target, else the VM's policy's files.target, else the default target."""
+    if target:
+        return target
+    policy = policy_for_vm(session.config, session.vm.name)
+    return policy.files.target if policy is not None and policy.files is not None else None
+
+
+@flow(name="files-vm", on_crashed=[_rollback_hook], on_cancellation=[_rollback_hook])
+def files_vm(
+    vm: str, target: str | None = None, config: str | None = None, backup_id: str | None = None
+) -> dict:
+    """File-level backup of one running VM into a new (or the resumed) file set."""
+    log = get_run_logger()
+    session = backup.open_session(vm, config)
+    target = files_target(session, target)
+    backup_id = backup_id or run_backup_id()
+    steps = _Steps(session.config.retries)
+    with backup_slot(session.host.name, session.host.max_concurrent_backups, vm):
+        started = utcnow()
+        warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
+        plan = steps.run("plan", None, plan_files, vm, target, backup_id, config)
+        warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
+        journals = list(plan.done)
+        frozen, scanned = [], set()
+        try:
+            if plan.todo:
+                frozen = steps.run(
+                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config,
+                    track_changes=True,
+                )  # fmt: skip
+                for disk in frozen:
+                    journals.append(
+                        steps.run(
+                            "scan_files",
+                            disk.device,
+                            scan_files,
+                            vm,
+                            target,
+                            backup_id,
+                            disk,
+                            plan.previous,
+                            config,
+                            plan.bitmaps.get(disk.device),
+                        )  # fmt: skip
+                    )
+                    scanned.add(disk.device)
+                    steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
+                    steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
+                    steps.run("commit_final", disk.device, commit_disk, vm, disk.device, "final", config)
+            if plan.done:
+                warnings.append(
+                    f"resumed {backup_id}: {', '.join(j.device for j in plan.done)} from an earlier attempt"
+                )
+            manifest = steps.run(
+                "finish", None, finish_files, vm, target, backup_id, plan, journals, started, steps.timings,
+                warnings, config,
+            )  # fmt: skip
+        except BaseException:
+            log.error("file backup of %s failed: committing its overlays back before the run ends", vm)
+            rollback_vm(vm, config)
+            # this run's bitmap stays only where its disk is journaled (a resume relies on those)
+            unused = {d.device: [d.bitmap] for d in frozen if d.bitmap and d.device not in scanned}
+            try:
+                if unused:
+                    drop_bitmaps(vm, unused, config)
+            except Exception as exc:  # noqa: BLE001 - a stray bitmap costs memory, not correctness
+                log.warning("could not remove this run's dirty bitmaps %s: %s", unused, exc)
+            raise
+        # complete: the previous set's bitmaps are superseded by this one's (only where this set has one)
+        superseded = {
+            j.device: [plan.bitmaps[j.device]]
+            for j in journals
+            if j.bitmap and plan.bitmaps.get(j.device) and plan.bitmaps[j.device] != j.bitmap
+        }
+        if superseded:
+            try:
+                drop_bitmaps(vm, superseded, config)
+            except Exception as exc:  # noqa: BLE001 - the set is complete; a stray bitmap only costs RAM
+                log.warning("file set complete, but superseded bitmaps %s stay: %s", superseded, exc)
+    try:
+        catalog = steps.run("update_catalog", None, update_catalog, vm, target, config)
+    except Exception as exc:  # noqa: BLE001 - the set is complete; the catalog re-syncs on next use
+        log.warning("file set %s complete, catalog not updated: %s", backup_id, exc)
+        catalog = None
+    result = summarize(manifest, catalog)
+    create_markdown_artifact(
+        _markdown(result), key=f"files-{artifact_key(vm)}", description=f"file backup of {vm}"
+    )
+    log.info("file backup %s of %s complete", backup_id, vm)
+    return result
+
+
+def summarize(manifest, catalog: dict | None) -> dict:  # noqa: ANN001 - FileSetManifest
+    rows = summary_rows(manifest)
+    ok = [r for r in rows if r["status"] == "ok"]
+    return {
+        "backup_id": manifest.backup_id,
+        "vm": manifest.vm,
+        "kind": "files",
+        "incremental_from": manifest.incremental_from,
+        "volumes": rows,
+        "files_seen": sum(r["files_seen"] for r in ok),
+        "files_read": sum(r["files_read"] for r in ok),
+        "files_stored": sum(r["files_stored"] for r in ok),
+        "bytes_new": sum(r["bytes_new"] for r in ok),
+        "bytes_unchanged": sum(r["bytes_unchanged"] for r in ok),
+        "skipped_disks": [s.model_dump() for s in manifest.skipped_disks],
+        "steps": [{"name": s.step, "device": s.device, "seconds": s.seconds} for s in manifest.steps],
+        "warnings": manifest.warnings,
+        "catalog": catalog,
+    }
+
+
+def _markdown(result: dict) -> str:
+    lines = [
+        f"# File backup {result['backup_id']} of {result['vm']}",
+        "",
+        f"Incremental from: {result['incremental_from'] or 'none (first file backup)'}",
+        "",
+        "| file system | type | files seen | files read | files stored | bytes new | bytes unchanged |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["volumes"]:
+        if r["status"] == "ok":
+            lines.append(
+                f"| {r['volume']} | {r['fstype']}{' (not walked)' if r.get('unchanged_volume') else ''} "
+                f"| {r['files_seen']} | {r['files_read']} "
+                f"| {r['files_stored']} | {r['bytes_new']} | {r['bytes_unchanged']} |"
+            )
+        else:
+            lines.append(f"| {r['volume']} | skipped: {r['reason']} | | | | | |")
+    if result["warnings"]:
+        lines += ["", "Warnings:"] + [f"- {w}" for w in result["warnings"]]
+    return "\n".join(lines)
+
+
+@task(name="files_one_vm", task_run_name="files[{vm}]", cache_policy=NO_CACHE)
+def files_one_vm(vm: str, target: str | None, config: str | None, host: str = "") -> dict:
+    """files_vm as a subflow: each VM's steps show (and can be retried) in the UI on their own."""
+    row = {"host": host, "vm": vm}
+    state = files_vm(vm=vm, target=target, config=config, return_state=True)
+    if state.is_completed():
+        return {**row, "ok": True, "status": "success", **state.result()}
+    exc = state.result(raise_on_failure=False)
+    step = getattr(exc, "hotvm_step", None) or _failed_task(state.state_details.flow_run_id)
+    error = str(exc) or type(exc).__name__ if isinstance(exc, BaseException) else (state.message or "failed")
+    return {**row, "ok": False, "status": "failed", "step": step or "before the first step", "error": error}
+
+
+@flow(name="daily-files", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS))
+def daily_files(policy: str = "default", config: str | None = None, target: str | None = None) -> list[dict]:
+    """File-level backup of every VM of `policy` (if the policy has `files:`), to its files target."""
+    cfg = load_config(config)
+    chosen = cfg.find_policy(policy)
+    if chosen.files is None:
+        get_run_logger().warning("policy %s has no files: section: no file-level backups to run", policy)
+        return []
+    target = target or chosen.files.target
+    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen)]
+    for host in dict.fromkeys(h for h, _ in pairs):
+        ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
+    futures = [files_one_vm.submit(vm, target, config, host) for host, vm in pairs]
+    results = [f.result() for f in futures]
+    return publish(
+        results, f"daily-files-{artifact_key(policy)}", f"file backup of policy {policy}", f"policy {policy}"
+    )

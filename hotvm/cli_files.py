@@ -1,0 +1,298 @@
+"""`hotvm files ...`: file-level backups (daily-files flow), the catalog, single-file restore.
+
+Paths are '/<volume>/<path in it>' (volume = '<disk>-p<N>' as Linux numbers partitions, e.g.
+/vda-p1/etc/hosts); `hotvm files ls VM` lists the volumes. --backup takes a file set id or an image set id
+(image backups are browsed through their chunks); without it, the newest file set (at or before --at).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hotvm.cli import ConfigOpt, JsonOpt, TargetOpt, _cfg, _emit, _prefect_env, err, out
+from hotvm.errors import HotvmError
+
+files_app = typer.Typer(
+    help="File-level backups: daily, incremental, searchable catalog, single-file restore.",
+    no_args_is_help=True,
+)
+BackupOpt = Annotated[str | None, typer.Option("--backup", help="backup id: a file set or an image set")]
+AtOpt = Annotated[
+    str | None,
+    typer.Option("--at", help="the newest file backup completed by this time (ISO date or date-time, UTC)"),
+]
+
+
+def parse_at(value: str | None) -> dt.datetime | None:
+    """'2026-11-27' = the end of that day; '2026-11-27T10:00' = that instant; naive times are UTC."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            return dt.datetime.fromisoformat(value).replace(tzinfo=dt.UTC) + dt.timedelta(
+                days=1, microseconds=-1
+            )
+        at = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise HotvmError(
+            f"--at {value!r} is not a date", "give e.g. 2026-11-27 or 2026-11-27T10:30"
+        ) from None
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
+
+
+def _repo(config: Path | None, target: str | None):  # noqa: ANN202
+    from hotvm.models import load_config
+    from hotvm.restore import open_repository
+
+    cfg = load_config(config)
+    if target is None:
+        target = _files_target_of(cfg)
+    return open_repository(cfg, target)
+
+
+def _files_target_of(cfg) -> str | None:  # noqa: ANN001
+    """With one policy that names a files target, that target; else the default target."""
+    targets = {p.files.target for p in cfg.effective_policies() if p.files is not None and p.files.target}
+    return targets.pop() if len(targets) == 1 else None
+
+
+def _catalog(repo, vm: str | None):  # noqa: ANN001, ANN202
+    from hotvm.files.browse import sync_catalog
+    from hotvm.files.catalog import Catalog
+
+    catalog = Catalog.for_repository(repo)
+    sync_catalog(catalog, repo, vm)
+    return catalog
+
+
+def _time(ns: int) -> str:
+    return dt.datetime.fromtimestamp(ns / 1e9, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _public(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("_") and k != "pieces"}
+
+
+@files_app.command("backup")
+def files_backup(
+    vm: Annotated[str, typer.Argument(help="VM name from hotvm.yaml")],
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    new: Annotated[
+        bool, typer.Option("--new", help="start a new set even if an unfinished one exists")
+    ] = False,
+    as_json: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
+) -> None:
+    """Back up the files of a running VM now (the daily-files flow for one VM); resumes an unfinished set."""
+    _prefect_env(verbose)
+    from hotvm.files.filesets import FileSets
+    from hotvm.models import load_config
+
+    cfg = load_config(config)
+    cfg.find_vm(vm)
+    from flows.daily_files import files_target, files_vm
+    from hotvm.backup import open_session
+
+    target = files_target(open_session(vm, cfg), target)
+    resume_id = None
+    if not new:
+        from hotvm.restore import open_repository
+
+        repo = open_repository(cfg, target)
+        if repo.unlock():
+            sets = FileSets(repo).list_sets(vm)
+            if sets and not sets[-1].complete:
+                resume_id = sets[-1].backup_id
+                err.print(f"resuming unfinished file set {resume_id} (use --new for a fresh one)")
+    result = files_vm(vm=vm, target=target, config=_cfg(config), backup_id=resume_id)
+    _emit(result, as_json, _render_backup)
+
+
+def _render_backup(result: dict) -> None:
+    out.print(f"[bold green]file backup {result['backup_id']} of {result['vm']} complete[/]")
+    if result["incremental_from"]:
+        out.print(f"incremental from {result['incremental_from']}")
+    table = Table(
+        "file system", "type", "files seen", "files read", "files stored", "bytes new", "bytes unchanged"
+    )
+    for r in result["volumes"]:
+        if r["status"] == "ok":
+            table.add_row(
+                r["volume"], r["fstype"] + (" (unchanged: not walked)" if r.get("unchanged_volume") else ""),
+                str(r["files_seen"]), str(r["files_read"]), str(r["files_stored"]),
+                str(r["bytes_new"]), str(r["bytes_unchanged"]),
+            )  # fmt: skip
+        else:
+            table.add_row(r["volume"], f"[yellow]skipped: {r['reason']}[/]", "", "", "", "", "")
+    out.print(table)
+    for warning in result["warnings"]:
+        out.print(f"[yellow]warning:[/] {warning}")
+
+
+@files_app.command("find")
+def files_find(
+    vm: Annotated[str, typer.Argument(help="VM name as backed up")],
+    pattern: Annotated[
+        str, typer.Argument(help="glob on the name ('sales*.xls'), or on the path if it has a /")
+    ],
+    at: AtOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every version of matching files across the backups in the catalog."""
+    repo = _repo(config, target)
+    with _catalog(repo, vm) as catalog:
+        rows = catalog.find(vm, pattern, parse_at(at))
+
+    def render(rows: list[dict]) -> None:
+        table = Table("path", "backup", "kind", "size", "modified")
+        for r in rows:
+            table.add_row(r["path"], r["backup_id"], r["kind"], str(r["size"]), _time(r["mtime_ns"]))
+        out.print(table)
+        out.print(f"{len(rows)} match(es)")
+
+    _emit(rows, as_json, render)
+
+
+@files_app.command("ls")
+def files_ls(
+    vm: Annotated[str, typer.Argument(help="VM name as backed up")],
+    path: Annotated[str, typer.Argument(help="/<volume>/<path>; '/' lists the volumes")] = "/",
+    backup_id: BackupOpt = None,
+    at: AtOpt = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List a directory of a backup (a file set, or an image set read through its chunks)."""
+    from hotvm.files.browse import index_image_set, resolve_set
+
+    repo = _repo(config, target)
+    ref = resolve_set(repo, vm, backup_id, parse_at(at))
+    with _catalog(repo, vm) as catalog:
+        if not catalog.has_set(ref.vm, ref.backup_id):
+            for problem in index_image_set(catalog, repo, ref):
+                err.print(f"[yellow]not readable:[/] {problem}")
+        rows = catalog.ls(ref.vm, ref.backup_id, path)
+    if not rows and path.strip("/"):
+        raise HotvmError(f"{path} is not in backup {ref.backup_id} of {vm}", f"see 'hotvm files ls {vm}'")
+
+    def render(rows: list[dict]) -> None:
+        out.print(f"{ref.kind} backup {ref.backup_id} ({ref.completed_at:%Y-%m-%d %H:%M} UTC)")
+        table = Table("mode", "uid", "gid", "size", "modified", "path")
+        for r in rows:
+            name = (
+                r["path"]
+                + ("/" if r["kind"] == "dir" else "")
+                + (f" -> {r['target']}" if r["target"] else "")
+            )
+            table.add_row(
+                oct(r["mode"]), str(r["uid"]), str(r["gid"]), str(r["size"]), _time(r["mtime_ns"]), name
+            )
+        out.print(table)
+
+    _emit(rows, as_json, render)
+
+
+@files_app.command("restore")
+def files_restore(
+    vm: Annotated[str, typer.Argument(help="VM name as backed up")],
+    paths: Annotated[list[str], typer.Argument(help="files or directories: /<volume>/<path>")],
+    to: Annotated[Path, typer.Option("--to", help="directory to restore into (each at its full path)")],
+    backup_id: BackupOpt = None,
+    at: AtOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace files that exist in --to")] = False,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore files and directories with their metadata, without restoring the disk image."""
+    from hotvm.files.browse import open_view, resolve_set, select
+    from hotvm.files.restore import restore_entries
+
+    repo = _repo(config, target)
+    ref = resolve_set(repo, vm, backup_id, parse_at(at))
+    with open_view(repo, ref) as view:
+        chosen = select(view.entries, paths)
+        report = restore_entries(chosen, view.read, to.resolve(), overwrite=overwrite)
+    result = {
+        "vm": ref.vm,
+        "backup_id": ref.backup_id,
+        "kind": ref.kind,
+        "to": str(to.resolve()),
+        **report.as_dict(),
+    }
+
+    def render(r: dict) -> None:
+        out.print(
+            f"[bold green]restored {r['files']} file(s), {r['dirs']} dir(s), {r['symlinks']} symlink(s), "
+            f"{r['hardlinks']} hard link(s), {r['bytes']} bytes[/] from {r['kind']} backup {r['backup_id']} "
+            f"into {r['to']}"
+        )
+        for problem in r["metadata_errors"]:
+            out.print(f"[yellow]metadata not restored:[/] {problem}")
+
+    _emit(result, as_json, render)
+
+
+@files_app.command("catalog")
+def files_catalog(
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="recreate it from the backup sets alone")
+    ] = False,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sync the local catalog with the target (index new file sets, drop pruned ones)."""
+    from hotvm.files.catalog import catalog_path
+
+    repo = _repo(config, target)
+    path = catalog_path(repo)
+    if rebuild:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    with _catalog(repo, None) as catalog:
+        rows = catalog.sets()
+        count = catalog.db.execute("SELECT count(*) FROM entries").fetchone()[0]
+    result = {"catalog": str(path), "sets": len(rows), "entries": count, "rebuilt": rebuild}
+    _emit(
+        result,
+        as_json,
+        lambda r: out.print(f"catalog {r['catalog']}: {r['sets']} set(s), {r['entries']} entries"),
+    )
+
+
+def hybrid_restore_cmd(
+    vm: str, to: Path, backup_id: str | None, target: str | None, config: Path | None, as_json: bool
+) -> None:
+    """`hotvm restore VM --hybrid --to DIR`: the disaster-recovery path (docs/files.md)."""
+    from hotvm.files.hybrid import hybrid_restore
+
+    result = hybrid_restore(config, vm, to, target, backup_id)
+
+    def render(r: dict) -> None:
+        out.print(f"[bold green]restored {r['vm']} image {r['backup_id']} (raw) into {r['to']}[/]")
+        for disk in r["disks"]:
+            out.print(f"  {disk['device']}: {disk['path']}")
+        if r["files_backup_id"]:
+            out.print(f"applied file backup {r['files_backup_id']}:")
+        for v in r["volumes"]:
+            if "skipped" in v:
+                out.print(f"  {v['volume']}: [yellow]skipped: {v['skipped']}[/]")
+            else:
+                out.print(
+                    f"  {v['volume']} ({v['fstype']}): {v['written']} written, {v['deleted']} deleted, "
+                    f"{v['unchanged']} unchanged"
+                )
+        for note in r["notes"]:
+            out.print(f"[yellow]note:[/] {note}")
+
+    _emit(result, as_json, render)

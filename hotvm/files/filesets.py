@@ -1,0 +1,298 @@
+"""File sets on the target: the daily file-level backups, beside (never among) the image sets.
+
+    files/<vm>/<id>/started.json              an unfinished set is visible (prune keeps it while it may run)
+    files/<vm>/<id>/volumes/<key>.entries.zst the volume's entries (a JSON array, zstd; sealed if encrypted)
+    files/<vm>/<id>/volumes/<key>.json        the volume's record: written once its entries and chunks are
+                                              stored (resume journal: a rerun skips the volume)
+    files/<vm>/<id>/disks/<device>.json       every volume of the disk is journaled (a rerun skips the disk)
+    files/<vm>/<id>/manifest.json             written last: only then is the set complete
+
+A separate top-level prefix keeps the image code (list, restore, tape copy, verify) from mistaking a file
+set for an image set. File contents live in the repository's shared chunk store (`chunks/`), so dedup and
+encryption work for them as for disk chunks; each set's manifest lists every chunk it references, which
+is what prune marks.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import zstandard
+from pydantic import ValidationError
+
+from hotvm import __version__
+from hotvm.errors import BackupSetError, ChecksumMismatch
+from hotvm.formats.repository import Repository, read_marker, safe_name
+from hotvm.models import SkippedDisk, StepTiming, StrictModel, utcnow
+
+ROOT = "files"
+FILESET_FORMAT = 1
+ENTRIES_LEVEL = 3
+
+
+class VolumeStats(StrictModel):
+    """What one volume's backup did: the per-file-system line of the report."""
+
+    files_seen: int = 0
+    dirs_seen: int = 0
+    other_seen: int = 0
+    """Symlinks, devices, sockets, fifos: metadata only."""
+    files_read: int = 0
+    """Regular files read from the frozen disk (new or changed since the previous set)."""
+    files_stored: int = 0
+    """Files whose content was not in the store yet."""
+    bytes_seen: int = 0
+    bytes_read: int = 0
+    bytes_new: int = 0
+    """Plain bytes of file content stored for the first time."""
+    bytes_unchanged: int = 0
+    """Plain bytes of file content already stored (unchanged files, renames, copies)."""
+    bytes_stored: int = 0
+    """Bytes written to the target for content (compressed, encrypted)."""
+    seconds: float = 0.0
+    files_unreadable: int = 0
+    """Files the damaged file system would not hand out (listed, without content)."""
+    unreadable: list[str] = []
+    unchanged_volume: bool = False
+    """No block of the volume changed since the previous set (dirty bitmap): not walked at all."""
+
+
+class SkippedVolume(StrictModel):
+    key: str
+    device: str
+    name: str
+    reason: str
+
+
+class VolumeRecord(StrictModel):
+    key: str
+    device: str
+    name: str
+    fstype: str
+    label: str | None = None
+    start: int = 0
+    length: int = 0
+    scheme: str = ""
+    description: str = ""
+    entries: str
+    """File name (in the set's volumes/) of the entry list."""
+    entry_count: int
+    chunks: list[str]
+    """Every chunk this volume's files reference (prune marks them)."""
+    frozen_at: dt.datetime
+    stats: VolumeStats
+
+
+class DiskJournal(StrictModel):
+    device: str
+    volumes: list[str]
+    skipped: list[SkippedVolume] = []
+    bitmap: str | None = None
+    """The dirty bitmap started at this disk's freeze: the next set walks only volumes it marks changed."""
+
+
+class FileSetManifest(StrictModel):
+    format_version: int = FILESET_FORMAT
+    tool_version: str = __version__
+    kind: Literal["files"] = "files"
+    backup_id: str
+    vm: str
+    host: str
+    started_at: dt.datetime
+    completed_at: dt.datetime
+    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
+    incremental_from: str | None = None
+    volumes: list[VolumeRecord]
+    skipped_volumes: list[SkippedVolume] = []
+    skipped_disks: list[SkippedDisk] = []
+    disk_bitmaps: dict[str, str] = {}
+    """device -> dirty bitmap started at its freeze (see DiskJournal.bitmap)."""
+    steps: list[StepTiming] = []
+    warnings: list[str] = []
+
+    def chunks(self) -> set[str]:
+        return {c for v in self.volumes for c in v.chunks}
+
+    def volume(self, key: str) -> VolumeRecord:
+        for v in self.volumes:
+            if v.key == key:
+                return v
+        raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class FileSetEntry:
+    vm: str
+    backup_id: str
+    manifest: FileSetManifest | None
+    path: str
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one per call
+
+
+def encode_entries(entries: Iterable[dict]) -> bytes:
+    body = _ENCODER.encode(list(entries)).encode()
+    return zstandard.ZstdCompressor(level=ENTRIES_LEVEL).compress(body)
+
+
+def decode_entries(blob: bytes) -> list[dict]:
+    body = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
+    return json.loads(body)
+
+
+class FileSets:
+    """File sets of one repository (plain bytes in and out; the Repository seals and opens them)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.target = repo.target
+
+    @staticmethod
+    def set_dir(vm: str, backup_id: str) -> str:
+        return f"{ROOT}/{safe_name(vm)}/{safe_name(backup_id)}"
+
+    # ---- writing (in the order a backup writes)
+    def mark_started(self, vm: str, backup_id: str, host: str) -> None:
+        path = f"{self.set_dir(vm, backup_id)}/started.json"
+        if not self.target.exists(path):
+            body = {"vm": vm, "backup_id": backup_id, "host": host, "started_at": utcnow().isoformat()}
+            self.repo.write_file(path, json.dumps(body).encode())
+
+    def write_volume(self, vm: str, backup_id: str, record: VolumeRecord, entries: list[dict]) -> None:
+        """Entries first, record second: a record on the target always has its entries."""
+        base = f"{self.set_dir(vm, backup_id)}/volumes"
+        self.repo.write_file(f"{base}/{record.entries}", encode_entries(entries))
+        self.repo.write_file(f"{base}/{safe_name(record.key)}.json", record.model_dump_json().encode())
+
+    def reuse_volume(self, vm: str, backup_id: str, record: VolumeRecord, base: FileSetManifest) -> None:
+        """Journal a volume with `base`'s entry list as is (re-sealed under this set's path, never parsed)."""
+        src = f"{self.set_dir(base.vm, base.backup_id)}/volumes/{record.entries}"
+        blob = self.repo.read_file(src, f"entries of {record.key} in {base.backup_id}")
+        base_dir = f"{self.set_dir(vm, backup_id)}/volumes"
+        self.repo.write_file(f"{base_dir}/{record.entries}", blob)
+        self.repo.write_file(f"{base_dir}/{safe_name(record.key)}.json", record.model_dump_json().encode())
+
+    def read_volume(self, vm: str, backup_id: str, key: str) -> VolumeRecord | None:
+        path = f"{self.set_dir(vm, backup_id)}/volumes/{safe_name(key)}.json"
+        try:
+            return VolumeRecord.model_validate_json(self.repo.read_file(path))
+        except FileNotFoundError:
+            return None
+        except (ValidationError, ChecksumMismatch):
+            return None  # torn or unauthentic: back the volume up again
+
+    def journaled_volumes(self, vm: str, backup_id: str) -> list[VolumeRecord]:
+        base = f"{self.set_dir(vm, backup_id)}/volumes"
+        names = [n for n in self.target.listdir(base) if n.endswith(".json") and ".tmp-" not in n]
+        records = [self.read_volume(vm, backup_id, n.removesuffix(".json")) for n in sorted(names)]
+        return [r for r in records if r is not None]
+
+    def write_disk(self, vm: str, backup_id: str, journal: DiskJournal) -> None:
+        path = f"{self.set_dir(vm, backup_id)}/disks/{safe_name(journal.device)}.json"
+        self.repo.write_file(path, journal.model_dump_json().encode())
+
+    def read_disk(self, vm: str, backup_id: str, device: str) -> DiskJournal | None:
+        path = f"{self.set_dir(vm, backup_id)}/disks/{safe_name(device)}.json"
+        try:
+            return DiskJournal.model_validate_json(self.repo.read_file(path))
+        except FileNotFoundError:
+            return None
+        except (ValidationError, ChecksumMismatch):
+            return None
+
+    def commit_manifest(self, manifest: FileSetManifest) -> FileSetManifest:
+        """The last write of a file set: check every chunk is there, then the manifest (atomic put).
+        Returns the manifest as written."""
+        missing = [c for c in sorted(manifest.chunks()) if not self.repo.has_chunk(c)]
+        if missing:
+            raise BackupSetError(
+                f"{len(missing)} chunk(s) of file set {manifest.vm}/{manifest.backup_id} are missing on "
+                f"target '{self.target.name}' (first {missing[0][:16]}…)",
+                "rerun the file backup: the volumes are stored again",
+            )
+        if self.repo.encrypted:
+            meta = read_marker(self.target)
+            if meta is None or meta.get("encryption") != self.repo._encryption:  # noqa: SLF001
+                raise BackupSetError(
+                    f"the encryption of target '{self.target.name}' changed during file set "
+                    f"{manifest.vm}/{manifest.backup_id}",
+                    "rerun the file backup",
+                )
+            manifest = manifest.model_copy(update={"chunk_hash": "hmac-sha256"})
+        set_dir = self.set_dir(manifest.vm, manifest.backup_id)
+        self.repo.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
+        return manifest
+
+    # ---- reading
+    def parse_manifest(self, path: str) -> FileSetManifest:
+        """FileNotFoundError if the set has none; ValueError / ChecksumMismatch if it cannot be trusted."""
+        return FileSetManifest.model_validate_json(
+            self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
+        )
+
+    def load_manifest(self, vm: str, backup_id: str) -> FileSetManifest:
+        try:
+            return self.parse_manifest(self.set_dir(vm, backup_id))
+        except FileNotFoundError:
+            raise BackupSetError(
+                f"file set {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
+                "run 'hotvm files ls VM' to see complete file backups; rerun the backup to finish it",
+            ) from None
+        except ValidationError as exc:
+            raise BackupSetError(
+                f"manifest of file set {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
+                "the set is damaged; use another backup",
+            ) from None
+
+    def read_entries(self, manifest: FileSetManifest, record: VolumeRecord) -> list[dict]:
+        path = f"{self.set_dir(manifest.vm, manifest.backup_id)}/volumes/{record.entries}"
+        try:
+            return decode_entries(
+                self.repo.read_file(path, f"entries of {record.key} in {manifest.backup_id}")
+            )
+        except FileNotFoundError:
+            raise BackupSetError(
+                f"entry list of {record.key} missing from file set {manifest.vm}/{manifest.backup_id}",
+                "the set is damaged; use another backup",
+            ) from None
+
+    def set_paths(self, vm: str | None = None) -> Iterator[str]:
+        vm_dirs = [safe_name(vm)] if vm else self.target.listdir(ROOT)
+        for vm_dir in vm_dirs:
+            for backup_id in self.target.listdir(f"{ROOT}/{vm_dir}"):
+                if ".tmp-" not in backup_id:
+                    yield f"{ROOT}/{vm_dir}/{backup_id}"
+
+    def list_sets(self, vm: str | None = None) -> list[FileSetEntry]:
+        self.repo.unlock()
+        entries = []
+        for path in self.set_paths(vm):
+            vm_dir, backup_id = path.split("/")[1:3]
+            try:
+                manifest: FileSetManifest | None = self.parse_manifest(path)
+            except (FileNotFoundError, ValueError, ChecksumMismatch):
+                manifest = None
+            entries.append(FileSetEntry(manifest.vm if manifest else vm_dir, backup_id, manifest, path))
+        return sorted(entries, key=lambda e: (e.vm, e.backup_id))
+
+    def latest(
+        self, vm: str, at: dt.datetime | None = None, exclude: str | None = None
+    ) -> FileSetManifest | None:
+        """The newest complete file set of the VM (completed at or before `at`)."""
+        complete = [
+            e.manifest
+            for e in self.list_sets(vm)
+            if e.manifest is not None
+            and e.backup_id != exclude
+            and (at is None or e.manifest.completed_at <= at)
+        ]
+        return max(complete, key=lambda m: m.completed_at) if complete else None

@@ -1,0 +1,110 @@
+"""File sets without a VM: contents encrypted and deduplicated like disk chunks, the catalog's queries,
+and restore's refusal to overwrite. (The flow, the CLI against a running VM, hybrid restore and prune are
+in test_files_backup.py.)"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+from fs_images import Node, PartSpec, build_disk
+
+from hotvm.errors import HotvmError
+from hotvm.files.blockdev import open_image
+from hotvm.files.browse import open_view, resolve_set, sync_catalog
+from hotvm.files.catalog import Catalog
+from hotvm.files.filesets import FileSetManifest, FileSets, VolumeRecord
+from hotvm.files.fs import open_filesystem
+from hotvm.files.restore import restore_entries
+from hotvm.files.scan import scan_volume
+from hotvm.files.volumes import find_volumes
+from hotvm.formats.repository import Repository
+from hotvm.models import TargetConfig, utcnow
+from targets import open_target
+
+KEY_ENV = "HOTVM_TEST_FILES_KEY"
+SECRET = b"the launch codes are 0000 " * 40
+
+
+def back_up(
+    repo: Repository, image: Path, backup_id: str, previous: FileSetManifest | None
+) -> FileSetManifest:
+    """The scan_files + finish_files steps on one whole disk, without the VM around them."""
+    fsets = FileSets(repo)
+    records = []
+    with open_image(image, "raw") as source:
+        for volume in find_volumes(source, "vda"):
+            base = fsets.read_entries(previous, previous.volume(volume.key)) if previous else None
+            with open_filesystem(source, volume) as fs:
+                result = scan_volume(repo, fs, base)
+                record = VolumeRecord(
+                    key=volume.key, device="vda", name=volume.name, fstype=fs.fstype,
+                    entries=f"{volume.key}.e", entry_count=len(result.entries), chunks=result.chunks,
+                    frozen_at=utcnow(), stats=result.stats,
+                )  # fmt: skip
+            fsets.write_volume("vm1", backup_id, record, result.entries)
+            records.append(record)
+    manifest = FileSetManifest(
+        backup_id=backup_id, vm="vm1", host="h", started_at=utcnow(), completed_at=utcnow(), volumes=records,
+        incremental_from=previous.backup_id if previous else None,
+    )  # fmt: skip
+    return fsets.commit_manifest(manifest)
+
+
+def test_file_contents_are_encrypted_deduplicated_and_restored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, "correct horse battery staple")
+    monkeypatch.setenv("HOTVM_CATALOG_DIR", str(tmp_path / "catalog"))
+    image = build_disk(tmp_path / "d.raw", [PartSpec("ext4", 16, [
+        Node("/secret.txt", SECRET, mode=0o600, uid=5, gid=6, mtime=1_700_000_000),
+        Node("/copy/secret-copy.txt", SECRET, mtime=1_700_000_002),
+        Node("/large.bin", SECRET * 2000, mtime=1_700_000_004),
+    ])], table="none")  # fmt: skip
+    config = TargetConfig(name="enc", url=f"file://{tmp_path}/target", encryption_key_env=KEY_ENV)
+    repo = Repository(open_target(config))
+    repo.ensure()
+    first = back_up(repo, image, "20260101T000000Z-0001", None)
+    stats = first.volumes[0].stats
+    assert first.chunk_hash == "hmac-sha256"
+    assert (stats.files_seen, stats.files_stored) == (3, 2)  # the copy shares the original's content
+    for path in (tmp_path / "target").rglob("*"):
+        if path.is_file():
+            assert b"launch codes" not in path.read_bytes(), path  # contents and entry lists are sealed
+            assert b"secret.txt" not in path.read_bytes(), path
+
+    again = back_up(repo, image, "20260102T000000Z-0002", first)
+    assert (again.volumes[0].stats.files_read, again.volumes[0].stats.bytes_new) == (0, 0)
+
+    ref = resolve_set(repo, "vm1", None)
+    assert ref.backup_id == again.backup_id
+    out = tmp_path / "out"
+    with open_view(repo, ref) as view:
+        report = restore_entries(view.entries, view.read, out)
+        assert report.files == 3
+        with pytest.raises(HotvmError, match="already exist"):
+            restore_entries(view.entries, view.read, out)
+    restored = out / "vda-disk" / "secret.txt"
+    assert restored.read_bytes() == SECRET
+    st = restored.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns) == (0o600, 5, 6, 1_700_000_000 * 10**9)
+    assert (out / "vda-disk" / "large.bin").read_bytes() == SECRET * 2000
+
+    with Catalog.for_repository(repo) as catalog:
+        assert sync_catalog(catalog, repo)["indexed"] == 2
+        hits = catalog.find("vm1", "secret*.txt")
+        assert {(h["path"], h["backup_id"]) for h in hits} == {
+            (p, b) for p in ("/vda-disk/secret.txt", "/vda-disk/copy/secret-copy.txt")
+            for b in (first.backup_id, again.backup_id)
+        }  # fmt: skip
+        at = first.completed_at + dt.timedelta(microseconds=1)
+        assert {h["backup_id"] for h in catalog.find("vm1", "secret*.txt", at=at)} == {first.backup_id}
+        assert [r["name"] for r in catalog.ls("vm1", first.backup_id, "/vda-disk/copy")] == [
+            "secret-copy.txt"
+        ]
+        FileSets(repo).target.delete_tree(FileSets.set_dir("vm1", first.backup_id))  # pruned elsewhere
+        assert sync_catalog(catalog, repo)["dropped"] == 1
+        assert {h["backup_id"] for h in catalog.find("vm1", "secret.txt")} == {again.backup_id}
+    assert os.path.exists(tmp_path / "catalog")
