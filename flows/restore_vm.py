@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from hotvm.errors import HotvmError
-from hotvm.restore import prepare_destination
-from hotvm.standby import restore_dir_on_host
+from hotvm.restore import completed_restore, mark_restored, prepare_destination
+from hotvm.standby import restore_dir_on_host, staged_on_host
 from tasks.restore import boot_check, find_backup, record_restore_test, restore_config, restore_disk
 from tasks.sync import register_vm
 
@@ -38,9 +39,20 @@ def restore_vm(
         raise HotvmError("restore needs a destination", "pass to (a directory) or to_host (a host)")
     manifest = find_backup(vm, target, backup_id, config)
     dest = Path(to or restore_dir_on_host(config, to_host, name or vm, manifest.backup_id)).resolve()
-    prepare_destination(dest)
-    disks = [restore_disk(manifest, d.device, str(dest), fmt, target, config) for d in manifest.disks]
-    config_files = restore_config(manifest, str(dest), target, config)
+    staging = to is None and staged_on_host(config, to_host)  # vSphere: the datastore keeps the disks
+    if staging:
+        shutil.rmtree(dest, ignore_errors=True)  # an earlier attempt's staging copy
+    keep = to is None and not staging  # the host's vm_dir: a rerun re-registers what is already there
+    done = completed_restore(dest, manifest.backup_id, fmt) if keep else None
+    if done is not None:
+        disks, config_files = done
+        get_run_logger().info("%s already holds %s %s: registering it again", dest, vm, manifest.backup_id)
+    else:
+        prepare_destination(dest)
+        disks = [restore_disk(manifest, d.device, str(dest), fmt, target, config) for d in manifest.disks]
+        config_files = restore_config(manifest, str(dest), target, config)
+        if keep:
+            mark_restored(dest, manifest.backup_id, disks, config_files)
     result = {
         "vm": vm,
         "backup_id": manifest.backup_id,
@@ -58,7 +70,10 @@ def restore_vm(
     booted = not boot_check_restored or result["boot_check"]["ok"]
     if to_host is not None and booted:  # a copy that failed its boot check is not registered
         result["registered"] = register_vm(manifest, to_host, name or vm, disks, target, config, start)
-    (dest / "restore.json").write_text(json.dumps(result, indent=2))
+    if staging and "registered" in result:
+        shutil.rmtree(dest.parent, ignore_errors=True)  # uploaded to the host's datastore by register_vm
+    else:
+        (dest / "restore.json").write_text(json.dumps(result, indent=2))
     create_table_artifact(
         result["disks"],
         key="restore-" + "".join(c if c.isalnum() else "-" for c in vm.lower()),

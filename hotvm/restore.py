@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from hotvm.errors import HotvmError
@@ -36,6 +37,28 @@ def prepare_destination(dest: Path) -> None:
     if dest.exists() and any(dest.iterdir()):
         raise HotvmError(f"restore destination {dest} is not empty", "choose a new directory with --to")
     dest.mkdir(parents=True, exist_ok=True)
+
+
+RESTORED_MARKER = "restore.done.json"
+
+
+def mark_restored(dest: Path, backup_id: str, disks: list[RestoredDisk], config_files: list[str]) -> None:
+    """Written once every disk and config file is in `dest` (a host's vm_dir/NAME/disks-<backup>): a rerun of
+    restore --to-host registers them again instead of rewriting disks the registered copy may run on."""
+    body = {"backup_id": backup_id, "disks": [asdict(d) for d in disks], "config_files": config_files}
+    (dest / RESTORED_MARKER).write_text(json.dumps(body, indent=2))
+
+
+def completed_restore(dest: Path, backup_id: str, fmt: str) -> tuple[list[RestoredDisk], list[str]] | None:
+    """The disks and config files of a finished earlier restore of the same set and format into `dest`."""
+    marker = dest / RESTORED_MARKER
+    if not marker.exists():
+        return None
+    body = json.loads(marker.read_text())
+    disks = [RestoredDisk(**d) for d in body["disks"]]
+    if body["backup_id"] != backup_id or any(d.format != fmt or not Path(d.path).exists() for d in disks):
+        return None
+    return disks, body["config_files"]
 
 
 def restore_one_disk(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,8 +62,17 @@ def vm_definition(
     )
 
 
+def stages_disks(host: HostConfig) -> bool:
+    """vSphere uploads restored disks to its datastore (its vm_dir is an inventory folder, not a local
+    directory): the local restore is only a staging copy, removed once uploaded."""
+    return host.driver == "vsphere"
+
+
 def host_vm_dir(host: HostConfig, name: str) -> Path:
-    """Where copies of VM `name` live on `host` (its vm_dir/NAME)."""
+    """Where copies of VM `name` live on `host` (its vm_dir/NAME); for a host that stages_disks, the local
+    staging directory in the temp dir (TMPDIR: it needs room for the VM's disks)."""
+    if stages_disks(host):
+        return Path(tempfile.gettempdir()) / "hotvm-staging" / host.name / name
     if host.vm_dir is None:
         raise ConfigError(
             f"host '{host.name}' has no vm_dir: hotvm does not know where to place VM '{name}' on it",
@@ -141,6 +151,11 @@ def restore_dir_on_host(config: Config | str | Path | None, host: str, name: str
     return host_vm_dir(_config(config).find_host(host), name) / f"{DISKS_PREFIX}{backup_id}"
 
 
+def staged_on_host(config: Config | str | Path | None, host: str) -> bool:
+    """True when a restore --to-host `host` without --to only stages the disks locally (see stages_disks)."""
+    return stages_disks(_config(config).find_host(host))
+
+
 # --------------------------------------------------------------------------- config sync to a standby
 
 
@@ -179,10 +194,15 @@ def sync_config(
     disks: dict[str, Path] = {}
     if with_disks:
         vmdir = host_vm_dir(standby_host, vm)
-        disks = restore_disks(cfg, target, manifest, vmdir / f"{DISKS_PREFIX}{manifest.backup_id}")
+        fmt: DiskFormat = "raw" if stages_disks(standby_host) else "qcow2"  # raw: what a datastore takes
+        disks = restore_disks(cfg, target, manifest, vmdir / f"{DISKS_PREFIX}{manifest.backup_id}", fmt)
     definition = vm_definition(repo, manifest, vm, disks, new_identity=False)
-    result = register(standby_host, definition, start)
-    if with_disks and result.action != "unchanged":
+    try:
+        result = register(standby_host, definition, start)
+    finally:
+        if with_disks and stages_disks(standby_host):
+            shutil.rmtree(host_vm_dir(standby_host, vm), ignore_errors=True)  # uploaded (or to redo)
+    if with_disks and result.action != "unchanged" and not stages_disks(standby_host):
         _drop_older_disks(standby_host, vm, keep=f"{DISKS_PREFIX}{manifest.backup_id}")
     log.info("VM %s: standby on %s %s from backup %s", vm, host_name, result.action, manifest.backup_id)
     return _result(manifest, result, disks, standby=host_name)
@@ -217,6 +237,8 @@ __all__ = [
     "register_restored",
     "restore_dir_on_host",
     "restore_disks",
+    "staged_on_host",
+    "stages_disks",
     "standby_vms",
     "sync_config",
     "vm_definition",

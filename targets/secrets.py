@@ -30,12 +30,16 @@ def from_env(config: TargetConfig, var: str, what: str = "password") -> Credenti
     return Credential(value, f"environment variable {var}")
 
 
-def from_prefect_secret(config: TargetConfig, block: str, what: str = "password") -> Credential:
+def from_prefect_secret(
+    config: TargetConfig, block: str, what: str = "password", owner: str | None = None
+) -> Credential:
+    """`owner` names who needs the secret in messages (default: the target; a vSphere host passes its own)."""
+    owner = owner or f"target '{config.name}'"
     try:
         from prefect.blocks.system import Secret
     except ImportError:  # pragma: no cover - prefect is a dependency, but the core must not need it
         raise TargetConfigError(
-            f"target '{config.name}': Prefect Secret block '{block}' (its {what}) needs Prefect, "
+            f"{owner}: Prefect Secret block '{block}' (its {what}) needs Prefect, "
             "which is not installed",
             "install prefect, or name an environment variable instead (*_env)",
         ) from None
@@ -45,11 +49,11 @@ def from_prefect_secret(config: TargetConfig, block: str, what: str = "password"
         secret = Secret.load(block, _sync=True)
     except ValueError:
         raise TargetConfigError(
-            f"target '{config.name}': Prefect Secret block '{block}' (its {what}) does not exist", hint,
+            f"{owner}: Prefect Secret block '{block}' (its {what}) does not exist", hint,
         ) from None
     except Exception as exc:  # noqa: BLE001 - the Prefect API may be down: say so, without details that leak
         raise TargetError(  # not a ConfigError: the API may be back for the retry
-            f"target '{config.name}': cannot read Prefect Secret block '{block}' (its {what}): "
+            f"{owner}: cannot read Prefect Secret block '{block}' (its {what}): "
             f"{type(exc).__name__}",
             "check that the Prefect API (PREFECT_API_URL) is reachable, or use an environment variable "
             "(*_env)",
@@ -59,7 +63,7 @@ def from_prefect_secret(config: TargetConfig, block: str, what: str = "password"
         raw = raw.get("password", raw.get("value"))
     if not isinstance(raw, str) or raw == "":
         raise TargetConfigError(
-            f"target '{config.name}': Prefect Secret block '{block}' holds no usable {what}", hint,
+            f"{owner}: Prefect Secret block '{block}' holds no usable {what}", hint,
         )
     return Credential(raw, f"Prefect Secret block '{block}'")
 

@@ -6,16 +6,21 @@ the tests then check that backup from every side (XML unchanged, modes, restore,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import re
 import shutil
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import hotvm, write_config
+from fs_images import Node, PartSpec, build_disk, populate, to_qcow2
+from helpers import hotvm, hotvm_json, write_config
 from libvirt_helpers import (
     HEARTBEAT,
     READY,
@@ -162,7 +167,7 @@ def backed_up(prefect_server, guest, lvdir, tmp_path_factory):
     return {
         "result": result, "restored": restored, "restore_to": restore_to, "config": config,
         "before": before, "after": after, "seq": (seq_before, seq_after), "seconds": seconds,
-        "static": static,
+        "static": static, "ring_last": verify_ring(restored["disks"][0]["path"]).last_seq,
     }  # fmt: skip
 
 
@@ -592,3 +597,264 @@ def _driver(name: str, uri: str = URI, **host: object):
     from hotvm.hypervisors.libvirt import LibvirtDriver
 
     return LibvirtDriver(VMConfig(name=name), HostConfig(name="kvm", driver="libvirt", uri=uri, **host))
+
+
+# --------------------------------------------------------------------------- daily file-level backups
+
+FILES_T0, FILES_T1 = 1_700_000_000, 1_710_000_000
+FILES_EXT4 = [
+    Node("/etc/app.conf", b"setting=1\n" * 40, mtime=FILES_T0),
+    Node("/data/keep.bin", bytes(range(256)) * 1200, mtime=FILES_T0),
+    Node("/data/edit.txt", b"version 1\n" * 100, mtime=FILES_T0),
+]
+FILES_VFAT = [Node("/CFG/BOOT.TXT", b"fat config " * 50, mtime=FILES_T0)]
+FILES_CHANGED = [
+    Node("/data/edit.txt", b"version 2\n" * 100, mtime=FILES_T1),
+    Node("/data/new.txt", b"added while the domain was shut off", mtime=FILES_T1),
+]
+
+
+@contextlib.contextmanager
+def writable_export(image: Path) -> Iterator[Path]:
+    """The qcow2's guest bytes as a writable FUSE file (qemu-storage-daemon): writes go through QEMU's
+    block layer, so the image's enabled persistent bitmaps (libvirt's checkpoints) record them, as they
+    would record the guest's own writes."""
+    mountpoint = image.with_suffix(".fuse")
+    mountpoint.touch()
+    proc = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,filename={image},node-name=f",
+         "--blockdev", "driver=qcow2,file=f,node-name=q",
+         "--export", f"type=fuse,id=e,node-name=q,mountpoint={mountpoint},writable=on"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mountpoint):
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "qsd exited"
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not export the image"
+            time.sleep(0.02)
+        yield mountpoint
+    finally:
+        proc.terminate()  # stores the bitmaps in the qcow2 and unmounts
+        proc.wait(30)
+        mountpoint.unlink(missing_ok=True)
+
+
+def checkpoints(dom) -> list[str]:
+    return sorted(c.getName() for c in dom.listAllCheckpoints(0))
+
+
+def test_daily_file_backups_of_a_libvirt_domain_use_its_checkpoints(
+    prefect_server, conn, lvdir, boot_files, domains, monkeypatch
+):
+    """Two `hotvm files backup` runs of a running domain with a GPT (ext4 + vfat) data disk, the ext4 changed
+    in between through QEMU's block layer while the domain was off: the second run walks only the ext4
+    (the checkpoint's bitmap shows the vfat untouched), reads only the changed files; find/restore return
+    the exact bytes of each set; a checkpoint the user deleted means "walk every volume", not a failure."""
+    monkeypatch.setenv("HOTVM_CATALOG_DIR", str(lvdir / "catalog"))
+    monkeypatch.setenv("HOTVM_LOCK_DIR", str(lvdir / "locks"))
+    name = unique_name("hotvm-lv-files")
+    d = lvdir / name
+    d.mkdir()
+    d.chmod(0o755)
+    files_disk = d / "files.qcow2"
+    spec = GuestDomain(
+        name, d, d / f"{name}.serial.log",
+        [Disk("vda", d / "ring.qcow2", size="8M"), Disk("vdb", files_disk)],
+    )  # fmt: skip
+    make_images(spec)
+    raw = build_disk(d / "files.raw", [PartSpec("ext4", 16, FILES_EXT4), PartSpec("vfat", 16, FILES_VFAT)])
+    files_disk.unlink()
+    to_qcow2(raw, files_disk)
+    raw.unlink()
+    dom = start_domain(conn, spec, boot_files, domains)
+    config = d / "hotvm.yaml"
+    config.write_text(
+        f"hosts:\n  - name: kvm-files\n    driver: libvirt\n    uri: {URI}\n    vms:\n"
+        f"      - name: {name}\n        exclude_disks: [vda]\n"
+        f"targets:\n  - name: nas\n    url: file://{d}/target\n"
+    )
+    cfg = ("-c", str(config))
+
+    before = xml_pair(dom)
+    first = hotvm_json("files", "backup", name, *cfg)
+    vols = {v["volume"]: v for v in first["volumes"]}
+    assert {k: (v["status"], v["fstype"]) for k, v in vols.items()} == {
+        "vdb-p1": ("ok", "ext4"), "vdb-p2": ("ok", "vfat"),
+    }  # fmt: skip
+    assert (vols["vdb-p1"]["files_stored"], vols["vdb-p2"]["files_stored"]) == (3, 1)
+    assert xml_pair(dom) == before and overlays(d) == []
+    assert checkpoints(dom) == [f"hotvm-{first['backup_id']}.vdb"]  # what an image backup also keeps
+    image = hotvm_json("backup", name, *cfg)  # the weekly image of the same domain, its own checkpoint
+    image_cp = f"hotvm-{image['backup_id']}.vdb"
+    assert checkpoints(dom) == sorted([f"hotvm-{first['backup_id']}.vdb", image_cp])
+
+    dom.destroy()  # QEMU stores the checkpoint's bitmap in the image as it exits
+    with writable_export(files_disk) as disk:
+        populate(disk, 0, "ext4", FILES_CHANGED)
+    dom.create()
+    before = xml_pair(dom)
+    second = hotvm_json("files", "backup", name, *cfg)
+    vols2 = {v["volume"]: v for v in second["volumes"]}
+    assert second["incremental_from"] == first["backup_id"]
+    assert vols2["vdb-p2"]["unchanged_volume"] and vols2["vdb-p2"]["files_read"] == 0  # not walked
+    assert not vols2["vdb-p1"]["unchanged_volume"]
+    assert (vols2["vdb-p1"]["files_read"], vols2["vdb-p1"]["files_stored"]) == (2, 2)
+    assert vols2["vdb-p1"]["bytes_new"] == sum(len(n.data) for n in FILES_CHANGED)
+    assert xml_pair(dom) == before and overlays(d) == []
+    assert checkpoints(dom) == sorted([f"hotvm-{second['backup_id']}.vdb", image_cp])  # files' 1st is gone
+
+    # find / restore: each set exactly as it was
+    found = hotvm_json("files", "find", name, "edit.txt", *cfg)
+    assert sorted((r["backup_id"], r["size"]) for r in found) == [
+        (first["backup_id"], len(FILES_EXT4[2].data)), (second["backup_id"], len(FILES_CHANGED[0].data)),
+    ]  # fmt: skip
+    out1, out2 = d / "out1", d / "out2"
+    hotvm("files", "restore", name, "/vdb-p1/data", "/vdb-p2", "--to", str(out1),
+          "--backup", first["backup_id"], *cfg)  # fmt: skip
+    hotvm("files", "restore", name, "/vdb-p1/data", "--to", str(out2), *cfg)
+    assert (out1 / "vdb-p1/data/edit.txt").read_bytes() == FILES_EXT4[2].data
+    assert (out1 / "vdb-p1/data/keep.bin").read_bytes() == FILES_EXT4[1].data
+    assert not (out1 / "vdb-p1/data/new.txt").exists()
+    assert (out1 / "vdb-p2/CFG/BOOT.TXT").read_bytes() == FILES_VFAT[0].data
+    assert (out2 / "vdb-p1/data/edit.txt").read_bytes() == FILES_CHANGED[0].data
+    assert (out2 / "vdb-p1/data/new.txt").read_bytes() == FILES_CHANGED[1].data
+    assert (out2 / "vdb-p1/data/keep.bin").read_bytes() == FILES_EXT4[1].data
+
+    # the user deletes hotvm's checkpoint: the next set walks every volume (BitmapUnusable), and still
+    # reads only what changed (nothing)
+    dom.checkpointLookupByName(f"hotvm-{second['backup_id']}.vdb").delete(0)
+    third = hotvm_json("files", "backup", name, *cfg)
+    vols3 = {v["volume"]: v for v in third["volumes"]}
+    assert [v["status"] for v in vols3.values()] == ["ok", "ok"]
+    assert not any(v["unchanged_volume"] for v in vols3.values())
+    assert sum(v["files_read"] for v in vols3.values()) == 0
+    assert checkpoints(dom) == sorted([f"hotvm-{third['backup_id']}.vdb", image_cp]) and overlays(d) == []
+
+    # the image chain's checkpoint outlived the file sets' (its parent) being deleted: still incremental
+    image2 = hotvm_json("backup", name, *cfg)
+    (disk,) = image2["disks"]
+    assert disk["incremental_from"] == image["backup_id"], disk["mode"]
+    assert disk["bytes_reused"] > 0  # chunks the bitmap shows untouched: not read (a full read reuses none)
+    assert checkpoints(dom) == sorted([f"hotvm-{third['backup_id']}.vdb", f"hotvm-{image2['backup_id']}.vdb"])
+
+
+# --------------------------------------------------------------------------- restore --to-host (CLI)
+
+
+def test_cli_restore_to_a_libvirt_host_defines_a_new_domain_that_boots(
+    conn, backed_up, guest, lvdir, domains
+):
+    """`hotvm restore VM --to-host H --name copy01 --start`: the disks go into H's vm_dir (traversable by
+    libvirt-qemu, like every fixture directory here), a new domain with a new UUID and MAC runs on them and
+    boots; the same command again changes nothing (the running copy's disks are not rewritten)."""
+    spec, original, _ = guest
+    cfg = yaml.safe_load(backed_up["config"].read_text())
+    vm_dir = lvdir / "host-dr"
+    vm_dir.mkdir(mode=0o755)
+    cfg["hosts"].append({"name": "kvm-dr", "driver": "libvirt", "uri": URI, "vm_dir": str(vm_dir)})
+    config = backed_up["config"].with_name("to-host.yaml")
+    config.write_text(yaml.safe_dump(cfg))
+    copy = unique_name("copy01")
+    domains.append(copy)
+    backup_id = backed_up["result"]["backup_id"]  # whose restored ring the test knows (others may follow)
+    args = ("restore", spec.name, "--backup", backup_id, "--to-host", "kvm-dr", "--name", copy, "--start",
+            "-c", str(config))  # fmt: skip
+
+    first = hotvm_json(*args)
+    reg = first["registered"]
+    assert (reg["host"], reg["name"], reg["action"], reg["started"], reg["new_identity"]) == (
+        "kvm-dr", copy, "created", True, True,
+    )  # fmt: skip
+    disk = Path(first["disks"][0]["path"])
+    assert disk.parent == vm_dir / copy / f"disks-{backup_id}"
+    dom = conn.lookupByName(copy)
+    root = lx.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    assert dom.isActive() and dom.UUIDString() != original.UUIDString()
+    assert [n["mac"] for n in lx.nics(root)] != [spec.mac]
+    targets = {d.target: d.layers[0].path for d in lx.disks(root) if d.device == "disk"}
+    assert targets["vda"] == str(disk)
+    assert "vdd" not in targets and "vde" not in targets  # writable, not restored: never shared
+    serial = Path(root.find("./devices/serial/source").get("path"))
+    ready = wait_serial(serial, READY, 90)
+    assert int(ready.group(1)) == backed_up["ring_last"]  # the copy found the backed-up records
+
+    again = hotvm_json(*args)["registered"]
+    assert (again["action"], again["started"]) == ("unchanged", False)
+    assert conn.lookupByName(copy).UUIDString() == dom.UUIDString() and dom.isActive()
+
+
+# --------------------------------------------------------------------------- sync-config, 2nd libvirt host
+
+
+@pytest.fixture(scope="module")
+def second_libvirtd() -> Iterator[str]:
+    """A second, independent libvirt host on this machine: a session-mode libvirtd run as `nobody` with its
+    own socket, domain registry and state (all under one temp dir). Root may connect to any user's
+    socket, so hotvm reaches it as qemu+unix:///session?socket=... like any other host's URI."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("a second libvirtd as another user needs root and setpriv")
+    home = shared_dir("hotvm-libvirt2-")
+    shutil.chown(home, "nobody", "nogroup")
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": f"{home}/run", "XDG_CONFIG_HOME": f"{home}/config",
+           "XDG_CACHE_HOME": f"{home}/cache", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}  # fmt: skip
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "libvirtd"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    uri = f"qemu+unix:///session?socket={home}/run/libvirt/libvirt-sock"
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["virsh", "-c", uri, "uri"], capture_output=True, timeout=20).returncode:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.skip("the second (session) libvirtd did not start")
+            time.sleep(0.2)
+        yield uri
+    finally:
+        proc.terminate()  # setpriv exec'd libvirtd: this is the daemon's own pid
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_sync_config_registers_a_standby_on_a_second_libvirt_host(backed_up, guest, lvdir, second_libvirtd):
+    """`hotvm sync-config --with-disks` from the target to the standby host: the same domain (name, UUID,
+    MACs), powered off, on the latest backup's restored disk; a rerun is "unchanged". The original keeps
+    running on its own host, untouched."""
+    spec, original, _ = guest
+    cfg = yaml.safe_load(backed_up["config"].read_text())
+    standby_dir = lvdir / "host-standby"
+    standby_dir.mkdir(mode=0o755)
+    (source,) = cfg["hosts"]
+    source["vms"][0]["standby_host"] = "kvm2"
+    cfg["hosts"].append(
+        {"name": "kvm2", "driver": "libvirt", "uri": second_libvirtd, "vm_dir": str(standby_dir)}
+    )
+    config = backed_up["config"].with_name("standby.yaml")
+    config.write_text(yaml.safe_dump(cfg))
+    before = xml_pair(original)
+
+    (row,) = hotvm_json("sync-config", "--with-disks", "-c", str(config))
+    assert (row["vm"], row["host"], row["action"], row["started"]) == (spec.name, "kvm2", "created", False)
+    restored = Path(row["disks"]["vda"])
+    assert restored.parent == standby_dir / spec.name / f"disks-{row['backup_id']}"  # the latest set
+    assert read_static(restored, "qcow2") == backed_up["static"]
+    other = libvirt.open(second_libvirtd)
+    try:
+        standby = other.lookupByName(spec.name)
+        root = lx.parse(standby.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        assert not standby.isActive()
+        assert standby.UUIDString() == original.UUIDString()  # the same VM, ready to replace it
+        assert [n["mac"] for n in lx.nics(root)] == [spec.mac]
+        assert {d.target: d.layers[0].path for d in lx.disks(root) if d.layers}["vda"] == str(restored)
+        again = hotvm_json("sync-config", spec.name, "--with-disks", "-c", str(config))
+        assert [(r["action"], r["started"]) for r in again] == [("unchanged", False)]
+        standby.undefine()
+    finally:
+        other.close()
+    assert xml_pair(original) == before and original.isActive()

@@ -7,6 +7,7 @@ uploaded .vmx on RegisterVM, AnswerVM (our scripts/vcsim/main.go adds the last o
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,7 +26,7 @@ from vcsim_helpers import (
     vsphere_config,
 )
 
-from hotvm.errors import ConfigError, HotvmError, HypervisorUnreachable, UnknownVMError
+from hotvm.errors import ConfigError, HotvmError, HypervisorError, HypervisorUnreachable, UnknownVMError
 from hotvm.hypervisors.base import OVERLAY_MARKER, VMDefinition
 from hotvm.hypervisors.vsphere import VSphereDriver, VSphereHost
 from hotvm.hypervisors.vsphere_conn import Connection
@@ -299,3 +300,195 @@ def test_register_vm_on_a_second_host(vcsim: Vcsim, vcsim_binary: Path, tmp_path
     assert (result.action, result.started, copy.runtime.powerState) == ("created", True, "poweredOn")
     assert copy.parent.name == "restored" and VM in beside.list_vms()
     beside.close()
+
+
+# --------------------------------------------------------------------------- two sites, end to end
+
+SOURCE_DISK = os.urandom(MiB) + b"\xa5" * MiB  # what the guest "wrote" on scsi0:0 (2 MiB)
+
+
+def two_site_config(path: Path, source: Vcsim, standby: Vcsim, target: Path) -> Path:
+    """hotvm.yaml: the VM on vCenter 'vc' with its standby on vCenter 'dr' (another site)."""
+    common = [f"    username: {USER}", f"    password_env: {PASSWORD_ENV}", "    verify_tls: false"]
+    lines = ["hosts:", "  - name: vc", "    driver: vsphere", f"    url: {source.url}", *common,
+             "    vms:", f"      - name: {VM}", "        standby_host: dr",
+             "  - name: dr", "    driver: vsphere", f"    url: {standby.url}", *common,
+             "    datastore: LocalDS_0", "    vm_dir: standby/copies",
+             "targets:", "  - name: nas", f"    url: file://{target}",
+             "retries:", "  retries: 1", "  retry_delay_s: 1"]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def two_sites(vcsim: Vcsim, vcsim_binary: Path, tmp_path: Path) -> Iterator[tuple[Vcsim, Vcsim, Path]]:
+    """Source vCenter with DC0_H0_VM0's disk and .vmx holding known bytes, a second vCenter as the DR
+    site (same password: one $HOTVM_VC_PASSWORD), and their config."""
+    conn = Connection(host_config(vcsim))
+    vm = conn.vm(VM)
+    dc = conn.datacenter_of(vm)
+    conn.upload(SOURCE_DISK, disk_files(vm)["scsi0:0"], dc)
+    conn.upload(VMX.encode(), vm.config.files.vmPathName, dc)
+    conn.close()
+    standby = start_vcsim(vcsim_binary, vcsim.password)
+    try:
+        yield vcsim, standby, two_site_config(tmp_path / "hotvm.yaml", vcsim, standby, tmp_path / "target")
+    finally:
+        standby.stop()
+
+
+def restored_bytes(expected: bytes, capacity: int) -> bytes:
+    """A restored disk: the bytes written, then zeros up to the disk's capacity."""
+    return expected + bytes(capacity - len(expected))
+
+
+def test_sync_config_to_a_standby_vcenter_through_the_cli(
+    prefect_server, two_sites: tuple[Vcsim, Vcsim, Path], tmp_path: Path
+) -> None:
+    from helpers import hotvm_json
+
+    from flows.backup_vm import backup_vm
+    from hotvm.standby import sync_config
+
+    source_sim, standby_sim, config = two_sites
+    backup_vm(vm=VM, config=str(config))
+
+    dr = VSphereHost(host_config(standby_sim, "dr"))
+    own = dr.conn.vm(VM)  # the DR site's own VM of that name, at the very path a standby would use
+    with pytest.raises(HypervisorError, match="that hotvm did not register"):
+        sync_config(config, VM)
+    assert own.runtime.powerState == "poweredOn" and own.config.hardware.memoryMB == 32  # untouched
+    wait(dr.conn, own.PowerOffVM_Task())
+    wait(dr.conn, own.Destroy_Task())
+
+    first = hotvm_json("sync-config", VM, "-c", str(config))
+    assert [(r["vm"], r["host"], r["action"], r["started"]) for r in first] == [(VM, "dr", "created", False)]
+    copy = dr.conn.vm(VM)
+    assert copy.runtime.powerState == "poweredOff" and copy.parent.name == "copies"
+    dc = dr.conn.datacenter_of(copy)
+    vmx = dr.conn.read(first[0]["location"], dc).decode()
+    assert 'uuid.action = "keep"' in vmx and 'uuid.bios = "42 1a' in vmx and "00:50:56:aa:bb:cc" in vmx
+    # config only (the seed's shared SAN): the standby uses the VM's own disk, by its absolute path
+    assert 'scsi0:0.fileName = "/vmfs/volumes/LocalDS_0/DC0_H0_VM0/disk1.vmdk"' in vmx
+    assert 'memsize = "32"' in vmx
+
+    assert [r["action"] for r in hotvm_json("sync-config", VM, "-c", str(config))] == ["unchanged"]
+
+    source = Connection(host_config(source_sim))
+    vm = source.vm(VM)
+    wait(source, vm.ReconfigVM_Task(vim.vm.ConfigSpec(memoryMB=64)))
+    # vcsim 0.24 does not write the .vmx on ReconfigVM (ESX does): write what ESX would have
+    source.upload(VMX.replace('memsize = "32"', 'memsize = "64"').encode(), vm.config.files.vmPathName,
+                  source.datacenter_of(vm))  # fmt: skip
+    source.close()
+    second = backup_vm(vm=VM, config=str(config))
+    capacity = next(d["bytes"] for d in second["disks"] if d["device"] == "scsi0:0")
+
+    updated = hotvm_json("sync-config", "-c", str(config))  # every VM with a standby_host
+    assert [(r["action"], r["backup_id"]) for r in updated] == [("updated", second["backup_id"])]
+    assert 'memsize = "64"' in dr.conn.read(updated[0]["location"], dc).decode()
+    assert dr.list_vms().count(VM) == 1
+
+    with_disks = hotvm_json("sync-config", VM, "--with-disks", "-c", str(config))
+    assert [r["action"] for r in with_disks] == ["updated"]
+    vmx = dr.conn.read(with_disks[0]["location"], dc).decode()
+    assert f'scsi0:0.fileName = "{VM}.vmdk"' in vmx
+    assert dr.conn.read(f"[LocalDS_0] {VM}/{VM}-flat.vmdk", dc) == restored_bytes(SOURCE_DISK, capacity)
+    assert [r["action"] for r in hotvm_json("sync-config", VM, "--with-disks", "-c", str(config))] == [
+        "unchanged"
+    ]
+    assert dr.conn.vm(VM).runtime.powerState == "poweredOff"
+    assert not (Path.cwd() / "standby").exists()  # vm_dir is a vSphere folder, never a local directory
+    assert not (Path(tempfile.gettempdir()) / "hotvm-staging" / "dr" / VM).exists()  # uploaded, removed
+    dr.close()
+
+
+def test_restore_to_a_second_vcenter_through_the_cli(
+    prefect_server, two_sites: tuple[Vcsim, Vcsim, Path]
+) -> None:
+    from helpers import hotvm_json
+
+    from flows.backup_vm import backup_vm
+
+    _, standby_sim, config = two_sites
+    backup = backup_vm(vm=VM, config=str(config))
+    capacity = next(d["bytes"] for d in backup["disks"] if d["device"] == "scsi0:0")
+
+    result = hotvm_json("restore", VM, "--to-host", "dr", "--name", "copy01", "-c", str(config))
+    reg = result["registered"]
+    assert (reg["host"], reg["name"], reg["action"], reg["started"], reg["new_identity"]) == (
+        "dr", "copy01", "created", False, True
+    )  # fmt: skip
+    dr = VSphereHost(host_config(standby_sim, "dr"))
+    copy = dr.conn.vm("copy01")
+    assert copy.runtime.powerState == "poweredOff" and copy.parent.name == "copies"
+    dc = dr.conn.datacenter_of(copy)
+    vmx = dr.conn.read(reg["location"], dc).decode()
+    assert 'displayName = "copy01"' in vmx and 'uuid.action = "create"' in vmx
+    assert "uuid.bios" not in vmx and "00:50:56:aa:bb:cc" not in vmx  # a new identity beside the original
+    assert dr.conn.read("[LocalDS_0] copy01/copy01-flat.vmdk", dc) == restored_bytes(SOURCE_DISK, capacity)
+    assert not (Path.cwd() / "standby").exists()
+    assert not (Path(tempfile.gettempdir()) / "hotvm-staging" / "dr" / "copy01").exists()
+    dr.close()
+
+
+def test_file_level_backup_of_a_vsphere_vm_through_the_cli(
+    prefect_server, vcsim: Vcsim, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real GPT + ext4 disk on the datastore: files backup, find and restore; the second set walks the
+    volume again (no CBT in vcsim: dirty_extents says why, and that means "walk it", never a failure)."""
+    from fs_images import Node, PartSpec, build_disk, populate
+    from helpers import hotvm, hotvm_json
+
+    from hotvm.files.filesets import FileSets
+    from hotvm.formats.repository import Repository
+    from hotvm.models import TargetConfig
+    from targets import open_target
+
+    monkeypatch.setenv("HOTVM_CATALOG_DIR", str(tmp_path / "catalog"))
+    report = b"quarterly report\n" * 50
+    image = build_disk(tmp_path / "guest.raw", [PartSpec("ext4", 12, [
+        Node("/docs", mode=0o750, uid=1000, gid=100, mtime=1_700_000_000),
+        Node("/docs/report.txt", report, mode=0o640, uid=1000, gid=100, mtime=1_700_000_000),
+        Node("/docs/sales2026.xls", b"sales figures " * 300, mtime=1_700_000_002),
+    ])])  # fmt: skip
+    conn = Connection(host_config(vcsim))
+    vm = conn.vm(VM)
+    dc = conn.datacenter_of(vm)
+    add_disk(conn, vm, "persistent", size=image.stat().st_size)  # scsi0:1, the guest's data disk
+    data_disk = disk_files(vm)["scsi0:1"]
+    conn.upload(image, data_disk, dc)
+    config = vsphere_config(tmp_path / "hotvm.yaml", vcsim, [VM], f"file://{tmp_path}/target")
+
+    first = hotvm_json("files", "backup", VM, "-c", str(config))
+    volumes = {r["volume"]: r for r in first["volumes"]}
+    assert volumes["scsi0:1-p1"]["status"] == "ok" and volumes["scsi0:1-p1"]["fstype"] == "ext4"
+    assert volumes["scsi0:1-p1"]["files_stored"] == 2
+    assert [n for n in snapshot_names(conn, vm) if OVERLAY_MARKER in n] == []
+
+    populate(image, 0, "ext4", [Node("/docs/new.txt", b"brand new file", mtime=1_700_000_100)])
+    conn.upload(image, data_disk, dc)  # the guest wrote a file
+    second = hotvm_json("files", "backup", VM, "-c", str(config))
+    row = next(r for r in second["volumes"] if r["volume"] == "scsi0:1-p1")
+    assert second["incremental_from"] == first["backup_id"]
+    assert (row["files_seen"], row["files_read"], row["files_stored"]) == (3, 1, 1)  # walked, only new read
+    assert not row.get("unchanged_volume")
+    repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{tmp_path}/target")))
+    baseline = FileSets(repo).load_manifest(VM, first["backup_id"]).disk_bitmaps["scsi0:1"]
+    assert baseline == f"hotvm-{first['backup_id']}"  # so the second set asked dirty_extents: no CBT, walked
+
+    found = hotvm_json("files", "find", VM, "*.txt", "-c", str(config))
+    assert {(f["path"], f["backup_id"]) for f in found} == {
+        ("/scsi0:1-p1/docs/report.txt", first["backup_id"]),
+        ("/scsi0:1-p1/docs/report.txt", second["backup_id"]),
+        ("/scsi0:1-p1/docs/new.txt", second["backup_id"]),
+    }
+    out = tmp_path / "out"
+    hotvm("files", "restore", VM, "/scsi0:1-p1/docs", "--to", str(out), "-c", str(config))
+    restored = out / "scsi0:1-p1" / "docs"
+    assert (restored / "report.txt").read_bytes() == report
+    assert (restored / "new.txt").read_bytes() == b"brand new file"
+    st = (restored / "report.txt").stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1000, 100)
+    assert [n for n in snapshot_names(conn, vm) if OVERLAY_MARKER in n] == []
+    conn.close()

@@ -45,7 +45,12 @@ def password(host: HostConfig) -> str:
     from targets.secrets import from_prefect_secret  # imports Prefect only when a block is named
 
     assert host.password_secret is not None  # HostConfig guarantees one of the two
-    value = from_prefect_secret(host, host.password_secret, f"password of {host.username}").value  # type: ignore[arg-type]
+    value = from_prefect_secret(
+        host,  # type: ignore[arg-type]  # only .name is read, through `owner`
+        host.password_secret,
+        f"password of {host.username}",
+        owner=f"host '{host.name}'",
+    ).value
     return value or ""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 import tempfile
@@ -49,6 +50,16 @@ def _raw_image(image: Path, tmp: Path) -> Path:
         ["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True, capture_output=True
     )
     return out
+
+
+def _shared_disk_paths(description: dict) -> dict[str, str]:
+    """A config-only copy (no restored disks) uses the VM's own disk files, by absolute path: the seed's
+    standby on shared SAN storage. A relative name would point into the copy's own, empty directory."""
+    paths = {}
+    for disk in description.get("disks") or []:
+        if m := re.fullmatch(r"\[([^\]]+)\]\s*(.+)", str(disk.get("path") or "")):
+            paths[disk["device"]] = f"/vmfs/volumes/{m[1]}/{m[2]}"
+    return paths
 
 
 class VSphereHost(LazyConnection):
@@ -109,6 +120,8 @@ class VSphereHost(LazyConnection):
             files[f"{base}-flat.vmdk"] = raw
             files[f"{base}.vmdk"] = vmx.descriptor(f"{base}-flat.vmdk", raw.stat().st_size)
             disk_files[device] = f"{base}.vmdk"
+        if not definition.disks:
+            disk_files = _shared_disk_paths(definition.description)
         source = next((d for n, d in sorted(definition.documents.items()) if n.endswith(".vmx") and d), None)
         if source is not None:
             text = vmx.rewrite(source.decode("utf-8", "replace"), name, disk_files, definition.new_identity)
@@ -138,7 +151,15 @@ class VSphereHost(LazyConnection):
                     f"(at {existing.config.files.vmPathName})",
                     "register under another name (--name) or remove that VM first",
                 )
-            if existing is not None and conn.read(f"[{ds.name}] {name}/{SIDECAR}", dc) == sidecar:
+            registered = conn.read(f"[{ds.name}] {name}/{SIDECAR}", dc) if existing is not None else None
+            if existing is not None and registered is None:
+                # same path but no sidecar: a VM hotvm did not register (another site's own VM of that name)
+                raise HypervisorError(
+                    f"vSphere host '{self.host.name}' already has a VM named '{name}' at {vmx_path} "
+                    "that hotvm did not register",
+                    "register under another name (--name) or remove that VM first",
+                )
+            if registered == sidecar:
                 started = self._start(existing, name) if start else False
                 log.info("VM '%s' on '%s' is registered and identical: unchanged", name, self.host.name)
                 return RegisterResult(self.host.name, name, "unchanged", started, vmx_path)
@@ -149,6 +170,9 @@ class VSphereHost(LazyConnection):
                         "power it off (a standby copy must stay off) and rerun",
                     )
                 existing.UnregisterVM()  # keeps its files; registered again below with the new ones
+            else:  # claimed first: a run that dies before the full sidecar below is resumed, not refused
+                claim = json.dumps({"source_vm": definition.source_vm, "files": {}}).encode()
+                conn.upload(claim, f"[{ds.name}] {name}/{SIDECAR}", dc)
             for fname, data in files.items():
                 conn.upload(data, f"[{ds.name}] {name}/{fname}", dc)
             if conn.read(f"[{ds.name}] {name}/vmware.log", dc) is None:
