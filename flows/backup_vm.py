@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows._limits import backup_slot
+from flows._rollback import roll_back
 from hotvm import backup
 from hotvm.formats.repository import new_backup_id
 from hotvm.hypervisors.base import FrozenDisk
@@ -32,7 +33,7 @@ from tasks.commit import commit_disk
 from tasks.config import backup_config
 from tasks.export import export_disk
 from tasks.plan import plan_disks
-from tasks.reconcile import reconcile_vm, rollback_vm
+from tasks.reconcile import reconcile_vm
 from tasks.redo import add_redo
 from tasks.transfer import transfer
 
@@ -145,16 +146,7 @@ def backup_vm(
             url = steps.run("transfer", None, transfer, vm, target, manifest, config)
         except BaseException:
             log.error("backup of %s failed: committing its overlays back before the run ends", vm)
-            rollback_vm(vm, config)
-            # This run's bitmap stays only on disks whose export was journaled (a resume keeps those);
-            # the baseline's bitmap stays everywhere: it has seen every write since the last good backup.
-            # After the rollback: a persistent bitmap is read-only while its image is frozen under an overlay.
-            unused = {d.device: [d.bitmap] for d in frozen if d.bitmap and d.device not in exported}
-            try:
-                if unused:
-                    drop_bitmaps(vm, unused, config)
-            except Exception as exc:  # noqa: BLE001 - a stray bitmap costs memory, not correctness
-                log.warning("could not remove this run's dirty bitmaps %s: %s", unused, exc)
+            roll_back(vm, config, frozen, journaled=exported)
             raise
         # The set is complete: the previous backup's bitmaps are superseded by this one's.
         superseded = backup.superseded_bitmaps(plan.baselines, records)

@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._fleet import MAX_PARALLEL_VMS, _failed_task, artifact_key, publish
 from flows._limits import backup_slot, ensure_host_limit
+from flows._rollback import roll_back
 from flows.backup_vm import _rollback_hook, _Steps, run_backup_id
 from hotvm import backup
 from hotvm.files.backup import summary_rows
@@ -28,7 +29,7 @@ from hotvm.policies import policy_for_vm, vms_for_policy
 from tasks.bitmaps import drop_bitmaps
 from tasks.commit import commit_disk
 from tasks.files import finish_files, plan_files, scan_files, update_catalog
-from tasks.reconcile import reconcile_vm, rollback_vm
+from tasks.reconcile import reconcile_vm
 from tasks.redo import add_redo
 
 
@@ -92,14 +93,7 @@ def files_vm(
             )  # fmt: skip
         except BaseException:
             log.error("file backup of %s failed: committing its overlays back before the run ends", vm)
-            rollback_vm(vm, config)
-            # this run's bitmap stays only where its disk is journaled (a resume relies on those)
-            unused = {d.device: [d.bitmap] for d in frozen if d.bitmap and d.device not in scanned}
-            try:
-                if unused:
-                    drop_bitmaps(vm, unused, config)
-            except Exception as exc:  # noqa: BLE001 - a stray bitmap costs memory, not correctness
-                log.warning("could not remove this run's dirty bitmaps %s: %s", unused, exc)
+            roll_back(vm, config, frozen, journaled=scanned)
             raise
         # complete: the previous set's bitmaps are superseded by this one's (only where this set has one)
         superseded = {

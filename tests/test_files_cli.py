@@ -21,7 +21,8 @@ from hotvm.files.restore import restore_entries
 from hotvm.files.scan import scan_volume
 from hotvm.files.volumes import find_volumes
 from hotvm.formats.repository import Repository
-from hotvm.models import TargetConfig, utcnow
+from hotvm.models import Keep, TargetConfig, utcnow
+from hotvm.prune import sweep
 from targets import open_target
 
 KEY_ENV = "HOTVM_TEST_FILES_KEY"
@@ -108,3 +109,23 @@ def test_file_contents_are_encrypted_deduplicated_and_restored(
         assert sync_catalog(catalog, repo)["dropped"] == 1
         assert {h["backup_id"] for h in catalog.find("vm1", "secret.txt")} == {again.backup_id}
     assert os.path.exists(tmp_path / "catalog")
+
+
+def test_prune_keeps_file_sets_by_each_vms_files_policy(tmp_path: Path) -> None:
+    """prune honours the `files.keep` of the VM's policy; without one, Table 7.3's 31 days apply."""
+    image = build_disk(tmp_path / "d.raw", [PartSpec("ext4", 16, [Node("/a.txt", b"a" * 100)])], table="none")
+    repo = Repository(open_target(TargetConfig(name="t", url=f"file://{tmp_path}/target")))
+    repo.ensure()
+    previous = None
+    for day in (1, 2, 3):
+        previous = back_up(repo, image, f"202601{day:02d}T000000Z-000{day}", previous)
+    later = utcnow() + dt.timedelta(days=40)  # every set is older than 31 days by then
+
+    def kept(files_keep: Keep | dict[str, Keep] | None) -> list[bool]:
+        report = sweep(repo, dry_run=True, files_keep=files_keep, now=later)
+        return [outcome.keep for outcome in report.file_sets]
+
+    assert kept(None) == [False, False, True]  # 31 days: only the newest (never removed) stays
+    assert kept({"vm1": Keep(last=2)}) == [False, True, True]
+    assert kept({"other": Keep(last=3)}) == [False, False, True]  # another VM's policy is not vm1's
+    assert kept(Keep(last=3)) == [True, True, True]

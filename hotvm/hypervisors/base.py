@@ -7,6 +7,7 @@ task that is retried, or a run that follows a killed one, acts on the real state
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,10 @@ class DiskInfo:
     @property
     def backed_up(self) -> bool:
         return self.mode is DiskMode.PERSISTENT
+
+    def as_dict(self) -> dict:
+        """JSON-ready, for describe_vm() (stored with every backup) and `hotvm status`."""
+        return {**dataclasses.asdict(self), "mode": str(self.mode)}
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,7 @@ class LibvirtDriver:
             "cpus": vcpus,
             "memory_bytes": int(dom.maxMemory()) * 1024,
             "machine": os_type.get("machine", "") if os_type is not None else "",
-            "disks": [_disk_dict(self._disk_info(dom, d)) for d in self._disks(dom)],
+            "disks": [self._disk_info(dom, d).as_dict() for d in self._disks(dom)],
             "nics": lx.nics(root),
             "block_jobs": self._block_jobs(dom) if dom.isActive() else [],
         }
@@ -619,19 +619,6 @@ def _local_file(frozen: FrozenDisk, uri: str) -> Iterator[FrozenDisk]:
             "run hotvm on the libvirt host, or mount the host's image storage at the same path here",
         )
     yield frozen
-
-
-def _disk_dict(disk: DiskInfo) -> dict:
-    return {
-        "device": disk.device,
-        "path": disk.path,
-        "format": disk.format,
-        "virtual_size": disk.virtual_size,
-        "mode": str(disk.mode),
-        "hotvm_overlays": list(disk.hotvm_overlays),
-        "backing_chain": list(disk.backing_chain),
-        "bus": disk.bus,
-    }
 
 
 __all__ = ["LibvirtDriver", "LibvirtHost"]

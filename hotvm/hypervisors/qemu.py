@@ -162,7 +162,7 @@ class QemuDriver:
                 "status": mon.cmd("query-status", retry=True).get("status"),
                 "cpus": len(mon.cmd("query-cpus-fast", retry=True)),
                 "memory_bytes": memory.get("base-memory", 0) + memory.get("plugged-memory", 0),
-                "disks": [_disk_dict(self._disk_info(mon, c)) for c in self._chains(mon)],
+                "disks": [self._disk_info(mon, c).as_dict() for c in self._chains(mon)],
                 "block_nodes": [
                     {
                         "node": n["node-name"],
@@ -793,17 +793,3 @@ def _chain_actual_size(image: dict | None) -> int | None:
             total, seen = total + int(image["actual-size"]), True
         image = image.get("backing-image")
     return total if seen else None
-
-
-def _disk_dict(disk: DiskInfo) -> dict:
-    return {
-        "device": disk.device,
-        "node_name": disk.node_name,
-        "path": disk.path,
-        "format": disk.format,
-        "virtual_size": disk.virtual_size,
-        "mode": str(disk.mode),
-        "hotvm_overlays": list(disk.hotvm_overlays),
-        "backing_chain": list(disk.backing_chain),
-        "bus": disk.bus,
-    }
