@@ -70,7 +70,7 @@ class Session:
 
 
 def open_session(vm: str, config: Config | str | Path | None = None) -> Session:
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = load_config(config)
     host, vm_cfg = cfg.find_vm(vm)
     return Session(cfg, host, vm_cfg)
 

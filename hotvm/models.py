@@ -533,7 +533,11 @@ def parse_config(data: object, source: Path | None = None) -> Config:
     return config
 
 
-def load_config(path: Path | str | None = None) -> Config:
+def load_config(path: Config | Path | str | None = None) -> Config:
+    """The configuration from `path` (default: $HOTVM_CONFIG, ./hotvm.yaml); a Config is returned as is, so
+    every plain function can take either a path or an already loaded Config."""
+    if isinstance(path, Config):
+        return path
     source = config_path(path)
     try:
         text = source.read_text()

@@ -57,7 +57,7 @@ def target_and_policy(
     config: Config | str | Path | None, target: str | None, **overrides: int | None
 ) -> tuple[TargetConfig, Keep]:
     """The target to prune and its policy: the target's `keep:` unless keep flags replace it."""
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = load_config(config)
     target_cfg = cfg.find_target(target)
     return target_cfg, retention.with_overrides(target_cfg.keep, **overrides)
 
@@ -97,7 +97,7 @@ def files_keeps(cfg: Config) -> dict[str, Keep]:
 
 @contextmanager
 def opened(config: Config | str | Path | None, target: str | None) -> Iterator[Repository]:
-    cfg = config if isinstance(config, Config) else load_config(config)
+    cfg = load_config(config)
     tgt = open_target(cfg.find_target(target))
     try:
         yield Repository(tgt)

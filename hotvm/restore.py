@@ -18,12 +18,8 @@ from hotvm.models import Config, Manifest, load_config
 from targets import open_target
 
 
-def _config(config: Config | str | Path | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
-
-
 def open_repository(config: Config | str | Path | None, target: str | None) -> Repository:
-    return Repository(open_target(_config(config).find_target(target)))
+    return Repository(open_target(load_config(config).find_target(target)))
 
 
 def find_backup(

@@ -14,11 +14,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from hotvm.errors import ChecksumMismatch, ConfigError, HotvmError
+from hotvm.errors import ConfigError, HotvmError
 from hotvm.formats.configtar import read_config_archive
-from hotvm.formats.export import chunk_digest
 from hotvm.formats.repository import Repository
-from hotvm.formats.restore import DiskFormat, disk_file_name
+from hotvm.formats.restore import DiskFormat, check_config_archive, disk_file_name
 from hotvm.hypervisors import open_host
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
 from hotvm.models import Config, HostConfig, Manifest, load_config
@@ -28,10 +27,6 @@ log = logging.getLogger("hotvm.standby")
 
 DISKS_PREFIX = "disks-"
 COMPLETE_MARKER = ".complete"
-
-
-def _config(config: Config | str | Path | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
 
 
 def vm_definition(
@@ -44,12 +39,7 @@ def vm_definition(
             "take a new backup (config archives are part of every backup since the first release)",
         )
     blob = repo.read_blob(manifest.vm, manifest.backup_id, manifest.config_archive.name)
-    if chunk_digest(blob) != manifest.config_archive.sha256:
-        raise ChecksumMismatch(
-            f"config archive of {manifest.vm}/{manifest.backup_id} is damaged",
-            "use another backup (--backup ID)",
-        )
-    contents = read_config_archive(blob)
+    contents = read_config_archive(check_config_archive(manifest, blob))
     return VMDefinition(
         name=name,
         source_vm=manifest.vm,
@@ -138,7 +128,7 @@ def register_restored(
     start: bool = False,
 ) -> dict:
     """Register restored disks as VM `name` on `host`: a new identity unless it keeps the VM's name."""
-    cfg = _config(config)
+    cfg = load_config(config)
     host_cfg = cfg.find_host(host)
     repo = open_repository(cfg, target)
     definition = vm_definition(repo, manifest, name, disks, new_identity=name != manifest.vm)
@@ -148,12 +138,12 @@ def register_restored(
 
 def restore_dir_on_host(config: Config | str | Path | None, host: str, name: str, backup_id: str) -> Path:
     """Default place for the disks of a restore --to-host: the host's vm_dir/NAME/disks-<backup>."""
-    return host_vm_dir(_config(config).find_host(host), name) / f"{DISKS_PREFIX}{backup_id}"
+    return host_vm_dir(load_config(config).find_host(host), name) / f"{DISKS_PREFIX}{backup_id}"
 
 
 def staged_on_host(config: Config | str | Path | None, host: str) -> bool:
     """True when a restore --to-host `host` without --to only stages the disks locally (see stages_disks)."""
-    return stages_disks(_config(config).find_host(host))
+    return stages_disks(load_config(config).find_host(host))
 
 
 # --------------------------------------------------------------------------- config sync to a standby
@@ -161,7 +151,7 @@ def staged_on_host(config: Config | str | Path | None, host: str) -> bool:
 
 def standby_vms(config: Config | str | Path | None) -> list[tuple[str, str]]:
     """(vm, standby host) of every configured VM that names a standby_host."""
-    cfg = _config(config)
+    cfg = load_config(config)
     return [(vm.name, vm.standby_host) for h in cfg.hosts for vm in h.vms if vm.standby_host]
 
 
@@ -178,7 +168,7 @@ def sync_config(
     Same identity (name, UUID, MACs): it replaces the VM when its host fails. Without disks the standby
     points at the VM's own disk files (the seed's shared SAN storage); with_disks restores the latest
     backup's disks into the standby's vm_dir first. Reruns: identical -> unchanged, changed -> updated."""
-    cfg = _config(config)
+    cfg = load_config(config)
     host_name = standby or _configured_standby(cfg, vm)
     standby_host = cfg.find_host(host_name)
     try:

@@ -33,10 +33,6 @@ from hotvm.models import Config, Manifest, load_config
 DEFAULT_TIER = 1
 
 
-def _config(config: Config | str | Path | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
-
-
 # ----------------------------------------------------------------------------- tier / RTO lookups
 
 
@@ -150,7 +146,7 @@ def verify_set(
     fmt: DiskFormat = "qcow2",
 ) -> dict:
     """Restore-test one set (default: the VM's latest complete one) and record the result beside it."""
-    cfg = _config(config)
+    cfg = load_config(config)
     manifest = restore.find_backup(cfg, vm, target, backup_id)
     scratch = Path(tempfile.mkdtemp(prefix=f"hotvm-verify-{manifest.vm}-"))
     try:
@@ -199,7 +195,7 @@ def vms_to_verify(
     config: Config | str | Path | None, target: str | None, sample: int | None = None
 ) -> list[str]:
     """Every VM with a complete set on the target; with `sample`, that many, least recently tested first."""
-    cfg = _config(config)
+    cfg = load_config(config)
     repo = restore.open_repository(cfg, target)
     try:
         vms = sorted({e.vm for e in repo.list_sets() if e.manifest})
@@ -216,7 +212,7 @@ def vms_to_verify(
 def recovery_plan(config: Config | str | Path | None, tier: int, target: str | None) -> list[dict]:
     """The VMs of `tier` with a complete backup on the target, in recovery order (startup_order, then
     name), each with the host whose concurrency caps it. VMs only on the target are tier 1."""
-    cfg = _config(config)
+    cfg = load_config(config)
     repo = restore.open_repository(cfg, target)
     try:
         on_target = {e.vm: e.manifest for e in repo.list_sets() if e.manifest}  # latest wins (sorted)
@@ -258,7 +254,7 @@ def recover_tier(
 ) -> list[dict]:
     """Restore every VM of `tier` into to/<vm>/: started strictly in recovery order, at most each host's
     max_concurrent_backups at once. One row per VM, with its measured time and RTO."""
-    cfg = _config(config)
+    cfg = load_config(config)
     plan = recovery_plan(cfg, tier, target)
     if not plan:
         raise HotvmError(f"no VM of tier {tier} has a complete backup", "check the tiers in hotvm.yaml")

@@ -156,14 +156,20 @@ def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list
     return unpack_config(manifest, blob, dest_dir)
 
 
-def unpack_config(manifest: Manifest, blob: bytes, dest_dir: Path) -> list[str]:
-    """Check the (plain) config archive against the manifest and unpack it under dest_dir/config."""
+def check_config_archive(manifest: Manifest, blob: bytes) -> bytes:
+    """The (plain) config archive, checked against its manifest: a damaged one is never unpacked or used."""
     assert manifest.config_archive is not None
     if chunk_digest(blob) != manifest.config_archive.sha256:
         raise ChecksumMismatch(
             f"config archive of {manifest.vm}/{manifest.backup_id} is damaged",
-            "restore the config from another backup",
+            "restore the config from another backup (--backup ID)",
         )
+    return blob
+
+
+def unpack_config(manifest: Manifest, blob: bytes, dest_dir: Path) -> list[str]:
+    """Check the (plain) config archive against the manifest and unpack it under dest_dir/config."""
+    check_config_archive(manifest, blob)
     target = dest_dir / "config"
     target.mkdir(parents=True, exist_ok=True)
     plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()

@@ -12,12 +12,8 @@ from hotvm.models import Config, load_config
 from hotvm.tape.drive import Library, open_library
 
 
-def _config(config: Config | str | Path | None) -> Config:
-    return config if isinstance(config, Config) else load_config(config)
-
-
 def open_tape(config: Config | str | Path | None, name: str) -> Library:
-    tape = _config(config).find_tape(name)
+    tape = load_config(config).find_tape(name)
     return open_library(tape.name, tape.url)
 
 
