@@ -18,6 +18,7 @@ import pytsk3
 from hotvm.errors import HotvmError
 from hotvm.files.blockdev import BlockSource
 from hotvm.files.volumes import TskImage, Volume
+from hotvm.safepath import printable
 
 Kind = Literal["file", "dir", "symlink", "other"]
 
@@ -112,6 +113,9 @@ class Filesystem:
         self._fs = fs
         self._image = image  # TSK reads through it: keep it alive as long as the FS_Info
         self._lock = threading.Lock()
+        self.refused: list[str] = []
+        """Entries not listed because their name cannot be a name ('/' or NUL in it: a forged directory
+        entry), each as 'path: why' (printable)."""
         ftype = int(fs.info.ftype)
         self.fstype = _FSTYPES.get(ftype) or pytsk3.TSK_FS_TYPE_ENUM(ftype).name.removeprefix("TSK_FS_TYPE_")
         self.fstype = self.fstype.lower()
@@ -188,6 +192,10 @@ class Filesystem:
                 if not int(meta.flags) & _ALLOC_META or int(meta.type) in _VIRTUAL:
                     continue
                 name = raw.decode("utf-8", "surrogateescape")
+                if "/" in name or "\0" in name:  # no file system makes these: the guest forged it
+                    shown = printable(("" if path == "/" else path) + "/" + name)
+                    self.refused.append(f"{shown}: the name holds '/' or NUL; not backed up")
+                    continue
                 if at_root and self._is_fs_own(name, meta):
                     continue
                 prefix = "" if path == "/" else path
