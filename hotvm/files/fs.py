@@ -147,7 +147,7 @@ class Filesystem:
         return None
 
     # ---- walking
-    def _entry(self, path: str, meta: pytsk3.TSK_FS_META) -> FileEntry:
+    def _entry(self, path: str, meta: pytsk3.TSK_FS_META, item: pytsk3.File | None = None) -> FileEntry:
         kind = _KINDS.get(int(meta.type), "other")
         if self._unix:
             mode, uid, gid = int(meta.mode) & 0o7777, int(meta.uid), int(meta.gid)
@@ -157,6 +157,8 @@ class Filesystem:
         if kind == "symlink" and meta.link:
             link = meta.link
             target = link.decode("utf-8", "surrogateescape") if isinstance(link, bytes) else str(link)
+        elif kind == "symlink" and item is not None and 0 < int(meta.size) <= 4096:
+            target = self._slow_link(item, int(meta.size))
         return FileEntry(
             path=path,
             kind=kind,
@@ -171,6 +173,16 @@ class Filesystem:
             nlink=int(meta.nlink),
             target=target,
         )
+
+    @staticmethod
+    def _slow_link(item: pytsk3.File, size: int) -> str | None:
+        """A symlink whose target did not fit in its inode (ext4: over 60 bytes) keeps it as file data,
+        which TSK does not hand out as meta.link."""
+        try:
+            raw = item.read_random(0, size)
+        except OSError:
+            return None
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
     def _list(self, inode: int, path: str) -> list[FileEntry]:
         """Allocated children of one directory (TSK's virtual entries and NTFS's own files left out)."""
@@ -199,7 +211,7 @@ class Filesystem:
                 if at_root and self._is_fs_own(name, meta):
                     continue
                 prefix = "" if path == "/" else path
-                entries.append(self._entry(f"{prefix}/{name}", meta))
+                entries.append(self._entry(f"{prefix}/{name}", meta, item))
         return entries
 
     def _is_fs_own(self, name: str, meta: pytsk3.TSK_FS_META) -> bool:

@@ -27,6 +27,7 @@ from hotvm.restore import open_repository, prepare_destination, restore_config_f
 from hotvm.safepath import SafeRoot, UnsafePath, printable
 
 log = logging.getLogger("hotvm.files")
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PROTECTED_AT_ROOT = ("lost+found", "System Volume Information")
 """Kept even when the file set does not list them (file-system housekeeping the reader leaves out)."""
 
@@ -42,22 +43,37 @@ def _same_file(dest: SafeRoot, p: Planned) -> bool:
     )
 
 
-def _delete_unlisted(root: Path, wanted: set[str]) -> int:
-    """Remove what the file set does not list, walking with directory fds (no symlink is followed)."""
+def _delete_unlisted(root: Path, wanted: set[str], problems: list[str]) -> int:
+    """Remove what the file set does not list, walking with directory fds (no symlink is followed). A
+    directory the kernel will not list (a forged entry in it) is reported and left as it is."""
     deleted = 0
-    for top, dirs, files, top_fd in os.fwalk(root, topdown=True):
-        rel_top = os.path.relpath(top, root)
-        rel_top = "" if rel_top == "." else rel_top
-        for name in list(dirs) + files:
-            rel = f"{rel_top}/{name}" if rel_top else name
-            if rel in wanted or (not rel_top and (name in PROTECTED_AT_ROOT or name.startswith("$"))):
+    stack = [(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "")]
+    while stack:
+        fd, rel_top = stack.pop()
+        try:
+            try:
+                children = list(os.scandir(fd))
+            except OSError as exc:
+                problems.append(f"/{printable(rel_top)}: cannot be listed on the restored disk "
+                                f"({exc.strerror}); nothing deleted in it")  # fmt: skip
                 continue
-            if name in dirs:
-                shutil.rmtree(name, dir_fd=top_fd)
-                dirs.remove(name)
-            else:
-                os.unlink(name, dir_fd=top_fd)
-            deleted += 1
+            for child in children:
+                name = child.name
+                rel = f"{rel_top}/{name}" if rel_top else name
+                is_dir = child.is_dir(follow_symlinks=False)
+                if rel in wanted:
+                    if is_dir:
+                        stack.append((os.open(name, _NOFOLLOW_DIR, dir_fd=fd), rel))
+                    continue
+                if not rel_top and (name in PROTECTED_AT_ROOT or name.startswith("$")):
+                    continue
+                if is_dir:
+                    shutil.rmtree(name, dir_fd=fd)
+                else:
+                    os.unlink(name, dir_fd=fd)
+                deleted += 1
+        finally:
+            os.close(fd)
     return deleted
 
 
@@ -67,7 +83,7 @@ def apply_tree(root: Path, entries: list[dict], reader) -> dict:  # noqa: ANN001
     report = RestoreReport()
     plan = plan_entries(entries, report)
     stats = {"written": 0, "unchanged": 0, "deleted": 0, "dirs_created": 0}
-    stats["deleted"] = _delete_unlisted(root, {p.rel for p in plan})
+    stats["deleted"] = _delete_unlisted(root, {p.rel for p in plan}, report.skipped)
     with SafeRoot(root, create=False) as dest:
         writer = TreeWriter(dest, reader, report)
         for p in plan:
