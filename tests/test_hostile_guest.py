@@ -206,7 +206,8 @@ def test_tampered_config_archive_and_backup_id_write_nothing_outside(prefect_ser
     config = env / "hotvm.yaml"
     config.write_text(yaml.safe_dump({
         "hosts": [
-            {"name": f"src-{env.name}", "vms": [{"name": "web", "qmp": str(vm.qmp_path), "standby_host": "sby"}]},
+            {"name": f"src-{env.name}",
+             "vms": [{"name": "web", "qmp": str(vm.qmp_path), "standby_host": "sby"}]},
             {"name": "sby", "vm_dir": str(standby)},
         ],
         "targets": [{"name": "nas", "url": f"file://{env}/target"}],
@@ -218,7 +219,10 @@ def test_tampered_config_archive_and_backup_id_write_nothing_outside(prefect_ser
 
     # a config archive with a member that climbs out of the standby's vm_dir (and out of a restore's dir)
     climb = "../" * 20 + str(outside).lstrip("/") + "/written"
-    _rewrite_set(set_dir, _tar_zst({"vm-description.json": b"{}", f"files/{climb}": b"pwned"}))
+    launch = b"#!/bin/sh\nexec qemu-system-x86_64 -name web -qmp unix:/run/web.qmp,server=on,wait=off\n"
+    _rewrite_set(set_dir, _tar_zst({
+        "vm-description.json": b"{}", "files/etc/web/launch.sh": launch, f"files/{climb}": b"pwned",
+    }))  # fmt: skip
     proc = hotvm("sync-config", "web", *c, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert "config archive" in proc.stderr or "manifest" in proc.stderr, proc.stderr
