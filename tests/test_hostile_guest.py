@@ -125,6 +125,9 @@ def test_hostile_guest_names_never_leave_the_destination(prefect_server, qemu, e
     assert f"/{key}/caf\\xe9.txt" in names and f"/{key}/escape" in names
     found = hotvm_json("files", "find", "evil", "caf*", *c)
     assert [r["path"] for r in found] == [f"/{key}/caf\\xe9.txt"]
+    catalog = env / "catalog"  # every file name of every guest: private to the backup host
+    assert stat.S_IMODE(catalog.stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in catalog.iterdir()} == {0o600}
     one = env / "one"
     hotvm("files", "restore", "evil", f"/{key}/caf\\xe9.txt", "--to", str(one), *c)  # the form ls prints
     assert os.listdir(os.fsencode(one / key)) == [CAFE_NAME]
