@@ -44,35 +44,44 @@ class UnsafePath(HotvmError):
 # ---------------------------------------------------------------------- display
 
 
-_ESCAPE = re.compile(r"[\\\udc80-\udcff\x00-\x1f\x7f]")
-_UNESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2})")
+_ESCAPE = re.compile(r"[^\x20-\x5b\x5d-\x7e]")  # all but printable ASCII other than the backslash
+_UNESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    code = ord(ch)
+    if ch == "\\":
+        return "\\\\"
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xDC00:02x}"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if ch.isprintable():
+        return ch
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def printable(name: str) -> str:
-    """`name` as text that prints and stores anywhere: bytes that are not UTF-8 (surrogateescape) and
-    control characters as \\xNN, a backslash as \\\\ (the escaping of `ls -b`). Lossless: see unprintable."""
+    """`name` as text that prints and stores anywhere, like `ls -b`: a byte that is not UTF-8 and an ASCII
+    control character as \\xNN, other unprintable characters as \\uXXXX, a backslash as \\\\.
+    Lossless: `unprintable` gives the name back."""
+    return _ESCAPE.sub(_escape, name)
 
-    def esc(m: re.Match[str]) -> str:
-        ch = m.group()
-        if ch == "\\":
-            return "\\\\"
-        code = ord(ch) - 0xDC00 if ord(ch) >= 0xDC80 else ord(ch)
-        return f"\\x{code:02x}"
 
-    return _ESCAPE.sub(esc, name)
+def _unescape(m: re.Match[str]) -> str:
+    body = m.group(1)
+    if body == "\\":
+        return "\\"
+    code = int(body[1:], 16)
+    if body[0] == "x" and code >= 0x80:
+        return chr(0xDC00 + code)
+    return chr(code)
 
 
 def unprintable(text: str) -> str:
     """The name `printable` shows as `text` (a surrogateescape str: os functions get the exact bytes)."""
-
-    def unesc(m: re.Match[str]) -> str:
-        body = m.group(1)
-        if body == "\\":
-            return "\\"
-        code = int(body[1:], 16)
-        return chr(code) if code < 0x80 else chr(0xDC00 + code)
-
-    return _UNESCAPE.sub(unesc, text)
+    return _UNESCAPE.sub(_unescape, text)
 
 
 # ---------------------------------------------------------------------- names and paths

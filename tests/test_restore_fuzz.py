@@ -206,3 +206,15 @@ def test_config_unpack_never_writes_outside(data: bytes) -> None:
 def test_config_unpack_refuses_garbage_cleanly(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(BackupSetError):
         unpack_config_archive(data, Path(tmp) / "config")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40))
+def test_printable_names_are_lossless_and_printable(raw: bytes) -> None:
+    """The catalog's and the messages' form of a name gives back its exact bytes."""
+    from hotvm.safepath import printable, unprintable
+
+    name = os.fsdecode(raw)
+    shown = printable(name)
+    assert shown.isprintable() or not shown
+    assert os.fsencode(unprintable(shown)) == raw

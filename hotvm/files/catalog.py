@@ -61,7 +61,8 @@ def _private(path: Path) -> None:
     """The catalog's directory 0700 and its database 0600 before SQLite opens it (its -wal and -shm
     files take the database's mode): it lists every file name of every guest."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path.parent, 0o700)
+    if not os.environ.get(CATALOG_DIR_ENV):  # our own directory (one named by the user is left as it is)
+        os.chmod(path.parent, 0o700)
     os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
