@@ -30,7 +30,11 @@ CONTENT = b"restored content " * 8
 DIGEST = hashlib.sha256(CONTENT).hexdigest()
 CHUNKS = {DIGEST: CONTENT}
 FUZZ = settings(
-    max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=True,
+    database=None,
 )
 
 names = st.one_of(
@@ -201,14 +205,14 @@ def test_config_unpack_never_writes_outside(data: bytes) -> None:
             assert path.name == "link" or (not path.is_symlink() and (path.is_file() or path.is_dir()))
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=50, deadline=None, database=None, derandomize=True)
 @given(st.binary(max_size=512))
 def test_config_unpack_refuses_garbage_cleanly(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(BackupSetError):
         unpack_config_archive(data, Path(tmp) / "config")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(st.binary(max_size=40))
 def test_printable_names_are_lossless_and_printable(raw: bytes) -> None:
     """The catalog's and the messages' form of a name gives back its exact bytes."""
