@@ -44,36 +44,42 @@ def _same_file(dest: SafeRoot, p: Planned) -> bool:
 
 
 def _delete_unlisted(root: Path, wanted: set[str], problems: list[str]) -> int:
-    """Remove what the file set does not list, walking with directory fds (no symlink is followed). A
-    directory the kernel will not list (a forged entry in it) is reported and left as it is."""
+    """Remove what the file set does not list, walking with directory fds (no symlink is followed). What
+    the kernel will not list or remove (a forged entry on the disk) is reported and left as it is."""
     deleted = 0
     stack = [(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "")]
-    while stack:
-        fd, rel_top = stack.pop()
-        try:
+    try:
+        while stack:
+            fd, rel_top = stack.pop()
             try:
-                children = list(os.scandir(fd))
+                deleted += _delete_in(fd, rel_top, wanted, stack)
             except OSError as exc:
-                problems.append(f"/{printable(rel_top)}: cannot be listed on the restored disk "
-                                f"({exc.strerror}); nothing deleted in it")  # fmt: skip
-                continue
-            for child in children:
-                name = child.name
-                rel = f"{rel_top}/{name}" if rel_top else name
-                is_dir = child.is_dir(follow_symlinks=False)
-                if rel in wanted:
-                    if is_dir:
-                        stack.append((os.open(name, _NOFOLLOW_DIR, dir_fd=fd), rel))
-                    continue
-                if not rel_top and (name in PROTECTED_AT_ROOT or name.startswith("$")):
-                    continue
-                if is_dir:
-                    shutil.rmtree(name, dir_fd=fd)
-                else:
-                    os.unlink(name, dir_fd=fd)
-                deleted += 1
-        finally:
+                problems.append(f"/{printable(rel_top)}: {exc.strerror} on the restored disk; left as it is")
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
             os.close(fd)
+    return deleted
+
+
+def _delete_in(fd: int, rel_top: str, wanted: set[str], stack: list[tuple[int, str]]) -> int:
+    deleted = 0
+    for child in list(os.scandir(fd)):
+        name = child.name
+        rel = f"{rel_top}/{name}" if rel_top else name
+        is_dir = child.is_dir(follow_symlinks=False)
+        if rel in wanted:
+            if is_dir:
+                stack.append((os.open(name, _NOFOLLOW_DIR, dir_fd=fd), rel))
+            continue
+        if not rel_top and (name in PROTECTED_AT_ROOT or name.startswith("$")):
+            continue
+        if is_dir:
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+        deleted += 1
     return deleted
 
 

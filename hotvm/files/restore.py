@@ -185,6 +185,8 @@ def apply_metadata(dest: SafeRoot, p: Planned, report: RestoreReport, times: boo
             owner=(e.uid, e.gid) if os.geteuid() == 0 else None,
             times_ns=(e.atime_ns, e.mtime_ns) if times else None,
         )
+    except UnsafePath as exc:
+        report.metadata_errors.append(exc.message)
     except (OSError, OverflowError) as exc:
         report.metadata_errors.append(f"{printable(e.path)}: {getattr(exc, 'strerror', None) or exc}")
 
