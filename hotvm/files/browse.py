@@ -53,6 +53,11 @@ def resolve_set(
     return SetRef("files", latest.vm, latest.backup_id, latest.completed_at, latest)
 
 
+MAX_CHUNK_BYTES = 64 << 20
+"""File contents are stored in chunks of 4 MiB (a pack of small files a little more): a frame that claims
+more is damaged or forged, and is refused before it is allocated."""
+
+
 class ChunkCache:
     """Decompressed chunks, a few at a time: restoring many small files reads each pack once."""
 
@@ -66,7 +71,7 @@ class ChunkCache:
             return self.cache[digest]
         try:
             data = zstandard.ZstdDecompressor().decompress(
-                self.repo.get_chunk(digest), max_output_size=1 << 30
+                self.repo.get_chunk(digest), max_output_size=MAX_CHUNK_BYTES
             )
         except zstandard.ZstdError:
             raise ChecksumMismatch(
