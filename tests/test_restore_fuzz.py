@@ -222,3 +222,19 @@ def test_printable_names_are_lossless_and_printable(raw: bytes) -> None:
     shown = printable(name)
     assert shown.isprintable() or not shown
     assert os.fsencode(unprintable(shown)) == raw
+
+
+def test_a_frame_claiming_more_than_the_bound_is_refused_before_allocation() -> None:
+    """zstd allocates what a frame header claims; a forged claim is refused first (known or unknown size)."""
+    import pytest
+
+    from hotvm.files.filesets import decompress_bounded
+
+    data = b"x" * 100_000
+    for frame in (
+        zstandard.ZstdCompressor(write_content_size=True).compress(data),
+        zstandard.ZstdCompressor(write_content_size=False).compress(data),
+    ):
+        assert decompress_bounded(frame, len(data)) == data
+        with pytest.raises(zstandard.ZstdError):
+            decompress_bounded(frame, 1000)

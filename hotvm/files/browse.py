@@ -16,7 +16,7 @@ import zstandard
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
 from hotvm.files.catalog import Catalog
-from hotvm.files.filesets import FileSetManifest, FileSets
+from hotvm.files.filesets import FileSetManifest, FileSets, decompress_bounded
 from hotvm.files.scan import entry_dict
 from hotvm.formats.repository import Repository
 from hotvm.models import Manifest
@@ -70,9 +70,7 @@ class ChunkCache:
             self.cache.move_to_end(digest)
             return self.cache[digest]
         try:
-            data = zstandard.ZstdDecompressor().decompress(
-                self.repo.get_chunk(digest), max_output_size=MAX_CHUNK_BYTES
-            )
+            data = decompress_bounded(self.repo.get_chunk(digest), MAX_CHUNK_BYTES)
         except zstandard.ZstdError:
             raise ChecksumMismatch(
                 f"chunk {digest[:16]}… on target '{self.repo.target.name}' is not a valid zstd frame",
