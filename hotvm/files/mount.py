@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hotvm.errors import HotvmError
 from hotvm.files.volumes import Volume
+from hotvm.formats.repository import safe_name
 
 EXT_TYPES = ("ext2", "ext3", "ext4")
 
@@ -57,14 +58,33 @@ def kernel_has(fstype: str) -> bool:
     return fstype in names
 
 
+GUEST_OPTS = "nosuid,nodev,noexec"
+"""A guest's file system on the backup host: its setuid files, device nodes and programs stay inert."""
+
+
 def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
     if fstype in EXT_TYPES:
-        return ["mount", "-t", fstype if kernel_has(fstype) else "ext4", device, str(target)]
+        return [
+            "mount",
+            "-t",
+            fstype if kernel_has(fstype) else "ext4",
+            "-o",
+            GUEST_OPTS,
+            device,
+            str(target),
+        ]
     if fstype == "vfat":
         if kernel_has("vfat") or subprocess.run(["modprobe", "vfat"], capture_output=True).returncode == 0:
-            return ["mount", "-t", "vfat", device, str(target)]
+            return ["mount", "-t", "vfat", "-o", GUEST_OPTS, device, str(target)]
         if shutil.which("fusefat"):
-            return ["fusefat", "-f", "-o", "rw+", device, str(target)]  # foreground: we wait for its exit
+            return [
+                "fusefat",
+                "-f",
+                "-o",
+                f"rw+,{GUEST_OPTS}",
+                device,
+                str(target),
+            ]  # foreground: we wait for its exit
         raise HotvmError(
             "this host can mount neither vfat (no kernel module) nor fusefat",
             "load the vfat module, or install the fusefat package",
@@ -72,7 +92,7 @@ def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
     if fstype == "ntfs":
         if not shutil.which("ntfs-3g"):
             raise HotvmError("writing into NTFS needs ntfs-3g", "install the ntfs-3g package")
-        return ["ntfs-3g", device, str(target)]
+        return ["ntfs-3g", "-o", GUEST_OPTS, device, str(target)]
     raise HotvmError(f"cannot write into a {fstype} file system", "supported: ext2, ext3, ext4, vfat, ntfs")
 
 
@@ -121,7 +141,7 @@ def mounted_volume(image: Path, volume: Volume, fstype: str) -> Iterator[Path]:
     """The file system of `volume` in the RAW `image`, mounted read-write; yields the mount directory.
     It is always unmounted (data synced) and its loop device detached, also when the block fails."""
     _need_root(f"mounting {volume.key} of {image}")
-    mountpoint = Path(tempfile.mkdtemp(prefix=f"hotvm-mount-{volume.key}-"))
+    mountpoint = Path(tempfile.mkdtemp(prefix=f"hotvm-mount-{safe_name(volume.key)}-"))  # 0700
     try:
         with loop_device(Path(image), volume.start, volume.length) as device:
             args = _mount_args(fstype, device, mountpoint)

@@ -19,6 +19,7 @@ from hotvm.hypervisors import libvirt_xml as lx
 from hotvm.hypervisors.base import OVERLAY_MARKER, RegisterResult, VMDefinition
 from hotvm.hypervisors.libvirt_conn import connect, is_local
 from hotvm.models import HostConfig
+from hotvm.safepath import component
 
 log = logging.getLogger("hotvm.libvirt")
 
@@ -53,6 +54,7 @@ class LibvirtHost:
 
         An existing domain of that name keeps its UUID (and, for a copy, its MACs), so registering the same
         backup again changes nothing ("unchanged"); anything else in the XML is updated."""
+        component(definition.name, "VM name")  # it names the copy's own files (_rename_files)
         source = definition.documents.get("domain.xml")
         if source is None:
             raise ConfigError(

@@ -22,6 +22,7 @@ from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import vsphere_vmx as vmx
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
 from hotvm.hypervisors.vsphere_conn import LazyConnection
+from hotvm.safepath import component
 
 log = logging.getLogger("hotvm.vsphere")
 
@@ -137,7 +138,7 @@ class VSphereHost(LazyConnection):
         conn = self.conn
         ds = self._datastore()
         dc = conn.datacenter_of(ds)
-        name = definition.name
+        name = component(definition.name, "VM name")  # a folder and file names on the datastore
         vmx_path = f"[{ds.name}] {name}/{name}.vmx"
         tmp = Path(tempfile.mkdtemp(prefix="hotvm-register-"))
         try:
