@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import BlockJobError, ConfigError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors.base import (
     BITMAP_PREFIX,
@@ -489,7 +490,7 @@ class QemuDriver:
             try:
                 proc = subprocess.run(
                     ["qemu-img", "map", "--output=json", "--image-opts", opts],
-                    capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S * 10,
+                    capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S * 10, env=child_env(),
                 )  # fmt: skip
             except subprocess.TimeoutExpired:
                 raise BitmapUnusable(f"qemu-img map of bitmap {bitmap} over NBD timed out") from None
@@ -762,7 +763,9 @@ def _create_overlay(qemu_img: str, path: Path, backing: Layer, vm: str, device: 
     cmd = [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", backing.filename, "-F", backing.format,
            str(path), str(backing.virtual_size)]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, env=child_env()
+        )
     except subprocess.TimeoutExpired:
         _remove_overlay(path)
         raise HypervisorError(
