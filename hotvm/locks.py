@@ -153,7 +153,6 @@ def host_slot_lock(host: str, limit: int, on_wait=None) -> Iterator[HeldSlot]:  
                     on_wait()
                 waited = True
                 time.sleep(SLOT_POLL_S)
-        held.record(f"pid {os.getpid()}")
         yield held
     finally:
         for fd in fds:
