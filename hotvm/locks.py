@@ -17,7 +17,7 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,15 +132,17 @@ class HeldSlot:
 
 
 @contextmanager
-def host_slot_lock(host: str, limit: int, on_wait=None) -> Iterator[HeldSlot]:  # noqa: ANN001
+def host_slot_lock(host: str, limit: int, on_wait: Callable[[], None] | None = None) -> Iterator[HeldSlot]:
     """Take one of the host's `limit` slot files on this machine, waiting until one is free.
 
     `on_wait()` is called once if every slot is taken. What a holder records stays in the file after it
     ends: a holder records what it must give back (a lease) and clears that once given back, so whatever
     the next holder finds there (`left_behind`) was left by a holder that died."""
-    fds = [_open_lock_file(f"{host}--slot{i}.lock") for i in range(limit)]
+    fds: list[int] = []
     held: HeldSlot | None = None
     try:
+        for i in range(limit):
+            fds.append(_open_lock_file(f"{host}--slot{i}.lock"))
         waited = False
         while held is None:
             for index, fd in enumerate(fds):
