@@ -52,6 +52,12 @@ def _prefect_env(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Failures reach the user as one line from hotvm; Prefect's tracebacks only with --verbose.
     os.environ["PREFECT_LOGGING_LEVEL"] = "INFO" if verbose else "CRITICAL"
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # the embedded server: it must die with this process, even SIGKILLed
+        from flows._embedded_server import install
+
+        install()
 
 
 def _cfg(config: Path | None) -> str | None:

@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from hotvm import __version__
+from hotvm.child_env import register_config
 from hotvm.errors import ConfigError, UnknownTargetError, UnknownVMError
 
 DEFAULT_CONFIG = Path("hotvm.yaml")
@@ -125,6 +127,22 @@ class VMConfig(StrictModel):
     """Free text for the DR plan (dependencies, post-restore steps)."""
 
 
+def _no_password_in_url(url: str | None) -> str | None:
+    """A URL in hotvm.yaml never carries a password (the file is copied into every backup's config archive,
+    read by operators and shown in errors); the message never repeats the URL."""
+    if url is not None and "@" in url:
+        try:
+            has_password = urlsplit(url).password is not None
+        except ValueError:
+            has_password = True
+        if has_password:
+            raise ValueError(
+                "holds a password (user:password@ in the URL): remove it; a password goes in an environment "
+                "variable (password_env, secret_key_env) or a Prefect Secret block (password_secret)"
+            )
+    return url
+
+
 class HostConfig(StrictModel):
     name: str = Field(min_length=1)
     driver: Literal["qemu", "libvirt", "vsphere"] = "qemu"
@@ -150,6 +168,8 @@ class HostConfig(StrictModel):
     """A block job (commit) that is not done by then is cancelled and rolled back: never wait forever."""
     on_io_error: Literal["resume", "cancel"] = "cancel"
     """'Answer the question': what to do when a job pauses on an I/O error or the VM stops on one."""
+
+    _urls_without_password = field_validator("uri", "url")(_no_password_in_url)
 
     @model_validator(mode="after")
     def _unique_vms(self) -> HostConfig:
@@ -241,7 +261,9 @@ class TargetConfig(StrictModel):
     def _has_scheme_or_path(cls, url: str) -> str:
         if "://" not in url and not url.startswith("/"):
             raise ValueError("give a URL such as file:///srv/backups (or an absolute path)")
-        return url
+        return _no_password_in_url(url)
+
+    _endpoint_without_password = field_validator("endpoint_url")(_no_password_in_url)
 
 
 # --------------------------------------------------------------------------- policies (Table 7.3)
@@ -517,7 +539,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{where}: {err['msg']}")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 
@@ -530,7 +552,34 @@ def parse_config(data: object, source: Path | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{where} is invalid: {_describe_validation_error(exc)}", "fix the file") from None
     config.source = source
+    register_config(config)  # its *_env variables are withheld from every child process from now on
     return config
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML silently keeps the last one,
+    so a second `hosts:` or `password_env:` would quietly replace the first. Merge keys (<<) still work."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(f"duplicate key '{key}' (first given at line {first[key]})", line)
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: Config | Path | str | None = None) -> Config:
@@ -540,7 +589,7 @@ def load_config(path: Config | Path | str | None = None) -> Config:
         return path
     source = config_path(path)
     try:
-        text = source.read_text()
+        raw = source.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"config file {source} not found",
@@ -551,7 +600,16 @@ def load_config(path: Config | Path | str | None = None) -> Config:
             f"cannot read config file {source}: {exc.strerror}", "check its permissions"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}:{exc.line}: {exc}", "keep only one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

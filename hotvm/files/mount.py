@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 from hotvm.files.volumes import Volume
 from hotvm.formats.repository import safe_name
@@ -25,7 +26,7 @@ EXT_TYPES = ("ext2", "ext3", "ext4")
 
 
 def _run(args: list[str], what: str, hint: str) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=child_env())
     if proc.returncode != 0:
         raise HotvmError(f"{what}: {(proc.stderr or proc.stdout).strip()}", hint)
     return proc.stdout.strip()
@@ -47,7 +48,7 @@ def loop_device(image: Path, offset: int, length: int) -> Iterator[str]:
     try:
         yield device
     finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True, env=child_env())
 
 
 def kernel_has(fstype: str) -> bool:
@@ -74,7 +75,10 @@ def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
             str(target),
         ]
     if fstype == "vfat":
-        if kernel_has("vfat") or subprocess.run(["modprobe", "vfat"], capture_output=True).returncode == 0:
+        loaded = kernel_has("vfat") or (
+            subprocess.run(["modprobe", "vfat"], capture_output=True, env=child_env()).returncode == 0
+        )
+        if loaded:
             return ["mount", "-t", "vfat", "-o", GUEST_OPTS, device, str(target)]
         if shutil.which("fusefat"):
             return [
@@ -97,14 +101,14 @@ def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
 
 
 def _unmount(target: Path) -> None:
-    subprocess.run(["sync"], capture_output=True)
+    subprocess.run(["sync"], capture_output=True, env=child_env())
     for _attempt in range(20):
         if not os.path.ismount(target):
             return
-        if subprocess.run(["umount", str(target)], capture_output=True).returncode == 0:
+        if subprocess.run(["umount", str(target)], capture_output=True, env=child_env()).returncode == 0:
             return
         time.sleep(0.25)  # busy: a FUSE daemon still flushing, or a process with a file open
-    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+    subprocess.run(["umount", "-l", str(target)], capture_output=True, env=child_env())
 
 
 def _start_daemon(args: list[str], mountpoint: Path, what: str, hint: str) -> subprocess.Popen:
@@ -112,7 +116,9 @@ def _start_daemon(args: list[str], mountpoint: Path, what: str, hint: str) -> su
     # Its output goes to an unlinked file, never a pipe: fusefat talks on every request, and a full pipe
     # would block it inside a request our own process is waiting on.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the daemon, closed below
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=child_env()
+    )
     deadline = time.monotonic() + 15
     while not os.path.ismount(mountpoint):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -17,6 +17,7 @@ from typing import Literal
 
 import zstandard
 
+from hotvm.child_env import child_env
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.configtar import unpack_config_archive
 from hotvm.formats.export import chunk_digest
@@ -106,6 +107,7 @@ def disk_output(dest: Path, fmt: DiskFormat, virtual_size: int) -> Iterator[int]
                 ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
                 check=True,
                 capture_output=True,
+                env=child_env(),
             )
             raw.unlink()
         os.rename(partial, dest)

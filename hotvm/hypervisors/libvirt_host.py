@@ -14,6 +14,7 @@ from pathlib import Path
 
 import libvirt
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import libvirt_xml as lx
 from hotvm.hypervisors.base import OVERLAY_MARKER, RegisterResult, VMDefinition
@@ -172,6 +173,7 @@ class LibvirtHost:
             capture_output=True,
             text=True,
             timeout=60,
+            env=child_env(),
         )
         if proc.returncode != 0:
             raise HypervisorError(

@@ -19,6 +19,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HotvmError, HypervisorError
 from hotvm.guest.qemu import UNIX_PATH_MAX, escape_opt, pid_alive, read_pid, render_script, tail
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
@@ -105,7 +106,7 @@ class QemuHost:
         with tempfile.TemporaryFile() as out:
             proc = subprocess.run(
                 spec["command"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, timeout=START_TIMEOUT_S,
+                start_new_session=True, timeout=START_TIMEOUT_S, env=child_env(),
             )  # fmt: skip
             out.seek(0)
             said = out.read().decode(errors="replace").strip()
@@ -404,7 +405,8 @@ def _split_opts(value: str) -> list[str]:
 
 def _image_format(path: Path) -> str:
     proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, timeout=60
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True, text=True, timeout=60, env=child_env(),
     )
     if proc.returncode != 0:
         raise HotvmError(f"cannot read restored disk {path}: {proc.stderr.strip()}", "restore it again")

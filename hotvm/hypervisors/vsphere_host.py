@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pyVmomi import vim
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import vsphere_vmx as vmx
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
@@ -43,12 +44,13 @@ def _sha256(data: bytes | Path) -> str:
 def _raw_image(image: Path, tmp: Path) -> Path:
     """`image` as a raw file (ESX's flat extent), converting qcow2 & co. with qemu-img."""
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], check=True,
-                                     capture_output=True, text=True).stdout)  # fmt: skip
+                                     capture_output=True, text=True, env=child_env()).stdout)  # fmt: skip
     if info["format"] == "raw":
         return image
     out = tmp / (image.stem + ".raw")
     subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True, capture_output=True
+        ["qemu-img", "convert", "-O", "raw", str(image), str(out)],
+        check=True, capture_output=True, env=child_env(),
     )
     return out
 
