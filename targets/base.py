@@ -96,6 +96,9 @@ class Target:
 
     scheme = "generic"
     atomic_put = False
+    object_lock_days: float | None = None
+    """Days every object written is locked for (S3 Object Lock, targets/s3.py); None: no locks. Where set,
+    the target also has retained_until(path) and extend_lock(paths, until) (hotvm/immutability.py)."""
     config: TargetConfig | None = None
     """The configuration it was opened from (open_target sets it): the repository finds its encryption key
     there."""
