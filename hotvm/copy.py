@@ -28,14 +28,15 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import zstandard
 from pydantic import BaseModel
 
 from hotvm import immutability, retention
-from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError
+from hotvm.errors import BackupSetError, ChecksumMismatch, ConfigError, TargetConfigError
 from hotvm.formats.repository import MARKER, Repository, read_marker
-from hotvm.models import Keep, utcnow
+from hotvm.models import Config, Keep, load_config, utcnow
 from hotvm.retention import BackupPoint, SetState
 from targets.base import Target
 
@@ -371,3 +372,31 @@ def copy_repository(
     copier.copy_documents()
     report.seconds = round(time.monotonic() - started, 3)
     return report
+
+
+def copy_between(
+    config: Config | str | Path | None,
+    source: str | None,
+    destination: str,
+    vms: Iterable[str] | None = None,
+    workers: int = DEFAULT_WORKERS,
+) -> CopyReport:
+    """`hotvm copy --from SOURCE --to DESTINATION`: open both targets from hotvm.yaml and copy. The
+    destination's retention applies only if it has its own `keep:`."""
+    from targets import open_target
+
+    cfg = load_config(config)
+    src_cfg, dst_cfg = cfg.find_target(source), cfg.find_target(destination)
+    if src_cfg.name == dst_cfg.name:
+        raise ConfigError(f"copy from target '{src_cfg.name}' to itself", "give another target with --to")
+    keep = dst_cfg.keep if "keep" in dst_cfg.model_fields_set else None
+    src_target = open_target(src_cfg)
+    try:
+        dst_target = open_target(dst_cfg)
+        try:
+            return copy_repository(Repository(src_target, src_cfg), dst_target, vms=vms, keep=keep,
+                                   workers=workers)
+        finally:
+            dst_target.close()
+    finally:
+        src_target.close()
