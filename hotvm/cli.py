@@ -646,12 +646,15 @@ def check(
 def _render_check(result: dict) -> None:
     from rich.table import Column
 
-    table = Table("vm", Column("backup", no_wrap=True), "state", "disks", "chunks", "problems")
+    locked = any(s.get("retained_until") for s in result["sets"])
+    table = Table("vm", Column("backup", no_wrap=True), "state", "disks", "chunks", "problems",
+                  *(["immutable until"] if locked else []))
     for s in result["sets"]:
         problems = "\n".join(f"{p['kind']}: {p['detail']}" for p in s["problems"])
         table.add_row(
             s["vm"], s["backup_id"], s["state"], str(s["disks"]), str(s["chunks"]),
             f"[red]{problems}[/]" if problems else "[green]ok[/]" if s["state"] == "complete" else "",
+            *([(s.get("retained_until") or "")[:19]] if locked else []),
         )
     if result["sets"]:
         out.print(table)

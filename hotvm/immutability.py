@@ -9,9 +9,12 @@ Every object a backup or a copy writes is locked by the target itself (targets/s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
+from hotvm.retention import BackupPoint
 from targets.base import Target
 
 
@@ -44,3 +47,29 @@ def lock_reason(until: dt.datetime | None, now: dt.datetime) -> str | None:
     if until is None or until <= now:
         return None
     return f"immutable until {until.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC (S3 Object Lock)"
+
+
+def with_lock_holds(
+    target: Target, points: list[BackupPoint], now: dt.datetime | None = None
+) -> list[BackupPoint]:
+    """The points, each set still under Object Lock held by its lock (prune never plans to delete it:
+    the store would refuse, and the set is meant to survive exactly that)."""
+    if not locking(target):
+        return points
+    now = now or dt.datetime.now(dt.UTC)
+    out = []
+    for p in points:
+        reason = lock_reason(set_retained_until(target, p.path), now) if p.path else None
+        out.append(dataclasses.replace(p, hold=p.hold or reason) if reason else p)
+    return out
+
+
+def unlocked(target: Target, paths: list[str], now: dt.datetime) -> tuple[list[str], int]:
+    """(the paths whose lock expired or that have none, how many are still locked): the sweep deletes
+    only the former."""
+    if not locking(target) or not paths:
+        return paths, 0
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        untils = list(pool.map(target.retained_until, paths))  # type: ignore[attr-defined]
+    free = [p for p, until in zip(paths, untils, strict=True) if until is None or until <= now]
+    return free, len(paths) - len(free)
