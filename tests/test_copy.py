@@ -5,6 +5,7 @@ encrypted repository copied as stored; Object Lock enforced by moto."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -254,3 +255,64 @@ def test_destination_keep_is_applied_before_copying(primary: Primary, tmp_path: 
                              keep=cfg.find_target("lean").keep)
     actions = {s.backup_id: s.action for s in report.sets}
     assert actions == {min(p.images): "skipped", max(p.images): "copied"}
+
+
+# --------------------------------------------------------------------------- immutable sets (S3 Object Lock)
+
+
+def test_immutable_days_needs_a_bucket_with_object_lock(primary: Primary) -> None:
+    p = primary
+    config = p.config("nolock", p.s3("plain", immutable_days=1))
+    refused = hotvm("copy", "--to", "plain", "--config", str(config), check=False)
+    assert refused.returncode == 2
+    assert f"bucket '{BUCKET}'" in refused.stderr and "does not have Object Lock enabled" in refused.stderr
+
+
+def test_locked_sets_survive_deletes_and_prune_until_they_expire(primary: Primary) -> None:
+    from botocore.exceptions import ClientError
+
+    from hotvm.check import check_repository
+    from hotvm.errors import TargetError
+    from hotvm.models import Keep
+    from hotvm.prune import prune_repository
+
+    p = primary
+    lock_s = 20
+    config = p.config("lock", p.s3("locked", bucket=LOCKED_BUCKET, immutable_days=lock_s / 86400,
+                                   object_lock_mode="COMPLIANCE"))
+    before = time.time()
+    report = hotvm_json("copy", "--to", "locked", "--config", str(config))
+    assert report["copied"] == 2 and report["immutable_until"]
+    repo = _open(config, "locked")
+    sets = {c.backup_id: c for c in check_repository(repo).sets}
+    for check in sets.values():
+        assert before + lock_s <= check.retained_until.timestamp() <= time.time() + lock_s + 1
+    old = min(p.images)
+    old_dir = Repository.set_dir("web01", old)
+
+    # anyone with the same credentials: deleting the stored versions is refused by the server
+    s3 = _boto(p.servers.s3.endpoint_url)
+    key = f"{repo.target.root.partition('/')[2]}/{old_dir}/manifest.json"
+    version = s3.list_object_versions(Bucket=LOCKED_BUCKET, Prefix=key)["Versions"][0]["VersionId"]
+    with pytest.raises(ClientError, match="AccessDenied"):
+        s3.delete_object(Bucket=LOCKED_BUCKET, Key=key, VersionId=version)
+    with pytest.raises(TargetError, match="Object Lock"):
+        repo.target.delete_tree(old_dir)
+    assert repo.load_manifest("web01", old)  # still there, still complete
+
+    # hotvm's own prune plans no deletion of a locked set, and says why
+    pruned = prune_repository(repo, Keep(last=1), chunk_grace=dt.timedelta(0))
+    outcome = {s.backup_id: s for s in pruned.sets}[old]
+    assert outcome.keep and not outcome.removed and "immutable until" in " ".join(outcome.reasons)
+
+    # after expiry, prune removes it (and the server lets it)
+    time.sleep(max(0.0, sets[old].retained_until.timestamp() - time.time()) + 1.5)
+    pruned = prune_repository(repo, Keep(last=1), chunk_grace=dt.timedelta(0))
+    assert {s.backup_id for s in pruned.sets if s.removed} == {old}
+    assert [e.backup_id for e in repo.list_sets("web01")] == [max(p.images)]
+    assert not s3.list_object_versions(Bucket=LOCKED_BUCKET, Prefix=key).get("Versions")
+    _restores_match_one(repo, max(p.images), p)
+
+
+def _restores_match_one(repo: Repository, backup_id: str, p: Primary) -> None:
+    assert _raw_restore(repo, backup_id, p.tmp / "one.raw") == p.images[backup_id]
