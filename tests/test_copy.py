@@ -316,3 +316,12 @@ def test_locked_sets_survive_deletes_and_prune_until_they_expire(primary: Primar
 
 def _restores_match_one(repo: Repository, backup_id: str, p: Primary) -> None:
     assert _raw_restore(repo, backup_id, p.tmp / "one.raw") == p.images[backup_id]
+
+
+def test_offsite_copy_flow_copies_and_reports(primary: Primary, tmp_path: Path) -> None:
+    from flows.offsite_copy import offsite_copy
+
+    config = primary.config("flow", {"name": "offsite", "url": f"file://{tmp_path}/offsite"})
+    result = offsite_copy(destination="offsite", config=str(config))
+    assert result["copied"] == 2 and result["source"] == "nas"
+    assert offsite_copy(destination="offsite", config=str(config))["bytes_sent"] == 0
