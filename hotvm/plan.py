@@ -200,18 +200,19 @@ def _tape_copy(repo, vm: str) -> dict | None:  # noqa: ANN001 - Repository
 def _copy_entry(repo, target_name: str, role: str, vm: str) -> dict | None:  # noqa: ANN001 - Repository
     """The newest complete set of `vm` on one target, as a line of the plan's copies."""
     from hotvm.immutability import set_retained_until
+    from hotvm.verify import restore_tests
 
     sets = [e for e in repo.list_sets(vm) if e.manifest is not None]
     if not sets:
         return None
     m = sets[-1].manifest
-    tests = _restore_tests(repo, m.vm, m.backup_id)
+    tests = [t for t in restore_tests(repo, m.vm, m.backup_id) if isinstance(t, dict)]  # checksums or boot
     until = set_retained_until(repo.target, repo.set_dir(m.vm, m.backup_id))
     return {
         "target": target_name, "role": role, "url": repo.target.url, "backup_id": m.backup_id,
         "completed_at": m.completed_at.isoformat(), "immutable": until is not None,
         "retained_until": until.isoformat() if until else None,
-        "verified": max(tests, key=lambda t: t["tested_at"])["ok"] if tests else None,
+        "verified": tests[-1].get("verified") is True if tests else None,
     }
 
 

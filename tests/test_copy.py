@@ -325,3 +325,34 @@ def test_offsite_copy_flow_copies_and_reports(primary: Primary, tmp_path: Path) 
     result = offsite_copy(destination="offsite", config=str(config))
     assert result["copied"] == 2 and result["source"] == "nas"
     assert offsite_copy(destination="offsite", config=str(config))["bytes_sent"] == 0
+
+
+# ------------------------------------------------------------------ zero errors: verify the copy, plan
+
+
+def test_plan_lists_copies_and_checks_offsite_and_immutable(primary: Primary, tmp_path: Path) -> None:
+    p = primary
+    config = p.config("plan", {"name": "offsite", "url": f"file://{tmp_path}/offsite"})
+    body = json.loads(config.read_text())
+    body["targets"] = [t for t in body["targets"] if t["name"] != "vault"]  # vault holds a set too
+    body["policies"] = [{"name": "dr", "vms": ["*"], "rpo": "7d",
+                         "copies": {"offsite": True, "immutable": True}}]
+    config.write_text(json.dumps(body))
+    missing = {(v["check"], v["detail"]) for v in json.loads(hotvm(
+        "plan", "check", "--json", "--config", str(config), check=False).stdout)}
+    assert ("copies", "no offsite copy of web01 (policy dr requires one: hotvm copy --to TARGET)") in missing
+    assert any(c == "copies" and "no immutable copy" in d for c, d in missing)
+
+    hotvm_json("copy", "--to", "offsite", "--config", str(config))
+    verified = hotvm_json("verify", "web01", "--target", "offsite", "--config", str(config))
+    assert [r["verified"] for r in verified] == [True]  # restore test of the copy, recorded on the copy
+    scrub = hotvm_json("check", "--read-data", "--target", "offsite", "--config", str(config))
+    assert scrub["ok"]
+    after = [v["detail"] for v in json.loads(hotvm(
+        "plan", "check", "--json", "--config", str(config), check=False).stdout) if v["check"] == "copies"]
+    assert len(after) == 1 and "no immutable copy" in after[0]
+
+    md = hotvm("plan", "export", "--format", "md", "--config", str(config)).stdout
+    newest = max(p.images)
+    assert f"nas (primary): {newest}, not verified" in md
+    assert f"offsite (copy): {newest}, verified" in md
