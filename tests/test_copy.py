@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fs_images import Node, PartSpec, build_disk
 from helpers import hotvm, hotvm_json
 from qemu_helpers import DiskSpec, start_qemu
 from servers import MotoServer, SambaServer, SshServer
@@ -33,6 +34,7 @@ MiB = 1 << 20
 KEY = "correct horse battery staple, copied"
 BUCKET = "hotvm-copies"
 LOCKED_BUCKET = "hotvm-locked"
+NOTE = os.urandom(300_000)  # a file in the guest's ext4: the daily file-level set copies it
 ENV = {"HOTVM_COPY_S3_KEY": "test", "HOTVM_COPY_S3_SECRET": "test", "HOTVM_COPY_KEY": KEY,
        "HOTVM_COPY_SMB_PASSWORD": ""}
 
@@ -121,22 +123,27 @@ def _raw_restore(repo: Repository, backup_id: str, out: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def primary(prefect_server, servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Primary:
-    """Two hot backups of a running VM to `nas` (the second after 4 MiB changed: shared chunks), one to
-    the encrypted `vault`: the real backup path, once for the whole module."""
+    """Two hot backups of a running VM to `nas` (the second after 4 MiB changed: shared chunks), a daily
+    file-level set of its ext4 disk, one image backup to the encrypted `vault`: the real backup paths,
+    once for the whole module."""
     from flows.backup_vm import backup_vm
+    from flows.daily_files import files_vm
 
     tmp = tmp_path_factory.mktemp("copy")
+    os.environ["HOTVM_CATALOG_DIR"], os.environ["HOTVM_LOCK_DIR"] = str(tmp / "catalog"), str(tmp / "locks")
     image = tmp / "data.raw"
     with open(image, "wb") as fh:
         fh.write(os.urandom(24 * MiB))
         fh.truncate(32 * MiB)
-    vm = start_qemu(tmp, [DiskSpec("data", image, format="raw")])
+    fs = build_disk(tmp / "fs.raw", [PartSpec("ext4", 12, [Node("/srv/note.bin", NOTE)])])
+    vm = start_qemu(tmp, [DiskSpec("data", image, format="raw"), DiskSpec("fs", fs, format="raw")])
     p = Primary(tmp, vm.qmp_path, servers, {})
     config = str(p.config("base"))
     try:
         first = backup_vm(vm="web01", config=config)["backup_id"]
         vm.qemu_io("data", f"write -P 0x42 {8 * MiB} {4 * MiB}")
         second = backup_vm(vm="web01", config=config)["backup_id"]
+        files_vm(vm="web01", config=config)
         backup_vm(vm="web01", target="vault", config=config)
     finally:
         vm.stop()
@@ -156,6 +163,14 @@ def _restores_match(p: Primary, config: Path, target: str) -> None:
         assert _raw_restore(repo, backup_id, p.tmp / f"r-{target}.raw") == data
 
 
+def _copied(report: dict) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for s in report["sets"]:
+        if s["action"] == "copied":
+            kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
+    return kinds
+
+
 # --------------------------------------------------------------------------- replication between targets
 
 
@@ -163,7 +178,7 @@ def test_copy_file_to_s3_then_s3_to_file_restores_without_the_primary(primary: P
     p = primary
     config = p.config("s3", p.s3("offsite"), {"name": "dr", "url": f"file://{p.tmp}/dr"})
     first = hotvm_json("copy", "--from", "nas", "--to", "offsite", "--config", str(config))
-    assert first["copied"] == 2 and first["marker_created"]
+    assert _copied(first) == {"image": 2, "files": 1} and first["marker_created"]
     assert first["chunks_present"] == 0 and first["chunks_sent"] == first["chunks_referenced"] > 6
     again = hotvm_json("copy", "--from", "nas", "--to", "offsite", "--config", str(config))
     assert again["copied"] == 0 and again["bytes_sent"] == 0  # everything arrived: nothing sent twice
@@ -173,7 +188,8 @@ def test_copy_file_to_s3_then_s3_to_file_restores_without_the_primary(primary: P
 
     # s3 -> file, then the primary is gone: the copy of the copy restores byte for byte
     third = hotvm_json("copy", "--from", "offsite", "--to", "dr", "--config", str(config))
-    assert third["copied"] == 2 and third["chunk_bytes_sent"] == first["chunk_bytes_sent"]
+    assert _copied(third) == {"image": 2, "files": 1}
+    assert third["chunk_bytes_sent"] == first["chunk_bytes_sent"]
     shutil.move(p.tmp / "nas", p.tmp / "nas.away")
     try:
         _restores_match(p, config, "dr")
@@ -181,6 +197,10 @@ def test_copy_file_to_s3_then_s3_to_file_restores_without_the_primary(primary: P
         hotvm("restore", "web01", "--target", "offsite", "--to", str(out), "--format", "raw",
               "--config", str(config))
         assert (out / "data.raw").read_bytes() == p.images[max(p.images)]
+        files = p.tmp / "cli-files"
+        hotvm("files", "restore", "web01", "/fs-p1/srv/note.bin", "--to", str(files), "--target", "dr",
+              "--config", str(config))
+        assert (files / "fs-p1" / "srv" / "note.bin").read_bytes() == NOTE
     finally:
         shutil.move(p.tmp / "nas.away", p.tmp / "nas")
 
@@ -191,7 +211,7 @@ def test_copy_sftp_to_smb_and_check_the_copy(primary: Primary) -> None:
     config = p.config("smb", sftp, p.smb("branch"))
     hotvm_json("copy", "--from", "nas", "--to", "archive", "--config", str(config))
     result = hotvm_json("copy", "--from", "archive", "--to", "branch", "--config", str(config))
-    assert result["copied"] == 2
+    assert _copied(result) == {"image": 2, "files": 1}
     _restores_match(p, config, "branch")
     check = hotvm_json("check", "--read-data", "--target", "branch", "--config", str(config))
     assert check["ok"] and check["chunks_read"] == result["chunks_sent"]
@@ -221,7 +241,7 @@ def test_a_killed_copy_resumes_without_sending_anything_twice(primary: Primary) 
     arrived = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".tmp-" not in f.name)
 
     rerun = hotvm_json("copy", "--to", "slow", "--config", str(config))
-    assert rerun["copied"] == 2
+    assert rerun["copied"] == 3
     assert rerun["bytes_sent"] == total - arrived  # only what had not arrived (the torn chunk included)
     _restores_match(p, config, "slow")
 
@@ -253,7 +273,7 @@ def test_destination_keep_is_applied_before_copying(primary: Primary, tmp_path: 
     cfg = load_config(config)
     report = copy_repository(_open(config, "nas"), open_target(cfg.find_target("lean")),
                              keep=cfg.find_target("lean").keep)
-    actions = {s.backup_id: s.action for s in report.sets}
+    actions = {s.backup_id: s.action for s in report.sets if s.kind == "image"}
     assert actions == {min(p.images): "skipped", max(p.images): "copied"}
 
 
@@ -282,7 +302,7 @@ def test_locked_sets_survive_deletes_and_prune_until_they_expire(primary: Primar
                                    object_lock_mode="COMPLIANCE"))
     before = time.time()
     report = hotvm_json("copy", "--to", "locked", "--config", str(config))
-    assert report["copied"] == 2 and report["immutable_until"]
+    assert report["copied"] == 3 and report["immutable_until"]
     repo = _open(config, "locked")
     sets = {c.backup_id: c for c in check_repository(repo).sets}
     for check in sets.values():
@@ -323,7 +343,7 @@ def test_offsite_copy_flow_copies_and_reports(primary: Primary, tmp_path: Path) 
 
     config = primary.config("flow", {"name": "offsite", "url": f"file://{tmp_path}/offsite"})
     result = offsite_copy(destination="offsite", config=str(config))
-    assert result["copied"] == 2 and result["source"] == "nas"
+    assert result["copied"] == 3 and result["source"] == "nas"
     assert offsite_copy(destination="offsite", config=str(config))["bytes_sent"] == 0
 
 
