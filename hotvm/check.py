@@ -59,7 +59,7 @@ class SetCheck(BaseModel):
     """Chunk references of the set (a chunk used twice counts twice)."""
     problems: list[Problem] = []
     retained_until: dt.datetime | None = None
-    """S3 Object Lock: until when the set cannot be deleted or changed (None: the target has no lock)."""
+    """S3 Object Lock: until when the set cannot be deleted (its manifest's lock; None: no lock)."""
 
     @property
     def ok(self) -> bool:
@@ -193,7 +193,8 @@ def _check_file_sets(
         p = listing.point
         if vm is not None and p.vm != vm:
             continue
-        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state, kind="files")
+        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state, kind="files",
+                         retained_until=immutability.set_retained_until(repo.target, p.path))
         report.sets.append(check)
         if p.state is SetState.DAMAGED:
             check.problems.append(Problem(kind="manifest_unreadable", detail="file set manifest unreadable"))
