@@ -17,30 +17,37 @@ Plain tools, against the same loopback servers (tests/servers.py):
 hotvm reads and verifies (decompress + sha256) every chunk it sends; the plain tool does not.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os.path
+import sys
+
+# This file is named like the standard library's `copy`: take bench/ off the front of the path before
+# anything imports `copy`, and put it (and tests/) at the end, for _common and servers.
+_BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
+sys.path += [_BENCH, os.path.join(os.path.dirname(_BENCH), "tests")]
 
 import argparse
 import datetime as dt
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from _common import machine_load, median, write_random_extents  # noqa: E402
-from servers import MotoServer, SshServer  # noqa: E402
+from _common import machine_load, median, write_random_extents
+from servers import MotoServer, SshServer
 
-from hotvm.copy import copy_repository  # noqa: E402
-from hotvm.formats.export import export_image  # noqa: E402
-from hotvm.formats.repository import MARKER, Repository, new_backup_id  # noqa: E402
-from hotvm.models import Manifest, TargetConfig  # noqa: E402
-from targets import open_target  # noqa: E402
+from hotvm.copy import copy_repository
+from hotvm.formats.export import export_image
+from hotvm.formats.repository import MARKER, Repository, new_backup_id
+from hotvm.models import Manifest, TargetConfig
+from targets import open_target
 
 BUCKET = "hotvm-bench-copy"
 GOAL_BYTES, GOAL_SPEED = 1.05, 0.8
