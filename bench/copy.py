@@ -155,8 +155,9 @@ def main() -> None:
         present = seeded(files)
         missing = sorted(set(files) - set(present))
         bytes_missing = sum(files[n] for n in missing)
+        chunks = sum(f.startswith("chunks/") for f in files)
         print(f"source: {len(files)} files, {sum(files.values()) / 2**20:.1f} MiB; destination already has "
-              f"{len(present) - 1} of {len(present) + len(missing) - 2} chunks; missing "
+              f"{len(present) - 1} of {chunks} chunks; missing "
               f"{len(missing)} files, {bytes_missing / 2**20:.1f} MiB")
         print(f"({machine_load()})")
         for name in args.schemes.split(","):

@@ -7,7 +7,7 @@ same), nothing is decrypted or re-encrypted, and any hotvm that opens the source
     marker          a destination without a repository gets the source's marker; a different one is refused
     which sets      every complete set (image, file) the destination lacks; with the destination's own
                     `keep:`, only those its retention would keep (so a pruned copy is not copied again)
-    chunks first    the ones the destination lacks (one listing per chunks/ prefix), each verified before
+    chunks first    the ones the destination lacks (one listing of chunks/), each verified before
                     it is sent (authenticated, decompressed, hashed against its name)
     set files       every file of the set dir the destination lacks (disk journals, config archive, ...),
                     manifest.json LAST, once every chunk it references is there: no half set ever looks
@@ -194,6 +194,9 @@ class Copier:
         """Which of `names` the destination has: one listing per chunks/ prefix involved, or one exists()
         per chunk when that is fewer round trips."""
         names = set(names)
+        flat = self.dst.list_flat("chunks") if names else []
+        if flat is not None:  # an object store: one request per 1000 chunks
+            return names & {f.rsplit("/", 1)[-1] for f in flat if TMP_MARK not in f}
         prefixes = sorted({n[:2] for n in names})
         if len(names) <= len(prefixes):
             with ThreadPoolExecutor(self.workers) as pool:

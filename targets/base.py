@@ -263,6 +263,11 @@ class Target:
                 return sorted(entries, key=lambda e: e.name)
         return [Entry(name, None, None, None) for name in self.listdir(path)]
 
+    def list_flat(self, path: str) -> list[str] | None:
+        """Every file under `path` (paths relative to it) in as few requests as the storage allows; None
+        where that would take one listing per directory anyway (callers then list what they need)."""
+        return None
+
     def delete(self, path: str) -> None:
         with self._errors("deleting", path), self._session() as fs, suppress(FileNotFoundError):
             self._remove(fs, self.full(path))

@@ -244,6 +244,13 @@ class S3Target(Target):
             except FileNotFoundError:
                 return False
 
+    def list_flat(self, path: str) -> list[str] | None:
+        """One LIST request per 1000 keys, whatever the "directories" (hotvm copy lists chunks/ so)."""
+        base = self.full(path).rstrip("/") + "/"
+        with self._errors("listing", path):
+            keys = self.fs.find(base)
+        return sorted(k[len(base):] for k in keys if k.startswith(base))
+
     def close(self) -> None:
         self.fs.invalidate_cache()
 
