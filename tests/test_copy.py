@@ -325,6 +325,14 @@ def test_locked_sets_survive_deletes_and_prune_until_they_expire(primary: Primar
     outcome = {s.backup_id: s for s in pruned.sets}[old]
     assert outcome.keep and not outcome.removed and "immutable until" in " ".join(outcome.reasons)
 
+    # a chunk a new set reuses gets its lock extended (never shortened) before that set's manifest
+    from hotvm.immutability import protect_chunks
+
+    shared = Repository.chunk_path(repo.find("web01", max(p.images)).disk("data").chunks[0][1])
+    until = repo.target.retained_until(shared)
+    time.sleep(1.5)
+    assert protect_chunks(repo.target, [shared]) == 1 and repo.target.retained_until(shared) > until
+
     # after expiry, prune removes it (and the server lets it)
     time.sleep(max(0.0, sets[old].retained_until.timestamp() - time.time()) + 1.5)
     pruned = prune_repository(repo, Keep(last=1), chunk_grace=dt.timedelta(0))
