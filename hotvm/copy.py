@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from hotvm import immutability, retention
 from hotvm.errors import BackupSetError, ChecksumMismatch, ConfigError, TargetConfigError
 from hotvm.formats.repository import MARKER, Repository, read_marker
-from hotvm.models import Config, Keep, load_config, utcnow
+from hotvm.models import Config, Keep, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, SetState
 from targets.base import Target
 
@@ -377,6 +377,20 @@ def copy_repository(
     return report
 
 
+def _destination_opens_it(src_target: Target, src_cfg: TargetConfig, dst_cfg: TargetConfig) -> None:
+    """The copy must be readable with the destination's own configuration (the same key as the source,
+    or none for a plain repository): checked against the source's marker before anything is written."""
+    try:
+        Repository(src_target, dst_cfg).unlock()
+    except TargetConfigError as exc:
+        raise TargetConfigError(
+            f"target '{dst_cfg.name}' could not read a copy of '{src_cfg.name}' with its configuration "
+            f"({exc.message})",
+            "give the destination the same encryption_key_env/encryption_key_secret as the source (or none "
+            "for an unencrypted repository)",
+        ) from None
+
+
 def copy_between(
     config: Config | str | Path | None,
     source: str | None,
@@ -397,6 +411,8 @@ def copy_between(
     try:
         dst_target = open_target(dst_cfg)
         try:
+            if read_marker(dst_target) in (None, read_marker(src_target)):  # else: refused as another one
+                _destination_opens_it(src_target, src_cfg, dst_cfg)
             return copy_repository(Repository(src_target, src_cfg), dst_target, vms=vms, keep=keep,
                                    workers=workers)
         finally:

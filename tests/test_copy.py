@@ -261,6 +261,14 @@ def test_encrypted_repository_is_copied_as_stored(primary: Primary) -> None:
     assert data == _raw_restore(vault, manifest.backup_id, p.tmp / "vault.raw")
     assert hashlib.sha256(data).digest()
 
+    # a destination configured without the key could not read the copy: refused before anything is written
+    keyless = p.s3("keyless")
+    config = p.config("enc2", offsite, {"name": "other", "url": f"file://{p.tmp}/nas"}, keyless)
+    refused = hotvm("copy", "--from", "vault", "--to", "keyless", "--config", str(config), check=False)
+    assert refused.returncode == 2 and "target 'keyless' could not read a copy of 'vault'" in refused.stderr
+    assert "set encryption_key_env" in refused.stderr
+    assert not _open(config, "keyless").target.listdir("")
+
     # another repository on the destination (the plain `nas`) is refused, naming both targets
     refused = hotvm("copy", "--from", "vault", "--to", "other", "--config", str(config), check=False)
     assert refused.returncode == 2
