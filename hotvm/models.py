@@ -255,6 +255,13 @@ class TargetConfig(StrictModel):
     never written to the target: losing it loses the backups (docs/format.md, "Encryption")."""
     encryption_key_secret: str | None = None
     """Prefect Secret block holding the encryption passphrase (instead of encryption_key_env)."""
+    immutable_days: float | None = Field(None, gt=0)
+    """s3 only: write every object with S3 Object Lock retention for this many days (fractions allowed);
+    the bucket must have Object Lock enabled. prune then removes only sets whose lock expired
+    (docs/copies.md)."""
+    object_lock_mode: Literal["COMPLIANCE", "GOVERNANCE"] = "COMPLIANCE"
+    """COMPLIANCE: nobody can shorten or remove the lock; GOVERNANCE: a user allowed
+    s3:BypassGovernanceRetention can (keep that permission away from the backup credentials)."""
 
     @field_validator("url")
     @classmethod
@@ -264,6 +271,15 @@ class TargetConfig(StrictModel):
         return _no_password_in_url(url)
 
     _endpoint_without_password = field_validator("endpoint_url")(_no_password_in_url)
+
+    @model_validator(mode="after")
+    def _object_lock_on_s3_only(self) -> TargetConfig:
+        if self.immutable_days is not None and not self.url.startswith("s3://"):
+            raise ValueError(
+                "immutable_days needs an s3:// target (S3 Object Lock); make file/SMB/SFTP targets "
+                "immutable on the server (docs/copies.md)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- policies (Table 7.3)
@@ -324,6 +340,16 @@ class TapePolicy(_Scheduled):
     keep: Keep = TABLE_7_3_TAPE_KEEP
 
 
+class CopiesPolicy(StrictModel):
+    """What `hotvm plan check` requires besides the primary (3-2-1-1-0, docs/copies.md)."""
+
+    offsite: bool = False
+    """A complete copy on another target than the policy's image target (made by `hotvm copy`), no older
+    than the RPO."""
+    immutable: bool = False
+    """A complete set on a target with immutable_days (S3 Object Lock), no older than the RPO."""
+
+
 class Policy(StrictModel):
     name: str = Field(min_length=1)
     vms: list[str] = Field(["*"], min_length=1)
@@ -337,6 +363,8 @@ class Policy(StrictModel):
     """Longest a restore may take: checked against the newest measured restore (restore --boot-check)."""
     tier: int = Field(3, ge=1)
     """Recovery order: tier 1 is recovered first (`hotvm plan export`)."""
+    copies: CopiesPolicy = CopiesPolicy()
+    """Copies plan check requires per VM: `{offsite: true, immutable: true}` (docs/copies.md)."""
     quiesce: bool = False
     """Freeze the guest file systems (guest agent / VMware Tools) around add_redo only: an
     application-consistent point instead of a crash-consistent one. Fails the backup if it cannot."""
