@@ -30,6 +30,8 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_SERVER_UI_ENABLED": "false",
+        # Repository identities this test session remembers (hotvm/formats/identity.py), never the host's.
+        "HOTVM_SECURITY_DIR": tempfile.mkdtemp(prefix="hotvm-security-"),
     }
 )
 
