@@ -37,6 +37,15 @@ def security_dir() -> Path:
     return Path(base) / "hotvm" / "security"
 
 
+def location_of(url: str) -> str:
+    """The key a target's identity is remembered under: its URL without password or trailing '/' (a path
+    is a file:// URL), so two configured names for one place share it and one name moved elsewhere
+    does not."""
+    from targets.base import redact_url
+
+    return redact_url(url if "://" in url else f"file://{url}").rstrip("/")
+
+
 def marker_id(meta: dict) -> str:
     """The repository's id: the marker's random `id`, or for a marker written before ids existed a
     digest of the whole marker (markers never change once written)."""

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
-from hotvm.formats.identity import Identity, IdentityStore
+from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.models import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
 from targets.base import Target
 
@@ -158,7 +158,7 @@ class Repository:
         self.target = target
         self.config = config if config is not None else target.config
         self.identities = IdentityStore() if remember else None
-        self.location = target.display().rstrip("/")
+        self.location = location_of(target.url)
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
         self._opened = False
