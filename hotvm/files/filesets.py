@@ -27,9 +27,11 @@ from pydantic import Field, ValidationError
 from hotvm import __version__
 from hotvm.errors import BackupSetError, ChecksumMismatch
 from hotvm.formats.repository import (
+    DamagedManifest,
     Repository,
     checked_backup_id,
     location_problem,
+    parse_model,
     target_name,
     vm_dirs,
 )
@@ -265,13 +267,12 @@ class FileSets:
     def parse_manifest(self, path: str) -> FileSetManifest:
         """FileNotFoundError if the set has none; ValueError / ChecksumMismatch if it cannot be trusted
         (the same checks as an image set's manifest: checksum, and it lies where it says it belongs)."""
-        manifest = FileSetManifest.model_validate_json(
-            self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
-        )
+        blob = self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
+        manifest = parse_model(FileSetManifest, blob, f"manifest of file set {path}", self.target.name)
         problem = manifest.checksum_problem(legacy=manifest.format_version < FILESET_FORMAT)
         problem = problem or location_problem(path, manifest.vm, manifest.backup_id)
         if problem:
-            raise ChecksumMismatch(
+            raise DamagedManifest(
                 f"manifest of file set {path} on target '{self.target.name}': {problem}",
                 "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
             )
@@ -284,11 +285,6 @@ class FileSets:
                 manifest = self.parse_manifest(f"{ROOT}/{vm_dir}/{checked_backup_id(backup_id)}")
             except FileNotFoundError:
                 continue
-            except ValidationError as exc:
-                raise BackupSetError(
-                    f"manifest of file set {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
-                    "the set is damaged; use another backup",
-                ) from None
             if manifest.vm == vm:
                 return manifest
             other = manifest.vm

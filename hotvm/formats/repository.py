@@ -87,6 +87,22 @@ def checked_backup_id(backup_id: str) -> str:
     return backup_id
 
 
+class DamagedManifest(ChecksumMismatch, ValueError):
+    """A manifest that does not parse, fails its checksum or lies elsewhere than it says: one message naming
+    the set and the first problem (a ValueError too, for callers that catch pydantic's errors)."""
+
+
+def parse_model(model: type, blob: bytes, what: str, target: str):  # noqa: ANN201 - an instance of model
+    """`model` from JSON read off a target, or DamagedManifest naming `what` and the first invalid field."""
+    try:
+        return model.model_validate_json(blob)
+    except ValidationError as exc:
+        raise DamagedManifest(
+            f"{what} on target '{target}' is unreadable: {_first_error(exc)}",
+            "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
+        ) from None
+
+
 def location_problem(path: str, vm: str, backup_id: str) -> str | None:
     """Why a manifest read from `path` (<root>/<dir>/<id>) does not belong there, or None: a set copied or
     renamed on the target must not pass for another VM's or another time's backup."""
@@ -192,7 +208,7 @@ class Repository:
                 return False
             current = Identity.of_marker(self.location, self.target.name, meta)
             if known is not None and known.differences(current):
-                raise TargetError(
+                raise TargetConfigError(
                     f"the repository on target '{self.target.name}' ({self.location}) is not the one this "
                     f"host used there before: {', '.join(known.differences(current))}",
                     f"find out what replaced it (a wrong mount, a tampered target); if you re-created this "
@@ -205,8 +221,9 @@ class Repository:
             self.target.root_known = True
             return True
 
-    def _vanished(self, during: str = "") -> TargetError:
-        return TargetError(
+    def _vanished(self, during: str = "") -> TargetConfigError:
+        """A configuration-class error: retrying the step cannot bring the repository back."""
+        return TargetConfigError(
             f"target '{self.target.name}' ({self.location}) no longer holds the hotvm repository this host "
             f"used there{during}: {MARKER} is gone (share not mounted, wrong path, deleted?)",
             f"mount or restore it; if you removed that repository on purpose, run "
@@ -464,10 +481,10 @@ class Repository:
         ValidationError) or ChecksumMismatch if it cannot be trusted (checksum, or it lies elsewhere than
         it says)."""
         blob = self.read_file(f"{path}/manifest.json", f"manifest of {path}")
-        manifest = Manifest.model_validate_json(blob)
+        manifest = parse_model(Manifest, blob, f"manifest of {path}", self.target.name)
         problem = manifest_problem(manifest, path)
         if problem:
-            raise ChecksumMismatch(
+            raise DamagedManifest(
                 f"manifest of {path} on target '{self.target.name}': {problem}",
                 "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
             )
@@ -480,12 +497,6 @@ class Repository:
                 manifest = self.parse_manifest(f"vms/{vm_dir}/{checked_backup_id(backup_id)}")
             except FileNotFoundError:
                 continue
-            except ValidationError as exc:
-                raise BackupSetError(
-                    f"manifest of {vm}/{backup_id} on target '{self.target.name}' is unreadable: "
-                    f"{_first_error(exc)}",
-                    "the set is damaged; use another backup",
-                ) from None
             if manifest.vm == vm:
                 return manifest
             other = manifest.vm
@@ -569,4 +580,5 @@ class Repository:
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     where = ".".join(str(p) for p in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg
