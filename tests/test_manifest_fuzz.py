@@ -151,6 +151,6 @@ def test_mutated_disk_journal_is_used_only_when_intact(repository, data) -> None
         _, forged = _mutate(journal, original, data, DiskRecord)
         record = Repository(repo.target).read_disk_record(VM, backup_id, "d0")
         if record is not None and not forged:
-            assert record == DiskRecord.model_validate_json(original)
+            assert record == DiskRecord.model_validate_json(original).model_copy(update={"checksum": None})
     finally:
         journal.write_bytes(original)

@@ -431,7 +431,7 @@ class Repository:
             return None  # torn, foreign or unauthentic file: export it again
         if record.device != device or record.checksum_problem(legacy=False):
             return None  # another disk's, rotted, or from a hotvm without checksums
-        return record
+        return record.model_copy(update={"checksum": None})  # the checksum belongs to the file, not the disk
 
     def write_blob(self, vm: str, backup_id: str, name: str, data: bytes) -> str:
         path = f"{self.set_dir(vm, backup_id)}/{name}"
