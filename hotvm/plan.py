@@ -147,7 +147,7 @@ class Evidence:
 
 
 def _restore_tests(repo, vm: str, backup_id: str) -> list[dict]:  # noqa: ANN001 - Repository
-    set_dir = repo.set_dir(vm, backup_id)
+    set_dir = repo.set_path(vm, backup_id)
     records = []
     for name in repo.target.listdir(f"{set_dir}/restore-tests"):
         if not name.endswith(".json") or ".tmp-" in name:

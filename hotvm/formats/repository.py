@@ -434,7 +434,7 @@ class Repository:
         return record.model_copy(update={"checksum": None})  # the checksum belongs to the file, not the disk
 
     def write_blob(self, vm: str, backup_id: str, name: str, data: bytes) -> str:
-        path = f"{self.set_dir(vm, backup_id)}/{name}"
+        path = f"{self.set_path(vm, backup_id)}/{name}"
         self.write_file(path, data)
         return path
 
