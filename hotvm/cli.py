@@ -931,7 +931,8 @@ def target_forget_cmd(
     from hotvm.formats.identity import IdentityStore, location_of
     from hotvm.models import load_config
 
-    location = location_of(load_config(_cfg(config)).find_target(name).url)  # no connection needed
+    target = load_config(_cfg(config)).find_target(name)
+    location = location_of(target.url, target.endpoint_url)  # no connection needed
     if IdentityStore().forget(location):
         err.print(f"forgot the repository identity of target '{name}' ({location})")
     else:

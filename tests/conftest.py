@@ -38,6 +38,13 @@ os.environ.update(
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _own_repository_identities(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test remembers repository identities in its own store: servers on reused ports and paths, or a
+    target re-created at a tmp path, are new repositories to it, not a swapped one."""
+    monkeypatch.setenv("HOTVM_SECURITY_DIR", str(tmp_path_factory.mktemp("security")))
+
+
 @pytest.fixture
 def qemu(tmp_path: Path):
     """start([DiskSpec, ...]) -> a bare TCG QEMU with those disks; every one is stopped after the test."""

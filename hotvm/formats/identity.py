@@ -37,13 +37,14 @@ def security_dir() -> Path:
     return Path(base) / "hotvm" / "security"
 
 
-def location_of(url: str) -> str:
+def location_of(url: str, endpoint_url: str | None = None) -> str:
     """The key a target's identity is remembered under: its URL without password or trailing '/' (a path
-    is a file:// URL), so two configured names for one place share it and one name moved elsewhere
-    does not."""
+    is a file:// URL), and the S3 endpoint if one is set (one bucket name at two services is two places),
+    so two configured names for one place share it and one name moved elsewhere does not."""
     from targets.base import redact_url
 
-    return redact_url(url if "://" in url else f"file://{url}").rstrip("/")
+    location = redact_url(url if "://" in url else f"file://{url}").rstrip("/")
+    return f"{location} at {redact_url(endpoint_url).rstrip('/')}" if endpoint_url else location
 
 
 def marker_id(meta: dict) -> str:

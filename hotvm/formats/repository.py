@@ -174,7 +174,7 @@ class Repository:
         self.target = target
         self.config = config if config is not None else target.config
         self.identities = IdentityStore() if remember else None
-        self.location = location_of(target.url)
+        self.location = location_of(target.url, self.config.endpoint_url if self.config else None)
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
         self._opened = False
