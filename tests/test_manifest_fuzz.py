@@ -67,7 +67,6 @@ class _Setup(tuple):
 @pytest.fixture(scope="module")
 def repository():
     work = Path(tempfile.mkdtemp(prefix="hotvm-fuzz-"))
-    os.environ.setdefault("HOTVM_SECURITY_DIR", str(work / "security"))
     image = work / "disk.raw"
     with open(image, "wb") as fh:
         fh.truncate(SIZE)
