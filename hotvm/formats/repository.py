@@ -559,9 +559,14 @@ class Repository:
                     manifest: Manifest | None = self.parse_manifest(f"vms/{vm_dir}/{backup_id}")
                 except (FileNotFoundError, ValueError, BackupSetError):
                     manifest = None
-                if vm is not None and (manifest.vm != vm if manifest else vm_dir != target_name(vm)):
+                if manifest is not None:
+                    owner = manifest.vm
+                else:  # incomplete: whose it is, as its started.json says (a name, never a path)
+                    named = self.read_started(f"vms/{vm_dir}/{backup_id}").get("vm")
+                    owner = named if isinstance(named, str) and vm_dir in vm_dirs(named) else vm_dir
+                if vm is not None and owner != vm:
                     continue
-                entries.append(SetEntry(manifest.vm if manifest else vm_dir, backup_id, manifest))
+                entries.append(SetEntry(owner, backup_id, manifest))
         return sorted(entries, key=lambda e: (e.vm, e.backup_id))
 
     def latest(self, vm: str) -> Manifest:
