@@ -51,9 +51,14 @@ def files_vm(
     target = files_target(session, target)
     backup_id = backup_id or run_backup_id()
     steps = _Steps(session.config.retries)
-    with backup_slot(session.host.name, session.host.max_concurrent_backups, vm):
+    with backup_slot(
+        session.host.name,
+        session.host.max_concurrent_backups,
+        vm,
+        reconcile=lambda: steps.run("reconcile", None, reconcile_vm, vm, config),
+    ) as reconciled:
         started = utcnow()
-        warnings = [f"reconciled: {a}" for a in steps.run("reconcile", None, reconcile_vm, vm, config)]
+        warnings = [f"reconciled: {a}" for a in reconciled]
         plan = steps.run("plan", None, plan_files, vm, target, backup_id, config)
         warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
         journals = list(plan.done)

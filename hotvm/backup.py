@@ -27,6 +27,7 @@ from hotvm.hypervisors.base import (
     config_documents,
     readable_image,
 )
+from hotvm.immutability import protect_chunks
 from hotvm.models import (
     Config,
     ConfigArchive,
@@ -280,6 +281,8 @@ def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
                 f"{manifest.backup_id} are missing on the target",
                 "rerun the backup: those disks are exported again",
             )
+        # Object Lock targets: chunks reused from older sets stay locked at least as long as this set.
+        protect_chunks(repo.target, (repo.chunk_path(d) for disk in manifest.disks for _, d in disk.chunks))
         return repo.commit_manifest(manifest)
 
 

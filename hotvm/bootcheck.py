@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.formats.restore import RestoredDisk
 from hotvm.models import BootCheckSpec, Manifest
 
@@ -88,8 +89,8 @@ def boot_disks(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            env={**os.environ, "TMPDIR": tmp},
-        )  # where snapshot=on puts its overlays
+            env=child_env(TMPDIR=tmp),  # TMPDIR: where snapshot=on puts its overlays; no hotvm secrets
+        )
         started = time.monotonic()
 
         def result(ok: bool, detail: str, text: str) -> BootCheckResult:

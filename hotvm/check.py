@@ -13,6 +13,7 @@ checked (they are never restored).
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import zstandard
 from pydantic import BaseModel
 
+from hotvm import immutability
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.export import chunk_count, chunk_digest, image_digest
 from hotvm.formats.repository import Repository
@@ -59,6 +61,8 @@ class SetCheck(BaseModel):
     problems: list[Problem] = []
     warnings: list[str] = []
     """Not problems: e.g. a set written by a hotvm without manifest checksums (legacy)."""
+    retained_until: dt.datetime | None = None
+    """S3 Object Lock: until when the set cannot be deleted (its manifest's lock; None: no lock)."""
 
     @property
     def ok(self) -> bool:
@@ -212,7 +216,8 @@ def _check_file_sets(
         p = listing.point
         if vm is not None and p.vm != vm:
             continue
-        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state, kind="files")
+        check = SetCheck(vm=p.vm, backup_id=p.backup_id, state=p.state, kind="files",
+                         retained_until=immutability.set_retained_until(repo.target, p.path))
         report.sets.append(check)
         if p.state is SetState.DAMAGED:
             check.problems.append(Problem(kind="manifest_unreadable", detail="file set manifest unreadable"))
@@ -299,5 +304,8 @@ def check_repository(
             _attribute(listing, bad, lengths, check)
             if listing.manifest.config_archive is not None:
                 report.bytes_read += _check_config(repo, listing, check)
+    if immutability.locking(target):
+        for listing, check in zip(listings, report.sets[: len(listings)], strict=True):
+            check.retained_until = immutability.set_retained_until(target, listing.point.path)
     report.seconds = round(time.monotonic() - started, 3)
     return report

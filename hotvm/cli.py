@@ -52,6 +52,12 @@ def _prefect_env(verbose: bool = False) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # Failures reach the user as one line from hotvm; Prefect's tracebacks only with --verbose.
     os.environ["PREFECT_LOGGING_LEVEL"] = "INFO" if verbose else "CRITICAL"
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # the embedded server: it must die with this process, even SIGKILLed
+        from flows._embedded_server import install
+
+        install()
 
 
 def _cfg(config: Path | None) -> str | None:
@@ -384,6 +390,41 @@ def list_backups(
     _emit(rows, as_json, render)
 
 
+@app.command("copy")
+def copy_cmd(
+    to: Annotated[str, typer.Option("--to", help="destination target (the offsite copy)")],
+    vms: Annotated[list[str] | None, typer.Argument(help="only these VMs (default: every VM)")] = None,
+    source: Annotated[
+        str | None, typer.Option("--from", help="source target (default: the only or default one)")
+    ] = None,
+    config: ConfigOpt = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="parallel transfers")] = 8,
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy every complete set the destination lacks (image and file sets, inventories, plans), sending
+    only missing chunks, verified, manifest last; rerun to resume (docs/copies.md)."""
+    from hotvm.copy import copy_between
+
+    result = copy_between(_cfg(config), source, to, vms or None, workers=workers).summary()
+
+    def render(result: dict) -> None:
+        table = Table("kind", "vm", "backup", "action", "files", "MiB")
+        colour = {"copied": "green", "present": "white", "skipped": "yellow"}
+        for r in result["sets"]:
+            action = f"[{colour[r['action']]}]{r['action']}[/]" + (f" ({r['reason']})" if r["reason"] else "")
+            table.add_row(r["kind"], r["vm"], r["backup_id"], action, str(r["files_sent"]),
+                          f"{r['bytes_sent'] / 2**20:.1f}")
+        out.print(table)
+        lock = f", immutable until {result['immutable_until'][:19]}" if result["immutable_until"] else ""
+        out.print(
+            f"[bold green]copied {result['copied']} set(s)[/] from '{result['source']}' to "
+            f"'{result['destination']}': {result['chunks_sent']} chunk(s) sent, {result['chunks_present']} "
+            f"already there; {result['bytes_sent'] / 2**20:.1f} MiB in {result['seconds']:.1f} s{lock}"
+        )
+
+    _emit(result, as_json, render)
+
+
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
@@ -611,12 +652,17 @@ def check(
 def _render_check(result: dict) -> None:
     from rich.table import Column
 
-    table = Table("vm", Column("backup", no_wrap=True), "state", "disks", "chunks", "problems")
+    locked = any(s.get("retained_until") for s in result["sets"])
+    table = Table("vm", Column("backup", no_wrap=True), "state", "disks", "chunks", "problems",
+                  *(["immutable until"] if locked else []))
     for s in result["sets"]:
         problems = "\n".join(f"{p['kind']}: {p['detail']}" for p in s["problems"])
         state = f"[red]{problems}[/]" if problems else "[green]ok[/]" if s["state"] == "complete" else ""
         state += "".join(f"\n[yellow]{w}[/]" for w in s.get("warnings", []))
-        table.add_row(s["vm"], s["backup_id"], s["state"], str(s["disks"]), str(s["chunks"]), state)
+        table.add_row(
+            s["vm"], s["backup_id"], s["state"], str(s["disks"]), str(s["chunks"]), state,
+            *([(s.get("retained_until") or "")[:19]] if locked else []),
+        )
     if result["sets"]:
         out.print(table)
     for p in result["problems"]:

@@ -237,7 +237,11 @@ def files_restore(
             f"into {r['to']}"
         )
         for problem in r["metadata_errors"]:
-            out.print(f"[yellow]metadata not restored:[/] {problem}")
+            out.print(f"[yellow]metadata not restored:[/] {problem}", markup=False, highlight=False)
+        for problem in r["skipped"]:
+            err.print(f"skipped (unsafe or invalid): {problem}", markup=False, highlight=False)
+        if r["skipped_count"] > len(r["skipped"]):
+            err.print(f"... and {r['skipped_count'] - len(r['skipped'])} more skipped entries")
 
     _emit(result, as_json, render)
 
@@ -292,6 +296,8 @@ def hybrid_restore_cmd(
                     f"  {v['volume']} ({v['fstype']}): {v['written']} written, {v['deleted']} deleted, "
                     f"{v['unchanged']} unchanged"
                 )
+                for problem in v.get("skipped", []):
+                    err.print(f"  skipped (unsafe or invalid): {problem}", markup=False, highlight=False)
         for note in r["notes"]:
             out.print(f"[yellow]note:[/] {note}")
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from hotvm.child_env import child_env
+
 WORK = Path(os.environ.get("HOTVM_DEMO_DIR", "demo-out")).resolve()
 STATIC_OFFSET, STATIC_BYTES = 8 << 20, 48 << 20  # data beyond the guest's ring, written once before boot
 console = Console()
@@ -38,6 +40,7 @@ def _write_static_data(disk: Path, fmt: str) -> str:
         ["qemu-io", "--image-opts", "-c", f"write -s {blob} {STATIC_OFFSET} {STATIC_BYTES}", opts],
         check=True,
         capture_output=True,
+        env=child_env(),
     )
     blob.unlink()
     return hashlib.sha256(payload).hexdigest()
@@ -45,7 +48,7 @@ def _write_static_data(disk: Path, fmt: str) -> str:
 
 def _static_digest(image: Path) -> str:
     raw = WORK / "check.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True, env=child_env())
     with raw.open("rb") as fh:
         fh.seek(STATIC_OFFSET)
         digest = hashlib.sha256(fh.read(STATIC_BYTES)).hexdigest()
@@ -158,7 +161,9 @@ def _run() -> int:
     )
     tape_disk = Path(from_tape["disks"][0]["path"])
     same = (
-        subprocess.run(["qemu-img", "compare", str(tape_disk), str(disk)], capture_output=True).returncode
+        subprocess.run(
+            ["qemu-img", "compare", str(tape_disk), str(disk)], capture_output=True, env=child_env()
+        ).returncode
         == 0
     )
     console.print(

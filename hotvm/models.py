@@ -13,6 +13,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -27,6 +28,7 @@ from pydantic import (
 )
 
 from hotvm import __version__
+from hotvm.child_env import register_config
 from hotvm.errors import ConfigError, UnknownTargetError, UnknownVMError
 
 DEFAULT_CONFIG = Path("hotvm.yaml")
@@ -127,6 +129,22 @@ class VMConfig(StrictModel):
     """Free text for the DR plan (dependencies, post-restore steps)."""
 
 
+def _no_password_in_url(url: str | None) -> str | None:
+    """A URL in hotvm.yaml never carries a password (the file is copied into every backup's config archive,
+    read by operators and shown in errors); the message never repeats the URL."""
+    if url is not None and "@" in url:
+        try:
+            has_password = urlsplit(url).password is not None
+        except ValueError:
+            has_password = True
+        if has_password:
+            raise ValueError(
+                "holds a password (user:password@ in the URL): remove it; a password goes in an environment "
+                "variable (password_env, secret_key_env) or a Prefect Secret block (password_secret)"
+            )
+    return url
+
+
 class HostConfig(StrictModel):
     name: str = Field(min_length=1)
     driver: Literal["qemu", "libvirt", "vsphere"] = "qemu"
@@ -152,6 +170,8 @@ class HostConfig(StrictModel):
     """A block job (commit) that is not done by then is cancelled and rolled back: never wait forever."""
     on_io_error: Literal["resume", "cancel"] = "cancel"
     """'Answer the question': what to do when a job pauses on an I/O error or the VM stops on one."""
+
+    _urls_without_password = field_validator("uri", "url")(_no_password_in_url)
 
     @model_validator(mode="after")
     def _unique_vms(self) -> HostConfig:
@@ -237,13 +257,31 @@ class TargetConfig(StrictModel):
     never written to the target: losing it loses the backups (docs/format.md, "Encryption")."""
     encryption_key_secret: str | None = None
     """Prefect Secret block holding the encryption passphrase (instead of encryption_key_env)."""
+    immutable_days: float | None = Field(None, gt=0)
+    """s3 only: write every object with S3 Object Lock retention for this many days (fractions allowed);
+    the bucket must have Object Lock enabled. prune then removes only sets whose lock expired
+    (docs/copies.md)."""
+    object_lock_mode: Literal["COMPLIANCE", "GOVERNANCE"] = "COMPLIANCE"
+    """COMPLIANCE: nobody can shorten or remove the lock; GOVERNANCE: a user allowed
+    s3:BypassGovernanceRetention can (keep that permission away from the backup credentials)."""
 
     @field_validator("url")
     @classmethod
     def _has_scheme_or_path(cls, url: str) -> str:
         if "://" not in url and not url.startswith("/"):
             raise ValueError("give a URL such as file:///srv/backups (or an absolute path)")
-        return url
+        return _no_password_in_url(url)
+
+    _endpoint_without_password = field_validator("endpoint_url")(_no_password_in_url)
+
+    @model_validator(mode="after")
+    def _object_lock_on_s3_only(self) -> TargetConfig:
+        if self.immutable_days is not None and not self.url.startswith("s3://"):
+            raise ValueError(
+                "immutable_days needs an s3:// target (S3 Object Lock); make file/SMB/SFTP targets "
+                "immutable on the server (docs/copies.md)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- policies (Table 7.3)
@@ -304,6 +342,16 @@ class TapePolicy(_Scheduled):
     keep: Keep = TABLE_7_3_TAPE_KEEP
 
 
+class CopiesPolicy(StrictModel):
+    """What `hotvm plan check` requires besides the primary (3-2-1-1-0, docs/copies.md)."""
+
+    offsite: bool = False
+    """A complete copy on another target than the policy's image target (made by `hotvm copy`), no older
+    than the RPO."""
+    immutable: bool = False
+    """A complete set on a target with immutable_days (S3 Object Lock), no older than the RPO."""
+
+
 class Policy(StrictModel):
     name: str = Field(min_length=1)
     vms: list[str] = Field(["*"], min_length=1)
@@ -317,6 +365,8 @@ class Policy(StrictModel):
     """Longest a restore may take: checked against the newest measured restore (restore --boot-check)."""
     tier: int = Field(3, ge=1)
     """Recovery order: tier 1 is recovered first (`hotvm plan export`)."""
+    copies: CopiesPolicy = CopiesPolicy()
+    """Copies plan check requires per VM: `{offsite: true, immutable: true}` (docs/copies.md)."""
     quiesce: bool = False
     """Freeze the guest file systems (guest agent / VMware Tools) around add_redo only: an
     application-consistent point instead of a crash-consistent one. Fails the backup if it cannot."""
@@ -519,7 +569,7 @@ def _describe_validation_error(exc: ValidationError) -> str:
         elif err["type"] == "missing":
             lines.append(f"{where}: required key is missing")
         else:
-            lines.append(f"{where}: {err['msg']}")
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 
@@ -532,7 +582,34 @@ def parse_config(data: object, source: Path | None = None) -> Config:
     except ValidationError as exc:
         raise ConfigError(f"{where} is invalid: {_describe_validation_error(exc)}", "fix the file") from None
     config.source = source
+    register_config(config)  # its *_env variables are withheld from every child process from now on
     return config
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, message: str, line: int) -> None:
+        super().__init__(message)
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML silently keeps the last one,
+    so a second `hosts:` or `password_env:` would quietly replace the first. Merge keys (<<) still work."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(f"duplicate key '{key}' (first given at line {first[key]})", line)
+                first[key] = line
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                pass
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: Config | Path | str | None = None) -> Config:
@@ -542,7 +619,7 @@ def load_config(path: Config | Path | str | None = None) -> Config:
         return path
     source = config_path(path)
     try:
-        text = source.read_text()
+        raw = source.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"config file {source} not found",
@@ -553,7 +630,16 @@ def load_config(path: Config | Path | str | None = None) -> Config:
             f"cannot read config file {source}: {exc.strerror}", "check its permissions"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{source}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{source}:{exc.line}: {exc}", "keep only one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

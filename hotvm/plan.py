@@ -80,6 +80,8 @@ class VMPlan:
     notes: str | None
     index: int = 0
     external_data: list[str] = field(default_factory=list)
+    copies_required: dict = field(default_factory=dict)
+    """The policy's `copies:` ({offsite: bool, immutable: bool}): what plan check requires (3-2-1-1-0)."""
 
 
 def _target_name(config: Config, name: str | None) -> str | None:
@@ -120,6 +122,7 @@ def vm_plan(config: Config, host: HostConfig, vm: VMConfig, index: int = 0) -> V
         notes=vm.notes,
         index=index,
         external_data=[str(x) for x in getattr(vm, "external_data", None) or []],
+        copies_required=policy.copies.model_dump() if policy else {},
     )
 
 
@@ -143,6 +146,10 @@ class Evidence:
     """The newest restore-test record of the VM's sets: backup_id, tested_at, seconds, ok."""
     tape_copy: dict | None = None
     """The newest tape copy holding a set of the VM: tape, copy_id, backup_id, media, expires."""
+    copies: list[dict] = field(default_factory=list)
+    """Every target holding a complete set of the VM (the image target first, then the copies made by
+    `hotvm copy`): target, role (primary | copy), backup_id, completed_at, immutable, retained_until,
+    verified (the newest set's last restore test there passed: True/False; None: never tested there)."""
     error: str | None = None
 
 
@@ -190,6 +197,51 @@ def _tape_copy(repo, vm: str) -> dict | None:  # noqa: ANN001 - Repository
     return max(found, key=lambda f: (f["backup_id"], f["created"] or "")) if found else None
 
 
+def _copy_entry(repo, target_name: str, role: str, vm: str) -> dict | None:  # noqa: ANN001 - Repository
+    """The newest complete set of `vm` on one target, as a line of the plan's copies."""
+    from hotvm.immutability import set_retained_until
+    from hotvm.verify import restore_tests
+
+    sets = [e for e in repo.list_sets(vm) if e.manifest is not None]
+    if not sets:
+        return None
+    m = sets[-1].manifest
+    tests = [t for t in restore_tests(repo, m.vm, m.backup_id) if isinstance(t, dict)]  # checksums or boot
+    until = set_retained_until(repo.target, repo.set_path(m.vm, m.backup_id))
+    return {
+        "target": target_name, "role": role, "url": repo.target.url, "backup_id": m.backup_id,
+        "completed_at": m.completed_at.isoformat(), "immutable": until is not None,
+        "retained_until": until.isoformat() if until else None,
+        "verified": tests[-1].get("verified") is True if tests else None,
+    }
+
+
+def gather_copies(config: Config, plans: list[VMPlan], repos: dict[str, object]) -> dict[str, list[dict]]:
+    """Per VM, every target that holds a complete set of it (an unreachable target: an entry with its
+    error, so the plan shows the copy could not be seen)."""
+    from hotvm.errors import HotvmError
+    from hotvm.formats.repository import Repository
+    from targets import open_target
+
+    out: dict[str, list[dict]] = {p.vm: [] for p in plans}
+    for t in config.targets:
+        try:
+            if t.name not in repos:
+                repos[t.name] = Repository(open_target(t))
+            repo = repos[t.name]
+            for p in plans:
+                entry = _copy_entry(repo, t.name, "primary" if t.name == p.image_target else "copy", p.vm)
+                if entry is not None:
+                    out[p.vm].append(entry)
+        except (HotvmError, OSError) as exc:
+            for p in plans:
+                out[p.vm].append({"target": t.name, "role": "unknown",
+                                  "error": getattr(exc, "message", None) or str(exc)})
+    for entries in out.values():
+        entries.sort(key=lambda c: (c["role"] != "primary", c["target"]))
+    return out
+
+
 def gather_evidence(config: Config, plans: list[VMPlan]) -> dict[str, Evidence]:
     """Read each VM's image target once: latest complete set, restore tests of its sets, tape catalogs."""
     from hotvm.errors import HotvmError
@@ -220,6 +272,8 @@ def gather_evidence(config: Config, plans: list[VMPlan]) -> dict[str, Evidence]:
             ev.tape_copy = _tape_copy(repo, p.vm)
         except (HotvmError, OSError) as exc:
             ev.error = f"target '{p.image_target}': {getattr(exc, 'message', None) or exc}"
+    for vm, copies in gather_copies(config, plans, repos).items():
+        out[vm].copies = copies
     return out
 
 
@@ -241,7 +295,26 @@ def _d(value: dt.timedelta | None) -> str:
     return format_duration(value) if value is not None else "-"
 
 
-def check_vm(p: VMPlan, ev: Evidence) -> list[Violation]:
+def _check_copies(p: VMPlan, ev: Evidence, now: dt.datetime, bad) -> None:  # noqa: ANN001
+    """3-2-1-1-0 per policy: `copies: {offsite: true, immutable: true}` each need a complete set no
+    older than the RPO (without an RPO: any complete set)."""
+    wanted = [(k, what) for k, what in (("offsite", "offsite copy"), ("immutable", "immutable copy"))
+              if p.copies_required.get(k)]
+    for key, what in wanted:
+        found = [c for c in ev.copies if c.get("backup_id")
+                 and (c["role"] == "copy" if key == "offsite" else c.get("immutable"))]
+        if not found:
+            hint = "hotvm copy --to TARGET" if key == "offsite" else "a target with immutable_days"
+            bad("copies", f"no {what} of {p.vm} (policy {p.policy} requires one: {hint})")
+            continue
+        newest = max(found, key=lambda c: c["completed_at"])
+        age = now - dt.datetime.fromisoformat(newest["completed_at"])
+        if p.rpo is not None and age > p.rpo:
+            bad("copies", f"newest {what} ({newest['backup_id']} on {newest['target']}) is {_d(age)} old, "
+                          f"older than RPO {_d(p.rpo)}")
+
+
+def check_vm(p: VMPlan, ev: Evidence, now: dt.datetime | None = None) -> list[Violation]:
     out: list[Violation] = []
 
     def bad(check: str, detail: str) -> None:
@@ -264,6 +337,7 @@ def check_vm(p: VMPlan, ev: Evidence) -> list[Violation]:
         elif t["seconds"] > p.rto.total_seconds():
             bad("rto", f"last measured restore {t['seconds']:.0f} s ({t['tested_at']}, {t['backup_id']}) "
                        f"exceeds RTO {_d(p.rto)}")
+    _check_copies(p, ev, now or utcnow(), bad)
     return out
 
 
@@ -308,7 +382,7 @@ def plan_document(config: Config, evidence: dict[str, Evidence] | None = None,
     tiers: dict[int, list[dict]] = {}
     for p in plans:
         ev = evidence.get(p.vm, Evidence())
-        violations = check_vm(p, ev)
+        violations = check_vm(p, ev, now)
         doc.violations += [v.as_dict() for v in violations]
         tiers.setdefault(p.tier, []).append({
             "vm": p.vm, "host": p.host, "policy": p.policy, "tier": p.tier, "startup_order": p.startup_order,
@@ -316,7 +390,7 @@ def plan_document(config: Config, evidence: dict[str, Evidence] | None = None,
             "image": ev.latest, "files": p.files, "tape": ev.tape_copy,
             "measured": ev.restore_test, "commands": restore_commands(p, ev, restore_dir),
             "contacts": p.contacts, "notes": p.notes, "error": ev.error,
-            "external_data": p.external_data,
+            "external_data": p.external_data, "copies": ev.copies,
             "violations": [v.detail for v in violations],
         })
     doc.tiers = [{"tier": t, "vms": vms} for t, vms in sorted(tiers.items())]
@@ -342,11 +416,21 @@ def _row(n: int, v: dict) -> dict[str, str]:
         "measured restore": f"{meas['seconds']:.0f} s ({meas['tested_at']}){failed}"
         if meas else "never tested",
         "status": "; ".join(v["violations"]) or "ok",
+        "copies": "; ".join(_copy_text(c) for c in v.get("copies") or []) or "none",
     }
 
 
 COLUMNS = ["#", "VM", "host", "RPO", "RTO", "schedules RPO", "latest image", "tape", "measured restore",
-           "status"]
+           "status", "copies"]
+
+
+def _copy_text(c: dict) -> str:
+    """One copy of a VM: where, its newest set, immutable until when, verified there or not."""
+    if c.get("error"):
+        return f"{c['target']}: unreadable ({c['error']})"
+    lock = f", immutable until {c['retained_until'][:16]}" if c.get("immutable") else ""
+    verified = {True: "verified", False: "verify FAILED", None: "not verified"}[c.get("verified")]
+    return f"{c['target']} ({c['role']}): {c['backup_id']}{lock}, {verified}"
 
 
 def _md_cell(text: str) -> str:

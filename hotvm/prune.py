@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from hotvm import retention
+from hotvm import immutability, retention
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.files.filesets import FileSets
 from hotvm.formats.repository import Repository, read_marker, vm_dirs
@@ -239,6 +239,8 @@ class SweepReport(BaseModel):
     chunk_bytes_freed: int = 0
     chunks_too_young: int = 0
     """Unreferenced but younger than the grace period (a backup may have just written them)."""
+    chunks_locked: int = 0
+    """Unreferenced but still under S3 Object Lock: left until their lock expires."""
     tmp_removed: list[str] = []
     tmp_bytes_freed: int = 0
     notes: list[str] = []
@@ -291,7 +293,8 @@ def backup_points(repo: Repository, vm: str | None = None) -> list[BackupPoint]:
         return []
     held = repo.holds()
     points = [listing.point for listing in list_sets(repo, vm)]
-    return [dataclasses.replace(p, hold=held.get((p.vm, p.backup_id))) for p in points]
+    points = [dataclasses.replace(p, hold=held.get((p.vm, p.backup_id))) for p in points]
+    return immutability.with_lock_holds(repo.target, points)  # S3 Object Lock: kept until it expires
 
 
 def _delete_set(target: Target, path: str) -> None:
@@ -414,11 +417,14 @@ def sweep(
             if new:
                 stop = f"a new backup started during the sweep ({new[0]}): sweep stopped"
                 continue
-        for entry in doomed:
+        paths, locked = immutability.unlocked(target, [f"chunks/{prefix.name}/{e.name}" for e in doomed], now)
+        report.chunks_locked += locked
+        sizes = {f"chunks/{prefix.name}/{e.name}": e.size or 0 for e in doomed}
+        for path in paths:
             if not dry_run:
-                target.delete(f"chunks/{prefix.name}/{entry.name}")
+                target.delete(path)
             report.chunks_removed += 1
-            report.chunk_bytes_freed += entry.size or 0
+            report.chunk_bytes_freed += sizes[path]
     report.swept = not report.skipped_because
     if stop:
         report.notes.append(stop + "; the rest is left for the next prune")
@@ -427,6 +433,9 @@ def sweep(
             f"target '{target.name}' does not report modification times: {no_time} unreferenced chunk(s) "
             "left (prune cannot tell them from chunks a running backup has just written)"
         )
+    if report.chunks_locked:
+        report.notes.append(f"{report.chunks_locked} unreferenced chunk(s) are still under S3 Object Lock: "
+                            "left for a prune after their retention expires")
     if report.skipped_because and report.chunks_unreferenced:
         report.notes.append(f"{report.chunks_unreferenced} unreferenced chunk(s) are left for the next prune")
     strays += [("", e) for e in target.scan("")]
@@ -455,6 +464,8 @@ def _mark_file_sets(
     from hotvm.files.prune import FILES_KEEP, list_file_sets
 
     listings = list_file_sets(repo)
+    locked = immutability.with_lock_holds(repo.target, [f.point for f in listings], now)
+    listings = [dataclasses.replace(f, point=p) for f, p in zip(listings, locked, strict=True)]
     by_path = {f.point.path: f for f in listings}
     per_vm = files_keep if isinstance(files_keep, Mapping) else {}
     default = files_keep if isinstance(files_keep, Keep) else FILES_KEEP

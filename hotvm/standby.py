@@ -22,6 +22,7 @@ from hotvm.hypervisors import open_host
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
 from hotvm.models import Config, HostConfig, Manifest, load_config
 from hotvm.restore import open_repository, restore_one_disk
+from hotvm.safepath import component, under
 
 log = logging.getLogger("hotvm.standby")
 
@@ -62,13 +63,18 @@ def host_vm_dir(host: HostConfig, name: str) -> Path:
     """Where copies of VM `name` live on `host` (its vm_dir/NAME); for a host that stages_disks, the local
     staging directory in the temp dir (TMPDIR: it needs room for the VM's disks)."""
     if stages_disks(host):
-        return Path(tempfile.gettempdir()) / "hotvm-staging" / host.name / name
+        return under(Path(tempfile.gettempdir()) / "hotvm-staging", host.name, name, what="host or VM name")
     if host.vm_dir is None:
         raise ConfigError(
             f"host '{host.name}' has no vm_dir: hotvm does not know where to place VM '{name}' on it",
             f"set vm_dir under host '{host.name}' in hotvm.yaml (or pass --to DIR)",
         )
-    return Path(host.vm_dir).resolve() / name
+    return under(Path(host.vm_dir).resolve(), name, what="VM name")
+
+
+def disks_dir(vm_dir: Path, backup_id: str) -> Path:
+    """vm_dir/disks-<backup id>: the backup id (from a manifest: hostile) must be one path component."""
+    return vm_dir / f"{DISKS_PREFIX}{component(backup_id, 'backup id')}"
 
 
 def restore_disks(
@@ -138,7 +144,7 @@ def register_restored(
 
 def restore_dir_on_host(config: Config | str | Path | None, host: str, name: str, backup_id: str) -> Path:
     """Default place for the disks of a restore --to-host: the host's vm_dir/NAME/disks-<backup>."""
-    return host_vm_dir(load_config(config).find_host(host), name) / f"{DISKS_PREFIX}{backup_id}"
+    return disks_dir(host_vm_dir(load_config(config).find_host(host), name), backup_id)
 
 
 def staged_on_host(config: Config | str | Path | None, host: str) -> bool:
@@ -185,7 +191,7 @@ def sync_config(
     if with_disks:
         vmdir = host_vm_dir(standby_host, vm)
         fmt: DiskFormat = "raw" if stages_disks(standby_host) else "qcow2"  # raw: what a datastore takes
-        disks = restore_disks(cfg, target, manifest, vmdir / f"{DISKS_PREFIX}{manifest.backup_id}", fmt)
+        disks = restore_disks(cfg, target, manifest, disks_dir(vmdir, manifest.backup_id), fmt)
     definition = vm_definition(repo, manifest, vm, disks, new_identity=False)
     try:
         result = register(standby_host, definition, start)
@@ -218,7 +224,7 @@ def _drop_older_disks(host: HostConfig, vm: str, keep: str) -> None:
     finally:
         driver.close()
     for old in host_vm_dir(host, vm).glob(f"{DISKS_PREFIX}*"):
-        if old.name != keep and old.is_dir():
+        if old.name != keep and old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -29,6 +29,7 @@ from hotvm.errors import HotvmError
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat
 from hotvm.models import Config, Manifest, load_config
+from hotvm.safepath import component, under
 
 DEFAULT_TIER = 1
 
@@ -148,7 +149,7 @@ def verify_set(
     """Restore-test one set (default: the VM's latest complete one) and record the result beside it."""
     cfg = load_config(config)
     manifest = restore.find_backup(cfg, vm, target, backup_id)
-    scratch = Path(tempfile.mkdtemp(prefix=f"hotvm-verify-{manifest.vm}-"))
+    scratch = Path(tempfile.mkdtemp(prefix=f"hotvm-verify-{component(manifest.vm, 'VM name')}-"))
     try:
         result = restore_into(cfg, target, manifest, scratch, fmt, boot)
         result["mode"] = "boot" if boot else "checksums"
@@ -259,8 +260,8 @@ def recover_tier(
     if not plan:
         raise HotvmError(f"no VM of tier {tier} has a complete backup", "check the tiers in hotvm.yaml")
     base = Path(to).resolve()
-    for p in plan:
-        restore.prepare_destination(base / p["vm"])
+    for p in plan:  # VM names read from the target's manifests: each must be one path component
+        restore.prepare_destination(under(base, p["vm"], what="VM name"))
     slots: dict[str, threading.BoundedSemaphore] = {}
 
     def default_restore(item: dict, dest: Path) -> dict:

@@ -96,6 +96,9 @@ class Target:
 
     scheme = "generic"
     atomic_put = False
+    object_lock_days: float | None = None
+    """Days every object written is locked for (S3 Object Lock, targets/s3.py); None: no locks. Where set,
+    the target also has retained_until(path) and extend_lock(paths, until) (hotvm/immutability.py)."""
     config: TargetConfig | None = None
     """The configuration it was opened from (open_target sets it): the repository finds its encryption key
     there."""
@@ -262,6 +265,11 @@ class Target:
                 entries = [_entry(i) for i in infos if str(i["name"]).rstrip("/") != full.rstrip("/")]
                 return sorted(entries, key=lambda e: e.name)
         return [Entry(name, None, None, None) for name in self.listdir(path)]
+
+    def list_flat(self, path: str) -> list[str] | None:
+        """Every file under `path` (paths relative to it) in as few requests as the storage allows; None
+        where that would take one listing per directory anyway (callers then list what they need)."""
+        return None
 
     def delete(self, path: str) -> None:
         with self._errors("deleting", path), self._session() as fs, suppress(FileNotFoundError):

@@ -8,10 +8,18 @@
 One PUT is atomic on S3 (an object appears whole or not at all), so blobs are written in place: no
 temporary name, no copy+delete "rename". botocore sends a checksum with every PUT and the store verifies it.
 The bucket must exist: hotvm never creates buckets (their policy and region are the owner's choice).
+
+Object Lock (`immutable_days`, docs/copies.md): every PUT carries a retention (COMPLIANCE or GOVERNANCE)
+until now + immutable_days, the bucket is checked for Object Lock at connect, chunks a new set reuses get
+their retention extended (extend_lock), and a delete removes the object's versions explicitly, so the
+store itself refuses to delete anything still locked (a plain DELETE would only add a delete marker).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -48,6 +56,8 @@ class S3Target(Target):
         super().__init__(config.name, config.url, fs, root)
         self.bucket, self.cred_source = bucket, cred_source
         self.endpoint_url = config.endpoint_url
+        self.object_lock_days = config.immutable_days
+        self.object_lock_mode = config.object_lock_mode
 
     @property
     def where(self) -> str:
@@ -106,10 +116,122 @@ class S3Target(Target):
         probe = self.full(".hotvm-probe")
         with self._errors("writing to", ""):
             self.fs.pipe_file(probe, b"ok")
-            self.fs.rm_file(probe)
+            self.fs.rm_file(probe)  # a plain delete: a bucket's default retention may lock the probe
 
     def _put(self, fs: Any, full_path: str, data: bytes) -> None:
-        fs.pipe_file(full_path, data)
+        if self.object_lock_days:
+            fs.pipe_file(full_path, data, ObjectLockMode=self.object_lock_mode,
+                         ObjectLockRetainUntilDate=self.lock_until())
+        else:
+            fs.pipe_file(full_path, data)
+
+    # -- Object Lock
+    def _s3(self, method: str, **kwargs: Any) -> dict:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, self.fs._call_s3, method, **kwargs)
+
+    def _key(self, path: str) -> str:
+        return self.full(path).partition("/")[2]
+
+    def lock_until(self, now: dt.datetime | None = None) -> dt.datetime:
+        """When an object written now stops being locked."""
+        assert self.object_lock_days
+        now = now or dt.datetime.now(dt.UTC)
+        until = now + dt.timedelta(days=self.object_lock_days)
+        return until.replace(microsecond=0) + dt.timedelta(seconds=1)  # whole seconds, never shorter
+
+    def check_object_lock(self) -> None:
+        """An immutable target on a bucket without Object Lock would lock nothing: refuse it."""
+        with self._errors("reading the Object Lock configuration of", ""):
+            try:
+                conf = self._s3("get_object_lock_configuration", Bucket=self.bucket)
+            except Exception as exc:
+                err = _client_error(exc)
+                if err is None or "ObjectLock" not in err[0]:
+                    raise
+                conf = {}
+        if conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+            raise TargetConfigError(
+                f"target '{self.name}' sets immutable_days but bucket '{self.bucket}' on {self.where} does "
+                "not have Object Lock enabled",
+                "create a bucket with Object Lock enabled (it cannot be added to most existing buckets) "
+                "or remove immutable_days; see docs/copies.md",
+            )
+
+    def retained_until(self, path: str) -> dt.datetime | None:
+        """The current version's Object Lock retain-until date (None: not locked, or no such object)."""
+        with self._errors("reading the retention of", path):
+            try:
+                head = self._s3("head_object", Bucket=self.bucket, Key=self._key(path))
+            except FileNotFoundError:
+                return None
+        until = head.get("ObjectLockRetainUntilDate")
+        if isinstance(until, str):
+            until = dt.datetime.fromisoformat(until.replace("Z", "+00:00"))
+        return until if isinstance(until, dt.datetime) else None
+
+    def extend_lock(self, paths: Iterable[str], until: dt.datetime, workers: int = 8) -> int:
+        """Make every object in `paths` locked at least until `until` (objects a new set reuses, written
+        under an earlier lock); returns how many were extended. A lock is never shortened."""
+
+        def one(path: str) -> int:
+            current = self.retained_until(path)
+            if current is not None and current >= until:
+                return 0
+            with self._errors("extending the retention of", path):
+                self._s3("put_object_retention", Bucket=self.bucket, Key=self._key(path),
+                         Retention={"Mode": self.object_lock_mode, "RetainUntilDate": until})
+            return 1
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return sum(pool.map(one, list(paths)))
+
+    def _versions(self, prefix: str, exact: bool) -> list[dict]:
+        out: list[dict] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        while True:
+            page = self._s3("list_object_versions", **kwargs)
+            for v in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]:
+                if not exact or v["Key"] == prefix:
+                    out.append({"Key": v["Key"], "VersionId": v["VersionId"]})
+            if not page.get("IsTruncated"):
+                return out
+            kwargs["KeyMarker"] = page.get("NextKeyMarker")
+            kwargs["VersionIdMarker"] = page.get("NextVersionIdMarker")
+
+    def _delete_versions(self, versions: list[dict], path: str) -> None:
+        """Delete object versions for good; the store refuses those still locked (AccessDenied)."""
+        for version in versions:
+            try:
+                self._s3("delete_object", Bucket=self.bucket, **version)
+            except Exception as exc:
+                err = _client_error(exc)
+                if err and err[0] == "AccessDenied":
+                    raise TargetError(
+                        f"target '{self.name}' refused deleting {self.display(path)}: it is under S3 Object "
+                        f"Lock ({err[1] or 'AccessDenied'})",
+                        "wait until its retention expires (hotvm check shows it)",
+                    ) from None
+                raise
+
+    def _remove(self, fs: Any, full_path: str) -> None:
+        if not self.object_lock_days:
+            fs.rm_file(full_path)
+            return
+        key = full_path.partition("/")[2]
+        versions = self._versions(key, exact=True)
+        if not versions:
+            raise FileNotFoundError(full_path)
+        self._delete_versions(versions, key)
+
+    def delete_tree(self, path: str) -> None:
+        if not self.object_lock_days:
+            super().delete_tree(path)
+            return
+        prefix = self._key(path).rstrip("/") + "/"
+        with self._errors("deleting", path):
+            self._delete_versions(self._versions(prefix, exact=False), path)
 
     def _makedirs(self, full_path: str) -> None:
         pass  # no directories in an object store
@@ -121,6 +243,13 @@ class S3Target(Target):
                 return True
             except FileNotFoundError:
                 return False
+
+    def list_flat(self, path: str) -> list[str] | None:
+        """One LIST request per 1000 keys, whatever the "directories" (hotvm copy lists chunks/ so)."""
+        base = self.full(path).rstrip("/") + "/"
+        with self._errors("listing", path):
+            keys = self.fs.find(base)
+        return sorted(k[len(base):] for k in keys if k.startswith(base))
 
     def close(self) -> None:
         self.fs.invalidate_cache()
@@ -174,4 +303,6 @@ def open_s3(config: TargetConfig) -> S3Target:
     )
     target = S3Target(config, fs, bucket, root, cred_source)
     target.connect()
+    if target.object_lock_days:
+        target.check_object_lock()
     return target

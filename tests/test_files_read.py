@@ -295,6 +295,8 @@ def test_mounted_volume_round_trip(tmp_path: Path, gpt_disk: Path, name: str) ->
             fstype = fs.fstype
     payload = os.urandom(300_000)
     with mounted_volume(image, vol, fstype) as root:
+        flags = os.statvfs(root).f_flag  # the guest's setuid files, devices and programs stay inert here
+        assert flags & os.ST_NOSUID and flags & os.ST_NODEV and flags & os.ST_NOEXEC
         (root / "restored").mkdir()
         (root / "restored" / "file.bin").write_bytes(payload)
         os.utime(root / "restored" / "file.bin", (T0, T0))

@@ -218,6 +218,9 @@ def finish(
             disk_bitmaps={j.device: j.bitmap for j in journals if j.bitmap},
             steps=steps, warnings=warnings,
         )  # fmt: skip
+        from hotvm.immutability import protect_chunks  # Object Lock: reused chunks as long as the set
+
+        protect_chunks(repo.target, map(repo.chunk_path, manifest.chunks()))
         return fsets.commit_manifest(manifest)
 
 

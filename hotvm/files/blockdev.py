@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
+from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import verify_chunk
@@ -64,7 +65,8 @@ class FileSource:
 
 def image_format(path: Path) -> str:
     proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, timeout=60
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True, text=True, timeout=60, env=child_env(),
     )
     if proc.returncode != 0:
         raise HotvmError(f"cannot read disk image {path}: {proc.stderr.strip()}", "check the path")
@@ -129,7 +131,8 @@ def _fuse_export(path: Path, fmt: str) -> Iterator[Path]:
         with stderr_path.open("w") as err:
             # Own session: a Ctrl-C in the terminal reaches us (we stop it) and not qsd first.
             proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True
+                args, stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+                env=child_env(),
             )
         _wait_export(proc, mountpoint, pidfile, stderr_path, path)
         yield mountpoint
@@ -137,7 +140,7 @@ def _fuse_export(path: Path, fmt: str) -> Iterator[Path]:
         if proc is not None:
             _stop(proc)
         if os.path.ismount(mountpoint):
-            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+            subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, env=child_env())
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import zstandard
 
-from hotvm.errors import BackupSetError, HotvmError
+from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
 from hotvm.files.catalog import Catalog
-from hotvm.files.filesets import FileSetManifest, FileSets
+from hotvm.files.filesets import FileSetManifest, FileSets, decompress_bounded
 from hotvm.files.scan import entry_dict
 from hotvm.formats.repository import Repository
 from hotvm.models import Manifest
+from hotvm.safepath import printable, unprintable
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ def resolve_set(
     return SetRef("files", latest.vm, latest.backup_id, latest.completed_at, latest)
 
 
+MAX_CHUNK_BYTES = 64 << 20
+"""File contents are stored in chunks of 4 MiB (a pack of small files a little more): a frame that claims
+more is damaged or forged, and is refused before it is allocated."""
+
+
 class ChunkCache:
     """Decompressed chunks, a few at a time: restoring many small files reads each pack once."""
 
@@ -63,7 +69,13 @@ class ChunkCache:
         if digest in self.cache:
             self.cache.move_to_end(digest)
             return self.cache[digest]
-        data = zstandard.ZstdDecompressor().decompress(self.repo.get_chunk(digest), max_output_size=1 << 30)
+        try:
+            data = decompress_bounded(self.repo.get_chunk(digest), MAX_CHUNK_BYTES)
+        except zstandard.ZstdError:
+            raise ChecksumMismatch(
+                f"chunk {digest[:16]}… on target '{self.repo.target.name}' is not a valid zstd frame",
+                "the repository is damaged; restore from another backup or copy",
+            ) from None
         self.cache[digest] = data
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -150,17 +162,22 @@ def open_view(repo: Repository, ref: SetRef) -> Iterator[SetView]:
 
 
 def select(entries: list[dict], paths: list[str]) -> list[dict]:
-    """Entries at or under any of `paths` ('/' = all), parents first; unknown paths are an error."""
+    """Entries at or under any of `paths` ('/' = all), parents first; unknown paths are an error. A path
+    is matched as the shell passed it (a name's raw bytes) and as `files ls`/`find` print it (printable)."""
     wanted = ["/" + p.strip("/") if p.strip("/") else "/" for p in paths]
     chosen, missing = [], []
     for p in wanted:
-        hits = [e for e in entries if p == "/" or e["path"] == p or e["path"].startswith(p + "/")]
+        forms = {p, unprintable(p)}
+        hits = [
+            e for e in entries
+            if p == "/" or any(e["path"] == f or e["path"].startswith(f + "/") for f in forms)
+        ]  # fmt: skip
         if not hits:
             missing.append(p)
         chosen += hits
     if missing:
         raise HotvmError(
-            f"not in this backup: {', '.join(missing)}",
+            f"not in this backup: {', '.join(printable(m) for m in missing)}",
             "paths are /<volume>/<path in it>; see 'hotvm files ls VM' for the volumes and names",
         )
     unique = {e["path"]: e for e in chosen}

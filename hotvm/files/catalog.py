@@ -1,4 +1,4 @@
-"""The catalog: every file of every backup, in SQLite, for fast find / ls (the seed's "detailed catalog").
+r"""The catalog: every file of every backup, in SQLite, for fast find / ls (the seed's "detailed catalog").
 
 One cache file per repository (under $HOTVM_CATALOG_DIR, default ~/.cache/hotvm/catalog): it is derived
 data, never the truth. On every use it is synced with the target (sets not indexed yet are indexed, sets
@@ -6,10 +6,16 @@ gone from the target are dropped), and `hotvm files catalog --rebuild` recreates
 Paths are '/<volume key>/<path in the volume>', e.g. '/vda-p1/home/ann/sales.xls': one tree per VM, the
 volumes at its top. Name searches use the index on `name` (a pattern with a literal prefix is a range
 scan; '*.xls' is a scan of the name column, still well under a second for a million entries).
+
+Names are bytes in a guest (held as surrogateescape str elsewhere in hotvm); the catalog stores and shows
+them as hotvm.safepath.printable text (bytes that are not UTF-8 and control characters as \xNN, a
+backslash as \\), so any name is stored and searchable; restore works on the set's own entries and
+gets the exact bytes back. The catalog is private to the backup host: its directory 0700, its files 0600.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -18,9 +24,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from hotvm.formats.repository import Repository, safe_name
+from hotvm.safepath import printable
 
 CATALOG_DIR_ENV = "HOTVM_CATALOG_DIR"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: names stored as printable text (1 could not hold a name that is not UTF-8)."""
 COLUMNS = (
     "path", "name", "parent", "kind", "size", "mode", "uid", "gid", "mtime_ns", "atime_ns", "ctime_ns",
     "inode", "nlink", "target", "link", "content",
@@ -49,10 +57,26 @@ def split(path: str) -> tuple[str, str]:
     return parent or "/", name
 
 
+def _private(path: Path) -> None:
+    """The catalog's directory 0700 and its database 0600 before SQLite opens it (its -wal and -shm
+    files take the database's mode): it lists every file name of every guest."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.environ.get(CATALOG_DIR_ENV):  # our own directory (one named by the user is left as it is)
+        os.chmod(path.parent, 0o700)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
+
+
+def _text(value: str | None) -> str | None:
+    return None if value is None else printable(value)
+
+
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _private(path)
         self.db = sqlite3.connect(path)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -115,14 +139,15 @@ class Catalog:
             set_id = cur.lastrowid
             count = 0
             for key, entries in volumes:
+                key = printable(key)
                 rows = [(set_id, f"/{key}", key, "/", "dir", 0, 0o755, 0, 0, 0, 0, 0, 0, 1, None, None, None)]
                 for e in entries:
-                    full = f"/{key}{e['path']}"
+                    full = f"/{key}{printable(e['path'])}"
                     parent, name = split(full)
                     rows.append(
                         (set_id, full, name, parent, e["kind"], e["size"], e["mode"], e["uid"], e["gid"],
-                         e["mtime_ns"], e["atime_ns"], e["ctime_ns"], e["inode"], e["nlink"], e.get("target"),
-                         e.get("link"), e.get("content"))
+                         e["mtime_ns"], e["atime_ns"], e["ctime_ns"], e["inode"], e["nlink"],
+                         _text(e.get("target")), _text(e.get("link")), e.get("content"))
                     )  # fmt: skip
                 self.db.executemany(f"INSERT INTO entries VALUES (?,{','.join('?' * len(COLUMNS))})", rows)
                 count += len(rows)
@@ -176,11 +201,18 @@ class Catalog:
         return rows
 
     def ls(self, vm: str, backup_id: str, path: str = "/") -> list[dict]:
-        """The entry at `path` if it is not a directory, else its children."""
+        """The entry at `path` if it is not a directory, else its children. `path` as the shell passed it
+        (raw bytes of a name) or as the catalog shows it (printable)."""
         row = self.db.execute("SELECT id FROM sets WHERE vm=? AND backup_id=?", (vm, backup_id)).fetchone()
         if row is None:
             return []
         path = "/" + path.strip("/") if path.strip("/") else "/"
+        shown = printable(path)
+        if (
+            shown != path
+            and self.db.execute("SELECT 1 FROM entries WHERE set_id=? AND path=?", (row[0], shown)).fetchone()
+        ):
+            path = shown
         cols = ", ".join("e." + c for c in COLUMNS)
         head = f"SELECT s.vm, s.backup_id, s.kind, s.completed_at, {cols} FROM entries e "
         head += "JOIN sets s ON s.id = e.set_id"

@@ -165,9 +165,29 @@ def encode_entries(entries: Iterable[dict]) -> bytes:
     return zstandard.ZstdCompressor(level=ENTRIES_LEVEL).compress(body)
 
 
+MAX_ENTRIES_BYTES = 1 << 34
+"""16 GiB of JSON: tens of millions of entries, more than any one file system we back up holds."""
+
+
+def decompress_bounded(frame: bytes, limit: int) -> bytes:
+    """A zstd frame's content, refused (ZstdError) when it is or claims to be larger than `limit`: zstd
+    allocates what the frame header claims, so a forged header must not reach it."""
+    if zstandard.frame_content_size(frame) > limit:
+        raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+
+
 def decode_entries(blob: bytes) -> list[dict]:
-    body = zstandard.ZstdDecompressor().decompress(blob, max_output_size=1 << 34)
-    return json.loads(body)
+    """An entry list (hostile: checked entry by entry when restored); an unreadable one is BackupSetError."""
+    try:
+        entries = json.loads(decompress_bounded(blob, MAX_ENTRIES_BYTES))
+    except (zstandard.ZstdError, ValueError) as exc:
+        raise BackupSetError(
+            f"an entry list is unreadable ({exc})", "the set is damaged; use another backup"
+        ) from None
+    if not isinstance(entries, list):
+        raise BackupSetError("an entry list is not a list", "the set is damaged; use another backup")
+    return entries
 
 
 class FileSets:

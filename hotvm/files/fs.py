@@ -18,6 +18,7 @@ import pytsk3
 from hotvm.errors import HotvmError
 from hotvm.files.blockdev import BlockSource
 from hotvm.files.volumes import TskImage, Volume
+from hotvm.safepath import printable
 
 Kind = Literal["file", "dir", "symlink", "other"]
 
@@ -112,6 +113,9 @@ class Filesystem:
         self._fs = fs
         self._image = image  # TSK reads through it: keep it alive as long as the FS_Info
         self._lock = threading.Lock()
+        self.refused: list[str] = []
+        """Entries not listed because their name cannot be a name ('/' or NUL in it: a forged directory
+        entry), each as 'path: why' (printable)."""
         ftype = int(fs.info.ftype)
         self.fstype = _FSTYPES.get(ftype) or pytsk3.TSK_FS_TYPE_ENUM(ftype).name.removeprefix("TSK_FS_TYPE_")
         self.fstype = self.fstype.lower()
@@ -143,7 +147,7 @@ class Filesystem:
         return None
 
     # ---- walking
-    def _entry(self, path: str, meta: pytsk3.TSK_FS_META) -> FileEntry:
+    def _entry(self, path: str, meta: pytsk3.TSK_FS_META, item: pytsk3.File | None = None) -> FileEntry:
         kind = _KINDS.get(int(meta.type), "other")
         if self._unix:
             mode, uid, gid = int(meta.mode) & 0o7777, int(meta.uid), int(meta.gid)
@@ -153,6 +157,8 @@ class Filesystem:
         if kind == "symlink" and meta.link:
             link = meta.link
             target = link.decode("utf-8", "surrogateescape") if isinstance(link, bytes) else str(link)
+        elif kind == "symlink" and item is not None and 0 < int(meta.size) <= 4096:
+            target = self._slow_link(item, int(meta.size))
         return FileEntry(
             path=path,
             kind=kind,
@@ -167,6 +173,16 @@ class Filesystem:
             nlink=int(meta.nlink),
             target=target,
         )
+
+    @staticmethod
+    def _slow_link(item: pytsk3.File, size: int) -> str | None:
+        """A symlink whose target did not fit in its inode (ext4: over 60 bytes) keeps it as file data,
+        which TSK does not hand out as meta.link."""
+        try:
+            raw = item.read_random(0, size)
+        except OSError:
+            return None
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") or None
 
     def _list(self, inode: int, path: str) -> list[FileEntry]:
         """Allocated children of one directory (TSK's virtual entries and NTFS's own files left out)."""
@@ -188,10 +204,14 @@ class Filesystem:
                 if not int(meta.flags) & _ALLOC_META or int(meta.type) in _VIRTUAL:
                     continue
                 name = raw.decode("utf-8", "surrogateescape")
+                if "/" in name or "\0" in name:  # no file system makes these: the guest forged it
+                    shown = printable(("" if path == "/" else path) + "/" + name)
+                    self.refused.append(f"{shown}: the name holds '/' or NUL; not backed up")
+                    continue
                 if at_root and self._is_fs_own(name, meta):
                     continue
                 prefix = "" if path == "/" else path
-                entries.append(self._entry(f"{prefix}/{name}", meta))
+                entries.append(self._entry(f"{prefix}/{name}", meta, item))
         return entries
 
     def _is_fs_own(self, name: str, meta: pytsk3.TSK_FS_META) -> bool:

@@ -4,7 +4,9 @@
 2. for each file system of the newest file set (if newer than the image), mount the restored partition
    read-write through a loop device (A7's mounted_volume: the kernel's own ext4/ntfs-3g/fat writers, so
    the result is a file system its guest will mount) and make its tree equal to the file set: new and
-   changed files written with their metadata, files deleted since the image removed.
+   changed files written with their metadata, files deleted since the image removed. The restored disk
+   holds the guest's own (hostile) tree: every write goes through hotvm.safepath.SafeRoot (no symlink on
+   the disk is followed) and entries are checked as in a files restore.
 A loop mount rather than libguestfs: libguestfs needs its own appliance kernel and KVM to be usable here,
 a loop mount needs neither (docs/files.md).
 """
@@ -19,97 +21,113 @@ from pathlib import Path
 
 from hotvm.files.browse import ChunkCache
 from hotvm.files.filesets import FileSets
-from hotvm.files.restore import RestoreReport, apply_metadata, destination, write_file
+from hotvm.files.restore import Planned, RestoreReport, TreeWriter, plan_entries
 from hotvm.models import Config
 from hotvm.restore import open_repository, prepare_destination, restore_config_files, restore_one_disk
+from hotvm.safepath import SafeRoot, UnsafePath, printable
 
 log = logging.getLogger("hotvm.files")
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PROTECTED_AT_ROOT = ("lost+found", "System Volume Information")
 """Kept even when the file set does not list them (file-system housekeeping the reader leaves out)."""
 
 
-def _same_file(path: Path, e: dict) -> bool:
+def _same_file(dest: SafeRoot, p: Planned) -> bool:
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+        st = dest.lstat(p.rel)
+    except UnsafePath:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == e["size"] and st.st_mtime_ns == e["mtime_ns"]
+    e = p.entry
+    return (
+        st is not None and stat.S_ISREG(st.st_mode) and st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+    )
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
+def _delete_unlisted(root: Path, wanted: set[str], problems: list[str]) -> int:
+    """Remove what the file set does not list, walking with directory fds (no symlink is followed). What
+    the kernel will not list or remove (a forged entry on the disk) is reported and left as it is."""
+    deleted = 0
+    stack = [(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "")]
+    try:
+        while stack:
+            fd, rel_top = stack.pop()
+            try:
+                deleted += _delete_in(fd, rel_top, wanted, stack)
+            except OSError as exc:
+                problems.append(f"/{printable(rel_top)}: {exc.strerror} on the restored disk; left as it is")
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return deleted
+
+
+def _delete_in(fd: int, rel_top: str, wanted: set[str], stack: list[tuple[int, str]]) -> int:
+    deleted = 0
+    for child in list(os.scandir(fd)):
+        name = child.name
+        rel = f"{rel_top}/{name}" if rel_top else name
+        is_dir = child.is_dir(follow_symlinks=False)
+        if rel in wanted:
+            if is_dir:
+                stack.append((os.open(name, _NOFOLLOW_DIR, dir_fd=fd), rel))
+            continue
+        if not rel_top and (name in PROTECTED_AT_ROOT or name.startswith("$")):
+            continue
+        if is_dir:
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+        deleted += 1
+    return deleted
 
 
 def apply_tree(root: Path, entries: list[dict], reader) -> dict:  # noqa: ANN001 - Reader
-    """Make the tree under `root` equal to `entries` (volume-relative paths, parents first)."""
-    wanted = {e["path"]: e for e in entries}
-    stats = {"written": 0, "unchanged": 0, "deleted": 0, "dirs_created": 0}
-    for top, dirs, files in os.walk(root, topdown=True):
-        rel_top = "/" + os.path.relpath(top, root).replace(os.sep, "/").removeprefix(".").strip("/")
-        for name in list(dirs) + files:
-            rel = (rel_top.rstrip("/") + "/" + name) if rel_top != "/" else "/" + name
-            if rel in wanted:
-                continue
-            if rel_top == "/" and (name in PROTECTED_AT_ROOT or name.startswith("$")):
-                continue
-            _remove(Path(top) / name)
-            stats["deleted"] += 1
-            if name in dirs:
-                dirs.remove(name)
+    """Make the tree under `root` equal to `entries` (volume-relative paths): unsafe entries skipped and
+    named, nothing written through a symlink, symlinks created last."""
     report = RestoreReport()
-    first_of: dict[str, Path] = {}
-    dir_entries = []
-    for e in entries:
-        d = destination(root, e["path"])
-        kind = e["kind"]
-        if kind == "dir":
-            if not d.is_dir() or d.is_symlink():
-                _remove(d)
-                d.mkdir(parents=True)
-                stats["dirs_created"] += 1
-            dir_entries.append((d, e))
-            continue
-        if kind == "symlink":
-            if d.is_symlink() and os.readlink(d) == (e["target"] or ""):
-                stats["unchanged"] += 1
-                continue
-            _remove(d)
-            try:
-                os.symlink(e["target"] or "", d)
-            except OSError as exc:
-                report.metadata_errors.append(f"{e['path']}: symlink: {exc.strerror}")
-                continue
-        elif kind == "file":
-            group = e.get("link") or (e["path"] if e["nlink"] > 1 else None)
-            if e.get("error"):  # unreadable when backed up: the image's copy is the best there is
-                report.metadata_errors.append(f"{e['path']}: kept from the image ({e['error']})")
-                continue
-            if _same_file(d, e):
-                stats["unchanged"] += 1
-                if group:
-                    first_of.setdefault(group, d)
-                continue
-            _remove(d)
-            if group and group in first_of:
+    plan = plan_entries(entries, report)
+    stats = {"written": 0, "unchanged": 0, "deleted": 0, "dirs_created": 0}
+    stats["deleted"] = _delete_unlisted(root, {p.rel for p in plan}, report.skipped)
+    with SafeRoot(root, create=False) as dest:
+        writer = TreeWriter(dest, reader, report)
+        for p in plan:
+            kind = p.entry.kind
+            if kind == "dir":
                 try:
-                    os.link(first_of[group], d)
-                    stats["written"] += 1
+                    st = dest.lstat(p.rel)
+                except UnsafePath as exc:
+                    report.skipped.append(exc.message)
                     continue
-                except OSError:
-                    pass
-            write_file(d, e, reader)
-            if group:
-                first_of[group] = d
-        else:
-            continue
-        stats["written"] += 1
-        apply_metadata(d, e, report)
-    for d, e in reversed(dir_entries):
-        apply_metadata(d, e, report)
+                stats["dirs_created"] += st is None or not stat.S_ISDIR(st.st_mode)
+                writer.put(p)
+            elif kind == "file":
+                if p.entry.error:  # unreadable when backed up: the image's copy is the best there is
+                    report.metadata_errors.append(
+                        f"{printable(p.entry.path)}: kept from the image ({p.entry.error})"
+                    )
+                elif _same_file(dest, p):
+                    stats["unchanged"] += 1
+                    if p.group:
+                        writer.first_of.setdefault(p.group, p.rel)
+                elif writer.put(p):
+                    stats["written"] += 1
+        for p in plan:  # last: no symlink is ever the parent of a write
+            if p.entry.kind != "symlink":
+                continue
+            try:
+                same = dest.readlink(p.rel) == (p.entry.target or "")
+            except UnsafePath as exc:
+                report.skipped.append(exc.message)
+                continue
+            if same:
+                stats["unchanged"] += 1
+            elif writer.put(p):
+                stats["written"] += 1
+        writer.finish()
     stats["metadata_errors"] = report.metadata_errors[:20]
+    stats["skipped"] = report.skipped[:50]
     return stats
 
 

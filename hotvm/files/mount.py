@@ -17,14 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 from hotvm.files.volumes import Volume
+from hotvm.formats.repository import safe_name
 
 EXT_TYPES = ("ext2", "ext3", "ext4")
 
 
 def _run(args: list[str], what: str, hint: str) -> str:
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=child_env())
     if proc.returncode != 0:
         raise HotvmError(f"{what}: {(proc.stderr or proc.stdout).strip()}", hint)
     return proc.stdout.strip()
@@ -46,7 +48,7 @@ def loop_device(image: Path, offset: int, length: int) -> Iterator[str]:
     try:
         yield device
     finally:
-        subprocess.run(["losetup", "-d", device], capture_output=True)
+        subprocess.run(["losetup", "-d", device], capture_output=True, env=child_env())
 
 
 def kernel_has(fstype: str) -> bool:
@@ -57,14 +59,36 @@ def kernel_has(fstype: str) -> bool:
     return fstype in names
 
 
+GUEST_OPTS = "nosuid,nodev,noexec"
+"""A guest's file system on the backup host: its setuid files, device nodes and programs stay inert."""
+
+
 def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
     if fstype in EXT_TYPES:
-        return ["mount", "-t", fstype if kernel_has(fstype) else "ext4", device, str(target)]
+        return [
+            "mount",
+            "-t",
+            fstype if kernel_has(fstype) else "ext4",
+            "-o",
+            GUEST_OPTS,
+            device,
+            str(target),
+        ]
     if fstype == "vfat":
-        if kernel_has("vfat") or subprocess.run(["modprobe", "vfat"], capture_output=True).returncode == 0:
-            return ["mount", "-t", "vfat", device, str(target)]
+        loaded = kernel_has("vfat") or (
+            subprocess.run(["modprobe", "vfat"], capture_output=True, env=child_env()).returncode == 0
+        )
+        if loaded:
+            return ["mount", "-t", "vfat", "-o", GUEST_OPTS, device, str(target)]
         if shutil.which("fusefat"):
-            return ["fusefat", "-f", "-o", "rw+", device, str(target)]  # foreground: we wait for its exit
+            return [
+                "fusefat",
+                "-f",
+                "-o",
+                f"rw+,{GUEST_OPTS}",
+                device,
+                str(target),
+            ]  # foreground: we wait for its exit
         raise HotvmError(
             "this host can mount neither vfat (no kernel module) nor fusefat",
             "load the vfat module, or install the fusefat package",
@@ -72,19 +96,19 @@ def _mount_args(fstype: str, device: str, target: Path) -> list[str]:
     if fstype == "ntfs":
         if not shutil.which("ntfs-3g"):
             raise HotvmError("writing into NTFS needs ntfs-3g", "install the ntfs-3g package")
-        return ["ntfs-3g", device, str(target)]
+        return ["ntfs-3g", "-o", GUEST_OPTS, device, str(target)]
     raise HotvmError(f"cannot write into a {fstype} file system", "supported: ext2, ext3, ext4, vfat, ntfs")
 
 
 def _unmount(target: Path) -> None:
-    subprocess.run(["sync"], capture_output=True)
+    subprocess.run(["sync"], capture_output=True, env=child_env())
     for _attempt in range(20):
         if not os.path.ismount(target):
             return
-        if subprocess.run(["umount", str(target)], capture_output=True).returncode == 0:
+        if subprocess.run(["umount", str(target)], capture_output=True, env=child_env()).returncode == 0:
             return
         time.sleep(0.25)  # busy: a FUSE daemon still flushing, or a process with a file open
-    subprocess.run(["umount", "-l", str(target)], capture_output=True)
+    subprocess.run(["umount", "-l", str(target)], capture_output=True, env=child_env())
 
 
 def _start_daemon(args: list[str], mountpoint: Path, what: str, hint: str) -> subprocess.Popen:
@@ -92,7 +116,9 @@ def _start_daemon(args: list[str], mountpoint: Path, what: str, hint: str) -> su
     # Its output goes to an unlinked file, never a pipe: fusefat talks on every request, and a full pipe
     # would block it inside a request our own process is waiting on.
     log = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the daemon, closed below
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=child_env()
+    )
     deadline = time.monotonic() + 15
     while not os.path.ismount(mountpoint):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -121,7 +147,7 @@ def mounted_volume(image: Path, volume: Volume, fstype: str) -> Iterator[Path]:
     """The file system of `volume` in the RAW `image`, mounted read-write; yields the mount directory.
     It is always unmounted (data synced) and its loop device detached, also when the block fails."""
     _need_root(f"mounting {volume.key} of {image}")
-    mountpoint = Path(tempfile.mkdtemp(prefix=f"hotvm-mount-{volume.key}-"))
+    mountpoint = Path(tempfile.mkdtemp(prefix=f"hotvm-mount-{safe_name(volume.key)}-"))  # 0700
     try:
         with loop_device(Path(image), volume.start, volume.length) as device:
             args = _mount_args(fstype, device, mountpoint)

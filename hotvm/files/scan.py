@@ -194,6 +194,10 @@ def scan_volume(
             if progress is not None and stats.files_read % 1000 == 0:
                 progress(stats)
         store.finish()
+    for refused in getattr(fs, "refused", ()):  # forged names: reported, never stored
+        stats.files_unreadable += 1
+        if len(stats.unreadable) < 20:
+            stats.unreadable.append(refused)
     chunks = {p[0] for e in entries if e["pieces"] for p in e["pieces"]}
     stats.seconds = round(time.monotonic() - started, 3)
     return ScanResult(entries, sorted(chunks), VolumeStats(**dataclasses.asdict(stats)))

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 
 
@@ -22,7 +23,9 @@ class ImageError(HotvmError):
 
 def _qemu_img_json(*args: str) -> object:
     try:
-        out = subprocess.run(["qemu-img", *args, "--output=json"], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["qemu-img", *args, "--output=json"], capture_output=True, text=True, check=True, env=child_env()
+        )
     except FileNotFoundError:
         raise ImageError("qemu-img not found", "install qemu-utils (apt-get install qemu-utils)") from None
     except subprocess.CalledProcessError as exc:
@@ -114,6 +117,7 @@ class ImageReader:
                 ["qemu-img", "convert", "--image-opts", opts, "-O", "raw", tmp.name],
                 check=True,
                 capture_output=True,
+                env=child_env(),
             )
             with open(tmp.name, "rb") as fh:
                 data = fh.read()

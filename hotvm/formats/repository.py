@@ -174,7 +174,8 @@ class Repository:
         self.target = target
         self.config = config if config is not None else target.config
         self.identities = IdentityStore() if remember else None
-        self.location = location_of(target.url, self.config.endpoint_url if self.config else None)
+        own = target.config  # where it is: the target's own configuration (`config` may only lend the key)
+        self.location = location_of(target.url, own.endpoint_url if own else None)
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
         self._opened = False

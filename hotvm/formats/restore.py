@@ -6,10 +6,8 @@ chunk has arrived and matched its hash, so a failed restore never leaves a file 
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
-import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -19,7 +17,9 @@ from typing import Literal
 
 import zstandard
 
-from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
+from hotvm.child_env import child_env
+from hotvm.errors import ChecksumMismatch, HotvmError
+from hotvm.formats.configtar import unpack_config_archive
 from hotvm.formats.export import chunk_digest
 from hotvm.formats.repository import Repository, safe_name
 from hotvm.models import DiskRecord, Manifest
@@ -122,6 +122,7 @@ def disk_output(dest: Path, fmt: DiskFormat, virtual_size: int) -> Iterator[int]
                 ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(partial)],
                 check=True,
                 capture_output=True,
+                env=child_env(),
             )
             raw.unlink()
         os.rename(partial, dest)
@@ -169,7 +170,7 @@ def restore_disk(
 
 
 def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list[str]:
-    """Unpack the config archive under dest_dir/config (the tar 'data' filter refuses '/' and '..')."""
+    """Unpack the config archive under dest_dir/config (every member checked: see unpack_config)."""
     if manifest.config_archive is None:
         return []
     blob = repo.read_blob(manifest.vm, manifest.backup_id, manifest.config_archive.name)
@@ -188,20 +189,9 @@ def check_config_archive(manifest: Manifest, blob: bytes) -> bytes:
 
 
 def unpack_config(manifest: Manifest, blob: bytes, dest_dir: Path) -> list[str]:
-    """Check the (plain) config archive against the manifest and unpack it under dest_dir/config."""
-    check_config_archive(manifest, blob)
-    target = dest_dir / "config"
-    target.mkdir(parents=True, exist_ok=True)
-    plain = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob)).read()
-    with tarfile.open(fileobj=io.BytesIO(plain), mode="r:") as tar:
-        try:
-            tar.extractall(target, filter="data")
-        except tarfile.FilterError as exc:
-            raise BackupSetError(
-                f"config archive holds an unsafe path: {exc}",
-                "the archive was tampered with; use another backup",
-            ) from None
-        return [m.name for m in tar.getmembers()]
+    """Check the (plain) config archive against the manifest and unpack it under dest_dir/config, through
+    the one checked reader (configtar.unpack_config_archive: no member leaves dest_dir/config)."""
+    return unpack_config_archive(check_config_archive(manifest, blob), dest_dir / "config")
 
 
 def disk_file_name(device: str, fmt: DiskFormat) -> str:

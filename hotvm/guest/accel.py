@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.guest.artifacts import ensure_guest_files
 from hotvm.guest.errors import GuestError
 from hotvm.guest.qemu import guest_command, qemu_version, read_text, tail, wait_for
@@ -101,7 +102,8 @@ def probe_kvm(state_dir: Path, timeout: float = KVM_PROBE_TIMEOUT) -> tuple[bool
         start = time.monotonic()
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                env=child_env(),
             )
         try:
             alive = lambda: proc.poll() is None and "KVM internal error" not in read_text(log)  # noqa: E731

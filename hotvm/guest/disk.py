@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from hotvm.child_env import child_env
 from hotvm.guest.errors import ImageUnreadable
 
 RING = 256
@@ -119,7 +120,7 @@ def image_info(path: Path, fmt: str | None = None) -> dict:
 
 def _run_qemu_img(cmd: list[str], path: Path) -> str:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=child_env())
     except FileNotFoundError as exc:
         raise ImageUnreadable("qemu-img is not installed", "apt-get install qemu-utils") from exc
     if proc.returncode != 0:

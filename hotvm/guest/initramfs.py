@@ -19,6 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.guest.errors import GuestError
 from hotvm.guest.scripts import DEFAULT_INTERVAL, WRITER_PATH, init_script, writer_script
 
@@ -192,7 +193,7 @@ def agent_libraries(binary: Path = QEMU_GA) -> list[Path]:
     """The shared libraries `binary` loads (its ELF interpreter included), as `ldd` resolves them."""
     if not binary.is_file():
         raise GuestError(f"{binary} not found", "apt-get install qemu-guest-agent")
-    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, timeout=30, env=child_env())
     if proc.returncode != 0:
         raise GuestError(f"ldd {binary} failed: {proc.stderr.strip()}", "check the binary")
     libs = []

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.guest.errors import GuestError
 
 QEMU = "qemu-system-x86_64"
@@ -32,7 +33,8 @@ def qemu_binary() -> str:
 
 
 def qemu_version() -> str:
-    out = subprocess.run([qemu_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = [qemu_binary(), "--version"]
+    out = subprocess.run(version, capture_output=True, text=True, timeout=30, env=child_env()).stdout
     return out.splitlines()[0] if out else "unknown"
 
 

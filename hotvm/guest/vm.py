@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotvm.bootcheck import boot_disks
+from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 from hotvm.guest.accel import choose_accel
 from hotvm.guest.artifacts import GuestFiles, ensure_guest_files
@@ -140,7 +141,8 @@ def create_vm(
         _make_ext4(vmdir / FS_DISK, parse_size(fs_size))
     disk = vmdir / f"data.{fmt}"
     proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", fmt, str(disk), str(size)], capture_output=True, text=True
+        ["qemu-img", "create", "-q", "-f", fmt, str(disk), str(size)],
+        capture_output=True, text=True, env=child_env(),
     )
     if proc.returncode != 0:
         raise GuestError(
@@ -194,6 +196,7 @@ def start_vm(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             timeout=120,
+            env=child_env(),
         )
         out.seek(0)
         startup = out.read().decode(errors="replace").strip()
@@ -422,7 +425,8 @@ def _make_ext4(path: Path, size: int) -> None:
     with path.open("wb") as fh:
         fh.truncate(size)
     proc = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-L", "hotvm-fs", str(path)], capture_output=True, text=True
+        ["mkfs.ext4", "-q", "-F", "-L", "hotvm-fs", str(path)],
+        capture_output=True, text=True, env=child_env(),
     )
     if proc.returncode != 0:
         raise GuestError(f"mkfs.ext4 {path} failed: {proc.stderr.strip()}", "apt-get install e2fsprogs")

@@ -21,6 +21,7 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
+from hotvm.child_env import child_env
 from hotvm.hypervisors.base import BITMAP_PREFIX, BitmapUnusable, bitmap_name
 
 NBD_TIMEOUT_S = 30
@@ -56,7 +57,8 @@ def delete_checkpoint(dom: libvirt.virDomain, name: str) -> bool:
 def image_bitmap(image: str, name: str) -> dict:
     """The bitmap as stored in the (frozen) qcow2 file; raises BitmapUnusable when it cannot be trusted."""
     proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", image], capture_output=True, text=True, timeout=60
+        ["qemu-img", "info", "-U", "--output=json", image],
+        capture_output=True, text=True, timeout=60, env=child_env(),
     )
     if proc.returncode != 0:
         raise BitmapUnusable(f"cannot read {image}: {proc.stderr.strip()}")
@@ -84,7 +86,7 @@ def read_extents(image: str, fmt: str, name: str) -> list[tuple[int, int]]:
         server = subprocess.Popen(
             [*cmd, "--image-opts", opts],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            start_new_session=True,
+            start_new_session=True, env=child_env(),
         )  # fmt: skip
         try:
             deadline = time.monotonic() + NBD_TIMEOUT_S
@@ -99,7 +101,7 @@ def read_extents(image: str, fmt: str, name: str) -> list[tuple[int, int]]:
             try:
                 proc = subprocess.run(
                     ["qemu-img", "map", "--output=json", "--image-opts", nbd],
-                    capture_output=True, text=True, timeout=MAP_TIMEOUT_S,
+                    capture_output=True, text=True, timeout=MAP_TIMEOUT_S, env=child_env(),
                 )  # fmt: skip
             except subprocess.TimeoutExpired:
                 raise BitmapUnusable(f"qemu-img map of bitmap {name} timed out") from None

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import libvirt
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import libvirt_xml as lx
 from hotvm.hypervisors.base import OVERLAY_MARKER, RegisterResult, VMDefinition
 from hotvm.hypervisors.libvirt_conn import connect, is_local
 from hotvm.models import HostConfig
+from hotvm.safepath import component
 
 log = logging.getLogger("hotvm.libvirt")
 
@@ -53,6 +55,7 @@ class LibvirtHost:
 
         An existing domain of that name keeps its UUID (and, for a copy, its MACs), so registering the same
         backup again changes nothing ("unchanged"); anything else in the XML is updated."""
+        component(definition.name, "VM name")  # it names the copy's own files (_rename_files)
         source = definition.documents.get("domain.xml")
         if source is None:
             raise ConfigError(
@@ -170,6 +173,7 @@ class LibvirtHost:
             capture_output=True,
             text=True,
             timeout=60,
+            env=child_env(),
         )
         if proc.returncode != 0:
             raise HypervisorError(

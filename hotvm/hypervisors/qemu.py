@@ -14,11 +14,11 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import BlockJobError, ConfigError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors.base import (
     BITMAP_PREFIX,
@@ -34,6 +34,7 @@ from hotvm.hypervisors.qemu_agent import frozen_filesystems
 from hotvm.hypervisors.qemu_chain import Chain, Layer, build_chains
 from hotvm.hypervisors.qemu_jobs import JobWatcher
 from hotvm.hypervisors.qmp import CONNECT_TIMEOUT_S, Monitor, QmpCommandError
+from hotvm.locks import lock_dir, open_lock_dir
 from hotvm.models import HostConfig, VMConfig
 
 log = logging.getLogger("hotvm.qemu")
@@ -463,7 +464,10 @@ class QemuDriver:
         assert self.vm.qmp is not None
         name = f".hotvm-nbd-{hashlib.sha1(str(self.vm.qmp).encode()).hexdigest()[:12]}.sock"
         beside = Path(self.vm.qmp).parent / name  # QEMU can create files where it created its QMP socket
-        return beside if len(str(beside)) < 100 else Path(tempfile.gettempdir()) / name
+        if len(str(beside)) < 100:
+            return beside
+        os.close(open_lock_dir())  # hotvm's private directory (0700), not a shared /tmp
+        return lock_dir() / name
 
     def _read_bitmap_over_nbd(
         self, mon: Monitor, device: str, image: Layer, bitmap: str
@@ -489,7 +493,7 @@ class QemuDriver:
             try:
                 proc = subprocess.run(
                     ["qemu-img", "map", "--output=json", "--image-opts", opts],
-                    capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S * 10,
+                    capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S * 10, env=child_env(),
                 )  # fmt: skip
             except subprocess.TimeoutExpired:
                 raise BitmapUnusable(f"qemu-img map of bitmap {bitmap} over NBD timed out") from None
@@ -758,11 +762,20 @@ def _can_persist(node: dict) -> bool:
 
 
 def _create_overlay(qemu_img: str, path: Path, backing: Layer, vm: str, device: str) -> None:
+    try:
+        _create_private_file(path, like=backing.filename)
+    except OSError as exc:
+        raise HypervisorError(
+            f"VM '{vm}', disk {device}: cannot create overlay {path}: {exc.strerror}",
+            "check that the overlay directory exists and is writable (or set overlay_dir)",
+        ) from None
     # -u: do not open the backing file (QEMU holds its write lock); the size is given explicitly.
     cmd = [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", backing.filename, "-F", backing.format,
            str(path), str(backing.virtual_size)]  # fmt: skip
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S, env=child_env()
+        )
     except subprocess.TimeoutExpired:
         _remove_overlay(path)
         raise HypervisorError(
@@ -775,6 +788,25 @@ def _create_overlay(qemu_img: str, path: Path, backing: Layer, vm: str, device: 
             f"VM '{vm}', disk {device}: cannot create overlay {path}: {proc.stderr.strip()}",
             "check that the overlay directory exists, is writable and has free space (or set overlay_dir)",
         )
+
+
+def _create_private_file(path: Path, like: str) -> None:
+    """Create `path` with the owner and permissions of the image `like` (0600 when it cannot be read),
+    never the umask's: an overlay holds the guest's writes, as readable as the disk itself and no more.
+    qemu-img then writes into the existing file and keeps its mode. Never through a symlink."""
+    try:
+        st = os.stat(like)
+        mode, owner = st.st_mode & 0o666, (st.st_uid, st.st_gid)
+    except OSError:
+        mode, owner = 0o600, None
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            with contextlib.suppress(PermissionError):  # not root: the file stays ours, as QEMU's is
+                os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _remove_overlay(path: Path) -> None:

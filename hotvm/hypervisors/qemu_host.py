@@ -19,10 +19,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HotvmError, HypervisorError
 from hotvm.guest.qemu import UNIX_PATH_MAX, escape_opt, pid_alive, read_pid, render_script, tail
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
 from hotvm.models import HostConfig
+from hotvm.safepath import SafeRoot, component, under
 
 log = logging.getLogger("hotvm.qemu")
 
@@ -62,7 +64,7 @@ class QemuHost:
 
     def spec(self, name: str) -> dict | None:
         try:
-            return json.loads((self.vm_dir / name / SPEC_NAME).read_text())
+            return json.loads((under(self.vm_dir, name, what="VM name") / SPEC_NAME).read_text())
         except FileNotFoundError:
             return None
 
@@ -75,12 +77,13 @@ class QemuHost:
     # ------------------------------------------------------------------ register
 
     def register_vm(self, definition: VMDefinition, start: bool = False) -> RegisterResult:
-        vmdir = self.vm_dir / definition.name
+        vmdir = under(self.vm_dir, definition.name, what="VM name")
         files = launch_files(definition, vmdir, self.host.name)
-        existed = (vmdir / SPEC_NAME).exists()
-        changed = [rel for rel, data in files.items() if _read(vmdir / rel) != data]
-        for rel in changed:
-            _write_atomic(vmdir / rel, files[rel], 0o755 if rel == LAUNCH_NAME else 0o644)
+        with SafeRoot(vmdir) as root:  # names below config/ come from the (hostile) config archive
+            existed = root.lstat(SPEC_NAME) is not None
+            changed = [rel for rel, data in files.items() if root.read_bytes(rel) != data]
+            for rel in changed:
+                root.write_bytes(rel, files[rel], 0o755 if rel == LAUNCH_NAME else 0o644)
         action = "unchanged" if existed and not changed else "updated" if existed else "created"
         if changed and existed and self.running(definition.name):
             log.warning(
@@ -103,7 +106,7 @@ class QemuHost:
         with tempfile.TemporaryFile() as out:
             proc = subprocess.run(
                 spec["command"], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, timeout=START_TIMEOUT_S,
+                start_new_session=True, timeout=START_TIMEOUT_S, env=child_env(),
             )  # fmt: skip
             out.seek(0)
             said = out.read().decode(errors="replace").strip()
@@ -277,7 +280,7 @@ class _Rewriter:
             rest = value.split(",", 1)[1] if "," in value else "server=on,wait=off"
             return f"unix:{escape_opt(str(self.vmdir / sock))},{rest}"
         if opt == "-serial" and value.startswith("file:"):
-            return f"file:{self.vmdir / os.path.basename(value[5:])}"
+            return f"file:{under(self.vmdir, os.path.basename(value[5:]), what='serial file of the VM')}"
         if opt == "-chardev":
             return self._chardev(value)
         if opt == "-blockdev":
@@ -298,7 +301,7 @@ class _Rewriter:
         parts = _split_opts(value)
         for n, part in enumerate(parts):
             if part.startswith("path="):
-                new = str(self.vmdir / os.path.basename(part[5:]))
+                new = str(under(self.vmdir, os.path.basename(part[5:]), what="chardev path of the VM"))
                 parts[n] = "path=" + escape_opt(new)
                 if any(p.startswith("id=") and p[3:] in self._agent_ids for p in parts):
                     self.agent_socket = new
@@ -344,7 +347,7 @@ class _Rewriter:
     def _input_file(self, value: str) -> str:
         data = self.d.files.get(value)
         if data is not None:
-            rel = f"files/{os.path.basename(value)}"
+            rel = f"files/{component(os.path.basename(value), 'input file of the launch command')}"
             self.inputs[rel] = data
             return str(self.vmdir / rel)
         if not Path(value).exists():
@@ -402,23 +405,9 @@ def _split_opts(value: str) -> list[str]:
 
 def _image_format(path: Path) -> str:
     proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True, timeout=60
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True, text=True, timeout=60, env=child_env(),
     )
     if proc.returncode != 0:
         raise HotvmError(f"cannot read restored disk {path}: {proc.stderr.strip()}", "restore it again")
     return json.loads(proc.stdout)["format"]
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(mode)
-    tmp.replace(path)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from pyVmomi import vim
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import vsphere_vmx as vmx
 from hotvm.hypervisors.base import RegisterResult, VMDefinition
 from hotvm.hypervisors.vsphere_conn import LazyConnection
+from hotvm.safepath import component
 
 log = logging.getLogger("hotvm.vsphere")
 
@@ -42,12 +44,13 @@ def _sha256(data: bytes | Path) -> str:
 def _raw_image(image: Path, tmp: Path) -> Path:
     """`image` as a raw file (ESX's flat extent), converting qcow2 & co. with qemu-img."""
     info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(image)], check=True,
-                                     capture_output=True, text=True).stdout)  # fmt: skip
+                                     capture_output=True, text=True, env=child_env()).stdout)  # fmt: skip
     if info["format"] == "raw":
         return image
     out = tmp / (image.stem + ".raw")
     subprocess.run(
-        ["qemu-img", "convert", "-O", "raw", str(image), str(out)], check=True, capture_output=True
+        ["qemu-img", "convert", "-O", "raw", str(image), str(out)],
+        check=True, capture_output=True, env=child_env(),
     )
     return out
 
@@ -137,7 +140,7 @@ class VSphereHost(LazyConnection):
         conn = self.conn
         ds = self._datastore()
         dc = conn.datacenter_of(ds)
-        name = definition.name
+        name = component(definition.name, "VM name")  # a folder and file names on the datastore
         vmx_path = f"[{ds.name}] {name}/{name}.vmx"
         tmp = Path(tempfile.mkdtemp(prefix="hotvm-register-"))
         try:

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HotvmError
 
 BLOCK = 64 * 1024
@@ -203,7 +204,7 @@ class DeviceDrive(Drive):
         self.fd = os.open(path, os.O_RDWR)
 
     def _mt(self, *args: str) -> None:
-        proc = subprocess.run(["mt", "-f", self.path, *args], capture_output=True, text=True)
+        proc = subprocess.run(["mt", "-f", self.path, *args], capture_output=True, text=True, env=child_env())
         if proc.returncode != 0:
             raise TapeError(f"mt {' '.join(args)} on {self.path} failed: {proc.stderr.strip()}",
                             "check the drive and that a tape is loaded")
