@@ -428,16 +428,39 @@ def catalog_path(tape: str, copy_id: str) -> str:
     return f"tapes/{tape}/catalog-{copy_id}.json"
 
 
+def _catalog_checksum(catalog: dict) -> str:
+    body = {k: v for k, v in catalog.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def store_catalog(repo: Repository, catalog: dict) -> str:
-    """Keep the copy's catalog in the source repository too (the tapes hold it as well)."""
+    """Keep the copy's catalog in the source repository too (the tapes hold it as well), with a checksum
+    of its canonical JSON (bit rot in a catalog on the target is never taken for a copy's contents)."""
     path = catalog_path(catalog["tape"], catalog["copy_id"])
-    repo.write_file(path, json.dumps(catalog, indent=1, sort_keys=True).encode())
+    stored = {**catalog, "checksum": _catalog_checksum(catalog)}
+    repo.write_file(path, json.dumps(stored, indent=1, sort_keys=True).encode())
     return path
 
 
 def stored_catalogs(repo: Repository, tape: str) -> list[dict]:
-    names = sorted(n for n in repo.target.listdir(f"tapes/{tape}") if n.startswith("catalog-"))
-    return [json.loads(repo.read_file(f"tapes/{tape}/{n}")) for n in names]
+    """The catalogs kept on the target for `tape`: only those that parse, match their checksum (if they
+    have one: older hotvm wrote none) and lie where they say (their tape and copy id)."""
+    catalogs = []
+    for name in sorted(repo.target.listdir(f"tapes/{tape}")):
+        if not name.startswith("catalog-") or ".tmp-" in name:
+            continue
+        try:
+            catalog = json.loads(repo.read_file(f"tapes/{tape}/{name}"))
+        except (FileNotFoundError, ValueError, ChecksumMismatch):
+            continue
+        if not isinstance(catalog, dict) or not isinstance(catalog.get("sets"), list):
+            continue
+        if catalog_path(str(catalog.get("tape")), str(catalog.get("copy_id"))) != f"tapes/{tape}/{name}":
+            continue
+        if "checksum" in catalog and catalog.pop("checksum") != _catalog_checksum(catalog):
+            continue
+        catalogs.append(catalog)
+    return catalogs
 
 
 # --------------------------------------------------------------------------- restoring from tape
