@@ -571,10 +571,14 @@ class Repository:
         return sorted(entries, key=lambda e: (e.vm, e.backup_id))
 
     def latest(self, vm: str) -> Manifest:
-        complete = [e for e in self.list_sets(vm) if e.manifest]
+        entries = self.list_sets(vm)
+        complete = [e for e in entries if e.manifest]
         if not complete:
+            damaged = [e for e in entries
+                       if self.target.exists(f"vms/{target_name(vm)}/{e.backup_id}/manifest.json")]
+            note = f" ({len(damaged)} set(s) with a damaged manifest: run 'hotvm check')" if damaged else ""
             raise BackupSetError(
-                f"no complete backup of VM '{vm}' on target '{self.target.name}'",
+                f"no complete backup of VM '{vm}' on target '{self.target.name}'{note}",
                 f"run 'hotvm backup {vm}' first, or pick another --target",
             )
         return complete[-1].manifest  # type: ignore[return-value]
