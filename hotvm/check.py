@@ -38,6 +38,7 @@ ProblemKind = Literal[
     "config_missing",
     "config_corrupt",
     "entries_missing",
+    "geometry",
 ]
 FILE_CHUNK_MAX = 8 << 20
 """A file set's chunk: a pack (4 MiB plus one last file under 1 MiB) or a 4 MiB piece of a large file."""
@@ -58,6 +59,8 @@ class SetCheck(BaseModel):
     chunks: int = 0
     """Chunk references of the set (a chunk used twice counts twice)."""
     problems: list[Problem] = []
+    warnings: list[str] = []
+    """Not problems: e.g. a set written by a hotvm without manifest checksums (legacy)."""
     retained_until: dt.datetime | None = None
     """S3 Object Lock: until when the set cannot be deleted (its manifest's lock; None: no lock)."""
 
@@ -100,31 +103,41 @@ def _examples(items: list[tuple[int, str]]) -> str:
     return shown + (", …" if len(items) > EXAMPLES else "")
 
 
-def _verify_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int]:
-    """(what is wrong or None, bytes read)."""
+def _verify_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int, int]:
+    """(what is wrong or None, bytes read, plain length)."""
+    wrong, nbytes, data = _read_chunk(repo, digest, max_size)
+    return wrong, nbytes, len(data)
+
+
+def _read_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int, bytes]:
     path = repo.chunk_path(digest)
     try:
         blob = repo.target.read_bytes(path)
     except FileNotFoundError:
-        return "vanished while checking", 0
+        return "vanished while checking", 0, b""
     except HotvmError as exc:
-        return f"unreadable: {exc.message}", 0
+        return f"unreadable: {exc.message}", 0, b""
     try:
         frame = repo.open_blob(path, blob, "chunk")
     except ChecksumMismatch:
-        return "fails authentication (encrypted chunk damaged or tampered with)", len(blob)
+        return "fails authentication (encrypted chunk damaged or tampered with)", len(blob), b""
     try:
         data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_size)
     except zstandard.ZstdError as exc:
-        return f"not a valid zstd frame ({exc})", len(blob)
+        return f"not a valid zstd frame ({exc})", len(blob), b""
     if repo.chunk_id(data) != digest:
-        return f"content does not match its {repo.chunk_hash}", len(blob)
-    return None, len(blob)
+        return f"content does not match its {repo.chunk_hash}", len(blob), b""
+    return None, len(blob), data
 
 
 def _check_set(listing: SetListing, store: set[str], check: SetCheck) -> None:
     manifest = listing.manifest
     assert manifest is not None
+    if manifest.checksum is None:
+        check.warnings.append(
+            f"legacy set (manifest format {manifest.format_version}): written by a hotvm without manifest "
+            "checksums, so bit rot in its manifest is caught only by the geometry checks"
+        )
     check.disks = len(manifest.disks)
     for disk in manifest.disks:
         check.chunks += len(disk.chunks)
@@ -166,10 +179,20 @@ def _check_config(repo: Repository, listing: SetListing, check: SetCheck) -> int
     return len(blob)
 
 
-def _attribute(listing: SetListing, bad: dict[str, str], check: SetCheck) -> None:
-    """One problem per disk and kind for the damaged chunks this set uses."""
+def _attribute(listing: SetListing, bad: dict[str, str], lengths: dict[str, int], check: SetCheck) -> None:
+    """One problem per disk and kind for the damaged chunks this set uses, and for intact chunks whose
+    length is not what the disk's geometry gives their index (a rotted chunk_size or virtual_size)."""
     assert listing.manifest is not None
     for disk in listing.manifest.disks:
+        misfit = [(i, d) for i, d in disk.chunks if d in lengths and lengths[d] != disk.chunk_length(i)]
+        if misfit:
+            i, d = misfit[0]
+            detail = (
+                f"disk '{disk.device}': {len(misfit)} chunk(s) do not fit chunk_size {disk.chunk_size} / "
+                f"virtual_size {disk.virtual_size} (chunk {i} holds {lengths[d]} bytes, expected "
+                f"{disk.chunk_length(i)}): the manifest is damaged"
+            )
+            check.problems.append(Problem(kind="geometry", detail=detail))
         hits = [(i, d) for i, d in disk.chunks if d in bad]
         unreadable = [(i, d) for i, d in hits if bad[d].startswith(("unreadable", "vanished"))]
         corrupt = [(i, d) for i, d in hits if not bad[d].startswith(("unreadable", "vanished"))]
@@ -260,13 +283,16 @@ def check_repository(
     if read_data:
         to_read = sorted(d for d in max_size if d in store)
         bad: dict[str, str] = {}
+        lengths: dict[str, int] = {}
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = pool.map(lambda d: _verify_chunk(repo, d, max_size[d]), to_read)
-            for digest, (wrong, nbytes) in zip(to_read, results, strict=True):
+            for digest, (wrong, nbytes, length) in zip(to_read, results, strict=True):
                 report.chunks_read += 1
                 report.bytes_read += nbytes
                 if wrong:
                     bad[digest] = wrong
+                else:
+                    lengths[digest] = length
         for check, refs in file_sets:
             damaged = sorted(d for d in refs if d in bad)
             if damaged:
@@ -275,8 +301,7 @@ def check_repository(
         for listing, check in zip(listings, report.sets[: len(listings)], strict=True):
             if listing.manifest is None:
                 continue
-            if bad:
-                _attribute(listing, bad, check)
+            _attribute(listing, bad, lengths, check)
             if listing.manifest.config_archive is not None:
                 report.bytes_read += _check_config(repo, listing, check)
     if immutability.locking(target):

@@ -657,9 +657,10 @@ def _render_check(result: dict) -> None:
                   *(["immutable until"] if locked else []))
     for s in result["sets"]:
         problems = "\n".join(f"{p['kind']}: {p['detail']}" for p in s["problems"])
+        state = f"[red]{problems}[/]" if problems else "[green]ok[/]" if s["state"] == "complete" else ""
+        state += "".join(f"\n[yellow]{w}[/]" for w in s.get("warnings", []))
         table.add_row(
-            s["vm"], s["backup_id"], s["state"], str(s["disks"]), str(s["chunks"]),
-            f"[red]{problems}[/]" if problems else "[green]ok[/]" if s["state"] == "complete" else "",
+            s["vm"], s["backup_id"], s["state"], str(s["disks"]), str(s["chunks"]), state,
             *([(s.get("retained_until") or "")[:19]] if locked else []),
         )
     if result["sets"]:
@@ -959,6 +960,29 @@ def _render_inventory(rows: list[dict], output: Path | None) -> None:
     else:
         with output.open("w") as fh:
             Console(file=fh, width=200).print(table)
+
+
+# ----------------------------------------------------------------------------- target identities
+
+target_app = typer.Typer(help="What this host remembers of each target's repository.", no_args_is_help=True)
+app.add_typer(target_app, name="target")
+
+
+@target_app.command("forget")
+def target_forget_cmd(
+    name: Annotated[str, typer.Argument(help="target name from hotvm.yaml")], config: ConfigOpt = None
+) -> None:
+    """Forget the repository identity remembered for a target (after re-creating it on purpose): the next
+    run takes whatever repository it finds there, or creates one, as on first use."""
+    from hotvm.formats.identity import IdentityStore, location_of
+    from hotvm.models import load_config
+
+    target = load_config(_cfg(config)).find_target(name)
+    location = location_of(target.url, target.endpoint_url)  # no connection needed
+    if IdentityStore().forget(location):
+        err.print(f"forgot the repository identity of target '{name}' ({location})")
+    else:
+        err.print(f"nothing remembered for target '{name}' ({location})")
 
 
 from hotvm.cli_files import files_app  # noqa: E402 - it imports the options defined above

@@ -168,6 +168,8 @@ class Copier:
         mine = read_marker(self.src.target)
         theirs = read_marker(self.dst, "copy with a newer hotvm")
         if theirs is None:
+            # Refused if this host knew a repository there (an unmounted or wiped copy is not re-seeded).
+            Repository(self.dst, self.src.config).unlock()
             self.dst.check()
             self.send(MARKER, blob)
             self.report.marker_created = True

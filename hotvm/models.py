@@ -7,6 +7,8 @@ backup that silently runs with a mistyped option is worse than one that refuses 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -648,6 +650,70 @@ def load_config(path: Config | Path | str | None = None) -> Config:
 # --------------------------------------------------------------------------- backup-set manifest
 
 FORMAT_VERSION = 1
+"""Format of an unencrypted repository marker written before repository ids existed (still read)."""
+MANIFEST_FORMAT = 2
+"""Manifests and disk records of format 2 carry a `checksum` (docs/format.md, "Checksums"); format 1
+(older hotvm) has none and is read as legacy."""
+
+BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{1,16}$")
+"""What new_backup_id produces (YYYYmmddTHHMMSSZ-xxxx); a caller-chosen suffix (a rerun's id) may be
+longer, but only of these characters: a backup id is a path component on the target."""
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 256 << 20
+MAX_CHUNKS = 1 << 24
+"""Chunk indexes per disk: 64 TiB at the default 4 MiB chunk size (VMDK's limit is 62 TiB)."""
+MAX_VIRTUAL_SIZE = 1 << 46
+MAX_NAME = 255
+
+
+def check_backup_id(value: str) -> str:
+    if not BACKUP_ID.match(value):
+        raise ValueError(f"backup id {value[:80]!r} is not of the form YYYYmmddTHHMMSSZ-xxxx")
+    return value
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A VM or device name read from a manifest: any text a hypervisor may use, but never a path."""
+    if not value or len(value) > MAX_NAME:
+        raise ValueError(f"{what} must have 1 to {MAX_NAME} characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in value) or "/" in value or value in (".", ".."):
+        raise ValueError(f"{what} {value[:80]!r} holds a control character or '/', or is '.' or '..'")
+    return value
+
+
+def _checked(check, *args: str):  # noqa: ANN001, ANN202
+    return BeforeValidator(lambda v: check(v, *args) if isinstance(v, str) else v)
+
+
+BackupId = Annotated[str, _checked(check_backup_id)]
+VMName = Annotated[str, _checked(check_name, "VM name")]
+DeviceName = Annotated[str, _checked(check_name, "device name")]
+Sha256Hex = Annotated[str, Field(pattern=SHA256_HEX.pattern)]
+
+
+class Checksummed(StrictModel):
+    """A record that carries the sha256 of its own canonical JSON, so that bit rot in any field of a
+    manifest or journal read back from a target is a named error, never wrong data (an encrypted
+    repository authenticates the whole file as well; an unencrypted one has only this)."""
+
+    checksum: str | None = None
+
+    def computed_checksum(self) -> str:
+        body = json.loads(self.model_dump_json(exclude={"checksum"}))
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_checksum(self):  # noqa: ANN201 - returns the same model type
+        return self.model_copy(update={"checksum": self.computed_checksum()})
+
+    def checksum_problem(self, legacy: bool) -> str | None:
+        """Why this record cannot be trusted, or None. `legacy`: written by a hotvm without checksums."""
+        if self.checksum is None:
+            return None if legacy else "its checksum is missing"
+        if self.checksum != self.computed_checksum():
+            return "its checksum does not match its content (bit rot or tampering)"
+        return None
 
 
 def utcnow() -> dt.datetime:
@@ -666,21 +732,21 @@ class SkippedDisk(StrictModel):
     reason: str
 
 
-class DiskRecord(StrictModel):
+class DiskRecord(Checksummed):
     """One exported disk: the ordered chunk list is the image; zero chunks are simply absent."""
 
-    device: str
+    device: DeviceName
     source_path: str
     source_format: str
-    virtual_size: int
-    chunk_size: int
-    chunks: list[tuple[int, str]]
+    virtual_size: int = Field(ge=0, le=MAX_VIRTUAL_SIZE)
+    chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    chunks: list[tuple[int, Sha256Hex]]
     """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros."""
-    digest: str
+    digest: Sha256Hex
     """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'): one value per image."""
     frozen_at: dt.datetime
-    bytes_read: int
-    bytes_new: int
+    bytes_read: int = Field(ge=0)
+    bytes_new: int = Field(ge=0)
     """Compressed bytes this export added to the chunk store (chunks already there cost nothing)."""
     export_seconds: float
     pivot_stall_ms: float | None = None
@@ -694,20 +760,45 @@ class DiskRecord(StrictModel):
     export_mode: str = ""
     """'incremental from <id>' or 'full (<why>)'."""
 
+    @model_validator(mode="after")
+    def _geometry(self) -> DiskRecord:
+        """Sizes and indexes are bounded by the record's own geometry before anything is allocated."""
+        if self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size {self.chunk_size} is not a power of two")
+        count = self.chunk_count
+        if count > MAX_CHUNKS:
+            raise ValueError(f"virtual_size {self.virtual_size} needs {count} chunks (at most {MAX_CHUNKS})")
+        previous = -1
+        for index, _ in self.chunks:
+            if not previous < index < count:
+                raise ValueError(
+                    f"chunk index {index} is out of order, repeated or beyond the disk's {count} chunks"
+                )
+            previous = index
+        return self
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.virtual_size // self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """Plain bytes of chunk `index` (the last one may be short)."""
+        return min(self.chunk_size, self.virtual_size - index * self.chunk_size)
+
 
 class ConfigArchive(StrictModel):
-    name: str
-    sha256: str
-    size: int
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    sha256: Sha256Hex
+    size: int = Field(ge=0)
     files: list[str]
 
 
-class Manifest(StrictModel):
-    format_version: int = FORMAT_VERSION
+class Manifest(Checksummed):
+    format_version: int = MANIFEST_FORMAT
     tool_version: str = __version__
     kind: Literal["image"] = "image"
-    backup_id: str
-    vm: str
+    backup_id: BackupId
+    vm: VMName
     host: str
     driver: str
     started_at: dt.datetime
@@ -725,6 +816,13 @@ class Manifest(StrictModel):
     boot_check: BootCheckSpec | None = None
     steps: list[StepTiming] = []
     warnings: list[str] = []
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Manifest:
+        devices = [d.device for d in self.disks]
+        if len(set(devices)) != len(devices):
+            raise ValueError("a device is listed twice")
+        return self
 
     def disk(self, device: str) -> DiskRecord:
         for disk in self.disks:

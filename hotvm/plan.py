@@ -154,7 +154,7 @@ class Evidence:
 
 
 def _restore_tests(repo, vm: str, backup_id: str) -> list[dict]:  # noqa: ANN001 - Repository
-    set_dir = repo.set_dir(vm, backup_id)
+    set_dir = repo.set_path(vm, backup_id)
     records = []
     for name in repo.target.listdir(f"{set_dir}/restore-tests"):
         if not name.endswith(".json") or ".tmp-" in name:
@@ -207,7 +207,7 @@ def _copy_entry(repo, target_name: str, role: str, vm: str) -> dict | None:  # n
         return None
     m = sets[-1].manifest
     tests = [t for t in restore_tests(repo, m.vm, m.backup_id) if isinstance(t, dict)]  # checksums or boot
-    until = set_retained_until(repo.target, repo.set_dir(m.vm, m.backup_id))
+    until = set_retained_until(repo.target, repo.set_path(m.vm, m.backup_id))
     return {
         "target": target_name, "role": role, "url": repo.target.url, "backup_id": m.backup_id,
         "completed_at": m.completed_at.isoformat(), "immutable": until is not None,

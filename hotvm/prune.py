@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from hotvm import immutability, retention
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.files.filesets import FileSets
-from hotvm.formats.repository import Repository, read_marker, safe_name
+from hotvm.formats.repository import Repository, read_marker, vm_dirs
 from hotvm.models import Config, DiskRecord, Keep, Manifest, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
 from targets import open_target
@@ -111,9 +111,8 @@ def opened(config: Config | str | Path | None, target: str | None) -> Iterator[R
 def repository_present(repo: Repository) -> bool:
     """False if the target holds no repository; refuses one written by a newer format, and (encrypted)
     a wrong or missing key, before anything else is read."""
-    if read_marker(repo.target, "prune it with the newer hotvm") is None:
-        return False
-    return repo.unlock()
+    read_marker(repo.target, "prune it with the newer hotvm")  # a newer format says so first
+    return repo.unlock()  # and a repository this host knew that vanished is an error, not "nothing here"
 
 
 @dataclass(frozen=True)
@@ -136,8 +135,8 @@ def id_time(backup_id: str) -> dt.datetime | None:
 
 def set_paths(target: Target, vm: str | None = None) -> Iterator[str]:
     """`vms/<vm>/<backup_id>` of every set (of one VM), from fresh listings."""
-    vm_dirs = [safe_name(vm)] if vm else [e.name for e in target.scan("vms") if e.is_dir is not False]
-    for vm_dir in vm_dirs:
+    dirs = vm_dirs(vm) if vm else [e.name for e in target.scan("vms") if e.is_dir is not False]
+    for vm_dir in dirs:
         for entry in target.scan(f"vms/{vm_dir}"):
             if entry.is_dir is not False and TMP_MARK not in entry.name:
                 yield f"vms/{vm_dir}/{entry.name}"

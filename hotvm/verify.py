@@ -163,7 +163,7 @@ def verify_set(
 
 def restore_tests(repo: Repository, vm: str, backup_id: str) -> list[dict]:
     """The recorded restore tests of a set, oldest first."""
-    base = f"{Repository.set_dir(vm, backup_id)}/restore-tests"
+    base = f"{repo.set_path(vm, backup_id)}/restore-tests"
     records = []
     for name in sorted(repo.target.listdir(base)):
         if not name.endswith(".json") or ".tmp-" in name:

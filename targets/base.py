@@ -102,6 +102,9 @@ class Target:
     config: TargetConfig | None = None
     """The configuration it was opened from (open_target sets it): the repository finds its encryption key
     there."""
+    root_known = False
+    """Set once a repository was opened here: from then on the root must already exist (a scheme whose root
+    is a directory refuses to create it again: a vanished root is an unmounted share, not a new target)."""
 
     def __init__(self, name: str, url: str, fs: fsspec.AbstractFileSystem | None, root: str) -> None:
         self.name = name

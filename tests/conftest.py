@@ -30,10 +30,19 @@ os.environ.update(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_SERVER_UI_ENABLED": "false",
+        # Repository identities this test session remembers (hotvm/formats/identity.py), never the host's.
+        "HOTVM_SECURITY_DIR": tempfile.mkdtemp(prefix="hotvm-security-"),
     }
 )
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _own_repository_identities(tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test remembers repository identities in its own store: servers on reused ports and paths, or a
+    target re-created at a tmp path, are new repositories to it, not a swapped one."""
+    monkeypatch.setenv("HOTVM_SECURITY_DIR", str(tmp_path_factory.mktemp("security")))
 
 
 @pytest.fixture

@@ -225,11 +225,12 @@ def test_backup_leaves_no_state_in_memory_between_steps(qemu, tmp_path: Path) ->
     vm.qemu_io("d", f"write -P 0x42 0 {KiB64}")
     config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/t")
     session = backup.open_session("web01", config)
-    plan = backup.plan_disks(session, None, "b1")
-    frozen = backup.add_redo(session, [d.device for d in plan.todo], "b1")
-    record = backup.export_disk(session, None, "b1", frozen[0])
-    assert backup.plan_disks(session, None, "b1").done == [record]  # journaled: a rerun skips it
-    backup.add_redo(session, ["d"], "b1")
+    plan = backup.plan_disks(session, None, "20260101T000000Z-b1")
+    frozen = backup.add_redo(session, [d.device for d in plan.todo], "20260101T000000Z-b1")
+    record = backup.export_disk(session, None, "20260101T000000Z-b1", frozen[0])
+    journaled = backup.plan_disks(session, None, "20260101T000000Z-b1").done
+    assert journaled == [record]  # journaled: a rerun skips it
+    backup.add_redo(session, ["d"], "20260101T000000Z-b1")
     backup.commit(session, "d", 1)
     assert backup.commit(session, "d", "final").stall_ms is not None
     assert overlay_files(tmp_path) == []
@@ -276,14 +277,14 @@ def test_a_chunk_lost_before_the_manifest_makes_the_rerun_export_the_disk_again(
     vm = qemu([DiskSpec("d", disk, format="raw")])
     config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/t")
     session = backup.open_session("web01", config)
-    frozen = backup.add_redo(session, ["d"], "b1")
-    record = backup.export_disk(session, None, "b1", frozen[0])
-    backup.add_redo(session, ["d"], "b1")
+    frozen = backup.add_redo(session, ["d"], "20260101T000000Z-b1")
+    record = backup.export_disk(session, None, "20260101T000000Z-b1", frozen[0])
+    backup.add_redo(session, ["d"], "20260101T000000Z-b1")
     backup.commit(session, "d", 1)
     backup.commit(session, "d", "final")
     next((tmp_path / "t" / "chunks").rglob(record.chunks[0][1])).unlink()  # e.g. a racing prune
-    manifest = Manifest(backup_id="b1", vm="web01", host="h", driver="qemu", started_at=utcnow(),
-                        completed_at=utcnow(), disks=[record])
-    with pytest.raises(BackupSetError, match="disk\\(s\\) d of web01/b1 are missing"):
+    manifest = Manifest(backup_id="20260101T000000Z-b1", vm="web01", host="h", driver="qemu",
+                        started_at=utcnow(), completed_at=utcnow(), disks=[record])
+    with pytest.raises(BackupSetError, match="disk\\(s\\) d of web01/20260101T000000Z-b1 are missing"):
         backup.transfer(session, None, manifest)
-    assert [d.device for d in backup.plan_disks(session, None, "b1").todo] == ["d"]
+    assert [d.device for d in backup.plan_disks(session, None, "20260101T000000Z-b1").todo] == ["d"]

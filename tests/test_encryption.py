@@ -99,7 +99,7 @@ def test_roundtrip_and_nothing_readable_on_the_target(tmp_path: Path, keyed: Tar
     root = tmp_path / "target"
     files = stored_files(root)
     marker = json.loads(files.pop(MARKER))
-    assert marker["format_version"] == 2 and marker["chunk_hash"] == "hmac-sha256"
+    assert marker["format_version"] == 3 and marker["chunk_hash"] == "hmac-sha256"
     assert marker["encryption"]["cipher"] == "aes-256-gcm" and marker["encryption"]["kdf"]["name"] == "scrypt"
     assert PASSPHRASE not in json.dumps(marker)
     for path, blob in files.items():

@@ -193,6 +193,12 @@ def _rewrite_set(set_dir: Path, archive: bytes | None = None, **fields: object) 
         manifest["config_archive"]["sha256"] = chunk_digest(archive)
         manifest["config_archive"]["size"] = len(archive)
     manifest.update(fields)
+    try:  # an attacker who rewrites the manifest's checksum too (only encryption stops that)
+        from hotvm.models import Manifest
+
+        manifest["checksum"] = Manifest.model_validate(manifest).computed_checksum()
+    except ValueError:
+        pass  # a field the model refuses: the manifest is refused whatever its checksum
     (set_dir / "manifest.json").write_text(json.dumps(manifest))
 
 

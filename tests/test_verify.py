@@ -82,7 +82,7 @@ def test_verify_passes_then_names_a_corrupted_chunk_and_marks_the_set(
 def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path: Path, monkeypatch) -> None:
     import hotvm.verify as verify_mod
     from flows.recover import recover
-    from hotvm.models import VMConfig
+    from hotvm.models import Manifest, VMConfig
 
     config, backup = _backup_bare(qemu, tmp_path, "seed", max_concurrent_backups=2)
     target = tmp_path / "target"
@@ -92,9 +92,9 @@ def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path
     for name in tiers:
         dst = target / "vms" / name / backup["backup_id"]
         shutil.copytree(src, dst)
-        manifest = json.loads((dst / "manifest.json").read_text())
-        manifest["vm"] = name
-        (dst / "manifest.json").write_text(json.dumps(manifest))
+        manifest = Manifest.model_validate_json((dst / "manifest.json").read_text())
+        renamed = manifest.model_copy(update={"vm": name}).with_checksum()  # a real set of that VM
+        (dst / "manifest.json").write_text(renamed.model_dump_json())
     shutil.rmtree(target / "vms" / "seed")
 
     cfg = yaml.safe_load(config.read_text())

@@ -22,15 +22,36 @@ from dataclasses import dataclass
 from typing import Literal
 
 import zstandard
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from hotvm import __version__
 from hotvm.errors import BackupSetError, ChecksumMismatch
-from hotvm.formats.repository import Repository, read_marker, safe_name
-from hotvm.models import SkippedDisk, StepTiming, StrictModel, utcnow
+from hotvm.formats.repository import (
+    DamagedManifest,
+    Repository,
+    checked_backup_id,
+    location_problem,
+    parse_model,
+    target_name,
+    vm_dirs,
+)
+from hotvm.models import (
+    BackupId,
+    Checksummed,
+    DeviceName,
+    Sha256Hex,
+    SkippedDisk,
+    StepTiming,
+    StrictModel,
+    VMName,
+    utcnow,
+)
 
 ROOT = "files"
-FILESET_FORMAT = 1
+FILESET_FORMAT = 2
+"""2: the manifest, volume records and disk journals carry checksums (as image sets, docs/format.md)."""
+_ENTRIES_NAME = r"^[^/\x00-\x1f\x7f.][^/\x00-\x1f\x7f]{0,250}$"
+"""An entry list's file name: one path component (the volume key may hold ':' or spaces)."""
 ENTRIES_LEVEL = 3
 
 
@@ -68,9 +89,9 @@ class SkippedVolume(StrictModel):
     reason: str
 
 
-class VolumeRecord(StrictModel):
+class VolumeRecord(Checksummed):
     key: str
-    device: str
+    device: DeviceName
     name: str
     fstype: str
     label: str | None = None
@@ -78,29 +99,29 @@ class VolumeRecord(StrictModel):
     length: int = 0
     scheme: str = ""
     description: str = ""
-    entries: str
+    entries: str = Field(pattern=_ENTRIES_NAME)
     """File name (in the set's volumes/) of the entry list."""
-    entry_count: int
-    chunks: list[str]
+    entry_count: int = Field(ge=0)
+    chunks: list[Sha256Hex]
     """Every chunk this volume's files reference (prune marks them)."""
     frozen_at: dt.datetime
     stats: VolumeStats
 
 
-class DiskJournal(StrictModel):
-    device: str
+class DiskJournal(Checksummed):
+    device: DeviceName
     volumes: list[str]
     skipped: list[SkippedVolume] = []
     bitmap: str | None = None
     """The dirty bitmap started at this disk's freeze: the next set walks only volumes it marks changed."""
 
 
-class FileSetManifest(StrictModel):
+class FileSetManifest(Checksummed):
     format_version: int = FILESET_FORMAT
     tool_version: str = __version__
     kind: Literal["files"] = "files"
-    backup_id: str
-    vm: str
+    backup_id: BackupId
+    vm: VMName
     host: str
     started_at: dt.datetime
     completed_at: dt.datetime
@@ -178,7 +199,7 @@ class FileSets:
 
     @staticmethod
     def set_dir(vm: str, backup_id: str) -> str:
-        return f"{ROOT}/{safe_name(vm)}/{safe_name(backup_id)}"
+        return f"{ROOT}/{target_name(vm)}/{checked_backup_id(backup_id)}"
 
     # ---- writing (in the order a backup writes)
     def mark_started(self, vm: str, backup_id: str, host: str) -> None:
@@ -191,43 +212,57 @@ class FileSets:
         """Entries first, record second: a record on the target always has its entries."""
         base = f"{self.set_dir(vm, backup_id)}/volumes"
         self.repo.write_file(f"{base}/{record.entries}", encode_entries(entries))
-        self.repo.write_file(f"{base}/{safe_name(record.key)}.json", record.model_dump_json().encode())
+        self.repo.recheck(f"file set {vm}/{backup_id}")
+        record = record.with_checksum()
+        self.repo.write_file(f"{base}/{target_name(record.key)}.json", record.model_dump_json().encode())
 
     def reuse_volume(self, vm: str, backup_id: str, record: VolumeRecord, base: FileSetManifest) -> None:
         """Journal a volume with `base`'s entry list as is (re-sealed under this set's path, never parsed)."""
-        src = f"{self.set_dir(base.vm, base.backup_id)}/volumes/{record.entries}"
+        src = f"{self.set_path(base.vm, base.backup_id)}/volumes/{record.entries}"
         blob = self.repo.read_file(src, f"entries of {record.key} in {base.backup_id}")
         base_dir = f"{self.set_dir(vm, backup_id)}/volumes"
         self.repo.write_file(f"{base_dir}/{record.entries}", blob)
-        self.repo.write_file(f"{base_dir}/{safe_name(record.key)}.json", record.model_dump_json().encode())
+        self.repo.recheck(f"file set {vm}/{backup_id}")
+        record = record.with_checksum()
+        self.repo.write_file(f"{base_dir}/{target_name(record.key)}.json", record.model_dump_json().encode())
 
     def read_volume(self, vm: str, backup_id: str, key: str) -> VolumeRecord | None:
-        path = f"{self.set_dir(vm, backup_id)}/volumes/{safe_name(key)}.json"
+        path = f"{self.set_dir(vm, backup_id)}/volumes/{target_name(key)}.json"
         try:
-            return VolumeRecord.model_validate_json(self.repo.read_file(path))
+            record = VolumeRecord.model_validate_json(self.repo.read_file(path))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
             return None  # torn or unauthentic: back the volume up again
+        return None if record.checksum_problem(legacy=False) else record
 
     def journaled_volumes(self, vm: str, backup_id: str) -> list[VolumeRecord]:
         base = f"{self.set_dir(vm, backup_id)}/volumes"
         names = [n for n in self.target.listdir(base) if n.endswith(".json") and ".tmp-" not in n]
-        records = [self.read_volume(vm, backup_id, n.removesuffix(".json")) for n in sorted(names)]
-        return [r for r in records if r is not None]
+        records = []
+        for name in sorted(names):
+            try:
+                record = VolumeRecord.model_validate_json(self.repo.read_file(f"{base}/{name}"))
+            except (FileNotFoundError, ValidationError, ChecksumMismatch):
+                continue  # torn or unauthentic: the volume is backed up again
+            if f"{target_name(record.key)}.json" == name and not record.checksum_problem(legacy=False):
+                records.append(record)
+        return records
 
     def write_disk(self, vm: str, backup_id: str, journal: DiskJournal) -> None:
-        path = f"{self.set_dir(vm, backup_id)}/disks/{safe_name(journal.device)}.json"
-        self.repo.write_file(path, journal.model_dump_json().encode())
+        path = f"{self.set_dir(vm, backup_id)}/disks/{target_name(journal.device)}.json"
+        self.repo.recheck(f"file set {vm}/{backup_id}")
+        self.repo.write_file(path, journal.with_checksum().model_dump_json().encode())
 
     def read_disk(self, vm: str, backup_id: str, device: str) -> DiskJournal | None:
-        path = f"{self.set_dir(vm, backup_id)}/disks/{safe_name(device)}.json"
+        path = f"{self.set_dir(vm, backup_id)}/disks/{target_name(device)}.json"
         try:
-            return DiskJournal.model_validate_json(self.repo.read_file(path))
+            journal = DiskJournal.model_validate_json(self.repo.read_file(path))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
             return None
+        return None if journal.device != device or journal.checksum_problem(legacy=False) else journal
 
     def commit_manifest(self, manifest: FileSetManifest) -> FileSetManifest:
         """The last write of a file set: check every chunk is there, then the manifest (atomic put).
@@ -239,42 +274,52 @@ class FileSets:
                 f"target '{self.target.name}' (first {missing[0][:16]}…)",
                 "rerun the file backup: the volumes are stored again",
             )
+        self.repo.recheck(f"file set {manifest.vm}/{manifest.backup_id}")
+        update: dict = {"format_version": FILESET_FORMAT}
         if self.repo.encrypted:
-            meta = read_marker(self.target)
-            if meta is None or meta.get("encryption") != self.repo._encryption:  # noqa: SLF001
-                raise BackupSetError(
-                    f"the encryption of target '{self.target.name}' changed during file set "
-                    f"{manifest.vm}/{manifest.backup_id}",
-                    "rerun the file backup",
-                )
-            manifest = manifest.model_copy(update={"chunk_hash": "hmac-sha256"})
+            update["chunk_hash"] = "hmac-sha256"
+        manifest = manifest.model_copy(update=update).with_checksum()
         set_dir = self.set_dir(manifest.vm, manifest.backup_id)
         self.repo.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
         return manifest
 
     # ---- reading
     def parse_manifest(self, path: str) -> FileSetManifest:
-        """FileNotFoundError if the set has none; ValueError / ChecksumMismatch if it cannot be trusted."""
-        return FileSetManifest.model_validate_json(
-            self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
-        )
+        """FileNotFoundError if the set has none; ValueError / ChecksumMismatch if it cannot be trusted
+        (the same checks as an image set's manifest: checksum, and it lies where it says it belongs)."""
+        blob = self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
+        manifest = parse_model(FileSetManifest, blob, f"manifest of file set {path}", self.target.name)
+        problem = manifest.checksum_problem(legacy=manifest.format_version < FILESET_FORMAT)
+        problem = problem or location_problem(path, manifest.vm, manifest.backup_id)
+        if problem:
+            raise DamagedManifest(
+                f"manifest of file set {path} on target '{self.target.name}': {problem}",
+                "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
+            )
+        return manifest
 
     def load_manifest(self, vm: str, backup_id: str) -> FileSetManifest:
-        try:
-            return self.parse_manifest(self.set_dir(vm, backup_id))
-        except FileNotFoundError:
+        other = None
+        for vm_dir in vm_dirs(vm):
+            try:
+                manifest = self.parse_manifest(f"{ROOT}/{vm_dir}/{checked_backup_id(backup_id)}")
+            except FileNotFoundError:
+                continue
+            if manifest.vm == vm:
+                return manifest
+            other = manifest.vm
+        if other is not None:
             raise BackupSetError(
-                f"file set {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
-                "run 'hotvm files ls VM' to see complete file backups; rerun the backup to finish it",
-            ) from None
-        except ValidationError as exc:
-            raise BackupSetError(
-                f"manifest of file set {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
-                "the set is damaged; use another backup",
-            ) from None
+                f"file set {backup_id} on target '{self.target.name}' is of VM {other!r}, not {vm!r}",
+                f"run 'hotvm files ls {vm}' to see that VM's own file backups",
+            )
+        raise BackupSetError(
+            f"file set {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
+            "run 'hotvm files ls VM' to see complete file backups; rerun the backup to finish it",
+        )
 
     def read_entries(self, manifest: FileSetManifest, record: VolumeRecord) -> list[dict]:
-        path = f"{self.set_dir(manifest.vm, manifest.backup_id)}/volumes/{record.entries}"
+        path = f"{self.set_path(manifest.vm, manifest.backup_id)}/volumes/{record.entries}"
         try:
             return decode_entries(
                 self.repo.read_file(path, f"entries of {record.key} in {manifest.backup_id}")
@@ -285,15 +330,22 @@ class FileSets:
                 "the set is damaged; use another backup",
             ) from None
 
+    def set_path(self, vm: str, backup_id: str) -> str:
+        """Where the set is: its own directory, or the one older hotvm wrote it to."""
+        dirs = [f"{ROOT}/{d}/{checked_backup_id(backup_id)}" for d in vm_dirs(vm)]
+        if len(dirs) > 1 and not self.target.listdir(dirs[0]) and self.target.listdir(dirs[1]):
+            return dirs[1]
+        return dirs[0]
+
     def set_paths(self, vm: str | None = None) -> Iterator[str]:
-        vm_dirs = [safe_name(vm)] if vm else self.target.listdir(ROOT)
-        for vm_dir in vm_dirs:
+        for vm_dir in vm_dirs(vm) if vm else self.target.listdir(ROOT):
             for backup_id in self.target.listdir(f"{ROOT}/{vm_dir}"):
                 if ".tmp-" not in backup_id:
                     yield f"{ROOT}/{vm_dir}/{backup_id}"
 
     def list_sets(self, vm: str | None = None) -> list[FileSetEntry]:
-        self.repo.unlock()
+        if not self.repo.unlock():
+            return []
         entries = []
         for path in self.set_paths(vm):
             vm_dir, backup_id = path.split("/")[1:3]
@@ -301,6 +353,8 @@ class FileSets:
                 manifest: FileSetManifest | None = self.parse_manifest(path)
             except (FileNotFoundError, ValueError, ChecksumMismatch):
                 manifest = None
+            if vm is not None and (manifest.vm != vm if manifest else vm_dir != target_name(vm)):
+                continue
             entries.append(FileSetEntry(manifest.vm if manifest else vm_dir, backup_id, manifest, path))
         return sorted(entries, key=lambda e: (e.vm, e.backup_id))
 

@@ -1,6 +1,6 @@
 """Layout of a hotvm repository on a target (docs/format.md):
 
-    hotvm-repository.json                 format marker and version
+    hotvm-repository.json                 format marker, version and random repository id
     chunks/<h[:2]>/<h>                    zstd-compressed chunk, named by sha256 of its plain content
     vms/<vm>/<backup_id>/disks/<dev>.json one exported disk (written when its export finished: resume journal)
     vms/<vm>/<backup_id>/config.tar.zst   the VM's config files and description
@@ -12,6 +12,10 @@ upload what is not there yet.
 An encrypted repository (format 2, docs/format.md "Encryption") names chunks by HMAC-SHA256 under a key
 and stores every file but the marker AES-256-GCM encrypted; this class is the only place that reads or
 writes file contents, so the rest of hotvm sees plain bytes either way.
+
+A target is untrusted (docs/security.md): every manifest and disk record carries a checksum and must lie
+where it says it belongs, and the repository's identity is remembered per target location
+(hotvm/formats/identity.py) and checked on every open and before a set is made visible.
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ import re
 import secrets
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
-from hotvm.models import FORMAT_VERSION, DiskRecord, Manifest
+from hotvm.formats.identity import Identity, IdentityStore, location_of
+from hotvm.models import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
 from targets.base import Target
 
 if TYPE_CHECKING:
@@ -40,16 +45,84 @@ if TYPE_CHECKING:
 MARKER = "hotvm-repository.json"
 ENCRYPTED_FORMAT = 2
 """Repository format of an encrypted repository: a hotvm that predates encryption refuses it (and so never
-writes plain chunks into it); an unencrypted repository stays format 1 (FORMAT_VERSION)."""
-REPOSITORY_FORMAT = ENCRYPTED_FORMAT
-"""The newest repository format this hotvm reads and writes."""
+writes plain chunks into it); an unencrypted repository written before format 3 is format 1. Both are
+still read and written (their marker is never rewritten: its digest is their remembered id)."""
+REPOSITORY_FORMAT = 3
+"""The newest repository format this hotvm reads and writes: 3 = the marker has a random `id`, manifests
+and disk records carry checksums, names that need cleaning get a hash suffix (encrypted or not: the
+marker's `encryption` entry says). Older hotvm refuses it instead of mistaking new sets for damaged ones."""
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CLEAN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
 
 def safe_name(name: str) -> str:
-    """Device and VM names as single path components."""
+    """The lossy single path component older hotvm used for VM and device names (`x:y` and `x_y` both
+    became `x_y`): still looked at to find sets it wrote, never used to name anything new."""
     cleaned = _SAFE.sub("_", name).lstrip(".")
     return cleaned or "_"
+
+
+def target_name(name: str) -> str:
+    """A VM or device name as one path component, one-to-one: a name that is already a clean component
+    stays as it is (so older sets of such VMs are where they always were); any other becomes its cleaned
+    form, '~' and a hash of the real name ('~' never occurs in a clean name, so no two names meet)."""
+    if _CLEAN.match(name):
+        return name
+    return f"{safe_name(name)[:100]}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+
+
+def vm_dirs(vm: str) -> list[str]:
+    """Directories that may hold sets of `vm`: its own, then the one older hotvm used, if different."""
+    own, legacy = target_name(vm), safe_name(vm)
+    return [own] if own == legacy else [own, legacy]
+
+
+def checked_backup_id(backup_id: str) -> str:
+    """A backup id given by a caller or read from a listing, before it becomes a path component."""
+    if not isinstance(backup_id, str) or not BACKUP_ID.match(backup_id):
+        raise BackupSetError(
+            f"{str(backup_id)[:80]!r} is not a backup id",
+            "backup ids look like 20260101T020000Z-ab12 (hotvm list)",
+        )
+    return backup_id
+
+
+class DamagedManifest(ChecksumMismatch, ValueError):
+    """A manifest that does not parse, fails its checksum or lies elsewhere than it says: one message naming
+    the set and the first problem (a ValueError too, for callers that catch pydantic's errors)."""
+
+
+def parse_model(model: type, blob: bytes, what: str, target: str):  # noqa: ANN201 - an instance of model
+    """`model` from JSON read off a target, or DamagedManifest naming `what` and the first invalid field."""
+    try:
+        return model.model_validate_json(blob)
+    except ValidationError as exc:
+        raise DamagedManifest(
+            f"{what} on target '{target}' is unreadable: {_first_error(exc)}",
+            "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
+        ) from None
+
+
+def location_problem(path: str, vm: str, backup_id: str) -> str | None:
+    """Why a manifest read from `path` (<root>/<dir>/<id>) does not belong there, or None: a set copied or
+    renamed on the target must not pass for another VM's or another time's backup."""
+    parts = path.strip("/").split("/")
+    if len(parts) < 3 or parts[-1] != backup_id:
+        return f"it says backup {backup_id!r} but lies in {path}"
+    if parts[-2] not in (target_name(vm), safe_name(vm)):
+        return f"it says VM {vm!r} but lies in {path}"
+    return None
+
+
+def manifest_problem(manifest: Manifest, path: str) -> str | None:
+    """Why a manifest read from `path` cannot be trusted (checksum, its disks' checksums, location)."""
+    problem = manifest.checksum_problem(legacy=manifest.format_version < MANIFEST_FORMAT)
+    if problem:
+        return problem
+    for disk in manifest.disks:
+        if disk.checksum is not None and disk.checksum_problem(legacy=True):
+            return f"disk '{disk.device}': {disk.checksum_problem(legacy=True)}"
+    return location_problem(path, manifest.vm, manifest.backup_id)
 
 
 def new_backup_id(now: dt.datetime | None = None) -> str:
@@ -96,14 +169,19 @@ class Repository:
     (`config`, else the one open_target attached to the target); it is resolved and checked against the
     marker on first use, before any other file is read or written."""
 
-    def __init__(self, target: Target, config: TargetConfig | None = None) -> None:
+    def __init__(self, target: Target, config: TargetConfig | None = None, *, remember: bool = True) -> None:
+        """`remember=False`: no identity is kept for this location (a scratch copy of a tape's marker)."""
         self.target = target
         self.config = config if config is not None else target.config
+        self.identities = IdentityStore() if remember else None
+        own = target.config  # where it is: the target's own configuration (`config` may only lend the key)
+        self.location = location_of(target.url, own.endpoint_url if own else None)
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
         self._opened = False
         self._sealer: Sealer | None = None
         self._encryption: dict | None = None
+        self._identity: Identity | None = None
 
     # ---- repository and its encryption
     def _secret(self) -> tuple[str | None, str]:
@@ -124,17 +202,59 @@ class Repository:
             if self._opened:
                 return True
             meta = read_marker(self.target)
+            known = self.identities.get(self.location) if self.identities else None
             if meta is None:
+                if known is not None:
+                    raise self._vanished()
                 return False
+            current = Identity.of_marker(self.location, self.target.name, meta)
+            if known is not None and known.differences(current):
+                raise TargetConfigError(
+                    f"the repository on target '{self.target.name}' ({self.location}) is not the one this "
+                    f"host used there before: {', '.join(known.differences(current))}",
+                    f"find out what replaced it (a wrong mount, a tampered target); if you re-created this "
+                    f"repository on purpose, run 'hotvm target forget {self.target.name}'",
+                )
             self._open(meta)
+            if known is None and self.identities is not None:
+                self.identities.remember(current)
+            self._identity = current
+            self.target.root_known = True
             return True
+
+    def _vanished(self, during: str = "") -> TargetConfigError:
+        """A configuration-class error: retrying the step cannot bring the repository back."""
+        return TargetConfigError(
+            f"target '{self.target.name}' ({self.location}) no longer holds the hotvm repository this host "
+            f"used there{during}: {MARKER} is gone (share not mounted, wrong path, deleted?)",
+            f"mount or restore it; if you removed that repository on purpose, run "
+            f"'hotvm target forget {self.target.name}'",
+        )
+
+    def recheck(self, what: str) -> None:
+        """Before a write that makes something visible (a journal, a manifest): the marker on the target
+        is still the repository this run opened (not unmounted, swapped or re-created meanwhile)."""
+        if not self.unlock():
+            raise self._vanished(f" (during {what})")
+        meta = read_marker(self.target)
+        if meta is None:
+            raise self._vanished(f" (during {what})")
+        assert self._identity is not None
+        now = Identity.of_marker(self.location, self.target.name, meta)
+        if self._identity.differences(now):
+            raise BackupSetError(
+                f"the repository on target '{self.target.name}' changed during {what}: "
+                f"{', '.join(self._identity.differences(now))} (another first backup created it, or the "
+                "target was swapped?)",
+                "rerun the backup",
+            )
 
     def _open(self, meta: dict) -> None:
         name = self.target.name
         entry = meta.get("encryption")
         secret, source = self._secret()
         if entry is None:
-            if meta.get("format_version", 0) >= ENCRYPTED_FORMAT:
+            if meta.get("format_version", 0) == ENCRYPTED_FORMAT:
                 raise BackupSetError(
                     f"{MARKER} on target '{name}' says format {meta['format_version']} but has no "
                     "encryption entry", "the marker is damaged; restore it from a copy",
@@ -176,15 +296,22 @@ class Repository:
         repository written by a newer format, a wrong or missing key, and a change of encryption."""
         if self.unlock():
             return
+        with self.identities.creating(self.location) if self.identities else nullcontext():
+            if self.unlock():  # another first backup on this host created it meanwhile
+                return
+            self._create()
+
+    def _create(self) -> None:
+        """First use: no marker on the target and no identity remembered for it on this host."""
         self.target.check()
         secret, _ = self._secret()
-        meta: dict = {"format": "hotvm", "format_version": FORMAT_VERSION, "chunk_hash": "sha256"}
+        meta: dict = {"format": "hotvm", "format_version": REPOSITORY_FORMAT, "id": secrets.token_hex(16),
+                      "chunk_hash": "sha256"}
         if secret is not None:
             from hotvm.formats.crypto import CHUNK_ID, new_encryption
 
             entry, _keys = new_encryption(secret)
-            meta = {"format": "hotvm", "format_version": ENCRYPTED_FORMAT, "chunk_hash": CHUNK_ID,
-                    "encryption": entry}
+            meta.update(chunk_hash=CHUNK_ID, encryption=entry)
         self.target.write_bytes(MARKER, json.dumps(meta, indent=2).encode())
         # Read it back: if another first backup wrote its own marker meanwhile, use the one that won.
         if not self.unlock():
@@ -203,7 +330,13 @@ class Repository:
         return "hmac-sha256" if self.encrypted else "sha256"
 
     def _read_sealer(self) -> Sealer | None:
-        self.unlock()
+        """Nothing is read from a target without a repository (a planted set in an empty or unmounted
+        directory is never taken as plain data)."""
+        if not self.unlock():
+            raise BackupSetError(
+                f"target '{self.target.name}' ({self.location}) holds no hotvm repository ({MARKER} missing)",
+                "check the target's URL and that it is mounted",
+            )
         return self._sealer
 
     def _write_sealer(self) -> Sealer | None:
@@ -268,33 +401,47 @@ class Repository:
     # ---- sets
     @staticmethod
     def set_dir(vm: str, backup_id: str) -> str:
-        return f"vms/{safe_name(vm)}/{safe_name(backup_id)}"
+        """Where a new set of `vm` is written (one directory per VM name, see target_name)."""
+        return f"vms/{target_name(vm)}/{checked_backup_id(backup_id)}"
+
+    def set_path(self, vm: str, backup_id: str) -> str:
+        """Where the set is: its own directory, or the one older hotvm wrote it to."""
+        dirs = [f"vms/{d}/{checked_backup_id(backup_id)}" for d in vm_dirs(vm)]
+        if len(dirs) > 1 and not self.target.listdir(dirs[0]) and self.target.listdir(dirs[1]):
+            return dirs[1]
+        return dirs[0]
 
     def disk_record_path(self, vm: str, backup_id: str, device: str) -> str:
-        return f"{self.set_dir(vm, backup_id)}/disks/{safe_name(device)}.json"
+        return f"{self.set_dir(vm, backup_id)}/disks/{target_name(device)}.json"
 
     def write_disk_record(self, vm: str, backup_id: str, record: DiskRecord) -> None:
+        self.recheck(f"backup {vm}/{backup_id}")
         self.write_file(
-            self.disk_record_path(vm, backup_id, record.device), record.model_dump_json(indent=1).encode()
+            self.disk_record_path(vm, backup_id, record.device),
+            record.with_checksum().model_dump_json(indent=1).encode(),
         )
 
     def read_disk_record(self, vm: str, backup_id: str, device: str) -> DiskRecord | None:
+        """The journaled export of a disk, if it can be trusted; None means: export it again."""
         path = self.disk_record_path(vm, backup_id, device)
         try:
-            return DiskRecord.model_validate_json(self.read_file(path))
+            record = DiskRecord.model_validate_json(self.read_file(path))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
             return None  # torn, foreign or unauthentic file: export it again
+        if record.device != device or record.checksum_problem(legacy=False):
+            return None  # another disk's, rotted, or from a hotvm without checksums
+        return record.model_copy(update={"checksum": None})  # the checksum belongs to the file, not the disk
 
     def write_blob(self, vm: str, backup_id: str, name: str, data: bytes) -> str:
-        path = f"{self.set_dir(vm, backup_id)}/{name}"
+        path = f"{self.set_path(vm, backup_id)}/{name}"
         self.write_file(path, data)
         return path
 
     def read_blob(self, vm: str, backup_id: str, name: str) -> bytes:
         try:
-            path = f"{self.set_dir(vm, backup_id)}/{name}"
+            path = f"{self.set_path(vm, backup_id)}/{name}"
             return self.read_file(path, f"{name} of backup {vm}/{backup_id}")
         except FileNotFoundError:
             raise BackupSetError(
@@ -320,38 +467,49 @@ class Repository:
     def commit_manifest(self, manifest: Manifest) -> str:
         """The last write of a backup: from here on the set is complete and restorable."""
         set_dir = self.set_dir(manifest.vm, manifest.backup_id)
+        # The marker is read again: a target unmounted, swapped or re-created during the backup (or a
+        # first backup that lost the race to create an encrypted repository) never gets a complete set.
+        self.recheck(f"backup {manifest.vm}/{manifest.backup_id}")
+        update: dict = {"format_version": MANIFEST_FORMAT}
         if self.encrypted:
-            # A first backup racing another one to create the repository may have lost: its chunks and
-            # records are under keys the marker no longer names. Never complete such a set.
-            meta = read_marker(self.target)
-            if meta is None or meta.get("encryption") != self._encryption:
-                raise BackupSetError(
-                    f"the encryption of target '{self.target.name}' changed during backup "
-                    f"{manifest.vm}/{manifest.backup_id} (another first backup created the repository?)",
-                    "rerun the backup",
-                )
-            manifest = manifest.model_copy(update={"chunk_hash": "hmac-sha256"})
+            update["chunk_hash"] = "hmac-sha256"
+        manifest = manifest.model_copy(update=update).with_checksum()
         self.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
         return self.target.display(set_dir)
 
     def parse_manifest(self, path: str) -> Manifest:
         """The manifest of the set at `path`: FileNotFoundError if it has none, ValueError (a pydantic
-        ValidationError) or ChecksumMismatch if it cannot be trusted."""
-        return Manifest.model_validate_json(self.read_file(f"{path}/manifest.json", f"manifest of {path}"))
+        ValidationError) or ChecksumMismatch if it cannot be trusted (checksum, or it lies elsewhere than
+        it says)."""
+        blob = self.read_file(f"{path}/manifest.json", f"manifest of {path}")
+        manifest = parse_model(Manifest, blob, f"manifest of {path}", self.target.name)
+        problem = manifest_problem(manifest, path)
+        if problem:
+            raise DamagedManifest(
+                f"manifest of {path} on target '{self.target.name}': {problem}",
+                "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
+            )
+        return manifest
 
     def load_manifest(self, vm: str, backup_id: str) -> Manifest:
-        try:
-            return self.parse_manifest(self.set_dir(vm, backup_id))
-        except FileNotFoundError:
+        other = None
+        for vm_dir in vm_dirs(vm):
+            try:
+                manifest = self.parse_manifest(f"vms/{vm_dir}/{checked_backup_id(backup_id)}")
+            except FileNotFoundError:
+                continue
+            if manifest.vm == vm:
+                return manifest
+            other = manifest.vm
+        if other is not None:
             raise BackupSetError(
-                f"backup {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
-                "run 'hotvm list' to see complete backups; rerun the backup to finish this one",
-            ) from None
-        except ValidationError as exc:
-            raise BackupSetError(
-                f"manifest of {vm}/{backup_id} is unreadable: {exc.errors()[0]['msg']}",
-                "the set is damaged; use another backup",
-            ) from None
+                f"backup {backup_id} on target '{self.target.name}' is of VM {other!r}, not {vm!r}",
+                f"run 'hotvm list {vm}' to see that VM's own backups",
+            )
+        raise BackupSetError(
+            f"backup {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
+            "run 'hotvm list' to see complete backups; rerun the backup to finish this one",
+        )
 
     # ---- holds: sets a long reader (a tape copy) still needs; prune keeps them
     HOLD_MAX_AGE = dt.timedelta(hours=24)
@@ -376,37 +534,61 @@ class Repository:
                 continue
             try:
                 body = json.loads(self.read_file(f"holds/{name}"))
-            except (FileNotFoundError, ValueError):
-                continue
-            if now - dt.datetime.fromisoformat(body["created"]) > self.HOLD_MAX_AGE:
-                continue
-            for vm, backup_id in body["sets"]:
-                held[(vm, backup_id)] = body["holder"]
+                if now - dt.datetime.fromisoformat(body["created"]) > self.HOLD_MAX_AGE:
+                    continue
+                sets = [(str(vm), str(backup_id)) for vm, backup_id in body["sets"]]
+                holder = str(body["holder"])
+            except (FileNotFoundError, ValueError, TypeError, KeyError, ChecksumMismatch):
+                continue  # a torn or foreign hold holds nothing
+            for key in sets:
+                held[key] = holder
         return held
 
     def list_vms(self) -> list[str]:
         return self.target.listdir("vms")
 
     def list_sets(self, vm: str | None = None) -> list[SetEntry]:
-        self.unlock()  # a wrong or missing key says so, not "no backups"
+        """Sets of every VM (or of `vm` only: never another VM's that shares an older directory)."""
+        if not self.unlock():  # a wrong or missing key says so, not "no backups"
+            return []
         entries = []
-        for vm_dir in [safe_name(vm)] if vm else self.list_vms():
+        for vm_dir in vm_dirs(vm) if vm else self.list_vms():
             for backup_id in self.target.listdir(f"vms/{vm_dir}"):
+                if ".tmp-" in backup_id:
+                    continue
                 try:
-                    manifest = self.load_manifest(vm_dir, backup_id)
-                except BackupSetError:
+                    manifest: Manifest | None = self.parse_manifest(f"vms/{vm_dir}/{backup_id}")
+                except (FileNotFoundError, ValueError, BackupSetError):
                     manifest = None
-                entries.append(SetEntry(manifest.vm if manifest else vm_dir, backup_id, manifest))
+                if manifest is not None:
+                    owner = manifest.vm
+                else:  # incomplete: whose it is, as its started.json says (a name, never a path)
+                    named = self.read_started(f"vms/{vm_dir}/{backup_id}").get("vm")
+                    owner = named if isinstance(named, str) and vm_dir in vm_dirs(named) else vm_dir
+                if vm is not None and owner != vm:
+                    continue
+                entries.append(SetEntry(owner, backup_id, manifest))
         return sorted(entries, key=lambda e: (e.vm, e.backup_id))
 
     def latest(self, vm: str) -> Manifest:
-        complete = [e for e in self.list_sets(vm) if e.manifest]
+        entries = self.list_sets(vm)
+        complete = [e for e in entries if e.manifest]
         if not complete:
+            damaged = [e for e in entries
+                       if self.target.exists(f"vms/{target_name(vm)}/{e.backup_id}/manifest.json")]
+            note = f" ({len(damaged)} set(s) with a damaged manifest: run 'hotvm check')" if damaged else ""
             raise BackupSetError(
-                f"no complete backup of VM '{vm}' on target '{self.target.name}'",
+                f"no complete backup of VM '{vm}' on target '{self.target.name}'{note}",
                 f"run 'hotvm backup {vm}' first, or pick another --target",
             )
         return complete[-1].manifest  # type: ignore[return-value]
 
     def find(self, vm: str, backup_id: str | None) -> Manifest:
         return self.load_manifest(vm, backup_id) if backup_id else self.latest(vm)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg}" if where else msg

@@ -44,8 +44,9 @@ def verify_chunk(
     repo: Repository, record: DiskRecord, index: int, digest: str, open_frame: Callable[[], bytes]
 ) -> bytes:
     """The plain bytes of chunk `index` of a disk: `open_frame` gives its zstd frame (read from a target, or
-    a tape, and authenticated in an encrypted repository); it is decompressed and checked against its
-    name. ChecksumMismatch if anything does not match: such a chunk is never used as data."""
+    a tape, and authenticated in an encrypted repository); it is decompressed (never beyond chunk_size)
+    and checked against its name and against the length the disk's geometry gives that index.
+    ChecksumMismatch if anything does not match: such a chunk is never used as data."""
     try:
         frame = open_frame()
     except ChecksumMismatch as exc:
@@ -61,6 +62,14 @@ def verify_chunk(
         raise ChecksumMismatch(
             f"chunk {index} of disk '{record.device}' does not match its checksum ({digest[:16]}…)",
             "the backup copy is damaged; restore another backup",
+        )
+    if len(data) != record.chunk_length(index):
+        # The chunk is intact, so the disk's geometry (chunk_size, virtual_size) is what is wrong.
+        raise ChecksumMismatch(
+            f"chunk {index} of disk '{record.device}' holds {len(data)} bytes where the disk's geometry "
+            f"(chunk_size {record.chunk_size}, virtual_size {record.virtual_size}) says "
+            f"{record.chunk_length(index)}",
+            "the manifest is damaged; restore another backup",
         )
     return data
 
@@ -97,7 +106,13 @@ def disk_output(dest: Path, fmt: DiskFormat, virtual_size: int) -> Iterator[int]
     try:
         fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            os.ftruncate(fd, virtual_size)
+            try:
+                os.ftruncate(fd, virtual_size)
+            except OSError as exc:
+                raise HotvmError(
+                    f"cannot create {dest} of {virtual_size} bytes: {exc.strerror}",
+                    "restore to a file system that can hold a file that large",
+                ) from None
             yield fd
             os.fsync(fd)
         finally:
@@ -138,6 +153,11 @@ def restore_disk(
             indexes = places[digest]
             data = _fetch_verified(repo, record, indexes[0], digest)
             for index in indexes:
+                if len(data) != record.chunk_length(index):  # the short last chunk named like a full one
+                    raise ChecksumMismatch(
+                        f"chunk {index} of disk '{record.device}' does not fit the disk's geometry",
+                        "the manifest is damaged; restore another backup",
+                    )
                 write_sparse(fd, data, index * record.chunk_size)
             return len(data) * len(indexes)
 
@@ -175,4 +195,5 @@ def unpack_config(manifest: Manifest, blob: bytes, dest_dir: Path) -> list[str]:
 
 
 def disk_file_name(device: str, fmt: DiskFormat) -> str:
+    """Two devices that clean to the same name (`a:b`, `a_b`) fail the restore ("already exists")."""
     return f"{safe_name(device)}.{fmt}"

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
-from hotvm.formats.repository import MARKER, Repository, read_marker
+from hotvm.formats.repository import MARKER, Repository, manifest_problem, read_marker
 from hotvm.formats.restore import (
     DiskFormat,
     disk_file_name,
@@ -291,7 +291,7 @@ def _frame_label(label: dict) -> bytes:
 
 def set_members(repo: Repository, manifest: Manifest) -> tuple[list[str], list[str]]:
     """(the set's files, the chunk paths it references in order of first use): what its archive holds."""
-    set_dir = repo.set_dir(manifest.vm, manifest.backup_id)
+    set_dir = repo.set_path(manifest.vm, manifest.backup_id)
     files = _walk(repo, set_dir)
     files.sort(key=lambda p: (not p.endswith("/manifest.json"), p))  # the manifest first: restore needs it
     seen: dict[str, None] = {}
@@ -428,16 +428,39 @@ def catalog_path(tape: str, copy_id: str) -> str:
     return f"tapes/{tape}/catalog-{copy_id}.json"
 
 
+def _catalog_checksum(catalog: dict) -> str:
+    body = {k: v for k, v in catalog.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def store_catalog(repo: Repository, catalog: dict) -> str:
-    """Keep the copy's catalog in the source repository too (the tapes hold it as well)."""
+    """Keep the copy's catalog in the source repository too (the tapes hold it as well), with a checksum
+    of its canonical JSON (bit rot in a catalog on the target is never taken for a copy's contents)."""
     path = catalog_path(catalog["tape"], catalog["copy_id"])
-    repo.write_file(path, json.dumps(catalog, indent=1, sort_keys=True).encode())
+    stored = {**catalog, "checksum": _catalog_checksum(catalog)}
+    repo.write_file(path, json.dumps(stored, indent=1, sort_keys=True).encode())
     return path
 
 
 def stored_catalogs(repo: Repository, tape: str) -> list[dict]:
-    names = sorted(n for n in repo.target.listdir(f"tapes/{tape}") if n.startswith("catalog-"))
-    return [json.loads(repo.read_file(f"tapes/{tape}/{n}")) for n in names]
+    """The catalogs kept on the target for `tape`: only those that parse, match their checksum (if they
+    have one: older hotvm wrote none) and lie where they say (their tape and copy id)."""
+    catalogs = []
+    for name in sorted(repo.target.listdir(f"tapes/{tape}")):
+        if not name.startswith("catalog-") or ".tmp-" in name:
+            continue
+        try:
+            catalog = json.loads(repo.read_file(f"tapes/{tape}/{name}"))
+        except (FileNotFoundError, ValueError, ChecksumMismatch):
+            continue
+        if not isinstance(catalog, dict) or not isinstance(catalog.get("sets"), list):
+            continue
+        if catalog_path(str(catalog.get("tape")), str(catalog.get("copy_id"))) != f"tapes/{tape}/{name}":
+            continue
+        if "checksum" in catalog and catalog.pop("checksum") != _catalog_checksum(catalog):
+            continue
+        catalogs.append(catalog)
+    return catalogs
 
 
 # --------------------------------------------------------------------------- restoring from tape
@@ -500,6 +523,7 @@ def restore_from_tape(
         marker_dir = Path(scratch)
         repo: Repository | None = None
         manifest: Manifest | None = None
+        set_prefix = ""
         places: dict[str, list[tuple[int, int, object]]] = {}
         seen: set[str] = set()
         config_blob = None
@@ -518,7 +542,8 @@ def restore_from_tape(
                     raise BackupSetError("tape archive does not start with the repository marker",
                                          "the tape was not written by hotvm tape copy")
                 elif name.endswith("/manifest.json"):
-                    manifest = Manifest.model_validate_json(repo.open_blob(name, blob, f"manifest of {vm}"))
+                    manifest = _tape_manifest(repo, name, blob, vm, entry)
+                    set_prefix = name.removesuffix("/manifest.json")
                     for disk in manifest.disks:
                         path = dest / disk_file_name(disk.device, fmt)
                         fd = outputs.enter_context(disk_output(path, fmt, disk.virtual_size))
@@ -538,7 +563,8 @@ def restore_from_tape(
                         for fd, index, disk in targets:
                             write_sparse(fd, data, index * disk.chunk_size)
                         seen.add(digest)
-                elif manifest and manifest.config_archive and name == _config_path(manifest):
+                elif (manifest and manifest.config_archive
+                      and name == f"{set_prefix}/{manifest.config_archive.name}"):
                     config_blob = repo.open_blob(name, blob, "config archive")
         if manifest is None:
             raise BackupSetError(f"the tape archive of {vm} holds no manifest", "restore from another copy")
@@ -553,9 +579,22 @@ def restore_from_tape(
             "disks": restored, "config_files": config_files, "boot_check": None}
 
 
-def _config_path(manifest: Manifest) -> str:
-    assert manifest.config_archive is not None
-    return f"{Repository.set_dir(manifest.vm, manifest.backup_id)}/{manifest.config_archive.name}"
+def _tape_manifest(repo: Repository, name: str, blob: bytes, vm: str, entry: dict) -> Manifest:
+    """The set's manifest from a tape archive, trusted only as far as a target's would be: valid,
+    checksummed, lying where it says, and the set the catalog promised."""
+    try:
+        manifest = Manifest.model_validate_json(repo.open_blob(name, blob, f"manifest of {vm}"))
+    except ValueError as exc:
+        raise BackupSetError(f"the manifest of {vm} on tape is unreadable: {str(exc).splitlines()[0]}",
+                             "the tape is damaged; restore from another copy") from None
+    problem = manifest_problem(manifest, name.removesuffix("/manifest.json"))
+    if problem is None and (manifest.vm, manifest.backup_id) != (entry["vm"], entry["backup_id"]):
+        problem = (f"it is {manifest.vm}/{manifest.backup_id}, "
+                   f"not the catalog's {entry['vm']}/{entry['backup_id']}")
+    if problem:
+        raise ChecksumMismatch(f"the manifest of {vm} on tape copy {entry['copy_id']}: {problem}",
+                               "the tape is damaged or was tampered with; restore from another copy")
+    return manifest
 
 
 def _opener(repo: Repository, path: str, blob: bytes):  # noqa: ANN202
@@ -576,4 +615,4 @@ def _marker_repository(directory: Path, key_config: TargetConfig | None, entry: 
             "configure the source target (with its encryption_key_env/secret) in hotvm.yaml: its key is "
             "needed to restore",
         )
-    return Repository(open_target(cfg), cfg)
+    return Repository(open_target(cfg), cfg, remember=False)  # a scratch directory: nothing to remember
