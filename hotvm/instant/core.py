@@ -58,7 +58,7 @@ def prepare(
                 f"{dest} holds the instant restore of {state.vm} {state.backup_id}",
                 "resume that one (same VM, no other --backup), or restore into a new directory",
             )
-        state.speed = speed or state.speed
+        state.speed = speed  # each run says how fast (0: unlimited); a rerun without --speed is not slowed
         if start and state.runner == "storage-daemon" and state.status != "complete":
             switch_to_vm(state)
         state.save()
@@ -318,3 +318,52 @@ def instant_restore(
     elif start:
         run(state, accel)  # a finished restore started again: on its local disks only
     return result(state)
+
+
+def status_row(state: InstantState) -> dict:
+    """`hotvm status` row of an instant restore: does the VM still depend on a repository, how far the
+    stream got (from the running job), what stopped it."""
+    state = refresh(state)
+    pid = runner.running_pid(state)
+    jobs, progress = [], []
+    if pid is not None:
+        mon = Monitor(state.qmp, state.vm, connect_timeout=3, command_timeout=10)
+        try:
+            for job in mon.cmd("query-jobs", retry=True):
+                jobs.append(f"{job['id']} {job['type']} {job['status']}")
+                total = int(job.get("total-progress") or 0)
+                if total:
+                    progress.append(int(job.get("current-progress", 0)) * 100 // total)
+        except HotvmError:
+            pass
+        finally:
+            mon.close()
+    depends = [d for d in state.disks if runner.depends_on_repository(d)]
+    what = "running" if pid is not None else "stopped"
+    if state.runner == "storage-daemon" and pid is not None:
+        what = "not started (storage daemon streams its disks)"
+    if depends:
+        where = f"depends on repository '{state.target}' ({state.backup_id})"
+        if progress:
+            where += f", stream {min(progress)}%"
+        elif state.error:
+            where += f", stream stopped: {state.error}"
+        elif pid is None:
+            where += f", stream paused: rerun 'hotvm restore {state.vm} --instant --to {state.dest}'"
+        what = f"{what}; {where}"
+    else:
+        what = f"{what}; local disks (instant restore complete)"
+    return {
+        "host": "instant",
+        "vm": state.vm,
+        "state": what,
+        "disks": [
+            {"device": d.device, "mode": "instant", "path": d.overlay, "hotvm_overlays": [],
+             "depends_on_repository": d in depends}
+            for d in state.disks
+        ],  # fmt: skip
+        "jobs": jobs,
+        "instant": {"to": state.dest, "status": state.status, "target": state.target,
+                    "backup_id": state.backup_id, "depends_on_repository": bool(depends),
+                    "running": pid is not None},  # fmt: skip
+    }

@@ -192,6 +192,8 @@ def start_streams(mon: Monitor, state: InstantState) -> list[InstantDisk]:
             if state.speed:
                 args["speed"] = state.speed
             mon.cmd("block-stream", args)
+        else:  # still running from an earlier run (its waiter was killed): go on at the speed asked now
+            mon.cmd("block-job-set-speed", {"device": job_id(disk), "speed": state.speed})
         streaming.append(disk)
     return streaming
 

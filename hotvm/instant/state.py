@@ -140,3 +140,8 @@ def indexed_restores() -> list[InstantState]:
         else:
             states.append(state)
     return states
+
+
+def forget(state: InstantState) -> None:
+    """Drop a finished restore from the index: its directory is now just a VM's local disks."""
+    (index_dir() / (hashlib.sha256(state.dest.encode()).hexdigest()[:16] + ".json")).unlink(missing_ok=True)
