@@ -281,7 +281,7 @@ def result(state: InstantState) -> dict:
         "runner": state.runner,
         "running": pid is not None,
         "pid": pid,
-        "qmp": str(state.qmp),
+        "qmp": str(state.qmp_user),
         "serial_log": str(state.serial_log) if state.runner == "vm" else None,
         "disks": disks,
         "status": state.status,

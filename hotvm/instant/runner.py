@@ -94,7 +94,7 @@ def vm_command(state: InstantState, spec: BootCheckSpec, accel: str) -> list[str
         QEMU, "-accel", accel, "-M", "pc", "-m", str(spec.memory_mb), "-smp", "1", "-nodefaults",
         "-no-user-config", "-display", "none", "-nic", "none", "-name", f"hotvm-instant-{state.vm}",
         "-serial", f"file:{state.serial_log}",
-        "-qmp", f"unix:{state.qmp},server=on,wait=off",
+        "-qmp", f"unix:{state.qmp},server=on,wait=off", "-qmp", f"unix:{state.qmp_user},server=on,wait=off",
         "-pidfile", str(state.pidfile), "-daemonize", "-D", str(run / "qemu.log"),
     ]  # fmt: skip
     if spec.kernel:
@@ -115,6 +115,7 @@ def storage_daemon_command(state: InstantState) -> list[str]:
         cmd += ["--blockdev", blockdev(state, disk)]
     return cmd + [
         "--chardev", f"socket,path={state.qmp},server=on,wait=off,id=qmp0", "--monitor", "chardev=qmp0",
+        "--chardev", f"socket,path={state.qmp_user},server=on,wait=off,id=qmp1", "--monitor", "chardev=qmp1",
         "--pidfile", str(state.pidfile), "--daemonize",
     ]  # fmt: skip
 
@@ -127,6 +128,7 @@ def running_pid(state: InstantState) -> int | None:
 def launch(state: InstantState, spec: BootCheckSpec | None, accel: str) -> float:
     """Start the runner (daemonized); returns time.monotonic() at launch (the start of time to ready)."""
     state.qmp.unlink(missing_ok=True)
+    state.qmp_user.unlink(missing_ok=True)
     state.pidfile.unlink(missing_ok=True)
     if state.runner == "vm":
         assert spec is not None
@@ -228,6 +230,7 @@ def wait_streams(
                 watcher.dismiss()
                 pending.pop(device)
         if pending:
+            mon.close()  # between polls the socket is free for `hotvm status` and other hotvm runs
             time.sleep(interval)
     if failures:
         raise BlockJobError(f"stream of {state.vm} stopped: {'; '.join(failures)}", "")

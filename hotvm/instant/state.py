@@ -61,6 +61,11 @@ class InstantState(BaseModel):
         return Path(self.run_dir) / "qmp.sock"
 
     @property
+    def qmp_user(self) -> Path:
+        """A second monitor for the user (QMP serves one client per socket): hotvm keeps qmp.sock."""
+        return Path(self.run_dir) / "qmp-user.sock"
+
+    @property
     def nbd_socket(self) -> Path:
         return Path(self.run_dir) / "nbd.sock"
 
