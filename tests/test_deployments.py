@@ -31,6 +31,7 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
     from prefect.client.orchestration import get_client
 
     prefect("work-pool", "create", "hotvm-local", "--type", "process", "--overwrite")
+    prefect("work-pool", "create", "hotvm", "--type", "process", "--overwrite")  # the routing convention's pool
     prefect("deploy", "--all")
     with get_client(sync_client=True) as client:
         deployments = {d.name: d for d in client.read_deployments()}
@@ -46,6 +47,9 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
         sync = deployments["sync-config"]  # seed: VMX files synchronized to a standby host, daily
         assert [s.schedule.cron for s in sync.schedules] == ["0 6 * * *"]
         assert sync.entrypoint == "flows/sync_config.py:sync_config"
+        instant = deployments["instant-restore"]  # docs/instant.md: on the destination host's queue
+        assert instant.entrypoint == "flows/instant_restore.py:instant_restore"
+        assert instant.work_pool_name == "hotvm" and instant.parameters["wait"] is True
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "32M")
     vm = start_qemu(tmp_path, [DiskSpec("data", tmp_path / "d.qcow2")])

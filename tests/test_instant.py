@@ -267,3 +267,24 @@ def test_encrypted_repository_on_ftp_without_starting_the_vm(
     done = json.loads(hotvm(*cmd, "--wait").stdout)
     assert done["status"] == "complete" and not done["running"] and not cache.exists()
     assert _raw(done["disks"][0]["path"], tmp_path / "local.raw") == image.read_bytes()
+
+
+def test_the_flow_streams_as_a_task_with_progress(backed_up, tmp_path: Path, cleanup) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.instant_restore import instant_restore
+
+    to = tmp_path / "r"
+    cleanup(to / "run")
+    state = instant_restore(vm="ig", to=str(to), start=False, wait=True, config=str(backed_up["config"]),
+                            return_state=True)  # fmt: skip
+    out = state.result()
+    assert out["status"] == "complete" and not out["running"] and not out["depends_on_repository"]
+    local = _raw(out["disks"][0]["path"], tmp_path / "local.raw")
+    assert local == backed_up["full"].read_bytes()  # no VM ran: exactly the backup
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs()
+        names = {t.name.split("-")[0] for t in runs if t.flow_run_id == state.state_details.flow_run_id}
+        artifacts = client.read_artifacts()
+    assert {"prepare_overlays", "expose_backup", "start_vm", "start_stream", "stream"} <= names
+    assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)

@@ -33,6 +33,10 @@ DEFAULT_CACHE_BYTES = 2 << 30
 DEFAULT_UNREACHABLE_WAIT_S = 60.0
 
 
+class NotReady(HotvmError):
+    """The VM runs but its boot spec's ready pattern did not show in time."""
+
+
 class StreamError(HotvmError):
     """The stream stopped before the disks were local; the VM keeps running on overlay + repository."""
 
@@ -154,7 +158,7 @@ def wait_ready(state: InstantState, since: float, timeout: float | None = None) 
                 f"see {state.serial_log} and {Path(state.run_dir) / 'qemu.log'}",
             )
         if time.monotonic() > deadline:
-            raise HotvmError(
+            raise NotReady(
                 f"the instant-restored {state.vm}: no '{spec.ready_pattern}' within {spec.timeout_s:g} s",
                 f"see {state.serial_log}",
             )
