@@ -31,7 +31,7 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
     from prefect.client.orchestration import get_client
 
     prefect("work-pool", "create", "hotvm-local", "--type", "process", "--overwrite")
-    prefect("work-pool", "create", "hotvm", "--type", "process", "--overwrite")  # the routing convention's pool
+    prefect("work-pool", "create", "hotvm", "--type", "process", "--overwrite")  # the routing convention
     prefect("deploy", "--all")
     with get_client(sync_client=True) as client:
         deployments = {d.name: d for d in client.read_deployments()}

@@ -52,8 +52,9 @@ def backed_up(prefect_server, tmp_path_factory) -> dict:
     try:
         guest.start_vm("ig", state_dir=state)
         guest.wait_ready("ig", timeout=180, state_dir=state)
+        entry = guest.vm_config_entry("ig", state_dir=state) | {"rto": "10m"}
         config.write_text(yaml.safe_dump({
-            "hosts": [{"name": "h-ig", "vms": [guest.vm_config_entry("ig", state_dir=state)]}],
+            "hosts": [{"name": "h-ig", "vms": [entry]}],
             "targets": [{"name": "nas", "url": f"file://{tmp}/target"}],
         }))  # fmt: skip
         result = backup_vm(vm="ig", config=str(config))
@@ -288,3 +289,19 @@ def test_the_flow_streams_as_a_task_with_progress(backed_up, tmp_path: Path, cle
         artifacts = client.read_artifacts()
     assert {"prepare_overlays", "expose_backup", "start_vm", "start_stream", "stream"} <= names
     assert any(a.type == "progress" and a.data == 100.0 for a in artifacts)
+
+
+def test_verify_boot_boots_from_the_set_and_plan_records_both_times(backed_up) -> None:
+    from hotvm.models import load_config
+    from hotvm.plan import check_plan, gather_evidence, vm_plans
+
+    proc = hotvm("verify", "ig", "--boot", "--config", str(backed_up["config"]), "--json")
+    [result] = json.loads(proc.stdout)
+    assert result["verified"] and result["mode"] == "instant-boot", result["problems"]
+    assert result["boot_check"]["ok"] and 0 < result["boot_check"]["seconds"] < result["seconds_to_ready"]
+    assert result["stream_seconds"] > 0 and result["scratch"] is None
+    cfg = load_config(backed_up["config"])
+    measured = gather_evidence(cfg, vm_plans(cfg))["ig"].restore_test
+    assert measured["mode"] == "instant-boot" and measured["seconds"] == result["seconds_to_ready"]
+    assert measured["stream_seconds"] == result["stream_seconds"]
+    assert not [v for v in check_plan(cfg) if v.vm == "ig" and v.check == "rto"]  # RTO 10m is met
