@@ -31,9 +31,9 @@ from hotvm.formats.restore import verify_chunk
 from hotvm.models import DiskRecord
 from targets.base import Target, is_unreachable
 
-MEMORY_CHUNKS = 12
+MEMORY_CHUNKS = 16
 """Plain chunks kept in memory (4 MiB each by default): the stream's current one plus the read-ahead."""
-READ_AHEAD = 3
+READ_AHEAD = 4
 """Chunks fetched ahead of a sequential reader (the stream), so fetch, decompress and hash overlap QEMU's
 writes into the overlay."""
 
@@ -95,11 +95,13 @@ class ChunkSource:
         cache: BlobCache | None = None,
         unreachable_wait_s: float = 60.0,
         log_dir: Path | None = None,
+        read_ahead: int = READ_AHEAD,
     ) -> None:
         self.target, self.sealer, self.cache = target, sealer, cache
         self.disks = {name: Disk.of(record) for name, record in disks.items()}
         self.unreachable_wait_s = unreachable_wait_s
         self.log_dir = log_dir
+        self.read_ahead = read_ahead
         self._plain: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
@@ -180,7 +182,7 @@ class ChunkSource:
     def _read_ahead(self, disk: Disk, index: int) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
-        for ahead in range(index + 1, index + 1 + READ_AHEAD):
+        for ahead in range(index + 1, index + 1 + self.read_ahead):
             digest = disk.digests.get(ahead)
             if digest is None:
                 continue
@@ -197,10 +199,17 @@ class ChunkSource:
     def size(self, device: str) -> int:
         return self.disks[device].record.virtual_size
 
-    def read(self, device: str, offset: int, length: int) -> bytes:
+    def read(self, device: str, offset: int, length: int) -> bytes | memoryview:
         """`length` bytes at `offset` of the disk; raises (never returns wrong data) if a chunk fails."""
         disk = self.disks[device]
         size = disk.record.chunk_size
+        index, start = divmod(offset, size)
+        digest = disk.digests.get(index)
+        if start + length <= size and digest is not None:  # the stream's case: a piece of one chunk
+            data = self._verified(disk, index, digest)
+            self._read_ahead(disk, index)
+            if start + length <= len(data):
+                return memoryview(data)[start : start + length]
         out = bytearray(length)
         pos = offset
         while pos < offset + length:
@@ -211,8 +220,7 @@ class ChunkSource:
                 data = self._verified(disk, index, digest)
                 piece = data[start : start + n]
                 out[pos - offset : pos - offset + len(piece)] = piece
-                if start + n == size:
-                    self._read_ahead(disk, index)
+                self._read_ahead(disk, index)
             pos += n
         return bytes(out)
 
@@ -261,4 +269,5 @@ def open_source(bundle: dict, log_dir: Path | None) -> ChunkSource:
     return ChunkSource(
         target, sealer, disks, cache=cache,
         unreachable_wait_s=float(bundle.get("unreachable_wait_s", 60)), log_dir=log_dir,
+        read_ahead=int(bundle.get("read_ahead", READ_AHEAD)),
     )  # fmt: skip

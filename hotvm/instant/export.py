@@ -103,15 +103,16 @@ def _import_paths() -> str:
     return ":".join(dict.fromkeys(paths))
 
 
-def start_export(run_dir: Path, payload: dict) -> int:
-    """Start nbdkit daemonized on run_dir/nbd.sock; returns its pid once the socket accepts clients."""
+def start_export(run_dir: Path, payload: dict, filters: tuple[str, ...] = ()) -> int:
+    """Start nbdkit daemonized on run_dir/nbd.sock; returns its pid once the socket accepts clients.
+    `filters`: more nbdkit filters (bench/instant.py measures `noextents`)."""
     sock, pidfile, log = run_dir / "nbd.sock", run_dir / "nbdkit.pid", run_dir / "nbdkit.log"
     sock.unlink(missing_ok=True)
     pidfile.unlink(missing_ok=True)
     read_fd, write_fd = os.pipe()
     cmd = [
         nbdkit_binary(), "--unix", str(sock), "--pidfile", str(pidfile), "--readonly", "--log=stderr",
-        "--filter=exitlast", "python", str(PLUGIN),
+        "--filter=exitlast", *(f"--filter={f}" for f in filters), "python", str(PLUGIN),
         f"path={_import_paths()}", f"bundle_fd={read_fd}", f"log_dir={run_dir}",
     ]  # fmt: skip
     with open(log, "ab") as err:

@@ -83,8 +83,11 @@ def can_extents(h):  # noqa: ANN001, ANN201
 
 
 def extents(h, count, offset, flags):  # noqa: ANN001, ANN201
-    zero = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
-    return [(o, n, zero if z else 0) for o, n, z in _get_source().extents(h, offset, count)]
+    # The chunk index as a sparse map. An absent (all-zero) chunk is reported as a hole *without* the
+    # zero flag: QEMU then counts it as unallocated, so block-stream skips it instead of copying zeros,
+    # and once the backing is dropped the overlay reads it as zero, which it is (docs/instant.md).
+    hole = nbdkit.EXTENT_HOLE | (nbdkit.EXTENT_ZERO if _bundle.get("zero_flag") else 0)
+    return [(o, n, hole if z else 0) for o, n, z in _get_source().extents(h, offset, count)]
 
 
 def pread(h, buf, offset, flags):  # noqa: ANN001, ANN201
