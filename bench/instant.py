@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,4,16", help="disk sizes in GiB")
     parser.add_argument("--fill", type=float, default=0.125, help="fraction of the disk holding random data")
     parser.add_argument("--variants-size", type=int, default=4, help="GiB disk for the design alternatives")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved runs per size (medians)")
     args = parser.parse_args()
     os.environ.setdefault("HOTVM_INSTANT_INDEX", tempfile.mkdtemp(prefix="hotvm-bench-index-"))
     work = Path(tempfile.mkdtemp(prefix="hotvm-bench-instant-", dir="/var/tmp"))
@@ -144,11 +145,15 @@ def main() -> None:
         image = work / f"disk-{size_gib}.raw"
         data = make_image(image, size_gib * GiB, args.fill)
         cfg, manifest = back_up(work / f"repo-{size_gib}", image, spec)
-        local = median([local_boot(spec, image, work) for _ in range(2)])
-        restored, full = full_restore_and_boot(cfg, manifest, spec, work)
-        runs = [instant(cfg, manifest, work) for _ in range(2)]
+        locals_, fulls, runs, streams = [], [], [], []
+        for _ in range(args.repeat):  # interleaved: the machine's load drifts, the ratios must not
+            locals_.append(local_boot(spec, image, work))
+            runs.append(instant(cfg, manifest, work))
+            fulls.append(full_restore_and_boot(cfg, manifest, spec, work))
+            streams.append(instant(cfg, manifest, work, start=False)[1])
+        local, restored, full = median(locals_), median([f[0] for f in fulls]), median([f[1] for f in fulls])
         ready, with_vm = median([r[0] for r in runs]), median([r[1] for r in runs])
-        stream = median([instant(cfg, manifest, work, start=False)[1] for _ in range(2)])
+        stream = median(streams)
         rows[size_gib] = (cfg, manifest)
         print(f"{size_gib:>4}Gi {data / MiB:>5.0f}Mi {local:>9.2f}s {full:>8.2f}s {ready:>7.2f}s "
               f"{ready / local:>9.2f}x {restored:>7.2f}s {stream:>6.2f}s {restored / stream:>13.2f}x "
