@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import hotvm
-from test_encryption import KEY_ENV, PASSPHRASE, PATTERN, backup, image_with_pattern
-from test_targets import ftp_server, make_config  # noqa: F401 - ftp_server is a fixture make_config uses
+from test_encryption import KEY_ENV, PASSPHRASE, backup
 
 from hotvm.guest.disk import RING_BYTES, verify_ring
 from hotvm.hypervisors.qmp import Monitor
@@ -230,43 +229,94 @@ def test_damaged_chunk_is_named_and_the_guest_read_fails(backed_up, tmp_path: Pa
     assert state["status"] == "stream-failed" and digest[:16] in state["error"]
 
 
-def test_encrypted_repository_on_ftp_without_starting_the_vm(
-    request, tmp_path: Path, cleanup, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """No VM (qemu-storage-daemon streams), a remote encrypted target through the local chunk cache; no
-    secret in the export's command line or environment; the stream result equals the backed-up image."""
-    monkeypatch.setenv(KEY_ENV, PASSPHRASE)
-    made = make_config("ftp", request, tmp_path, encryption_key_env=KEY_ENV)
-    for key, value in made.env.items():
-        monkeypatch.setenv(key, value)
-    image = image_with_pattern(tmp_path / "disk.raw", 8 * MiB)
-    target = made.open()
-    try:
-        from hotvm.formats.repository import Repository
+def _random_image(path: Path, size: int, data: int) -> Path:
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        fh.write(os.urandom(data))
+    return path
 
-        backup(Repository(target), image)
+
+def test_encrypted_ftp_target_waits_out_an_outage_without_starting_the_vm(
+    tmp_path: Path, cleanup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No VM (qemu-storage-daemon streams) from an encrypted repository on FTP, through the local chunk
+    cache; no secret in the export's command line or environment; the FTP server goes away mid-stream and
+    comes back: the stream waits (docs/instant.md) and ends equal to the backed-up image."""
+    from servers import FtpServer
+
+    from hotvm.formats.repository import Repository
+    from hotvm.models import TargetConfig
+    from targets import open_target
+
+    server = FtpServer().start()
+    try:
+        monkeypatch.setenv(KEY_ENV, PASSPHRASE)
+        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
+        url = f"ftp://{server.user}@127.0.0.1:{server.port}/backups"
+        target_cfg = TargetConfig(name="ftp", url=url, password_env="HOTVM_TEST_FTP_PASSWORD",
+                                  encryption_key_env=KEY_ENV)  # fmt: skip
+        image = _random_image(tmp_path / "disk.raw", 24 * MiB, 12 * MiB)
+        target = open_target(target_cfg)
+        try:
+            backup(Repository(target), image)
+        finally:
+            target.close()
+        config = tmp_path / "hotvm.yaml"
+        entry = target_cfg.model_dump(mode="json", exclude_defaults=True)
+        config.write_text(yaml.safe_dump({"hosts": [{"name": "h1", "vms": []}], "targets": [entry]}))
+        to = tmp_path / "r"
+        cleanup(to / "run")
+        cmd = ["restore", "secret-vm", "--instant", "--to", str(to), "--config", str(config), "--json"]
+        first = json.loads(hotvm(*cmd, "--speed", str(MiB)).stdout)
+        assert first["runner"] == "storage-daemon" and first["serial_log"] is None and first["running"]
+        pid = int((to / "run" / "nbdkit.pid").read_text())
+        secrets = [PASSPHRASE.encode(), server.password.encode()]
+        for what in ("cmdline", "environ"):
+            seen = Path(f"/proc/{pid}/{what}").read_bytes()
+            assert not any(s in seen for s in secrets), what
+        cache = to / ".chunk-cache"
+        _wait(lambda: len(list(cache.iterdir())) >= 2, what="cached chunks")
+        assert cache.stat().st_mode & 0o777 == 0o700
+        plain = image.read_bytes()[:64]  # random data: zstd keeps it as is, so only encryption hides it
+        assert not any(plain in p.read_bytes() for p in cache.iterdir())  # cached as stored: encrypted
+
+        server.stop()  # the target goes away mid-stream ...
+        time.sleep(4)
+        [job] = _jobs(first["qmp"])
+        assert job["status"] == "running" and job["current-progress"] < 24 * MiB  # ... the stream waits
+        assert any("unreachable" in line for line in (to / "run" / "problems.jsonl").read_text().splitlines())
+        server.start()  # ... and it comes back
+
+        done = json.loads(hotvm(*cmd, "--wait").stdout)
+        assert done["status"] == "complete" and not done["running"] and not cache.exists()
+        assert _raw(done["disks"][0]["path"], tmp_path / "local.raw") == image.read_bytes()
     finally:
-        target.close()
+        server.close()
+
+
+def test_full_disk_fails_the_stream_and_a_rerun_with_space_resumes(small_tmpfs: Path, tmp_path: Path,
+                                                                     cleanup) -> None:  # fmt: skip
+    """The overlay's file system fills up (a 12 MiB tmpfs, 16 MiB of data): the stream stops saying so,
+    nothing is lost, and after the space is there the same command finishes it."""
+    from hotvm.formats.repository import Repository
+    from hotvm.models import TargetConfig
+    from targets import open_target
+
+    image = _random_image(tmp_path / "disk.raw", 32 * MiB, 16 * MiB)
+    target_cfg = TargetConfig(name="nas", url=f"file://{tmp_path}/target")
+    backup(Repository(open_target(target_cfg)), image)
     config = tmp_path / "hotvm.yaml"
-    entry = made.config.model_dump(mode="json", exclude_defaults=True)
+    entry = target_cfg.model_dump(mode="json", exclude_defaults=True)
     config.write_text(yaml.safe_dump({"hosts": [{"name": "h1", "vms": []}], "targets": [entry]}))
-    to = tmp_path / "r"
+    to = small_tmpfs / "r"
     cleanup(to / "run")
     cmd = ["restore", "secret-vm", "--instant", "--to", str(to), "--config", str(config), "--json"]
-    first = json.loads(hotvm(*cmd, "--speed", str(MiB)).stdout)
-    assert first["runner"] == "storage-daemon" and first["serial_log"] is None and first["running"]
-    pid = int((to / "run" / "nbdkit.pid").read_text())
-    secrets = [PASSPHRASE.encode(), *(v.encode() for v in made.env.values())]
-    for what in ("cmdline", "environ"):
-        seen = Path(f"/proc/{pid}/{what}").read_bytes()
-        assert not any(s in seen for s in secrets), what
-    cache = to / ".chunk-cache"
-    _wait(lambda: any(cache.iterdir()), what="cached chunks")
-    assert cache.stat().st_mode & 0o777 == 0o700
-    assert not any(PATTERN in p.read_bytes() for p in cache.iterdir())  # cached as stored: encrypted
-
+    proc = hotvm(*cmd, "--wait", check=False)
+    assert proc.returncode == 2 and "No space left on device" in proc.stderr, proc.stderr
+    assert json.loads((to / "instant.json").read_text())["status"] == "stream-failed"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
     done = json.loads(hotvm(*cmd, "--wait").stdout)
-    assert done["status"] == "complete" and not done["running"] and not cache.exists()
+    assert done["status"] == "complete"
     assert _raw(done["disks"][0]["path"], tmp_path / "local.raw") == image.read_bytes()
 
 
