@@ -192,7 +192,8 @@ def wait_stream(state: InstantState, progress: Callable[[str, int, int], None] |
             runner.wait_streams(mon, state, [d for d in state.disks], progress)
         except BlockJobError as exc:
             state.status, state.error = "stream-failed", _explain(state, exc.message)
-            state.save()
+            with contextlib.suppress(HotvmError):  # a full disk: the overlays say where the stream is
+                state.save()
             raise StreamError(
                 state.error,
                 f"the VM keeps running on its overlays and the repository; fix the cause, then rerun "

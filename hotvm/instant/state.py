@@ -78,11 +78,16 @@ class InstantState(BaseModel):
         return Path(self.run_dir) / "qemu.pid"
 
     def save(self) -> None:
+        """Atomically (a full disk leaves the previous state whole, and raises)."""
         tmp = self.path.with_name(STATE_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(self.model_dump_json(indent=2))
-        os.replace(tmp, self.path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.model_dump_json(indent=2))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise HotvmError(f"cannot update {self.path}: {exc.strerror}", "free space there") from None
         _index(self)
 
 
