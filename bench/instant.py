@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -74,6 +75,7 @@ def back_up(work: Path, image: Path, spec: BootCheckSpec) -> tuple[Config, Manif
 
 
 def local_boot(spec: BootCheckSpec, image: Path, work: Path) -> float:
+    (work / "local-serial.log").unlink(missing_ok=True)  # else the last boot's heartbeat counts at once
     drop_caches()
     result = boot_disks(spec, [(str(image), "raw")], work / "local-serial.log")
     assert result.ok, result.detail
@@ -90,6 +92,7 @@ def full_restore_and_boot(
     start = time.perf_counter()
     restore_disk(repo, manifest.disks[0], dest, "raw")
     restored = time.perf_counter() - start
+    (work / "full-serial.log").unlink(missing_ok=True)
     result = boot_disks(spec, [(str(dest), "raw")], work / "full-serial.log")
     assert result.ok, result.detail
     dest.unlink()
@@ -134,6 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HOTVM_INSTANT_INDEX", tempfile.mkdtemp(prefix="hotvm-bench-index-"))
     work = Path(tempfile.mkdtemp(prefix="hotvm-bench-instant-", dir="/var/tmp"))
+    try:
+        run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
     files = ensure_guest_files(work / "vms")
     spec = BootCheckSpec(ready_pattern=READY, timeout_s=300, memory_mb=MEMORY_MB, kernel=files.kernel,
                          initrd=files.initramfs, append=BASE_APPEND)  # fmt: skip

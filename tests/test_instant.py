@@ -127,7 +127,7 @@ def test_guest_runs_before_the_stream_ends_and_its_disk_ends_local(backed_up, tm
     rows = json.loads(hotvm("status", "--config", str(backed_up["config"]), "--json").stdout)
     [row] = [r for r in rows if r["host"] == "instant"]
     assert row["instant"]["depends_on_repository"] and "depends on repository 'nas'" in row["state"]
-    assert (to / "instant.json").stat().st_mode & 0o777 == 0o600
+    assert (to / "instant.json").stat().st_mode & 0o777 == (to / "data.qcow2").stat().st_mode & 0o777 == 0o600
     assert (to / "run").stat().st_mode & 0o777 == 0o700
 
     # the same command with --wait resumes at full speed and returns once the disk is local

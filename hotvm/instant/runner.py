@@ -11,6 +11,7 @@ in the overlay, so a stream started again after an interruption copies only what
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -59,6 +60,7 @@ def create_overlay(state: InstantState, disk: InstantDisk) -> None:
     )  # fmt: skip
     if proc.returncode != 0:
         raise HotvmError(f"cannot create overlay {disk.overlay}: {proc.stderr.strip()}", "check the dir")
+    os.chmod(disk.overlay, 0o600)  # it will hold the guest's data, like every restored disk
 
 
 def blockdev(state: InstantState, disk: InstantDisk) -> str:
