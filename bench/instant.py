@@ -11,7 +11,9 @@ disk), backed up to a local repository (4 MiB chunks). Then, caches dropped befo
   instant       overlay + nbdkit export + VM started, until the heartbeat (while the stream runs),
                 then the stream to completion (block-stream, the guest running)
 Goals (issue #17): instant time flat in the disk size and <= 1.5x the local boot; stream >= 0.8x the
-throughput of `hotvm restore`. At --variants-size, the alternatives behind the design (docs/instant.md):
+throughput of `hotvm restore`. "qemu-nbd stream" is QEMU's own ceiling: the same block-stream from qemu-nbd
+serving the raw source image (no chunks, no verification, no Python). At --variants-size, the
+alternatives behind the design (docs/instant.md):
 no read-ahead in the plugin, and the `noextents` filter (no zero map from the chunk index).
 """
 
@@ -126,6 +128,45 @@ def instant(cfg: Config, manifest: Manifest, work: Path, tuning: dict | None = N
             f.unlink()
 
 
+def block_stream_ceiling(image: Path, work: Path) -> float:
+    """Seconds for block-stream (qemu-storage-daemon) from qemu-nbd serving the raw image itself: what
+    QEMU's stream costs with no hotvm in the path (no chunks, no verification, no Python)."""
+    import json
+    import subprocess
+
+    from hotvm.hypervisors.qmp import Monitor
+
+    run = Path(tempfile.mkdtemp(dir=work, prefix="ceiling-"))
+    sock, qmp, overlay = run / "nbd.sock", run / "qmp.sock", run / "ov.qcow2"
+    nbd = subprocess.Popen(["qemu-nbd", "-f", "raw", "-r", "-k", str(sock), "-x", "data", "--persistent",
+                            str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while not sock.exists():
+            time.sleep(0.05)
+        backing = {"driver": "raw", "file": {"driver": "nbd", "server": {"type": "unix", "path": str(sock)},
+                                             "export": "data"}}  # fmt: skip
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "json:" + json.dumps(backing),
+                        "-F", "raw", str(overlay), str(image.stat().st_size)], check=True)  # fmt: skip
+        node = {"driver": "qcow2", "node-name": "ov", "file": {"driver": "file", "filename": str(overlay)}}
+        subprocess.run(["qemu-storage-daemon", "--blockdev", json.dumps(node), "--chardev",
+                        f"socket,path={qmp},server=on,wait=off,id=m", "--monitor", "chardev=m",
+                        "--pidfile", str(run / "qsd.pid"), "--daemonize"], check=True)  # fmt: skip
+        drop_caches()
+        mon = Monitor(qmp, "ceiling")
+        start = time.perf_counter()
+        mon.cmd("block-stream", {"job-id": "j", "device": "ov", "auto-dismiss": False})
+        while mon.cmd("query-jobs")[0]["status"] != "concluded":
+            time.sleep(0.02)
+        took = time.perf_counter() - start
+        mon.cmd("quit")
+        mon.close()
+        return took
+    finally:
+        nbd.terminate()
+        nbd.wait()
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,7 +190,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
                          initrd=files.initramfs, append=BASE_APPEND)  # fmt: skip
     print(f"# {machine_load()}; work dir {work}; fill {args.fill:.3f} random, rest zero; TCG")
     print(f"{'disk':>6} {'data':>7} {'local boot':>10} {'full+boot':>9} {'instant':>8} {'inst/local':>10} "
-          f"{'restore':>8} {'stream':>7} {'restore/stream':>14} {'stream+VM':>9}")  # fmt: skip
+          f"{'restore':>8} {'stream':>7} {'restore/stream':>14} {'stream+VM':>9} "
+          f"{'qemu-nbd stream':>15}")  # fmt: skip
     rows = {}
     for size_gib in (int(s) for s in args.sizes.split(",")):
         image = work / f"disk-{size_gib}.raw"
@@ -164,10 +206,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
         local, restored, full = median(locals_), median([f[0] for f in fulls]), median([f[1] for f in fulls])
         ready, with_vm = median([r[0] for r in runs]), median([r[1] for r in runs])
         stream = median(streams)
+        ceiling = median([block_stream_ceiling(image, work) for _ in range(args.repeat)])
         rows[size_gib] = (cfg, manifest)
         print(f"{size_gib:>4}Gi {data / MiB:>5.0f}Mi {local:>9.2f}s {full:>8.2f}s {ready:>7.2f}s "
               f"{ready / local:>9.2f}x {restored:>7.2f}s {stream:>6.2f}s {restored / stream:>13.2f}x "
-              f"{with_vm:>8.2f}s", flush=True)  # fmt: skip
+              f"{with_vm:>8.2f}s {ceiling:>14.2f}s", flush=True)  # fmt: skip
         image.unlink()
     if args.variants_size in rows:
         cfg, manifest = rows[args.variants_size]

@@ -14,6 +14,7 @@ a guest already pulled is not downloaded again by the stream.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import datetime as dt
 import json
@@ -42,10 +43,13 @@ writes into the overlay."""
 class Disk:
     record: DiskRecord
     digests: dict[int, str] = field(default_factory=dict)
+    present: list[int] = field(default_factory=list)
+    """Indexes of the non-zero chunks, in order: read-ahead skips the holes the stream skips."""
 
     @classmethod
     def of(cls, record: DiskRecord) -> Disk:
-        return cls(record, {index: digest for index, digest in record.chunks})
+        digests = {index: digest for index, digest in record.chunks}
+        return cls(record, digests, sorted(digests))
 
 
 class BlobCache:
@@ -182,10 +186,9 @@ class ChunkSource:
     def _read_ahead(self, disk: Disk, index: int) -> None:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="readahead")
-        for ahead in range(index + 1, index + 1 + self.read_ahead):
-            digest = disk.digests.get(ahead)
-            if digest is None:
-                continue
+        start = bisect.bisect_right(disk.present, index)
+        for ahead in disk.present[start : start + self.read_ahead]:
+            digest = disk.digests[ahead]
             with self._lock:
                 if digest in self._plain or digest in self._inflight:
                     continue
