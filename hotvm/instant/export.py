@@ -131,6 +131,11 @@ def start_export(run_dir: Path, payload: dict, filters: tuple[str, ...] = ()) ->
     except subprocess.TimeoutExpired:
         proc.kill()
         code = -1
+    deadline = time.monotonic() + 2  # the pid file and socket may lag the foreground's exit a little
+    while code == 0 and not (sock.exists() and pid_alive(read_pid(pidfile), str(sock))):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     pid = read_pid(pidfile)
     if code != 0 or not sock.exists() or not pid_alive(pid, str(sock)):
         said = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
