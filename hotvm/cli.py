@@ -246,13 +246,33 @@ def restore(
     name: Annotated[
         str | None, typer.Option("--name", help="with --to-host: name of the copy (new UUID and MACs)")
     ] = None,
-    start: Annotated[bool, typer.Option("--start", help="with --to-host: start the registered VM")] = False,
+    start: Annotated[
+        bool, typer.Option("--start", help="with --to-host or --instant: start the restored VM")
+    ] = False,
+    instant: Annotated[
+        bool,
+        typer.Option("--instant", help="run the VM from the backup now, stream its disks home (instant.md)"),
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="with --instant: return when the disks are local")
+    ] = False,
+    speed: Annotated[
+        int, typer.Option("--speed", help="with --instant: stream at most this many bytes/s (0: unlimited)")
+    ] = 0,
     as_json: JsonOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Restore a VM's disks (verified chunk by chunk) and config files into a directory; --to-host also
-    registers it on a host (any driver), as --name with a new identity, powered off unless --start."""
+    registers it on a host (any driver), as --name with a new identity, powered off unless --start;
+    --instant --start runs it at once from the backup while its disks stream into --to (rerun: resume)."""
     _prefect_env(verbose)
+    if instant:
+        from hotvm.cli_instant import instant_restore_cmd
+
+        if to is None or to_host or hybrid or from_tape:
+            raise HotvmError("--instant needs --to DIR", "and no --to-host, --hybrid or --from-tape")
+        instant_restore_cmd(vm, to, backup_id, target, config, start, wait, speed, as_json)
+        return
     if to is None and (to_host is None or hybrid or from_tape):
         raise HotvmError("give a destination", "pass --to DIR (or --to-host HOST to register the VM there)")
     if (name or start) and to_host is None:
@@ -429,10 +449,11 @@ def copy_cmd(
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
     from hotvm.models import load_config
-    from hotvm.status import vm_status
+    from hotvm.status import instant_status_rows, vm_status
 
     cfg = load_config(config)
     rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vm_list()]
+    rows += instant_status_rows()
 
     def render(rows: list[dict]) -> None:
         table = Table("host", "vm", "state", "disks", "overlays", "jobs")

@@ -30,3 +30,23 @@ def vm_status(host: HostConfig, vm: VMConfig) -> dict:
         for d in disks
     ]
     return row
+
+
+def instant_status_rows() -> list[dict]:
+    """Instant restores on this host (docs/instant.md): a VM that still reads its disks from a repository
+    says so, with its stream's progress."""
+    from hotvm.instant.core import status_row
+    from hotvm.instant.state import forget, indexed_restores
+
+    rows = []
+    for state in indexed_restores():
+        try:
+            row = status_row(state)
+            if row["instant"]["status"] == "complete" and not row["instant"]["running"]:
+                forget(state)  # stopped, on local disks only: nothing instant about it any more
+                continue
+            rows.append(row)
+        except HotvmError as exc:
+            rows.append({"host": "instant", "vm": state.vm, "state": f"unknown: {exc.message}", "disks": [],
+                         "jobs": []})  # fmt: skip
+    return rows

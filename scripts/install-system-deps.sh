@@ -13,6 +13,7 @@ packages=(
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config   # libvirt driver (libvirt-python builds here)
   golang-go golang-github-vmware-govmomi-dev   # vcsim, the vSphere simulator, built offline from source
   qemu-guest-agent                    # put into the demo guest for quiesced (application-consistent) backups
+  nbdkit nbdkit-plugin-python         # instant restore: the backup set served read-only over NBD (docs/instant.md)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -20,8 +20,17 @@ class Credential:
     """Where the value came from, for messages: "environment variable X", "Prefect Secret block 'y'"."""
 
 
+_HANDED_IN: dict[str, str] = {}
+"""Values a parent hotvm process handed to a helper process through a private pipe (the instant-restore NBD
+plugin), by variable name: used instead of the environment, which must not carry them there."""
+
+
+def hand_in(values: dict[str, str]) -> None:
+    _HANDED_IN.update(values)
+
+
 def from_env(config: TargetConfig, var: str, what: str = "password") -> Credential:
-    value = os.environ.get(var)
+    value = _HANDED_IN.get(var) or os.environ.get(var)
     if value is None or value == "":
         raise TargetConfigError(
             f"target '{config.name}': environment variable {var} (its {what}) is not set",

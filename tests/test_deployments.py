@@ -51,6 +51,9 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
         assert [s.schedule.cron for s in offsite.schedules] == ["0 4 * * *"]
         assert offsite.entrypoint == "flows/offsite_copy.py:offsite_copy"
         assert (offsite.work_pool_name, offsite.work_queue_name) == ("hotvm", "fleet")
+        instant = deployments["instant-restore"]  # docs/instant.md: on the destination host's queue
+        assert instant.entrypoint == "flows/instant_restore.py:instant_restore"
+        assert instant.work_pool_name == "hotvm" and instant.parameters["wait"] is True
 
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "d.qcow2"), "32M")
     vm = start_qemu(tmp_path, [DiskSpec("data", tmp_path / "d.qcow2")])

@@ -169,7 +169,7 @@ def test_verify_boots_the_demo_guest_and_records_its_time(prefect_server, tmp_pa
     finally:
         guest.stop_vm("dg", state_dir=state)
     [result] = verify(vm="dg", boot=True, config=str(config))
-    assert result["verified"] and result["mode"] == "boot"
+    assert result["verified"] and result["mode"] == "instant-boot"  # booted from the set (docs/instant.md)
     assert result["boot_check"]["ok"] and result["boot_check"]["seconds"] > 0
     assert result["seconds_to_ready"] > result["boot_check"]["seconds"]
     [record] = _records(tmp_path / "target", "dg", backup["backup_id"])
