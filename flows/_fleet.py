@@ -22,7 +22,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from flows._limits import ensure_host_limit
 from flows._runs import vm_tags
@@ -118,7 +118,7 @@ def run_vms(
     cfg = load_config(config)
     for host in dict.fromkeys(h for h, _ in pairs):  # once here, before the VMs race to create it
         ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
-    if flow_run.get_deployment_id():
+    if deployment.id:
         results = run_vm_deployments(pairs, target, config, kind, policy)
     else:
         futures = [IN_PROCESS[kind].submit(vm, target, config, host) for host, vm in pairs]

@@ -89,7 +89,9 @@ def check_host_queue(vm: str, host: str) -> None:
 
 def _current_queue() -> str | None:
     run_id = flow_run.id
-    if not run_id or not flow_run.get_deployment_id():
+    from prefect.runtime import deployment
+
+    if not run_id or not deployment.id:
         return None
     from prefect.client.orchestration import get_client
 

@@ -154,6 +154,7 @@ def _failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: Bas
     from prefect.runtime import flow_run
 
     step = getattr(exc, "hotvm_step", None) or steps.failed or "before the first step"
+    tag_this_run([f"step:{step}"])  # the failure notification names the step (hotvm/notifications.py)
     done = ", ".join(f"{t.step} {t.device}" if t.device else t.step for t in steps.timings) or "none"
     run = f"prefect flow-run retry {flow_run.id}" if flow_run.id else f"hotvm {what} {vm} (resumes the set)"
     text = "\n".join(

@@ -15,7 +15,7 @@ from hotvm.models import StepTiming
 from tasks._options import STEP
 
 
-@task(name="plan_files", task_run_name="plan_files", **STEP)
+@task(name="plan_files", task_run_name="plan", **STEP)
 def plan_files(vm: str, target: str | None, backup_id: str, config: str | None = None) -> files.FilesPlan:
     """Disks to read (a rerun skips finished ones) and the previous file set to be incremental from."""
     plan = files.plan(backup.open_session(vm, config), target, backup_id)
@@ -47,7 +47,7 @@ def scan_files(
     return journal
 
 
-@task(name="finish_files", task_run_name="finish_files", **STEP)
+@task(name="finish_files", task_run_name="finish", **STEP)
 def finish_files(
     vm: str,
     target: str | None,
