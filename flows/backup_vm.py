@@ -156,6 +156,13 @@ def _failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: Bas
     step = getattr(exc, "hotvm_step", None) or steps.failed or "before the first step"
     tag_this_run([f"step:{step}"])  # the failure notification names the step (hotvm/notifications.py)
     done = ", ".join(f"{t.step} {t.device}" if t.device else t.step for t in steps.timings) or "none"
+    froze = any(t.step == "add_redo" for t in steps.timings) or step.startswith("add_redo")
+    rolled_back = (
+        "Rolled back: every overlay this run put on the VM was committed back (the VM runs on its own disks "
+        "again) and this run's unused dirty bitmaps were dropped; the previous set's bitmaps stay."
+        if froze
+        else "Nothing to roll back: the run failed before it put an overlay on the VM."
+    )
     run = f"prefect flow-run retry {flow_run.id}" if flow_run.id else f"hotvm {what} {vm} (resumes the set)"
     text = "\n".join(
         [
@@ -167,8 +174,7 @@ def _failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: Bas
             "",
             f"Steps that completed: {done}",
             "",
-            "Rolled back: every overlay this run put on the VM was committed back (the VM runs on its own "
-            "disks again) and this run's unused dirty bitmaps were dropped; the previous set's bitmaps stay.",
+            rolled_back,
             "",
             "Resume: fix the cause, then press **Retry** on this run (or `" + run + "`). The retry keeps "
             "the same set and does not read again the disks the target already holds.",

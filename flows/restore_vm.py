@@ -34,6 +34,7 @@ def restore_vm(
 
     to_host: also register the restored VM on that host (as `name`, default the VM's own name; another
     name gets a new UUID and MACs), its disks by default in the host's vm_dir/NAME; `start` starts it.
+
     Args:
         vm: The VM's name in hotvm.yaml (its backups on the target).
         to: Directory to restore into (created; must be empty or absent). Empty: needs to_host.

@@ -13,7 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._runs import fleet_run_name
+from flows._runs import fleet_run_name, vm_run_name
 from hotvm.errors import HotvmError
 from hotvm.restore import prepare_destination
 from tasks.tape import copy_to_tape, restore_from_tape, store_catalog, tape_catalogs
@@ -60,11 +60,20 @@ def artifact_rows(catalog: dict) -> list[dict]:
     ]
 
 
-@flow(name="tape-restore")
+@flow(name="tape-restore", flow_run_name=vm_run_name("tape-restore"))
 def tape_restore(
     vm: str, tape: str, to: str, backup_id: str | None = None, fmt: str = "qcow2", config: str | None = None
 ) -> dict:
-    """Restore the latest (or the given) backup of a VM straight from tape into the directory `to`."""
+    """Restore the latest (or the given) backup of a VM straight from tape into the directory `to`.
+
+    Args:
+        vm: The VM's name (as backed up).
+        tape: The tape's name in hotvm.yaml (tapes:).
+        to: Directory on the worker to restore into (created; must be empty or absent).
+        backup_id: The backup set to restore; empty: the VM's latest one on the tape.
+        fmt: Format of the restored disks: qcow2 or raw.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
     dest = Path(to).resolve()

@@ -39,10 +39,14 @@ _HOTVM_RUN = {
 SUBJECT = "hotvm: {{ flow_run.name }} {{ flow_run.state.name }}"
 FAILED_BODY = """\
 {{ flow_run.state.name | upper }}: {{ flow_run.name }}
-VM: {{ flow_run.parameters.get('vm') or '(fleet run)' }}
+{% if flow_run.parameters.get('vm') -%}
+VM: {{ flow_run.parameters.get('vm') }}
 host: {{ flow_run.work_queue_name or '?' }}
 step: {% for t in flow_run.tags if t.startswith('step:') %}{{ t[5:] }}{% else %}?{% endfor %}
-error: {{ flow_run.state.message or '(no message)' }}
+{% else -%}
+fleet run (work queue {{ flow_run.work_queue_name or '?' }}): each failed VM is its own run, reported too
+{% endif -%}
+error: {{ (flow_run.state.message or '(no message)') | replace('Flow run encountered an exception: ', '') }}
 {{ flow_run | ui_url }}"""
 LATE_BODY = """\
 LATE: {{ flow_run.name }} has not started
