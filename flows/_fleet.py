@@ -16,7 +16,9 @@ per-VM flow, caps how many run at once on a host. Every VM ends as one report ro
 
 from __future__ import annotations
 
+import os
 import time
+from collections import Counter
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -31,7 +33,7 @@ from hotvm.models import load_config
 
 MAX_PARALLEL_VMS = 16
 """Threads waiting for (or holding) a host slot in the CLI's in-process fan-out."""
-POLL_S = 2.0
+POLL_S = 1.0
 """How often the parent reads its children's states (one API call for all of them)."""
 
 PER_VM = {
@@ -119,7 +121,8 @@ def run_vms(
     for host in dict.fromkeys(h for h, _ in pairs):  # once here, before the VMs race to create it
         ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
     if deployment.id:
-        results = run_vm_deployments(pairs, target, config, kind, policy)
+        limits = {h: cfg.find_host(h).max_concurrent_backups for h in dict.fromkeys(h for h, _ in pairs)}
+        results = run_vm_deployments(pairs, target, config, kind, policy, limits)
     else:
         futures = [IN_PROCESS[kind].submit(vm, target, config, host) for host, vm in pairs]
         results = [f.result() for f in futures]
@@ -127,61 +130,90 @@ def run_vms(
     return results
 
 
+def in_flight_per_host(limit: int) -> int:
+    """How many child runs of one host may exist unfinished at once: `limit` backing up plus as many started
+    and waiting for a slot, so a freed slot is taken at once (the waiting run has already paid its worker
+    poll and process start-up) while a host with 50 VMs does not get 50 processes at once.
+    HOTVM_CHILDREN_PER_SLOT overrides the factor 2 (0: start every child at once)."""
+    factor = int(os.environ.get("HOTVM_CHILDREN_PER_SLOT", "2"))
+    return limit * factor if factor > 0 else 1 << 30
+
+
 def run_vm_deployments(
-    pairs: list[tuple[str, str]], target: str | None, config: str | None, kind: str, policy: str | None
+    pairs: list[tuple[str, str]],
+    target: str | None,
+    config: str | None,
+    kind: str,
+    policy: str | None,
+    limits: dict[str, int],
 ) -> list[dict]:
-    """One run of the per-VM deployment per VM, on its host's queue; waits for all of them."""
+    """One run of the per-VM deployment per VM, on its host's queue, at most `in_flight_per_host` of a host
+    unfinished at once; waits for all of them. Rows in the order of `pairs`."""
     from prefect.client.orchestration import get_client
+
+    todo = list(pairs)
+    running: dict = {}  # child id -> (host, vm)
+    finals: dict = {}  # vm -> final child run
+    with get_client(sync_client=True) as client:
+        while todo or running:
+            busy = Counter(host for host, _ in running.values())
+            for host, vm in list(todo):
+                if busy[host] >= in_flight_per_host(limits[host]):
+                    continue
+                todo.remove((host, vm))
+                child = _start_child(client, kind, host, vm, target, config, policy)
+                if child.state is not None and child.state.is_completed():
+                    finals[vm] = child
+                else:
+                    running[child.id] = (host, vm)
+                    busy[host] += 1
+            for run in _finished(client, list(running)):
+                finals[running.pop(run.id)[1]] = run
+                _mirror_on_parent_graph(client, run)
+            if running:
+                time.sleep(POLL_S)
+        return [_child_row(host, vm, finals[vm]) for host, vm in pairs]
+
+
+def _start_child(
+    client: Any, kind: str, host: str, vm: str, target: str | None, config: str | None, policy: str | None
+) -> Any:
+    """The VM's run of the per-VM deployment on its host's queue (a retried parent gets its earlier run
+    back: completed, it is reported again; otherwise it is rescheduled and resumes)."""
     from prefect.deployments import run_deployment
     from prefect.states import Scheduled
 
-    deployment, verb = PER_VM[kind]
-    parent = flow_run.get_id()
-    day = f"{flow_run.scheduled_start_time:%Y-%m-%d}"
-    log = get_run_logger()
-    children = {}
-    with get_client(sync_client=True) as client:
-        for host, vm in pairs:
-            child = run_deployment(
-                deployment,
-                parameters={"vm": vm, "target": target, "config": config},
-                flow_run_name=f"{verb} {vm}@{host} {day}",
-                tags=vm_tags(kind, vm, host, policy),
-                idempotency_key=f"{parent}:{kind}:{vm}",  # a retried parent gets its earlier child back
-                work_queue_name=host,
-                as_subflow=True,
-                timeout=0,
-            )
-            if child.state is not None and child.state.is_final() and not child.state.is_completed():
-                log.info("%s: its run %s did not complete: retrying it (it resumes)", vm, child.name)
-                client.set_flow_run_state(child.id, Scheduled(message="retried by its parent"), force=True)
-            elif child.state is not None and child.state.is_completed():
-                log.info("%s: its run %s completed in an earlier attempt of this run", vm, child.name)
-            children[vm] = child
-        finals = _wait_for(client, [c.id for c in children.values()])
-        rows = []
-        for host, vm in pairs:
-            child = finals[children[vm].id]
-            _mirror_on_parent_graph(client, child)
-            rows.append(_child_row(host, vm, child))
-    return rows
+    name, verb = PER_VM[kind]
+    child = run_deployment(
+        name,
+        parameters={"vm": vm, "target": target, "config": config},
+        flow_run_name=f"{verb} {vm}@{host} {flow_run.scheduled_start_time:%Y-%m-%d}",
+        tags=vm_tags(kind, vm, host, policy),
+        idempotency_key=f"{flow_run.get_id()}:{kind}:{vm}",
+        work_queue_name=host,
+        as_subflow=True,
+        timeout=0,
+    )
+    state = child.state
+    if state is not None and state.is_completed():
+        get_run_logger().info("%s: %s completed in an earlier attempt of this run", vm, child.name)
+    elif state is not None and state.is_final():
+        get_run_logger().info("%s: %s did not complete: retrying it (it resumes)", vm, child.name)
+        client.set_flow_run_state(child.id, Scheduled(message="retried by its parent"), force=True)
+    return child
 
 
-def _wait_for(client: Any, ids: list) -> dict:
-    """Poll until every child run is final (one read for all of them per POLL_S)."""
+def _finished(client: Any, ids: list) -> list:
+    """The child runs among `ids` that are final now (one API read per 200)."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    pending = set(ids)
-    finals: dict = {}
-    while pending:
-        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending))))
-        for run in runs:
-            if run.state is not None and run.state.is_final():
-                finals[run.id] = run
-                pending.discard(run.id)
-        if pending:
-            time.sleep(POLL_S)
-    return finals
+    runs = []
+    for start in range(0, len(ids), 200):  # the API's page size
+        page = ids[start : start + 200]
+        runs += client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
+        )
+    return [r for r in runs if r.state is not None and r.state.is_final()]
 
 
 def _mirror_on_parent_graph(client: Any, child: Any) -> None:
