@@ -208,3 +208,30 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(
     finally:
         for vm in vms.values():
             vm.stop()
+
+
+def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
+    from hotvm.errors import ConfigError
+    from hotvm.models import load_config, parse_config
+    from hotvm.notifications import automation_specs, webhook_url
+
+    base = {"hosts": [{"name": "hv1", "vms": [{"name": "web01", "qmp": "/nonexistent"}]}],
+            "targets": [{"name": "nas", "url": f"file://{tmp_path}"}]}  # fmt: skip
+    path = tmp_path / "hotvm.yaml"
+    path.write_text(yaml.safe_dump(base) + "notifications:\n  - name: ops\n    webhook_env: OPS_HOOK\n"
+                    "    on: [failed, late]\n    late_after: 30m\n")  # fmt: skip
+    (ops,) = load_config(path).notifications  # YAML 1.1 reads `on:` as true: still the `on` list
+    assert ops.on == ["failed", "late"] and ops.late_after.total_seconds() == 1800
+    specs = {s["name"]: s for s in automation_specs(ops)}
+    assert specs["hotvm-ops-failed"]["trigger"]["expect"] == ["prefect.flow-run.Failed"]
+    assert specs["hotvm-ops-late"]["trigger"]["within"] == 1800
+    with pytest.raises(ConfigError, match="OPS_HOOK"):
+        webhook_url(ops)  # not set in the environment: one line naming the variable
+    for bad, message in (
+        ({"name": "ops"}, "exactly one of webhook, webhook_env, email"),
+        ({"name": "ops", "webhook": "ftp://x"}, "http"),
+        ({"name": "ops", "webhook": "https://u:secret@x/h"}, "password"),
+        ({"name": "ops", "webhook": "https://x/h", "late_after": "5s"}, "at least 10s"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "notifications": [bad]})
