@@ -40,11 +40,11 @@ def random_raw(path: Path, size: int, data_bytes: int) -> Path:
 
 @pytest.fixture
 def two_vms(tmp_path: Path):
-    """web01 (a 512 MiB disk, slow enough to be killed mid-export) and db01 on one host with ONE slot."""
+    """web01 (128 MiB of random data: slow enough to be killed mid-export) and db01, one host, ONE slot."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    web = start_qemu(tmp_path / "a", [DiskSpec("data", random_raw(tmp_path / "a" / "web.raw", 512 * MiB,
-                                                                   384 * MiB), format="raw")])  # fmt: skip
+    web = start_qemu(tmp_path / "a", [DiskSpec("data", random_raw(tmp_path / "a" / "web.raw", 256 * MiB,
+                                                                   128 * MiB), format="raw")])  # fmt: skip
     qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "b" / "db.qcow2"), "16M")
     db = start_qemu(tmp_path / "b", [DiskSpec("data", tmp_path / "b" / "db.qcow2")])
     db.qemu_io("data", "write -P 0x33 0 1M")
