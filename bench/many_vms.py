@@ -1,16 +1,23 @@
 """Many VMs on one host under the per-host limit: the weekly-image run ("backup all") at scale.
 
     .venv/bin/python bench/many_vms.py [--vms 50] [--disk-mib 128] [--data-mib 64] [--limit 2] [--timeline]
+                                       [--mode deployments|in-process]
 
 Starts N bare TCG QEMUs (64 MiB RAM, no guest OS) with one raw disk each (DISK-MIB, DATA-MIB of it random:
 every export is real work, and no dedup between VMs), all on one host with max_concurrent_backups=LIMIT,
-then runs the backup_policy flow (policy default, flows/backup_policy.py) over them against a
-`prefect server start` on loopback (or PREFECT_API_URL if set). From the manifests (started_at /
-completed_at are taken inside the host's slot) and their step timings it prints:
+then runs the weekly-image flow (backup_policy, policy default) over them against a `prefect server start`
+on loopback (or PREFECT_API_URL if set, e.g. the PostgreSQL one of scripts/prefect-server.sh).
+  --mode deployments (default): as in production (docs/scale-out.md): `hotvm prefect setup`, `prefect
+    deploy --all`, a worker for the host's queue and one for `fleet` (PREFECT_WORKER_QUERY_SECONDS=2), the
+    weekly-image deployment run; each VM is its own backup-vm run (run_deployment) on the host's worker.
+  --mode in-process: the CLI's path, backup_policy called here, each VM a subflow of this process.
+From the manifests (started_at / completed_at are taken inside the host's slot) and their step timings it
+prints:
   - the maximum number of backups of the host that overlapped (target: never > LIMIT);
   - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.1x);
   - Prefect overhead per VM: (wall x LIMIT - sum of all step times) / N, i.e. slot time per VM that no
-    step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work.
+    step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work;
+  - deployments mode: the time from the parent's start to its last child's start.
 """
 
 from __future__ import annotations
@@ -74,6 +81,64 @@ def start_server(home: Path) -> subprocess.Popen | None:
     raise SystemExit(f"prefect server did not start: see {home / 'server.log'}")
 
 
+def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]:
+    """Production path: setup, deploy, a host worker and a fleet worker, the weekly-image deployment run.
+    Returns (per-VM rows, parent start -> end, parent start -> last child start)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from hotvm.models import load_config
+
+    env = {
+        **os.environ,
+        "HOTVM_CONFIG": str(config),
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PYTHONPATH": str(ROOT),
+    }
+    subprocess.run([sys.executable, "-m", "hotvm", "prefect", "setup"], env=env, cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    host = load_config(config).hosts[0].name
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", q],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=(work / f"worker-{q}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for q in (host, "fleet")
+    ]
+    try:
+        with get_client(sync_client=True) as client:
+            weekly = client.read_deployment_by_name("backup-policy/weekly-image")
+            parent = client.create_flow_run_from_deployment(weekly.id, parameters={"config": str(config)})
+            while not (parent := client.read_flow_run(parent.id)).state.is_final():
+                time.sleep(1)
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])
+                )
+            )
+            rows = [
+                {"vm": c.parameters["vm"], "status": "success" if c.state.is_completed() else "failed",
+                 "step": None, "error": c.state.message}
+                for c in children
+            ]  # fmt: skip
+            wall = (parent.end_time - parent.start_time).total_seconds()
+            last_child = max(
+                (c.start_time - parent.start_time).total_seconds() for c in children if c.start_time
+            )
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
+    return rows, wall, last_child
+
+
 def max_overlap(spans: list[tuple]) -> int:
     events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
     peak = cur = 0
@@ -91,6 +156,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--timeline", action="store_true", help="print each VM's slot interval")
+    ap.add_argument("--mode", choices=["deployments", "in-process"], default="deployments")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hotvm-many-"))
@@ -121,27 +187,31 @@ def main() -> None:
                 sort_keys=False,
             )
         )
-        from flows._fleet import BackupsFailed
-        from flows.backup_policy import backup_policy
-        from hotvm.formats.repository import Repository
-        from hotvm.models import TargetConfig
-        from targets import open_target
+        if args.mode == "deployments":
+            results, wall, last_child = run_deployments(config, work)
+        else:
+            from flows._fleet import BackupsFailed
+            from flows.backup_policy import backup_policy
 
-        start = time.perf_counter()
-        try:
-            results = backup_policy(policy="default", config=str(config))
-        except BackupsFailed as exc:
-            results = exc.results
-            for r in results:
-                if r["status"] == "failed":
-                    print(f"FAILED {r['vm']} at {r['step']}: {r['error']}")
-        wall = time.perf_counter() - start
+            start = time.perf_counter()
+            try:
+                results = backup_policy(policy="default", config=str(config))
+            except BackupsFailed as exc:
+                results = exc.results
+            wall, last_child = time.perf_counter() - start, None
+        for r in results:
+            if r["status"] == "failed":
+                print(f"FAILED {r['vm']} at {r.get('step')}: {r.get('error')}")
     finally:
         for vm in vms.values():
             vm.stop()
         if server is not None:
             server.terminate()
             server.wait(30)
+
+    from hotvm.formats.repository import Repository
+    from hotvm.models import TargetConfig
+    from targets import open_target
 
     repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{work}/target")))
     manifests = [e.manifest for e in repo.list_sets() if e.manifest]
@@ -169,6 +239,10 @@ def main() -> None:
     per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
     print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
           f"(wall x {args.limit} - exports) / {n} = {per_vm_export:.2f} s")  # fmt: skip
+    if last_child is not None:
+        print(f"parent start -> last child start: {last_child:.1f} s (children start as slots free: at most "
+              f"{2 * args.limit} unfinished per host)")  # fmt: skip
+    print(f"mode: {args.mode}; server: {os.environ.get('PREFECT_API_URL')}")
     print(machine_load())
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,26 +1,46 @@
-"""The per-VM runner and report shared by backup_host and backup_policy ("backup all").
+"""The per-VM fan-out and report shared by weekly-image (backup_policy), backup-host and daily-files.
 
-Each VM is a backup_vm subflow run from a task on the parent's ThreadPoolTaskRunner; how many run at once
-on a host is capped by the host's global concurrency limit taken inside backup_vm, so the cap also holds
-across concurrently running deployments. Every VM ends as one report row:
+Run from a deployment (the Prefect UI's scheduled runs), each VM is its own run of the per-VM deployment
+(`backup-vm`, `files-vm`) started with `run_deployment` on the work queue named after the VM's host, so
+the host's worker runs it, it is linked to the parent as a subflow, and it can be retried on its own
+(UI Retry, `prefect flow-run retry`). A retried parent finds its earlier child runs (same idempotency
+key): completed ones are reported again, failed ones are rescheduled (they resume), nothing is run twice.
+
+Run from the CLI (no deployment: the embedded server, no workers), each VM is a subflow in this process,
+submitted on the parent's ThreadPoolTaskRunner. Either way the host's concurrency limit, taken inside the
+per-VM flow, caps how many run at once on a host. Every VM ends as one report row:
     success  a complete backup set (its id)
     skipped  nothing backed up, and why (no disks to back up, claimed by an earlier policy)
-    failed   the step that failed (reconcile, plan, export[vda], ...) and the error
+    failed   the step that failed (reconcile, plan, export vda, ...) and the error
 """
 
 from __future__ import annotations
 
+import os
+import time
+from collections import Counter
+from typing import Any
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
 
 from flows._limits import ensure_host_limit
-from flows.backup_vm import backup_vm
+from flows._runs import vm_tags
 from hotvm.errors import RunFailed
 from hotvm.models import load_config
 
 MAX_PARALLEL_VMS = 16
-"""Threads waiting for (or holding) a host slot; the per-host limits decide what actually runs."""
+"""Threads waiting for (or holding) a host slot in the CLI's in-process fan-out."""
+POLL_S = 1.0
+"""How often the parent reads its children's states (one API call for all of them)."""
+
+PER_VM = {
+    "image": ("backup-vm/backup-vm", "backup"),
+    "files": ("files-vm/files-vm", "files"),
+}
+"""kind -> (per-VM deployment, verb of its run names)."""
 
 
 class BackupsFailed(RunFailed):
@@ -28,7 +48,7 @@ class BackupsFailed(RunFailed):
 
 
 def _failed_task(flow_run_id: object) -> str | None:
-    """The failed step as the subflow's task runs show it (when the exception does not say)."""
+    """The failed step as the child run's task runs show it (when the exception does not say)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -44,15 +64,12 @@ def _failed_task(flow_run_id: object) -> str | None:
     return failed[-1].name if failed else None
 
 
-@task(name="backup_one_vm", task_run_name="backup[{vm}]", cache_policy=NO_CACHE)
-def backup_one_vm(vm: str, target: str | None, config: str | None, host: str = "") -> dict:
-    """Runs backup_vm as a subflow, so each VM's steps show (and can be retried) in the UI on their own."""
-    row = {"host": host, "vm": vm}
-    state = backup_vm(vm=vm, target=target, config=config, return_state=True)
+def _state_row(row: dict, state: Any) -> dict:
+    """A report row from an in-process subflow's final state."""
     if state.is_completed():
         result = state.result()
-        if result.get("skipped"):
-            return {**row, "ok": True, "status": "skipped", "reason": result["skipped"], **result}
+        if (state.message or "").startswith("skipped: ") or result.get("skipped"):
+            return {**row, "ok": True, "status": "skipped", "reason": result.get("skipped"), **result}
         return {**row, "ok": True, "status": "success", **result}
     exc = state.result(raise_on_failure=False)
     step = getattr(exc, "hotvm_step", None) or _failed_task(state.state_details.flow_run_id)
@@ -67,22 +84,174 @@ def backup_one_vm(vm: str, target: str | None, config: str | None, host: str = "
     }
 
 
+@task(name="backup_one_vm", task_run_name="backup {vm}", cache_policy=NO_CACHE)
+def backup_one_vm(vm: str, target: str | None, config: str | None, host: str = "") -> dict:
+    """backup_vm as a subflow of this process (the CLI's fan-out)."""
+    from flows.backup_vm import backup_vm
+
+    return _state_row(
+        {"host": host, "vm": vm}, backup_vm(vm=vm, target=target, config=config, return_state=True)
+    )
+
+
+@task(name="files_one_vm", task_run_name="files {vm}", cache_policy=NO_CACHE)
+def files_one_vm(vm: str, target: str | None, config: str | None, host: str = "") -> dict:
+    """files_vm as a subflow of this process (the CLI's fan-out)."""
+    from flows.daily_files import files_vm
+
+    return _state_row(
+        {"host": host, "vm": vm}, files_vm(vm=vm, target=target, config=config, return_state=True)
+    )
+
+
+IN_PROCESS = {"image": backup_one_vm, "files": files_one_vm}
+
+
 def run_vms(
-    pairs: list[tuple[str, str]], target: str | None, config: str | None, skipped: list[dict] = ()
+    pairs: list[tuple[str, str]],
+    target: str | None,
+    config: str | None,
+    skipped: list[dict] = (),
+    kind: str = "image",
+    policy: str | None = None,
 ) -> list[dict]:
-    """Back up (host, vm) pairs concurrently (submitted on the calling flow's task runner); report rows in
-    the order given, then `skipped` rows (host, vm, reason) for VMs deliberately left out."""
+    """Back up (host, vm) pairs concurrently; report rows in the order given, then `skipped` rows (host,
+    vm, reason) for VMs deliberately left out."""
     cfg = load_config(config)
     for host in dict.fromkeys(h for h, _ in pairs):  # once here, before the VMs race to create it
         ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
-    futures = [backup_one_vm.submit(vm, target, config, host) for host, vm in pairs]
-    results = [f.result() for f in futures]
+    if deployment.id:
+        limits = {h: cfg.find_host(h).max_concurrent_backups for h in dict.fromkeys(h for h, _ in pairs)}
+        results = run_vm_deployments(pairs, target, config, kind, policy, limits)
+    else:
+        futures = [IN_PROCESS[kind].submit(vm, target, config, host) for host, vm in pairs]
+        results = [f.result() for f in futures]
     results += [{**s, "ok": True, "status": "skipped", "backup_id": None} for s in skipped]
     return results
 
 
+def in_flight_per_host(limit: int) -> int:
+    """How many child runs of one host may exist unfinished at once: `limit` backing up plus as many started
+    and waiting for a slot, so a freed slot is taken at once (the waiting run has already paid its worker
+    poll and process start-up) while a host with 50 VMs does not get 50 processes at once.
+    HOTVM_CHILDREN_PER_SLOT overrides the factor 2 (0: start every child at once)."""
+    factor = int(os.environ.get("HOTVM_CHILDREN_PER_SLOT", "2"))
+    return limit * factor if factor > 0 else 1 << 30
+
+
+def run_vm_deployments(
+    pairs: list[tuple[str, str]],
+    target: str | None,
+    config: str | None,
+    kind: str,
+    policy: str | None,
+    limits: dict[str, int],
+) -> list[dict]:
+    """One run of the per-VM deployment per VM, on its host's queue, at most `in_flight_per_host` of a host
+    unfinished at once; waits for all of them. Rows in the order of `pairs`."""
+    from prefect.client.orchestration import get_client
+
+    todo = list(pairs)
+    running: dict = {}  # child id -> (host, vm)
+    finals: dict = {}  # vm -> final child run
+    with get_client(sync_client=True) as client:
+        while todo or running:
+            busy = Counter(host for host, _ in running.values())
+            for host, vm in list(todo):
+                if busy[host] >= in_flight_per_host(limits[host]):
+                    continue
+                todo.remove((host, vm))
+                child = _start_child(client, kind, host, vm, target, config, policy)
+                if child.state is not None and child.state.is_completed():
+                    finals[vm] = child
+                else:
+                    running[child.id] = (host, vm)
+                    busy[host] += 1
+            for run in _finished(client, list(running)):
+                finals[running.pop(run.id)[1]] = run
+                _mirror_on_parent_graph(client, run)
+            if running:
+                time.sleep(POLL_S)
+        return [_child_row(host, vm, finals[vm]) for host, vm in pairs]
+
+
+def _start_child(
+    client: Any, kind: str, host: str, vm: str, target: str | None, config: str | None, policy: str | None
+) -> Any:
+    """The VM's run of the per-VM deployment on its host's queue (a retried parent gets its earlier run
+    back: completed, it is reported again; otherwise it is rescheduled and resumes)."""
+    from prefect.deployments import run_deployment
+    from prefect.states import Scheduled
+
+    name, verb = PER_VM[kind]
+    child = run_deployment(
+        name,
+        parameters={"vm": vm, "target": target, "config": config},
+        flow_run_name=f"{verb} {vm}@{host} {flow_run.scheduled_start_time:%Y-%m-%d}",
+        tags=vm_tags(kind, vm, host, policy),
+        idempotency_key=f"{flow_run.get_id()}:{kind}:{vm}",
+        work_queue_name=host,
+        as_subflow=True,
+        timeout=0,
+    )
+    state = child.state
+    if state is not None and state.is_completed():
+        get_run_logger().info("%s: %s completed in an earlier attempt of this run", vm, child.name)
+    elif state is not None and state.is_final():
+        get_run_logger().info("%s: %s did not complete: retrying it (it resumes)", vm, child.name)
+        client.set_flow_run_state(child.id, Scheduled(message="retried by its parent"), force=True)
+    return child
+
+
+def _finished(client: Any, ids: list) -> list:
+    """The child runs among `ids` that are final now (one API read per 200)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = []
+    for start in range(0, len(ids), 200):  # the API's page size
+        page = ids[start : start + 200]
+        runs += client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
+        )
+    return [r for r in runs if r.state is not None and r.state.is_final()]
+
+
+def _mirror_on_parent_graph(client: Any, child: Any) -> None:
+    """The parent's graph node for a child run is a task run run_deployment left Pending: give it the
+    child's outcome, so a failed VM shows red in the parent's graph."""
+    from prefect.states import Completed, Failed
+
+    if child.parent_task_run_id is None:
+        return
+    state = Completed() if child.state.is_completed() else Failed(message=child.state.message)
+    try:
+        client.set_task_run_state(child.parent_task_run_id, state, force=True)
+    except Exception as exc:  # noqa: BLE001 - cosmetic: the report and the parent's state still say it
+        get_run_logger().debug("could not mark the graph node of %s: %s", child.name, exc)
+
+
+def _child_row(host: str, vm: str, child: Any) -> dict:
+    """A report row from a child run as the API returns it (its result may be on another machine)."""
+    from prefect.utilities.urls import url_for
+
+    state = child.state
+    row = {"host": host, "vm": vm, "run": child.name, "link": url_for(child) or "", "backup_id": None}
+    message = state.message or ""
+    if state.is_completed():
+        if message.startswith("skipped: "):
+            return {**row, "ok": True, "status": "skipped", "reason": message.removeprefix("skipped: ")}
+        # "backup <id> complete: <url>" / "file backup <id> complete" (flows/backup_vm.py, daily_files.py)
+        words = message.removeprefix("file ").split()
+        backup_id = words[1] if len(words) > 2 and words[0] == "backup" and words[2] == "complete" else None
+        return {**row, "ok": True, "status": "success", "backup_id": backup_id, "url": message}
+    error = message.removeprefix("Flow run encountered an exception: ") or state.type.value.lower()
+    step = _failed_task(child.id) or "before the first step"
+    return {**row, "ok": False, "status": "failed", "step": step, "error": error}
+
+
 def report_rows(results: list[dict]) -> list[dict]:
-    """One flat row per VM: for the table artifact, the CLI table and --json."""
+    """One flat row per VM: for the table artifact, the CLI table and --json. `run` links a child run
+    (deployment fan-out) in the UI."""
     rows = []
     for r in results:
         if r["status"] == "success":
@@ -92,17 +261,17 @@ def report_rows(results: list[dict]) -> list[dict]:
         else:
             detail = r.get("error") or ""
         seconds = sum(s["seconds"] for s in r.get("steps") or [])
-        rows.append(
-            {
-                "host": r.get("host", ""),
-                "vm": r["vm"],
-                "status": r["status"],
-                "backup_id": r.get("backup_id"),
-                "step": r.get("step"),
-                "detail": detail,
-                "seconds": round(seconds, 3),
-            }
-        )
+        row = {
+            "host": r.get("host", ""),
+            "vm": r["vm"],
+            "status": r["status"],
+            "backup_id": r.get("backup_id"),
+            "step": r.get("step"),
+            "detail": detail,
+            "seconds": round(seconds, 3),
+        }
+        row["run"] = r.get("link") or ""
+        rows.append(row)
     return rows
 
 
@@ -113,7 +282,7 @@ def publish(results: list[dict], key: str, description: str, what: str) -> list[
     log = get_run_logger()
     for r in rows:
         if r["status"] == "failed":
-            log.error("backup of %s failed at %s: %s", r["vm"], r["step"], r["detail"])
+            log.error("backup of %s failed at %s: %s %s", r["vm"], r["step"], r["detail"], r["run"])
         elif r["status"] == "skipped":
             log.warning("backup of %s skipped: %s", r["vm"], r["detail"])
     failed = [r for r in rows if r["status"] == "failed"]

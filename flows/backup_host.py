@@ -10,14 +10,26 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._runs import fleet_run_name
 from hotvm.models import load_config
 
 
-@flow(name="backup-host", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS))
+@flow(
+    name="backup-host",
+    flow_run_name=fleet_run_name("backup-host", "host"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS),
+)
 def backup_host(
     host: str, target: str | None = None, config: str | None = None, vms: list[str] | None = None
 ) -> list[dict]:
-    """Back up the VMs of `host` (all of them, or those named in `vms`)."""
+    """Back up the VMs of `host` (all of them, or those named in `vms`).
+
+    Args:
+        host: The hypervisor host's name in hotvm.yaml; its VMs run on its work queue.
+        target: The target's name in hotvm.yaml; empty: the default one.
+        config: Path of hotvm.yaml; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        vms: Only these VMs of the host; empty: every VM of the host.
+    """
     cfg = load_config(config)
     pairs = [(host, vm.name) for vm in cfg.find_host(host).vm_list() if not vms or vm.name in vms]
     results = run_vms(pairs, target, config)

@@ -12,15 +12,29 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._runs import fleet_run_name
 from hotvm.models import load_config
 from hotvm.policies import claimed_elsewhere, vms_for_policy
 
 
-@flow(name="backup-policy", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS))
+@flow(
+    name="backup-policy",
+    flow_run_name=fleet_run_name("backup-policy", "policy"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS),
+)
 def backup_policy(
     policy: str = "default", config: str | None = None, target: str | None = None
 ) -> list[dict]:
-    """Image backup of every VM of `policy` to its image target (`target` overrides it)."""
+    """Image backup of every VM of `policy` to its image target (`target` overrides it).
+
+    Run from its deployment (weekly-image), each VM is its own `backup-vm` run on its host's work queue
+    (retry a failed VM there, or retry this run: only the VMs that did not complete run again).
+
+    Args:
+        policy: The policy in hotvm.yaml whose VMs are backed up (none defined: every VM).
+        config: Path of hotvm.yaml; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        target: The target's name in hotvm.yaml; empty: the policy's image target, else the default one.
+    """
     cfg = load_config(config)
     chosen = cfg.find_policy(policy)
     target = target or chosen.image.target
@@ -29,7 +43,7 @@ def backup_policy(
         {"host": host.name, "vm": vm.name, "reason": f"belongs to policy '{owner}' (first match wins)"}
         for host, vm, owner in claimed_elsewhere(cfg, chosen)
     ]
-    results = run_vms(pairs, target, config, skipped)
+    results = run_vms(pairs, target, config, skipped, kind="image", policy=policy)
     return publish(
         results,
         f"backup-policy-{artifact_key(policy)}",

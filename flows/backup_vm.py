@@ -1,8 +1,10 @@
 """backup_vm: the seed's Code Listing 7.1 for one running VM, every step a retryable task.
 
-    reconcile -> add_redo (all disks, one instant, + this backup's dirty bitmaps) -> per disk: export_disk
+    reconcile -> add_redo (all disks, one instant, + this backup's dirty bitmaps) -> per disk: export
     (only the chunks the previous backup's bitmap marks dirty, when it can be trusted), add_redo, commit
     level 1, commit final -> backup_config -> transfer (manifest last) -> drop the superseded bitmaps
+
+The snapshot part is flows/_snapshot.hot_snapshot, shared with the file-level backup (files-vm).
 
 A failure at any point commits the overlays back (rollback) before the run ends; a rerun (Prefect UI
 "Retry", `prefect flow-run retry`, or `hotvm backup --resume`) keeps the same backup id and skips the
@@ -12,82 +14,67 @@ disks the target already holds.
 from __future__ import annotations
 
 import contextlib
-import time
-from typing import Any
 
-from prefect import Task, flow, get_run_logger
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from flows._limits import backup_slot
-from flows._rollback import roll_back
+from flows._runs import check_host_queue, tag_this_run, vm_run_name, vm_tags
+from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
 from hotvm import backup
-from hotvm.formats.repository import new_backup_id
 from hotvm.hypervisors.base import FrozenDisk
 from hotvm.hypervisors.qemu_agent import check_quiesce_possible
-from hotvm.locks import BackupRunning, vm_lock
-from hotvm.models import Manifest, StepTiming, TaskRetries, utcnow
+from hotvm.models import Manifest, StepTiming, utcnow
 from hotvm.policies import policy_for_vm
 from tasks.bitmaps import drop_bitmaps
-from tasks.commit import commit_disk
 from tasks.config import backup_config
 from tasks.export import export_disk
 from tasks.plan import plan_disks
 from tasks.reconcile import reconcile_vm
-from tasks.redo import add_redo
 from tasks.transfer import transfer
 
-
-def _rollback_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect hook signature
-    """Crash or cancellation: the flow body's own rollback may not have run."""
-    params = run.parameters or {}
-    session = backup.open_session(params["vm"], params.get("config"))
-    try:
-        with vm_lock(session.host.name, session.vm.name):
-            backup.reconcile(session)
-    except BackupRunning:
-        pass  # another run owns the VM now and reconciles it first thing
+CRASH_CONSISTENT = (
+    "crash-consistent: every disk holds what it held at one instant, as after a power cut at that instant "
+    "(the guest was not asked to flush; journaling file systems and databases recover as after a reboot)"
+)
 
 
-def run_backup_id() -> str:
-    """Stable across retries of one flow run, so a retry resumes the same backup set."""
-    if flow_run.id:
-        return new_backup_id(flow_run.scheduled_start_time).rsplit("-", 1)[0] + "-" + str(flow_run.id)[:4]
-    return new_backup_id()
-
-
-class _Steps:
-    """Runs each step task with the configured retries; records its wall-clock time for the manifest."""
-
-    def __init__(self, retries: TaskRetries) -> None:
-        self.retries = retries
-        self.timings: list[StepTiming] = []
-
-    def run(self, name: str, device: str | None, fn: Task, *args: Any, **kwargs: Any) -> Any:
-        step = fn.with_options(retries=self.retries.retries, retry_delay_seconds=self.retries.retry_delay_s)
-        start = time.monotonic()
-        try:
-            result = step(*args, **kwargs)
-        except BaseException as exc:
-            # The per-VM report of backup_policy/backup_host names the step that failed.
-            if getattr(exc, "hotvm_step", None) is None:
-                with contextlib.suppress(AttributeError):
-                    exc.hotvm_step = f"{name}[{device}]" if device else name
-            raise
-        self.timings.append(StepTiming(step=name, device=device, seconds=round(time.monotonic() - start, 4)))
-        return result
-
-
-@flow(name="backup-vm", on_crashed=[_rollback_hook], on_cancellation=[_rollback_hook])
+@flow(
+    name="backup-vm",
+    flow_run_name=vm_run_name("backup"),
+    on_crashed=[rollback_hook],
+    on_cancellation=[rollback_hook],
+)
 def backup_vm(
     vm: str, target: str | None = None, config: str | None = None, backup_id: str | None = None
 ) -> dict:
-    """Hot image backup of one running VM into a new (or the resumed) backup set."""
-    log = get_run_logger()
+    """Hot image backup of one running VM into a new (or the resumed) backup set.
+
+    Args:
+        vm: The VM's name in hotvm.yaml. Run it on the work queue named after the VM's host.
+        target: The target's name in hotvm.yaml; empty: the VM policy's image target, else the default one.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        backup_id: Resume this unfinished backup set; empty: this run's own id (a retry of this run
+            resumes it).
+    """
     session = backup.open_session(vm, config)
-    quiesce = quiesce_for(session)  # refused here, before anything touches the VM
+    check_host_queue(vm, session.host.name)
+    policy = policy_for_vm(session.config, vm)
+    tag_this_run(vm_tags("image", vm, session.host.name, policy.name if policy else None))
     backup_id = backup_id or run_backup_id()
-    steps = _Steps(session.config.retries)
+    steps = Steps(session.config.retries)
+    try:
+        return _backup(session, target, config, backup_id, steps)
+    except BaseException as exc:
+        _failure_artifact("backup", vm, backup_id, steps, exc)
+        raise
+
+
+def _backup(session: backup.Session, target: str | None, config: str | None, backup_id: str, steps: Steps):
+    log = get_run_logger()
+    vm = session.vm.name
+    quiesce = quiesce_for(session)  # refused here, before anything touches the VM
     with backup_slot(
         session.host.name,
         session.host.max_concurrent_backups,
@@ -104,29 +91,22 @@ def backup_vm(
                 f" ({'; '.join(f'{s.device}: {s.reason}' for s in plan.skipped)})" if plan.skipped else ""
             )
             log.warning("backup of %s skipped: %s", vm, reason)
-            return skipped_summary(vm, reason, plan.skipped, steps.timings, warnings)
+            summary = skipped_summary(vm, reason, plan.skipped, steps.timings, warnings)
+            return Completed(message=f"skipped: {reason}", data=summary)
         records = {r.device: r for r in plan.done}
-        frozen, exported = [], set()
-        try:
-            if plan.todo:
-                frozen = steps.run(
-                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config,
-                    track_changes=True, quiesce=quiesce,
-                )  # fmt: skip
-                for disk in frozen:
-                    baseline = plan.baselines.get(disk.device)
-                    record = steps.run(
-                        "export", disk.device, export_disk, vm, target, backup_id, disk, config, baseline
-                    )
-                    exported.add(disk.device)
-                    if warning := backup.incremental_warning(record, baseline):
-                        warnings.append(warning)
-                    steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
-                    steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
-                    final = steps.run(
-                        "commit_final", disk.device, commit_disk, vm, disk.device, "final", config
-                    )
-                    records[disk.device] = record.model_copy(update={"pivot_stall_ms": final.stall_ms})
+
+        def export(disk: FrozenDisk):  # noqa: ANN202 - the per-disk read step of the shared sequence
+            baseline = plan.baselines.get(disk.device)
+            record = steps.run(
+                "export", disk.device, export_disk, vm, target, backup_id, disk, config, baseline
+            )
+            if warning := backup.incremental_warning(record, baseline):
+                warnings.append(warning)
+            return record
+
+        def finish(snap: Snapshot) -> tuple[Manifest, str]:
+            for device, record in snap.read.items():
+                records[device] = record.model_copy(update={"pivot_stall_ms": snap.stall_ms.get(device)})
             archive = steps.run("backup_config", None, backup_config, vm, target, backup_id, config)
             if plan.done:
                 warnings.append(
@@ -142,17 +122,17 @@ def backup_vm(
                 completed_at=utcnow(),
                 disks=list(records.values()),
                 skipped_disks=plan.skipped,
-                consistency=set_consistency(frozen, plan.done),
+                consistency=set_consistency(snap.frozen, plan.done),
                 config_archive=archive,
                 boot_check=session.vm.boot_check,
                 steps=steps.timings,
                 warnings=warnings,
             )
-            url = steps.run("transfer", None, transfer, vm, target, manifest, config)
-        except BaseException:
-            log.error("backup of %s failed: committing its overlays back before the run ends", vm)
-            roll_back(vm, config, frozen, journaled=exported)
-            raise
+            return manifest, steps.run("transfer", None, transfer, vm, target, manifest, config)
+
+        _, (manifest, url) = hot_snapshot(
+            vm, config, backup_id, steps, [d.device for d in plan.todo], export, finish, quiesce=quiesce
+        )
         # The set is complete: the previous backup's bitmaps are superseded by this one's.
         superseded = backup.superseded_bitmaps(plan.baselines, records)
         if superseded:
@@ -166,7 +146,44 @@ def backup_vm(
         _summary_markdown(summary), key=f"backup-{_artifact_key(vm)}", description=f"hot backup of {vm}"
     )
     log.info("backup %s of %s complete: %s", backup_id, vm, url)
-    return summary
+    return Completed(message=f"backup {backup_id} complete: {url}", data=summary)
+
+
+def _failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: BaseException) -> None:
+    """What failed, what was rolled back, how to resume: on the failed run's page in the UI."""
+    from prefect.runtime import flow_run
+
+    step = getattr(exc, "hotvm_step", None) or steps.failed or "before the first step"
+    tag_this_run([f"step:{step}"])  # the failure notification names the step (hotvm/notifications.py)
+    done = ", ".join(f"{t.step} {t.device}" if t.device else t.step for t in steps.timings) or "none"
+    froze = any(t.step == "add_redo" for t in steps.timings) or step.startswith("add_redo")
+    rolled_back = (
+        "Rolled back: every overlay this run put on the VM was committed back (the VM runs on its own disks "
+        "again) and this run's unused dirty bitmaps were dropped; the previous set's bitmaps stay."
+        if froze
+        else "Nothing to roll back: the run failed before it put an overlay on the VM."
+    )
+    run = f"prefect flow-run retry {flow_run.id}" if flow_run.id else f"hotvm {what} {vm} (resumes the set)"
+    text = "\n".join(
+        [
+            f"# {what.capitalize()} of {vm} FAILED at `{step}`",
+            "",
+            f"Error: `{type(exc).__name__}: {exc}`",
+            "",
+            f"Set: `{backup_id}` (unfinished: restores never see it; prune removes it if never resumed)",
+            "",
+            f"Steps that completed: {done}",
+            "",
+            rolled_back,
+            "",
+            "Resume: fix the cause, then press **Retry** on this run (or `" + run + "`). The retry keeps "
+            "the same set and does not read again the disks the target already holds.",
+        ]
+    )
+    with contextlib.suppress(Exception):  # the run's failure must stay the error reported
+        create_markdown_artifact(
+            text, key=f"{what}-{_artifact_key(vm)}-failed", description=f"{what} of {vm} failed"
+        )
 
 
 def quiesce_for(session: backup.Session) -> bool:
@@ -244,13 +261,41 @@ def _artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
+def _mib(n: int | None) -> str:
+    return "" if n is None else f"{n / 1048576:.1f} MiB"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
 def _summary_markdown(summary: dict) -> str:
+    stall = summary.get("pivot_stall_ms")
+    consistency = summary.get("consistency", "crash")
     lines = [
         f"# Backup {summary['backup_id']} of {summary['vm']}",
         "",
         f"Set: `{summary['url']}`",
         "",
-        f"Consistency: {summary.get('consistency', 'crash')}",
+        "Consistency: "
+        + (
+            "application-consistent (the guest agent froze the file systems at the snapshot instant)"
+            if consistency == "application"
+            else CRASH_CONSISTENT
+        ),
+        "",
+        "Final-commit stall (guest I/O held while the VM pivots back to its disk): "
+        + (f"{stall:.1f} ms" if stall is not None else "n/a"),
+        "",
+        "| disk | size | mode | read | new | reused | stall ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d['device']} | {_mib(d['bytes'])} | {d['mode']} | {_mib(d['bytes_read'])} "
+        f"| {_mib(d['bytes_new'])} | {_mib(d['bytes_reused'])} | {_ms(d['pivot_stall_ms'])} |"
+        for d in summary["disks"]
+    ]
+    lines += [
         "",
         "| step | disk | seconds | note |",
         "|---|---|---|---|",

@@ -13,24 +13,24 @@ back up. `daily_files` runs it for every VM whose policy has `files:`.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, _failed_task, artifact_key, publish
-from flows._limits import backup_slot, ensure_host_limit
-from flows._rollback import roll_back
-from flows.backup_vm import _rollback_hook, _Steps, run_backup_id
+from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._limits import backup_slot
+from flows._runs import check_host_queue, fleet_run_name, tag_this_run, vm_run_name, vm_tags
+from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
+from flows.backup_vm import _failure_artifact
 from hotvm import backup
 from hotvm.files.backup import summary_rows
+from hotvm.hypervisors.base import FrozenDisk
 from hotvm.models import load_config, utcnow
 from hotvm.policies import policy_for_vm, vms_for_policy
 from tasks.bitmaps import drop_bitmaps
-from tasks.commit import commit_disk
 from tasks.files import finish_files, plan_files, scan_files, update_catalog
 from tasks.reconcile import reconcile_vm
-from tasks.redo import add_redo
 
 
 def files_target(session: backup.Session, target: str | None) -> str | None:
@@ -41,16 +41,40 @@ def files_target(session: backup.Session, target: str | None) -> str | None:
     return policy.files.target if policy is not None and policy.files is not None else None
 
 
-@flow(name="files-vm", on_crashed=[_rollback_hook], on_cancellation=[_rollback_hook])
+@flow(
+    name="files-vm",
+    flow_run_name=vm_run_name("files"),
+    on_crashed=[rollback_hook],
+    on_cancellation=[rollback_hook],
+)
 def files_vm(
     vm: str, target: str | None = None, config: str | None = None, backup_id: str | None = None
 ) -> dict:
-    """File-level backup of one running VM into a new (or the resumed) file set."""
-    log = get_run_logger()
+    """File-level backup of one running VM into a new (or the resumed) file set.
+
+    Args:
+        vm: The VM's name in hotvm.yaml. Run it on the work queue named after the VM's host.
+        target: The target's name in hotvm.yaml; empty: the VM policy's files target, else the default one.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        backup_id: Resume this unfinished file set; empty: this run's own id (a retry of this run resumes
+            it).
+    """
     session = backup.open_session(vm, config)
-    target = files_target(session, target)
+    check_host_queue(vm, session.host.name)
+    policy = policy_for_vm(session.config, vm)
+    tag_this_run(vm_tags("files", vm, session.host.name, policy.name if policy else None))
     backup_id = backup_id or run_backup_id()
-    steps = _Steps(session.config.retries)
+    steps = Steps(session.config.retries)
+    try:
+        return _files(session, files_target(session, target), config, backup_id, steps)
+    except BaseException as exc:
+        _failure_artifact("files", vm, backup_id, steps, exc)
+        raise
+
+
+def _files(session: backup.Session, target: str | None, config: str | None, backup_id: str, steps: Steps):
+    log = get_run_logger()
+    vm = session.vm.name
     with backup_slot(
         session.host.name,
         session.host.max_concurrent_backups,
@@ -61,45 +85,28 @@ def files_vm(
         warnings = [f"reconciled: {a}" for a in reconciled]
         plan = steps.run("plan", None, plan_files, vm, target, backup_id, config)
         warnings += [f"skipped {s.device}: {s.reason}" for s in plan.skipped]
-        journals = list(plan.done)
-        frozen, scanned = [], set()
-        try:
-            if plan.todo:
-                frozen = steps.run(
-                    "add_redo", None, add_redo, vm, [d.device for d in plan.todo], backup_id, config,
-                    track_changes=True,
-                )  # fmt: skip
-                for disk in frozen:
-                    journals.append(
-                        steps.run(
-                            "scan_files",
-                            disk.device,
-                            scan_files,
-                            vm,
-                            target,
-                            backup_id,
-                            disk,
-                            plan.previous,
-                            config,
-                            plan.bitmaps.get(disk.device),
-                        )  # fmt: skip
-                    )
-                    scanned.add(disk.device)
-                    steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
-                    steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
-                    steps.run("commit_final", disk.device, commit_disk, vm, disk.device, "final", config)
+
+        def scan(disk: FrozenDisk):  # noqa: ANN202 - the per-disk read step of the shared sequence
+            return steps.run(
+                "scan_files", disk.device, scan_files, vm, target, backup_id, disk, plan.previous, config,
+                plan.bitmaps.get(disk.device),
+            )  # fmt: skip
+
+        def finish(snap: Snapshot):  # noqa: ANN202 - FileSetManifest
             if plan.done:
                 warnings.append(
                     f"resumed {backup_id}: {', '.join(j.device for j in plan.done)} from an earlier attempt"
                 )
+            journals = [*plan.done, *snap.read.values()]
             manifest = steps.run(
                 "finish", None, finish_files, vm, target, backup_id, plan, journals, started, steps.timings,
                 warnings, config,
             )  # fmt: skip
-        except BaseException:
-            log.error("file backup of %s failed: committing its overlays back before the run ends", vm)
-            roll_back(vm, config, frozen, journaled=scanned)
-            raise
+            return manifest, journals
+
+        _, (manifest, journals) = hot_snapshot(
+            vm, config, backup_id, steps, [d.device for d in plan.todo], scan, finish
+        )
         # complete: the previous set's bitmaps are superseded by this one's (only where this set has one)
         superseded = {
             j.device: [plan.bitmaps[j.device]]
@@ -121,7 +128,7 @@ def files_vm(
         _markdown(result), key=f"files-{artifact_key(vm)}", description=f"file backup of {vm}"
     )
     log.info("file backup %s of %s complete", backup_id, vm)
-    return result
+    return Completed(message=f"file backup {backup_id} complete", data=result)
 
 
 def summarize(manifest, catalog: dict | None) -> dict:  # noqa: ANN001 - FileSetManifest
@@ -168,22 +175,22 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-@task(name="files_one_vm", task_run_name="files[{vm}]", cache_policy=NO_CACHE)
-def files_one_vm(vm: str, target: str | None, config: str | None, host: str = "") -> dict:
-    """files_vm as a subflow: each VM's steps show (and can be retried) in the UI on their own."""
-    row = {"host": host, "vm": vm}
-    state = files_vm(vm=vm, target=target, config=config, return_state=True)
-    if state.is_completed():
-        return {**row, "ok": True, "status": "success", **state.result()}
-    exc = state.result(raise_on_failure=False)
-    step = getattr(exc, "hotvm_step", None) or _failed_task(state.state_details.flow_run_id)
-    error = str(exc) or type(exc).__name__ if isinstance(exc, BaseException) else (state.message or "failed")
-    return {**row, "ok": False, "status": "failed", "step": step or "before the first step", "error": error}
-
-
-@flow(name="daily-files", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS))
+@flow(
+    name="daily-files",
+    flow_run_name=fleet_run_name("daily-files", "policy"),
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL_VMS),
+)
 def daily_files(policy: str = "default", config: str | None = None, target: str | None = None) -> list[dict]:
-    """File-level backup of every VM of `policy` (if the policy has `files:`), to its files target."""
+    """File-level backup of every VM of `policy` (if the policy has `files:`), to its files target.
+
+    Run from its deployment, each VM is its own `files-vm` run on its host's work queue (retry a failed
+    VM there); run from the CLI, each VM is a subflow in this process.
+
+    Args:
+        policy: The policy in hotvm.yaml whose VMs are backed up (its files: section).
+        config: Path of hotvm.yaml; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        target: The target's name in hotvm.yaml; empty: the policy's files target, else the default one.
+    """
     cfg = load_config(config)
     chosen = cfg.find_policy(policy)
     if chosen.files is None:
@@ -191,10 +198,7 @@ def daily_files(policy: str = "default", config: str | None = None, target: str 
         return []
     target = target or chosen.files.target
     pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen)]
-    for host in dict.fromkeys(h for h, _ in pairs):
-        ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
-    futures = [files_one_vm.submit(vm, target, config, host) for host, vm in pairs]
-    results = [f.result() for f in futures]
+    results = run_vms(pairs, target, config, kind="files", policy=policy)
     return publish(
         results, f"daily-files-{artifact_key(policy)}", f"file backup of policy {policy}", f"policy {policy}"
     )

@@ -13,10 +13,11 @@ from prefect import flow, get_run_logger
 
 from hotvm.instant.core import result
 from hotvm.instant.state import load_state
+from flows._runs import vm_run_name
 from tasks.instant import expose, prepare, run, start_stream, stream
 
 
-@flow(name="instant-restore")
+@flow(name="instant-restore", flow_run_name=vm_run_name("instant-restore"))
 def instant_restore(
     vm: str,
     to: str,
@@ -27,7 +28,18 @@ def instant_restore(
     speed: int = 0,
     config: str | None = None,
 ) -> dict:
-    """Instant restore of `vm` into the directory `to` (same `to` again: resume)."""
+    """Instant restore of `vm` into the directory `to` (same `to` again: resume).
+
+    Args:
+        vm: The VM's name in hotvm.yaml (its backups on the target).
+        to: Directory on this host for the overlays, the local disks and the state (instant.json).
+        backup_id: The backup set to run from; empty: the VM's latest complete one.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        start: Start the VM on the backup (else only stream the disks home, no VM).
+        wait: Return only when every disk has streamed home.
+        speed: Stream speed limit in bytes/s; 0: unlimited.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     prepared = prepare(vm, to, backup_id, target, start, speed, config)
     ready = None
     if prepared["status"] != "complete":

@@ -11,14 +11,20 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._runs import fleet_run_name
 from hotvm.inventory import diff_markdown, vm_rows
 from hotvm.models import load_config
 from tasks.inventory import collect_inventory, diff_inventory, store_inventory
 
 
-@flow(name="inventory")
+@flow(name="inventory", flow_run_name=fleet_run_name("inventory"))
 def inventory(target: str | None = None, config: str | None = None) -> dict:
-    """Collect every VM of every host, store it as a new version on the target, report what changed."""
+    """Collect every VM of every host, store it as a new version on the target, report what changed.
+
+    Args:
+        target: The target's name in hotvm.yaml; empty: the default target.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     log = get_run_logger()
     target_name = load_config(config).find_target(target).name
     current = collect_inventory(config)

@@ -18,7 +18,14 @@ from tasks.copy import copy_sets
 def offsite_copy(
     destination: str, source: str | None = None, vms: list[str] | None = None, config: str | None = None
 ) -> dict:
-    """Copy every complete backup set of `source` (default target) that `destination` lacks."""
+    """Copy every complete backup set of `source` (default target) that `destination` lacks.
+
+    Args:
+        destination: The destination target's name in hotvm.yaml (the offsite copy).
+        source: The source target's name; empty: the default target.
+        vms: Only these VMs' sets; empty: every VM.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     report = copy_sets(source, destination, vms or None, config)
     rows = [
         {"kind": s["kind"], "vm": s["vm"], "backup": s["backup_id"], "action": s["action"],

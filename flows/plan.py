@@ -15,6 +15,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._runs import fleet_run_name
 from hotvm.errors import HotvmError
 from hotvm.models import load_config, utcnow
 from hotvm.plan import FORMATS, check_plan, plan_document, render, render_markdown
@@ -32,9 +33,14 @@ def write_plan(target: str, files: dict[str, bytes], config: str | None = None) 
     return written
 
 
-@flow(name="plan-export")
+@flow(name="plan-export", flow_run_name=fleet_run_name("dr-plan"))
 def plan_export(config: str | None = None, formats: list[str] | None = None) -> dict:
-    """Render the DR plan and write it to every export target (plan.export_targets, default: every one)."""
+    """Render the DR plan and write it to every export target (plan.export_targets, default: every one).
+
+    Args:
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        formats: Document formats to write: md, html, xlsx.
+    """
     log = get_run_logger()
     formats = list(formats or ["md", "html"])
     unknown = [f for f in formats if f not in FORMATS]
@@ -59,17 +65,25 @@ def plan_export(config: str | None = None, formats: list[str] | None = None) -> 
             failed[name] = exc.message
             log.error("DR plan not written to target '%s': %s", name, exc.message)
     create_markdown_artifact(render_markdown(doc), key="dr-plan", description=f"DR plan {stamp}")
-    log.info("DR plan %s written to %s (%d violation(s))", stamp, ", ".join(written) or "no target",
-             len(doc.violations))
+    log.info(
+        "DR plan %s written to %s (%d violation(s))",
+        stamp,
+        ", ".join(written) or "no target",
+        len(doc.violations),
+    )
     if not written:
         raise HotvmError("the DR plan could not be written to any target", "; ".join(failed.values()))
     return {"stamp": stamp, "written": written, "failed": failed, "violations": doc.violations}
 
 
-@flow(name="plan-check")
+@flow(name="plan-check", flow_run_name=fleet_run_name("plan-check"))
 def plan_check(config: str | None = None) -> list[dict]:
     """Fail the run if any VM's schedules miss its RPO, it lacks file-level backup it needs, or its last
-    measured restore misses its RTO (or it was never tested)."""
+    measured restore misses its RTO (or it was never tested).
+
+    Args:
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     violations = [v.as_dict() for v in check_plan(load_config(config))]
     if violations:
         create_table_artifact(violations, key="plan-check", description=f"{len(violations)} violation(s)")

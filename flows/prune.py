@@ -13,13 +13,14 @@ import datetime as dt
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._runs import fleet_run_name
 from hotvm.models import Keep, load_config, utcnow
 from hotvm.prune import PruneReport, gone, policy_keeps, target_and_policy
 from targets.base import redact_url
 from tasks.prune import decide_retention, list_sets, remove_sets, sweep_chunks
 
 
-@flow(name="prune")
+@flow(name="prune", flow_run_name=fleet_run_name("prune", "target"))
 def prune(
     target: str | None = None,
     vm: str | None = None,
@@ -34,11 +35,30 @@ def prune(
     incomplete_grace_hours: float = 24.0,
     chunk_grace_minutes: float = 60.0,
 ) -> dict:
-    """Remove the backup sets the retention policy does not keep, then the chunks nothing references."""
+    """Remove the backup sets the retention policy does not keep, then the chunks nothing references.
+
+    Args:
+        target: The target's name in hotvm.yaml; empty: the default target.
+        vm: Only this VM's sets; empty: every VM on the target.
+        dry_run: Only report what would be removed.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        keep_last: Override the retention: keep the newest N sets per VM.
+        keep_days: Override the retention: keep every set of the last N days.
+        keep_daily: Override the retention: keep one set per day for N days.
+        keep_weekly: Override the retention: keep one set per week for N weeks.
+        keep_monthly: Override the retention: keep one set per month for N months.
+        keep_yearly: Override the retention: keep one set per year for N years.
+        incomplete_grace_hours: An unfinished set younger than this may still be resumed: it stays.
+        chunk_grace_minutes: A chunk newer than this may belong to a running backup: it stays.
+    """
     log = get_run_logger()
     cfg = load_config(config)
     overrides = dict(
-        last=keep_last, days=keep_days, daily=keep_daily, weekly=keep_weekly, monthly=keep_monthly,
+        last=keep_last,
+        days=keep_days,
+        daily=keep_daily,
+        weekly=keep_weekly,
+        monthly=keep_monthly,
         yearly=keep_yearly,
     )
     target_cfg, policy = target_and_policy(cfg, target, **overrides)
@@ -58,8 +78,14 @@ def prune(
         target_cfg.name, gone(decisions, outcomes, dry_run), dry_run, set_grace, chunk_grace, config
     )
     report = PruneReport(
-        target=target_cfg.name, url=redact_url(target_cfg.url), vm=vm, dry_run=dry_run, policy=policy,
-        at=now, sets=outcomes, sweep=sweep,
+        target=target_cfg.name,
+        url=redact_url(target_cfg.url),
+        vm=vm,
+        dry_run=dry_run,
+        policy=policy,
+        at=now,
+        sets=outcomes,
+        sweep=sweep,
     )
     create_table_artifact(
         artifact_rows(report), key=f"prune-{_artifact_key(target_cfg.name)}", description=describe(report)

@@ -6,11 +6,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._runs import fleet_run_name
 from hotvm.errors import HotvmError, RunFailed
 from hotvm.verify import recover_tier
 
 
-@flow(name="recover")
+@flow(name="recover", flow_run_name=fleet_run_name("recover", "tier"))
 def recover(
     tier: int,
     to: str,
@@ -19,6 +20,16 @@ def recover(
     fmt: str = "qcow2",
     config: str | None = None,
 ) -> list[dict]:
+    """Restore every VM of `tier` into `to`/<vm>/ in recovery order and compare each time with its RTO.
+
+    Args:
+        tier: The recovery tier (1 = first) whose VMs are restored.
+        to: Directory on the worker to restore into (one sub-directory per VM).
+        target: The target's name in hotvm.yaml; empty: the default target.
+        boot_check: Boot each restored VM isolated until its ready pattern.
+        fmt: Format of the restored disks: qcow2 or raw.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
     rows = recover_tier(config, tier, to, target, boot_check=boot_check, fmt=fmt)  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._runs import vm_run_name
 from hotvm.errors import HotvmError
 from hotvm.restore import completed_restore, mark_restored, prepare_destination
 from hotvm.standby import restore_dir_on_host, staged_on_host
@@ -16,7 +17,7 @@ from tasks.restore import boot_check, find_backup, record_restore_test, restore_
 from tasks.sync import register_vm
 
 
-@flow(name="restore-vm")
+@flow(name="restore-vm", flow_run_name=vm_run_name("restore"))
 def restore_vm(
     vm: str,
     to: str | None = None,
@@ -32,7 +33,20 @@ def restore_vm(
     """Restore the latest (or the given) backup of a VM into the directory `to`.
 
     to_host: also register the restored VM on that host (as `name`, default the VM's own name; another
-    name gets a new UUID and MACs), its disks by default in the host's vm_dir/NAME; `start` starts it."""
+    name gets a new UUID and MACs), its disks by default in the host's vm_dir/NAME; `start` starts it.
+
+    Args:
+        vm: The VM's name in hotvm.yaml (its backups on the target).
+        to: Directory to restore into (created; must be empty or absent). Empty: needs to_host.
+        backup_id: The backup set to restore; empty: the VM's latest complete one.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        fmt: Format of the restored disks: qcow2 or raw.
+        boot_check_restored: Boot the restored VM isolated (no network) until its ready pattern.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        to_host: Also register the restored VM on this host of hotvm.yaml (run on that host's queue).
+        name: Name of the restored VM on to_host; empty: the VM's own name.
+        start: Start the VM registered on to_host.
+    """
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
     if to is None and to_host is None:

@@ -12,12 +12,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._fleet import artifact_key
+from flows._runs import fleet_run_name
 from hotvm.errors import HotvmError, RunFailed
 from hotvm.standby import standby_vms
 from tasks.sync import sync_vm_config
 
 
-@flow(name="sync-config")
+@flow(name="sync-config", flow_run_name=fleet_run_name("sync-config", "vm"))
 def sync_config(
     vm: str | None = None,
     standby: str | None = None,
@@ -26,7 +27,16 @@ def sync_config(
     config: str | None = None,
     start: bool = False,
 ) -> list[dict]:
-    """Register the latest backup of `vm` (default: every VM with a standby_host) on its standby host."""
+    """Register the latest backup of `vm` (default: every VM with a standby_host) on its standby host.
+
+    Args:
+        vm: Only this VM; empty: every VM with a standby_host.
+        standby: The standby host for `vm` (overrides its standby_host).
+        with_disks: Also restore the latest disks into the standby's vm_dir.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        start: Start the VM on the standby (failover).
+    """
     if vm is not None:
         pairs = [(vm, standby)]
     else:

@@ -13,16 +13,24 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._runs import fleet_run_name, vm_run_name
 from hotvm.errors import HotvmError
 from hotvm.restore import prepare_destination
 from tasks.tape import copy_to_tape, restore_from_tape, store_catalog, tape_catalogs
 
 
-@flow(name="tape-copy")
+@flow(name="tape-copy", flow_run_name=fleet_run_name("weekly-tape", "tape"))
 def tape_copy(
     tape: str, target: str | None = None, vms: list[str] | None = None, config: str | None = None
 ) -> dict:
-    """Copy every complete backup set of the target (or those of `vms`) to the tape as one new copy."""
+    """Copy every complete backup set of the target (or those of `vms`) to the tape as one new copy.
+
+    Args:
+        tape: The tape's name in hotvm.yaml (tapes:).
+        target: The target's name in hotvm.yaml; empty: the default target.
+        vms: Only these VMs' sets; empty: every VM on the target.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     catalog = copy_to_tape(tape, target, vms or None, config)
     stored = store_catalog(catalog, config)
     rows = artifact_rows(catalog)
@@ -52,11 +60,20 @@ def artifact_rows(catalog: dict) -> list[dict]:
     ]
 
 
-@flow(name="tape-restore")
+@flow(name="tape-restore", flow_run_name=vm_run_name("tape-restore"))
 def tape_restore(
     vm: str, tape: str, to: str, backup_id: str | None = None, fmt: str = "qcow2", config: str | None = None
 ) -> dict:
-    """Restore the latest (or the given) backup of a VM straight from tape into the directory `to`."""
+    """Restore the latest (or the given) backup of a VM straight from tape into the directory `to`.
+
+    Args:
+        vm: The VM's name (as backed up).
+        tape: The tape's name in hotvm.yaml (tapes:).
+        to: Directory on the worker to restore into (created; must be empty or absent).
+        backup_id: The backup set to restore; empty: the VM's latest one on the tape.
+        fmt: Format of the restored disks: qcow2 or raw.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
     dest = Path(to).resolve()

@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._fleet import artifact_key
+from flows._runs import fleet_run_name
 from hotvm.errors import HotvmError, RunFailed
 from tasks.verify import select_vms, verify_set
 
@@ -33,7 +34,7 @@ def verify_rows(results: list[dict]) -> list[dict]:
     ]
 
 
-@flow(name="verify")
+@flow(name="verify", flow_run_name=fleet_run_name("verify", "vm"))
 def verify(
     vm: str | None = None,
     backup_id: str | None = None,
@@ -43,7 +44,17 @@ def verify(
     sample: int | None = None,
     config: str | None = None,
 ) -> list[dict]:
-    """Restore-test one VM, every VM on the target, or `sample` of them (least recently tested first)."""
+    """Restore-test one VM, every VM on the target, or `sample` of them (least recently tested first).
+
+    Args:
+        vm: Only this VM; empty: every VM on the target (or `sample` of them).
+        backup_id: This backup set of `vm`; empty: its latest complete one.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        boot: Also boot each restored VM isolated until its ready pattern (its measured RTO).
+        keep: Keep the scratch restores (for a look); default: removed after the test.
+        sample: Test only this many VMs, least recently tested first; empty: all.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     if backup_id and not vm:
         raise HotvmError("a backup id needs a VM", "pass vm= with backup_id=")
     vms = [vm] if vm else select_vms(config, target, sample)
@@ -65,9 +76,15 @@ def verify(
     return results
 
 
-@flow(name="scrub")
+@flow(name="scrub", flow_run_name=fleet_run_name("scrub", "target"))
 def scrub(target: str | None = None, vm: str | None = None, config: str | None = None) -> dict:
-    """Checksum-only verification of every set (= `hotvm check --read-data`), like a PBS verify job."""
+    """Checksum-only verification of every set (= `hotvm check --read-data`), like a PBS verify job.
+
+    Args:
+        target: The target's name in hotvm.yaml; empty: the default target.
+        vm: Only this VM's sets; empty: every set.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
     from hotvm.check import check_repository
     from hotvm.prune import opened
 

@@ -1009,3 +1009,8 @@ def target_forget_cmd(
 from hotvm.cli_files import files_app  # noqa: E402 - it imports the options defined above
 
 app.add_typer(files_app, name="files")
+
+from hotvm.cli_prefect import notifications_app, prefect_app  # noqa: E402 - it imports the options above
+
+app.add_typer(prefect_app, name="prefect")
+app.add_typer(notifications_app, name="notifications")

@@ -417,6 +417,62 @@ class TaskRetries(StrictModel):
     retry_delay_s: float = Field(5, ge=0)
 
 
+class EmailNotification(StrictModel):
+    """E-mail over SMTP (accepted in hotvm.yaml; `hotvm notifications apply` refuses it for now:
+    Prefect 3.9 ships no SMTP notification block, see docs/notifications.md)."""
+
+    smtp: str = Field(min_length=1)
+    """host:port of the SMTP server."""
+    sender: str = Field(alias="from", min_length=3)
+    to: list[str] = Field(min_length=1)
+    user: str | None = None
+    password_env: str | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class NotificationConfig(StrictModel):
+    """One notification channel: failed, crashed and late runs reported by the Prefect server itself
+    (automations), so a worker that died mid-run is reported too (docs/notifications.md)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=40)
+    webhook: str | None = None
+    """The URL messages are POSTed to (JSON {"text": ...}, Slack/Mattermost style). A URL holding a token
+    is a secret: prefer webhook_env (hotvm.yaml is copied into every backup's config archive)."""
+    webhook_env: str | None = None
+    """The environment variable (of `hotvm notifications apply`) that holds the webhook URL."""
+    email: EmailNotification | None = None
+    on: list[Literal["failed", "crashed", "late"]] = Field(
+        default=["failed", "crashed", "late"], min_length=1
+    )
+    late_after: Duration = dt.timedelta(hours=1)
+    """late: a scheduled run that has not started this long after the server marked it Late."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on_is_true(cls, data: object) -> object:
+        """YAML 1.1 reads a bare `on:` key as the boolean true."""
+        if isinstance(data, dict) and True in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
+
+    @field_validator("webhook")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return _no_password_in_url(url)
+
+    @model_validator(mode="after")
+    def _one_channel(self) -> NotificationConfig:
+        given = [k for k in ("webhook", "webhook_env", "email") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"notification '{self.name}': give exactly one of webhook, webhook_env, email")
+        if self.late_after < dt.timedelta(seconds=10):
+            raise ValueError(f"notification '{self.name}': late_after must be at least 10s")
+        return self
+
+
 class Config(StrictModel):
     hosts: list[HostConfig] = Field(min_length=1)
     targets: list[TargetConfig] = Field(min_length=1)
@@ -425,6 +481,8 @@ class Config(StrictModel):
     policies: list[Policy] = []
     plan: PlanConfig = PlanConfig()
     """Empty: one default policy (Table 7.3) over every VM; see `effective_policies`."""
+    notifications: list[NotificationConfig] = []
+    """Failed/crashed/late runs reported by the Prefect server (hotvm notifications apply)."""
     source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="after")
@@ -433,6 +491,7 @@ class Config(StrictModel):
             ("host", [h.name for h in self.hosts]),
             ("target", [t.name for t in self.targets]),
             ("tape", [t.name for t in self.tapes]),
+            ("notification", [n.name for n in self.notifications]),
         ):
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # A real Prefect deployment on this machine (docs/scale-out.md): PostgreSQL 15 (Debian `postgresql`),
-# `prefect server start` on it, the process work pool of prefect.yaml, `prefect deploy --all`.
+# `prefect server start` on it, `hotvm prefect setup` (work pool `hotvm`, a work queue per host of
+# hotvm.yaml + `fleet`, host limits, notifications), `prefect deploy --all`.
 #
 #   scripts/prefect-server.sh start        # or `make server`; rerun = reuse what already runs
-#   scripts/prefect-server.sh worker HOST  # or `make worker HOST=hv1`: a background worker on this machine
+#   scripts/prefect-server.sh worker HOST  # or `make worker HOST=hv1`: a background worker for queue HOST
+#                                          # on this machine (HOST=fleet: the fleet worker)
 #   scripts/prefect-server.sh status
 #   scripts/prefect-server.sh stop         # workers first, then the server, then PostgreSQL
 #
@@ -14,8 +16,7 @@
 #                      Only ever read from the environment, never written to a file.
 #   HOTVM_PREFECT_HOST / HOTVM_PREFECT_PORT  the API     (default 127.0.0.1 / 4200)
 #   HOTVM_STATE_DIR    pid files and logs                (default /var/lib/hotvm/prefect)
-#   HOTVM_POOL         the process work pool             (default hotvm-local, as in prefect.yaml)
-#   HOTVM_CONFIG       hotvm.yaml (hosts listed for the worker hints; passed to workers)
+#   HOTVM_CONFIG       hotvm.yaml (its hosts become work queues; passed to workers)
 #   PREFECT            the prefect command               (default .venv/bin/prefect, else `prefect`)
 set -euo pipefail
 
@@ -26,7 +27,7 @@ PG_PORT=${HOTVM_PG_PORT:-5433}
 API_HOST=${HOTVM_PREFECT_HOST:-127.0.0.1}
 API_PORT=${HOTVM_PREFECT_PORT:-4200}
 STATE=${HOTVM_STATE_DIR:-/var/lib/hotvm/prefect}
-POOL=${HOTVM_POOL:-hotvm-local}
+POOL=hotvm  # the routing convention (docs/scale-out.md): prefect.yaml and the fleet flows use this name
 HOTVM_CONFIG=$(realpath -m "${HOTVM_CONFIG:-$REPO/hotvm.yaml}")
 if [ -z "${PREFECT:-}" ]; then
   if [ -x "$REPO/.venv/bin/prefect" ]; then PREFECT=$REPO/.venv/bin/prefect; else PREFECT=prefect; fi
@@ -129,23 +130,29 @@ EOF
 }
 
 deploy() {
-  if "$PREFECT" --no-prompt work-pool inspect "$POOL" >/dev/null 2>&1; then
-    log "work pool $POOL exists"
-  else
-    "$PREFECT" --no-prompt work-pool create "$POOL" --type process >/dev/null
-    log "created process work pool $POOL"
+  if [ -f "$HOTVM_CONFIG" ]; then  # pool, a queue per host + fleet, host limits, notifications
+    (cd "$REPO" && HOTVM_CONFIG=$HOTVM_CONFIG "$PYTHON" -m hotvm prefect setup >"$STATE/setup.log" 2>&1) \
+      || { cat "$STATE/setup.log" >&2; exit 1; }
+    log "hotvm prefect setup done (log $STATE/setup.log)"
+  else  # no hotvm.yaml yet: the pool and the fleet queue; rerun after writing it
+    "$PREFECT" --no-prompt work-pool inspect "$POOL" >/dev/null 2>&1 \
+      || "$PREFECT" --no-prompt work-pool create "$POOL" --type process >/dev/null
+    "$PREFECT" --no-prompt work-queue inspect fleet --pool "$POOL" >/dev/null 2>&1 \
+      || "$PREFECT" --no-prompt work-queue create fleet --pool "$POOL" >/dev/null
+    log "no $HOTVM_CONFIG: created work pool $POOL and queue fleet only (rerun start once it exists)"
   fi
   (cd "$REPO" && "$PREFECT" --no-prompt deploy --all >"$STATE/deploy.log" 2>&1) \
     || { cat "$STATE/deploy.log" >&2; exit 1; }
   log "deployed prefect.yaml (log $STATE/deploy.log)"
 }
 
-start_worker() {  # a background worker for one hypervisor host, on this machine
+start_worker() {  # a background worker for one work queue (a hypervisor host, or fleet), on this machine
   local host=$1 pidfile="$STATE/worker-$1.pid"
   mkdir -p "$STATE"
   if pid_alive "$pidfile"; then log "worker for $host already running (pid $(cat "$pidfile"))"; return; fi
   cd "$REPO"
-  HOTVM_CONFIG=$HOTVM_CONFIG setsid "$PREFECT" worker start --pool "$POOL" --name "hotvm-$host" \
+  HOTVM_CONFIG=$HOTVM_CONFIG setsid "$PREFECT" worker start --pool "$POOL" --work-queue "$host" \
+    --name "hotvm-$host" \
     </dev/null >>"$STATE/worker-$host.log" 2>&1 &
   echo $! >"$pidfile"
   log "worker for $host started (pid $(cat "$pidfile"), log $STATE/worker-$host.log)"
@@ -167,12 +174,12 @@ print_hints() {
   cat <<EOF
 
 Prefect UI/API: http://$API_HOST:$API_PORT   (PREFECT_API_URL=$PREFECT_API_URL)
-Start one worker per hypervisor host, on that host (it reaches the VMs' QMP sockets):
+Start one worker per hypervisor host, on that host (it reaches the VMs' QMP sockets), and the fleet worker:
 EOF
   local h
-  for h in $(hosts); do
+  for h in $(hosts) fleet; do
     echo "  PREFECT_API_URL=$PREFECT_API_URL HOTVM_CONFIG=$HOTVM_CONFIG \\"
-    echo "    $PREFECT worker start --pool $POOL --name hotvm-$h      # or here: make worker HOST=$h"
+    echo "    $PREFECT worker start --pool $POOL --work-queue $h      # or here: make worker HOST=$h"
   done
   echo "Stop everything: $0 stop"
 }

@@ -14,7 +14,7 @@ from tasks._options import STEP
 UI_UPDATE_S = 5.0
 
 
-@task(name="export_disk", task_run_name="export_disk[{frozen.device}]", **STEP)
+@task(name="export_disk", task_run_name="export {frozen.device}", **STEP)
 def export_disk(
     vm: str,
     target: str | None,

@@ -15,7 +15,7 @@ from hotvm.models import StepTiming
 from tasks._options import STEP
 
 
-@task(name="plan_files", **STEP)
+@task(name="plan_files", task_run_name="plan", **STEP)
 def plan_files(vm: str, target: str | None, backup_id: str, config: str | None = None) -> files.FilesPlan:
     """Disks to read (a rerun skips finished ones) and the previous file set to be incremental from."""
     plan = files.plan(backup.open_session(vm, config), target, backup_id)
@@ -27,7 +27,7 @@ def plan_files(vm: str, target: str | None, backup_id: str, config: str | None =
     return plan
 
 
-@task(name="scan_files", task_run_name="scan_files[{frozen.device}]", **STEP)
+@task(name="scan_files", task_run_name="scan_files {frozen.device}", **STEP)
 def scan_files(
     vm: str,
     target: str | None,
@@ -47,7 +47,7 @@ def scan_files(
     return journal
 
 
-@task(name="finish_files", **STEP)
+@task(name="finish_files", task_run_name="finish", **STEP)
 def finish_files(
     vm: str,
     target: str | None,
@@ -65,7 +65,7 @@ def finish_files(
     )
 
 
-@task(name="update_catalog", **STEP)
+@task(name="update_catalog", task_run_name="update_catalog", **STEP)
 def update_catalog(vm: str, target: str | None, config: str | None = None) -> dict:
     """Index the new set in the local catalog (derived data: any later use re-syncs it anyway)."""
     return files.update_catalog(backup.open_session(vm, config), target)

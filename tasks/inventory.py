@@ -12,7 +12,7 @@ from hotvm.prune import opened
 from tasks._options import STEP
 
 
-@task(name="collect_inventory", **STEP)
+@task(name="collect_inventory", task_run_name="collect_inventory", **STEP)
 def collect_inventory(config: str | None = None) -> Inventory:
     """Every VM of every host as its hypervisor reports it now (unreachable VMs keep a row with why)."""
     inv = inventory.collect(load_config(config))
@@ -23,7 +23,7 @@ def collect_inventory(config: str | None = None) -> Inventory:
     return inv
 
 
-@task(name="store_inventory", **STEP)
+@task(name="store_inventory", task_run_name="store_inventory", **STEP)
 def store_inventory(
     inv: Inventory, target: str | None, config: str | None = None
 ) -> tuple[str, str | None, Inventory | None]:
@@ -32,7 +32,7 @@ def store_inventory(
         return inventory.store(repo, inv)
 
 
-@task(name="diff_inventory", retries=0, cache_policy=NO_CACHE)
+@task(name="diff_inventory", task_run_name="diff_inventory", retries=0, cache_policy=NO_CACHE)
 def diff_inventory(previous: Inventory | None, current: Inventory) -> InventoryDiff:
     """Pure: added / removed VMs, changed hardware, VMs no policy covers (warnings)."""
     change = inventory.diff(previous, current)

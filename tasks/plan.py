@@ -6,7 +6,7 @@ from hotvm import backup
 from tasks._options import STEP
 
 
-@task(name="plan_disks", **STEP)
+@task(name="plan_disks", task_run_name="plan", **STEP)
 def plan_disks(vm: str, target: str | None, backup_id: str, config: str | None = None) -> backup.DiskPlan:
     """Detect disk modes (skip what cannot take an overlay) and what this set already holds (resume)."""
     plan = backup.plan_disks(backup.open_session(vm, config), target, backup_id)

@@ -14,14 +14,14 @@ from hotvm.retention import BackupPoint, Decision
 from tasks._options import STEP
 
 
-@task(name="list_sets", **STEP)
+@task(name="list_sets", task_run_name="list_sets", **STEP)
 def list_sets(target: str | None, vm: str | None, config: str | None = None) -> list[BackupPoint]:
     """Every backup set on the target (of one VM): complete, incomplete or unreadable, and when."""
     with prune.opened(config, target) as repo:
         return prune.backup_points(repo, vm)
 
 
-@task(name="decide_retention", retries=0, cache_policy=NO_CACHE)
+@task(name="decide_retention", task_run_name="decide_retention", retries=0, cache_policy=NO_CACHE)
 def decide_retention(
     points: list[BackupPoint], policy: Keep, now: dt.datetime, incomplete_grace: dt.timedelta
 ) -> list[Decision]:
@@ -29,7 +29,7 @@ def decide_retention(
     return retention.decide(points, policy, now, incomplete_grace=incomplete_grace)
 
 
-@task(name="remove_sets", **STEP)
+@task(name="remove_sets", task_run_name="remove_sets", **STEP)
 def remove_sets(
     target: str | None, decisions: list[Decision], dry_run: bool, config: str | None = None
 ) -> list[SetOutcome]:
@@ -51,7 +51,7 @@ def remove_sets(
     return outcomes
 
 
-@task(name="sweep_chunks", **STEP)
+@task(name="sweep_chunks", task_run_name="sweep_chunks", **STEP)
 def sweep_chunks(
     target: str | None,
     removed: list[str],

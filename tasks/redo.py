@@ -1,13 +1,19 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.runtime import task_run
 
 from hotvm import backup
 from hotvm.hypervisors.base import FrozenDisk
 from tasks._options import STEP
 
 
-@task(name="add_redo", task_run_name="add_redo[{devices}]", **STEP)
+def _run_name() -> str:
+    """`add_redo data+fs`: the disks that get an overlay in this one instant."""
+    return "add_redo " + "+".join(task_run.parameters["devices"])
+
+
+@task(name="add_redo", task_run_name=_run_name, **STEP)
 def add_redo(
     vm: str,
     devices: list[str],

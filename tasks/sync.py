@@ -12,7 +12,7 @@ from hotvm.models import Manifest
 from tasks._options import STEP
 
 
-@task(name="sync_config", task_run_name="sync_config[{vm}]", **STEP)
+@task(name="sync_config", task_run_name="sync_config {vm}", **STEP)
 def sync_vm_config(
     vm: str,
     standby_host: str | None = None,
@@ -27,7 +27,7 @@ def sync_vm_config(
     return result
 
 
-@task(name="register_vm", task_run_name="register_vm[{name}]", **STEP)
+@task(name="register_vm", task_run_name="register_vm {name}", **STEP)
 def register_vm(
     manifest: Manifest,
     host: str,

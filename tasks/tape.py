@@ -14,7 +14,7 @@ from tasks._options import STEP
 ONE_PASS = {**STEP, "retries": 0}
 
 
-@task(name="copy_to_tape", **ONE_PASS)
+@task(name="copy_to_tape", task_run_name="copy_to_tape", **ONE_PASS)
 def copy_to_tape(tape: str, target: str | None, vms: list[str] | None, config: str | None = None) -> dict:
     cfg = load_config(config)
     tape_cfg = cfg.find_tape(tape)
@@ -25,19 +25,19 @@ def copy_to_tape(tape: str, target: str | None, vms: list[str] | None, config: s
     )
 
 
-@task(name="store_tape_catalog", **STEP)
+@task(name="store_tape_catalog", task_run_name="store_tape_catalog", **STEP)
 def store_catalog(catalog: dict, config: str | None = None) -> str:
     """The copy's catalog, also kept in the source repository (tapes/<tape>/catalog-<copy>.json)."""
     return tape_copy.store_catalog(open_repository(config, catalog["target"]), catalog)
 
 
-@task(name="tape_catalogs", **STEP)
+@task(name="tape_catalogs", task_run_name="tape_catalogs", **STEP)
 def tape_catalogs(tape: str, config: str | None = None) -> list[dict]:
     """The catalogs of every complete copy, read from the tapes themselves (no repository needed)."""
     return tape_copy.catalogs_from_scan(tape_copy.scan_library(open_tape(config, tape)))
 
 
-@task(name="restore_from_tape", retries=0)
+@task(name="restore_from_tape", task_run_name="restore_from_tape", retries=0)
 def restore_from_tape(
     tape: str, catalogs: list[dict], vm: str, backup_id: str | None, dest: str, fmt: str, config: str | None
 ) -> dict:

@@ -9,12 +9,12 @@ from prefect.cache_policies import NO_CACHE
 from hotvm import verify
 
 
-@task(name="select_vms", cache_policy=NO_CACHE)
+@task(name="select_vms", task_run_name="select_vms", cache_policy=NO_CACHE)
 def select_vms(config: str | None, target: str | None, sample: int | None) -> list[str]:
     return verify.vms_to_verify(config, target, sample)
 
 
-@task(name="verify_set", task_run_name="verify[{vm}]", retries=0, cache_policy=NO_CACHE)
+@task(name="verify_set", task_run_name="verify {vm}", retries=0, cache_policy=NO_CACHE)
 def verify_set(
     vm: str, target: str | None, backup_id: str | None, boot: bool, keep: bool, config: str | None
 ) -> dict:

@@ -168,9 +168,9 @@ def test_full_target_fails_cleanly_and_retry_of_the_flow_run_resumes(
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    exports = sorted((r.name, r.state.type.value) for r in runs if r.name.startswith("export_disk"))
-    assert exports.count(("export_disk[a]", "COMPLETED")) == 1  # disk a was not read again on the retry
-    assert [n for n, _ in exports].count("export_disk[b]") == 2  # b failed, then completed
+    exports = sorted((r.name, r.state.type.value) for r in runs if r.name.startswith("export "))
+    assert exports.count(("export a", "COMPLETED")) == 1  # disk a was not read again on the retry
+    assert [n for n, _ in exports].count("export b") == 2  # b failed, then completed
     sets = hotvm_json("list", "--config", str(config))
     assert [s["complete"] for s in sets] == [True] and sorted(sets[0]["disks"]) == ["a", "b"]
 

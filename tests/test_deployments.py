@@ -1,5 +1,6 @@
-"""prefect.yaml against a real Prefect server: deployments register with their schedules, and a worker
-runs a hot backup from a deployment, as the Prefect UI would start it."""
+"""prefect.yaml against a real Prefect server: deployments register with their schedules, queues, tags and
+required parameters (the routing convention of docs/scale-out.md), and a host's worker runs a hot backup
+from a deployment, as the Prefect UI would start it."""
 
 from __future__ import annotations
 
@@ -30,12 +31,21 @@ def prefect(*args: str, timeout: float = 300) -> str:
 def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    prefect("work-pool", "create", "hotvm-local", "--type", "process", "--overwrite")
-    prefect("work-pool", "create", "hotvm", "--type", "process", "--overwrite")  # this round's convention
+    prefect("work-pool", "create", "hotvm", "--type", "process", "--overwrite")
     prefect("deploy", "--all")
     with get_client(sync_client=True) as client:
         deployments = {d.name: d for d in client.read_deployments()}
-        assert {"weekly-image", "backup-vm", "restore-vm"} <= set(deployments)
+        assert {"weekly-image", "backup-vm", "files-vm", "restore-vm", "backup-host"} <= set(deployments)
+        per_vm = {"backup-vm", "files-vm", "restore-vm", "instant-restore"}
+        for d in deployments.values():
+            if d.work_pool_name != "hotvm":
+                continue  # another test's deployment on the shared session server
+            assert "hotvm" in d.tags and any(t.startswith("kind:") for t in d.tags), d.name
+            if d.name in per_vm:  # no placeholder VM: the Run form asks for it
+                assert "vm" not in d.parameters and "vm" in d.parameter_openapi_schema["required"], d.name
+                assert d.parameter_openapi_schema["properties"]["vm"]["description"]
+            else:
+                assert d.work_queue_name == "fleet", d.name
         weekly = deployments["weekly-image"]
         assert [s.schedule.cron for s in weekly.schedules] == ["0 2 * * 6"]  # seed Table 7.3: weekly image
         assert weekly.entrypoint == "flows/backup_policy.py:backup_policy"
@@ -60,10 +70,17 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
     try:
         vm.qemu_io("data", "write -P 0x33 0 1M")
         config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/target")
-        prefect(
-            "deployment", "run", "backup-vm/backup-vm", "--param", "vm=web01", "--param", f"config={config}"
-        )
-        prefect("worker", "start", "--pool", "hotvm-local", "--run-once", timeout=300)
+        host = f"h-{tmp_path.name}"  # write_config's host name: the work queue of that host's worker
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(
+                deployments["backup-vm"].id,
+                parameters={"vm": "web01", "config": str(config)},
+                work_queue_name=host,
+            )
+        prefect("worker", "start", "--pool", "hotvm", "--work-queue", host, "--run-once", timeout=300)
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run.id)
+        assert run.state.is_completed() and run.name.startswith(f"backup web01@{host} ")
     finally:
         vm.stop()
     manifests = list((tmp_path / "target" / "vms" / "web01").glob("*/manifest.json"))

@@ -73,11 +73,12 @@ class Stack:
         return proc
 
     def worker_run_once(self, config: Path) -> None:
-        """One worker poll, as the worker of this host would do it: it runs what is scheduled, then exits."""
+        """One poll of the host's queue, as the host's worker would do it: it runs what is scheduled, then
+        exits. The host is write_config's (h-<test dir>)."""
         env = {**self.env, "HOTVM_CONFIG": str(config)}
-        subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm-local",
-                        "--run-once"], cwd=REPO, env=env, capture_output=True, timeout=240,
-                       stdin=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue",
+                        f"h-{config.parent.name}", "--run-once"], cwd=REPO, env=env, capture_output=True,
+                       timeout=240, stdin=subprocess.DEVNULL)  # fmt: skip
 
     def client(self):  # noqa: ANN201
         from prefect.client.orchestration import get_client
@@ -102,7 +103,7 @@ def test_postgres_server_worker_run_a_deployment_and_a_retried_run_resumes(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     out = stack.script("start")
-    assert "worker start --pool hotvm-local" in out
+    assert "worker start --pool hotvm --work-queue fleet" in out
     assert "already" in stack.script("start")  # rerun = reuse
     pg = subprocess.run(  # the server's data really is in PostgreSQL
         ["runuser", "-u", "postgres", "--", str(PG_BIN / "psql"), "-h", stack.env["HOTVM_PG_DATA"], "-p",
@@ -118,11 +119,12 @@ def test_postgres_server_worker_run_a_deployment_and_a_retried_run_resumes(
     try:
         with temporary_settings({PREFECT_API_URL: stack.api_url}), stack.client() as client:
             deployment = client.read_deployment_by_name("backup-vm/backup-vm")
+            host = f"h-{tmp_path.name}"  # write_config's host: the work queue of its worker
 
             # 1. a run from the deployment, picked up by the host's worker: a complete set on the target
             config = write_config(tmp_path / "hotvm.yaml", {"web01": vm.qmp_path}, f"file://{tmp_path}/nas")
             run = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"vm": "web01", "config": str(config)}
+                deployment.id, parameters={"vm": "web01", "config": str(config)}, work_queue_name=host
             )
             stack.worker_run_once(config)
             assert client.read_flow_run(run.id).state.is_completed()
@@ -133,7 +135,7 @@ def test_postgres_server_worker_run_a_deployment_and_a_retried_run_resumes(
             # made, the worker runs it again, and disk a (done before the failure) is not read again
             full = write_config(tmp_path / "full.yaml", {"web01": vm.qmp_path}, f"file://{small_tmpfs}/repo")
             run = client.create_flow_run_from_deployment(
-                deployment.id, parameters={"vm": "web01", "config": str(full)}
+                deployment.id, parameters={"vm": "web01", "config": str(full)}, work_queue_name=host
             )
             stack.worker_run_once(full)
             assert client.read_flow_run(run.id).state.is_failed()
@@ -144,9 +146,9 @@ def test_postgres_server_worker_run_a_deployment_and_a_retried_run_resumes(
             assert client.read_flow_run(run.id).state.is_completed()
             this_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
             task_runs = client.read_task_runs(flow_run_filter=this_run)
-        exports = sorted((r.name, r.state.type.value) for r in task_runs if r.name.startswith("export_disk"))
-        assert exports.count(("export_disk[a]", "COMPLETED")) == 1  # a was not read again on the retry
-        assert [n for n, _ in exports].count("export_disk[b]") == 2  # b failed, then completed
+        exports = sorted((r.name, r.state.type.value) for r in task_runs if r.name.startswith("export "))
+        assert exports.count(("export a", "COMPLETED")) == 1  # a was not read again on the retry
+        assert [n for n, _ in exports].count("export b") == 2  # b failed, then completed
         sets = hotvm_json("list", "--config", str(full))
         assert [s["complete"] for s in sets] == [True] and sorted(sets[0]["disks"]) == ["a", "b"]
     finally:

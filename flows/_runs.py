@@ -1,0 +1,100 @@
+"""What makes a run readable and correctly routed in the Prefect UI: names, tags, the host-queue check.
+
+Routing convention (docs/scale-out.md): work pool `hotvm`; one work queue per hypervisor host, named as the
+host in hotvm.yaml; queue `fleet` for fleet-wide runs. A per-VM run must run on its VM's host's queue (only
+that host's worker reaches the VM's QMP socket / libvirt / vCenter session).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import Callable
+
+from prefect.runtime import flow_run
+
+from hotvm.errors import ConfigError
+from hotvm.models import load_config
+
+POOL = "hotvm"
+FLEET_QUEUE = "fleet"
+
+
+def _day() -> str:
+    start = flow_run.scheduled_start_time or dt.datetime.now(dt.UTC)
+    return f"{start:%Y-%m-%d}"
+
+
+def _host_of(vm: str, config: str | None) -> str | None:
+    with contextlib.suppress(Exception):  # a name must never fail a run: the run itself reports the error
+        return load_config(config).find_vm(vm)[0].name
+    return None
+
+
+def vm_run_name(verb: str) -> Callable[[], str]:
+    """`backup web01@hv1 2026-12-05`: the VM, its host and the day, for the UI's run lists."""
+
+    def name() -> str:
+        params = flow_run.parameters or {}
+        vm = str(params.get("vm") or "?")
+        host = _host_of(vm, params.get("config"))
+        return f"{verb} {vm}{'@' + host if host else ''} {_day()}"
+
+    return name
+
+
+def fleet_run_name(flow_name: str, subject: str | None = None) -> Callable[[], str]:
+    """`weekly-image default 2026-12-05`: the deployment (else the flow), what it covers, the day."""
+
+    def name() -> str:
+        from prefect.runtime import deployment
+
+        params = flow_run.parameters or {}
+        what = params.get(subject) if subject else None
+        label = deployment.name or flow_name
+        return " ".join(str(p) for p in (label, what, _day()) if p)
+
+    return name
+
+
+def vm_tags(kind: str, vm: str, host: str, policy: str | None = None) -> list[str]:
+    """The tags every per-VM run carries (filter the UI by them; automations match `hotvm`)."""
+    tags = ["hotvm", f"kind:{kind}", f"vm:{vm}", f"host:{host}"]
+    return tags + ([f"policy:{policy}"] if policy else [])
+
+
+def tag_this_run(tags: list[str]) -> None:
+    """Add tags to the current run (a run started from the UI form has only its deployment's tags)."""
+    run_id = flow_run.id
+    if not run_id:
+        return
+    from prefect.client.orchestration import get_client
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:  # tags only help reading
+        current = client.read_flow_run(run_id).tags or []
+        missing = [t for t in tags if t not in current]
+        if missing:
+            client.update_flow_run(run_id, tags=[*current, *missing])
+
+
+def check_host_queue(vm: str, host: str) -> None:
+    """A per-VM run on another host's queue would fail later with a misleading 'socket does not exist'."""
+    queue = _current_queue()
+    if queue and queue not in (host, "default"):
+        raise ConfigError(
+            f"VM '{vm}' is on host '{host}', but this run went to work queue '{queue}' (another host)",
+            f"start it on work queue '{host}' (Custom run > Work queue, or the fleet flows do it for you)",
+        )
+
+
+def _current_queue() -> str | None:
+    run_id = flow_run.id
+    from prefect.runtime import deployment
+
+    if not run_id or not deployment.id:
+        return None
+    from prefect.client.orchestration import get_client
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).work_queue_name
+    return None

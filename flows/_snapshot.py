@@ -1,0 +1,129 @@
+"""The hot-snapshot sequence the image backup and the file-level backup share, parameterised by the read.
+
+    add_redo (all disks, one instant, + this run's dirty bitmaps) -> per disk: READ (export the disk, or
+    scan its file systems) on the frozen base, add_redo, commit level 1, final commit -> FINISH (manifest)
+
+(reconcile comes first, inside flows/_limits.backup_slot.) A failure anywhere, FINISH included, commits
+the overlays back and drops this run's unused bitmaps before the run ends (flows/_rollback.py); the crash
+and cancellation hooks do the same for a run that died. A rerun with the same backup id resumes: the
+flows' plan step leaves out what the target already journals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from prefect import Task, get_run_logger
+from prefect.runtime import flow_run
+
+from flows._rollback import roll_back
+from hotvm import backup
+from hotvm.formats.repository import new_backup_id
+from hotvm.hypervisors.base import FrozenDisk
+from hotvm.locks import BackupRunning, vm_lock
+from hotvm.models import StepTiming, TaskRetries
+from tasks.commit import commit_disk
+from tasks.redo import add_redo
+
+T = TypeVar("T")
+
+
+def rollback_hook(flow, run, state) -> None:  # noqa: ANN001 - Prefect hook signature
+    """Crash or cancellation: the flow body's own rollback may not have run."""
+    params = run.parameters or {}
+    session = backup.open_session(params["vm"], params.get("config"))
+    try:
+        with vm_lock(session.host.name, session.vm.name):
+            backup.reconcile(session)
+    except BackupRunning:
+        pass  # another run owns the VM now and reconciles it first thing
+
+
+def run_backup_id() -> str:
+    """Stable across retries of one flow run, so a retry resumes the same backup set."""
+    if flow_run.id:
+        return new_backup_id(flow_run.scheduled_start_time).rsplit("-", 1)[0] + "-" + str(flow_run.id)[:4]
+    return new_backup_id()
+
+
+def step_label(name: str, device: str | None) -> str:
+    """The step as its task run is named in the UI ("export data", "commit data level 1"); `name` is the
+    step as manifests record it (commit_level1, ...)."""
+    if name.startswith("commit_") and device:
+        return f"commit {device} {'level 1' if name == 'commit_level1' else 'final'}"
+    return f"{name} {device}" if device else name
+
+
+class Steps:
+    """Runs each step task with the configured retries; records its wall-clock time for the manifest.
+
+    A failing step's exception carries `hotvm_step` (e.g. "export data"): the per-VM report, the failure
+    summary and the notifications name it."""
+
+    def __init__(self, retries: TaskRetries) -> None:
+        self.retries = retries
+        self.timings: list[StepTiming] = []
+        self.failed: str | None = None
+
+    def run(self, name: str, device: str | None, fn: Task, *args: Any, **kwargs: Any) -> Any:
+        step = fn.with_options(retries=self.retries.retries, retry_delay_seconds=self.retries.retry_delay_s)
+        start = time.monotonic()
+        try:
+            result = step(*args, **kwargs)
+        except BaseException as exc:
+            if getattr(exc, "hotvm_step", None) is None:
+                with contextlib.suppress(AttributeError):
+                    exc.hotvm_step = step_label(name, device)
+            self.failed = self.failed or getattr(exc, "hotvm_step", None)
+            raise
+        self.timings.append(StepTiming(step=name, device=device, seconds=round(time.monotonic() - start, 4)))
+        return result
+
+
+@dataclass
+class Snapshot:
+    """What the sequence did: the disks it froze, each disk's READ result, each final commit's stall."""
+
+    frozen: list[FrozenDisk] = field(default_factory=list)
+    read: dict[str, Any] = field(default_factory=dict)
+    stall_ms: dict[str, float | None] = field(default_factory=dict)
+    rolled_back: bool = False
+
+
+def hot_snapshot(
+    vm: str,
+    config: str | None,
+    backup_id: str,
+    steps: Steps,
+    devices: list[str],
+    read: Callable[[FrozenDisk], Any],
+    finish: Callable[[Snapshot], T],
+    quiesce: bool = False,
+) -> tuple[Snapshot, T]:
+    """The shared sequence over `devices` (none: straight to `finish`). `read(disk)` runs the per-disk
+    read step through `steps`; `finish(snapshot)` writes the manifest. Rolls back and re-raises on any
+    failure."""
+    snap = Snapshot()
+    try:
+        if devices:
+            snap.frozen = steps.run(
+                "add_redo", None, add_redo, vm, devices, backup_id, config,
+                track_changes=True, quiesce=quiesce,
+            )  # fmt: skip
+            for disk in snap.frozen:
+                snap.read[disk.device] = read(disk)
+                steps.run("add_redo", disk.device, add_redo, vm, [disk.device], backup_id, config)
+                steps.run("commit_level1", disk.device, commit_disk, vm, disk.device, 1, config)
+                final = steps.run("commit_final", disk.device, commit_disk, vm, disk.device, "final", config)
+                snap.stall_ms[disk.device] = final.stall_ms
+        return snap, finish(snap)
+    except BaseException:
+        log = get_run_logger()
+        log.error("%s of %s failed: committing its overlays back before the run ends", backup_id, vm)
+        roll_back(vm, config, snap.frozen, journaled=set(snap.read))
+        snap.rolled_back = True
+        raise

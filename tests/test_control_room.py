@@ -1,0 +1,237 @@
+"""The Prefect UI as the control room (docs/scale-out.md, docs/notifications.md), end to end against a real
+`prefect server start` (the session server), real `prefect worker start` processes (one per host queue
+plus the fleet worker), real QEMU VMs and a webhook receiver on loopback:
+
+- `weekly-image` starts one `backup-vm` run per VM on the VM's host's queue, named after the VM;
+- one VM's backup fails (its directory on the target is blocked): its run and the parent end Failed, the
+  other VM's run Completed; the server's automation posts a message naming the failed VM and its step;
+- after the cause is removed, `prefect flow-run retry` of the failed child completes it, the other VM is
+  not backed up again, a retried parent runs nothing twice, and the set restores byte-identical;
+- a scheduled run that no worker picks up is reported as late.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import hotvm
+from qemu_helpers import DiskSpec, start_qemu
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 1 << 20
+
+
+class Receiver:
+    """A webhook endpoint on loopback that keeps every JSON body it is sent."""
+
+    def __init__(self) -> None:
+        received = self.messages = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received.append(json.loads(body or b"{}"))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/ops"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, *words: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages:
+                if all(w in m.get("text", "") for w in words):
+                    return m["text"]
+            time.sleep(0.5)
+        raise AssertionError(f"no message with {words}; got {[m.get('text') for m in self.messages]}")
+
+
+def prefect(*args: str, env: dict | None = None, timeout: float = 180) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def wait_final(client, run_id, timeout: float = 240):  # noqa: ANN001, ANN201
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(run_id)
+        if run.state is not None and run.state.is_final():
+            return run
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} not final after {timeout} s: {run.state}")
+
+
+def manifests(target: Path, vm: str) -> list[Path]:
+    return sorted((target / "vms" / vm).glob("*/manifest.json"))
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    """start(queue, config) -> a `prefect worker start --pool hotvm --work-queue QUEUE`; all stopped after."""
+    procs = []
+
+    def start(queue: str, config: Path) -> None:
+        env = {**os.environ, "HOTVM_CONFIG": str(config), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+        log = open(tmp_path / f"worker-{queue}.log", "w")  # noqa: SIM115 - closed with the process
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", queue],
+            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        ), log))  # fmt: skip
+
+    yield start
+    for proc, _ in procs:
+        proc.terminate()
+    for proc, log in procs:
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(
+    prefect_server: str, workers, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+        FlowRunFilterTags,
+    )
+    from prefect.states import Cancelled, Scheduled
+
+    receiver = Receiver()
+    vms = {}
+    for name in ("web01", "web02"):
+        disk = tmp_path / f"{name}.raw"
+        with open(disk, "wb") as fh:
+            fh.truncate(16 * MiB)
+            fh.write(os.urandom(4 * MiB))
+        (tmp_path / name).mkdir()
+        vms[name] = start_qemu(tmp_path / name, [DiskSpec("data", disk, format="raw")])
+    target = tmp_path / "target"
+    config = tmp_path / "hotvm.yaml"
+    config.write_text(yaml.safe_dump({
+        "hosts": [
+            {"name": "hv1", "vms": [{"name": "web01", "qmp": str(vms["web01"].qmp_path)}]},
+            {"name": "hv2", "vms": [{"name": "web02", "qmp": str(vms["web02"].qmp_path)}]},
+        ],
+        "targets": [{"name": "nas", "url": f"file://{target}"}],
+        "notifications": [{"name": "ops", "webhook": receiver.url, "on": ["failed", "crashed", "late"],
+                           "late_after": "10s"}],
+    }))  # fmt: skip
+    try:
+        setup = json.loads(hotvm("prefect", "setup", "--config", str(config), "--json").stdout)
+        assert setup["queues"] == ["hv1", "hv2", "fleet"]
+        automations = {r["automation"] for r in setup["notifications"]}
+        assert automations == {"hotvm-ops-failed-crashed", "hotvm-ops-late"}
+        prefect("deploy", "--all")
+        for queue in ("hv1", "hv2", "fleet"):
+            workers(queue, config)
+        (target / "vms").mkdir(parents=True)
+        (target / "vms" / "web02").write_text("blocked")  # web02's set directory cannot be created
+
+        with get_client(sync_client=True) as client:
+            deployments = {d.name: d for d in client.read_deployments()}
+            assert deployments["backup-vm"].parameter_openapi_schema["required"] == ["vm"]  # no placeholder
+            # a scheduled backup that no worker picks up (its host's worker is down): reported as late
+            late = client.create_flow_run_from_deployment(
+                deployments["backup-vm"].id, parameters={"vm": "web01"}, work_queue_name="hv-down",
+                state=Scheduled(scheduled_time=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)),
+            )  # fmt: skip
+            parent = client.create_flow_run_from_deployment(deployments["weekly-image"].id)
+            parent = wait_final(client, parent.id)
+            assert parent.state.is_failed(), parent.state
+            assert parent.name.startswith("weekly-image default ")
+            children = {
+                r.parameters["vm"]: r
+                for r in client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])
+                    )
+                )
+            }
+            assert sorted(children) == ["web01", "web02"]
+            for vm, host in (("web01", "hv1"), ("web02", "hv2")):
+                child = children[vm]
+                assert child.work_queue_name == host  # ran on its host's worker
+                assert child.deployment_id == deployments["backup-vm"].id  # retryable from the UI
+                assert child.name.startswith(f"backup {vm}@{host} ")
+                tags = {"hotvm", f"vm:{vm}", f"host:{host}", "policy:default", "kind:image"}
+                assert tags <= set(child.tags)
+            assert children["web01"].state.is_completed() and children["web02"].state.is_failed()
+            text = receiver.wait_for("web02", "FAILED")  # posted by the server's automation
+            assert "host: hv2" in text and "step: plan" in text, text
+            assert len(manifests(target, "web01")) == 1
+
+            # the cause removed, the failed child retried on its own: only web02 is backed up
+            (target / "vms" / "web02").unlink()
+            prefect("flow-run", "retry", str(children["web02"].id))
+            assert wait_final(client, children["web02"].id).state.is_completed()
+            assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
+
+            # a retried parent re-runs only VMs whose last run did not complete: none now
+            prefect("flow-run", "retry", str(parent.id))
+            assert wait_final(client, parent.id).state.is_completed()
+            assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
+            web02 = FlowRunFilter(tags=FlowRunFilterTags(all_=["vm:web02"]))
+            tagged = client.read_flow_runs(flow_run_filter=web02)
+            assert len([r for r in tagged if r.parent_task_run_id]) == 1  # no second child run for web02
+
+            receiver.wait_for("is late", "web01")
+            client.set_flow_run_state(late.id, Cancelled(), force=True)
+
+        out = tmp_path / "restored"
+        hotvm("restore", "web02", "--to", str(out), "--format", "raw", "--config", str(config))
+        restored = list(out.glob("*data*.raw")) or list(out.glob("*.raw"))
+        assert len(restored) == 1
+        assert restored[0].read_bytes() == (tmp_path / "web02.raw").read_bytes()
+    finally:
+        for vm in vms.values():
+            vm.stop()
+
+
+def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
+    from hotvm.errors import ConfigError
+    from hotvm.models import load_config, parse_config
+    from hotvm.notifications import automation_specs, webhook_url
+
+    base = {"hosts": [{"name": "hv1", "vms": [{"name": "web01", "qmp": "/nonexistent"}]}],
+            "targets": [{"name": "nas", "url": f"file://{tmp_path}"}]}  # fmt: skip
+    path = tmp_path / "hotvm.yaml"
+    path.write_text(yaml.safe_dump(base) + "notifications:\n  - name: ops\n    webhook_env: OPS_HOOK\n"
+                    "    on: [failed, late]\n    late_after: 30m\n")  # fmt: skip
+    (ops,) = load_config(path).notifications  # YAML 1.1 reads `on:` as true: still the `on` list
+    assert ops.on == ["failed", "late"] and ops.late_after.total_seconds() == 1800
+    specs = {s["name"]: s for s in automation_specs(ops)}
+    assert specs["hotvm-ops-failed"]["trigger"]["expect"] == ["prefect.flow-run.Failed"]
+    assert specs["hotvm-ops-late"]["trigger"]["within"] == 1800
+    with pytest.raises(ConfigError, match="OPS_HOOK"):
+        webhook_url(ops)  # not set in the environment: one line naming the variable
+    for bad, message in (
+        ({"name": "ops"}, "exactly one of webhook, webhook_env, email"),
+        ({"name": "ops", "webhook": "ftp://x"}, "http"),
+        ({"name": "ops", "webhook": "https://u:secret@x/h"}, "password"),
+        ({"name": "ops", "webhook": "https://x/h", "late_after": "5s"}, "at least 10s"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            parse_config({**base, "notifications": [bad]})
