@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from flows._runs import vm_run_name
 from hotvm.instant.core import result
 from hotvm.instant.state import load_state
-from flows._runs import vm_run_name
 from tasks.instant import expose, prepare, run, start_stream, stream
 
 
