@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from hotvm import immutability
 from hotvm.errors import ChecksumMismatch, HotvmError
-from hotvm.formats.export import chunk_count, chunk_digest, image_digest
+from hotvm.formats.export import chunk_count, chunk_digest, decompress_bounded, image_digest
 from hotvm.formats.repository import Repository
 from hotvm.prune import TMP_MARK, SetListing, list_sets, repository_present
 from hotvm.retention import SetState
@@ -122,7 +122,7 @@ def _read_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | Non
     except ChecksumMismatch:
         return "fails authentication (encrypted chunk damaged or tampered with)", len(blob), b""
     try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_size)
+        data = decompress_bounded(frame, max_size)
     except zstandard.ZstdError as exc:
         return f"not a valid zstd frame ({exc})", len(blob), b""
     if repo.chunk_id(data) != digest:

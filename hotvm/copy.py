@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from hotvm import immutability, retention
 from hotvm.errors import BackupSetError, ChecksumMismatch, ConfigError, TargetConfigError
+from hotvm.formats.export import decompress_bounded
 from hotvm.formats.repository import MARKER, Repository, read_marker
 from hotvm.models import Config, Keep, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, SetState
@@ -293,7 +294,7 @@ def verify_blob(repo: Repository, digest: str, blob: bytes, max_size: int) -> No
     where = f"chunk {digest[:16]}… on target '{repo.target.name}'"
     frame = repo.open_blob(path, blob, where)
     try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_size)
+        data = decompress_bounded(frame, max_size)
     except zstandard.ZstdError:
         data = b""
     if repo.chunk_id(data) != digest:

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 
 from hotvm import __version__
 from hotvm.errors import BackupSetError, ChecksumMismatch
+from hotvm.formats.export import decompress_bounded
 from hotvm.formats.repository import (
     DamagedManifest,
     Repository,
@@ -168,13 +169,6 @@ def encode_entries(entries: Iterable[dict]) -> bytes:
 MAX_ENTRIES_BYTES = 1 << 34
 """16 GiB of JSON: tens of millions of entries, more than any one file system we back up holds."""
 
-
-def decompress_bounded(frame: bytes, limit: int) -> bytes:
-    """A zstd frame's content, refused (ZstdError) when it is or claims to be larger than `limit`: zstd
-    allocates what the frame header claims, so a forged header must not reach it."""
-    if zstandard.frame_content_size(frame) > limit:
-        raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
-    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
 
 
 def decode_entries(blob: bytes) -> list[dict]:

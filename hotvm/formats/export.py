@@ -28,6 +28,15 @@ Progress = Callable[[int, int], None]
 """progress(bytes_done, bytes_total) over the allocated data of the image."""
 
 
+
+def decompress_bounded(frame: bytes, limit: int) -> bytes:
+    """A zstd frame's content, refused (ZstdError) when it is or claims to be larger than `limit`: zstd
+    allocates what the frame header claims, whatever max_output_size says, so a forged header must not
+    reach it."""
+    if zstandard.frame_content_size(frame) > limit:
+        raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
+
 def chunk_digest(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -20,7 +20,7 @@ import zstandard
 from hotvm.child_env import child_env
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.configtar import unpack_config_archive
-from hotvm.formats.export import chunk_digest
+from hotvm.formats.export import chunk_digest, decompress_bounded
 from hotvm.formats.repository import Repository, safe_name
 from hotvm.models import DiskRecord, Manifest
 
@@ -55,7 +55,7 @@ def verify_chunk(
             "the backup copy is damaged; restore another backup",
         ) from None
     try:
-        data = zstandard.ZstdDecompressor().decompress(frame, max_output_size=record.chunk_size)
+        data = decompress_bounded(frame, record.chunk_size)
     except zstandard.ZstdError:
         data = b""  # reported below as a mismatch
     if repo.chunk_id(data) != digest:
