@@ -36,7 +36,10 @@ CONFIG_ENV = "HOTVM_CONFIG"
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Config models: unknown keys refused; a refused value is never echoed (it may be a URL holding a
+    password)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 # --------------------------------------------------------------------------- durations (RPO, RTO)
