@@ -8,6 +8,7 @@ because a QMP socket serves one client at a time.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from hotvm.hypervisors.base import OVERLAY_MARKER
 
 QEMU = "qemu-system-x86_64"
 START_TIMEOUT_S = 10.0
@@ -171,3 +174,16 @@ def read_pattern_ok(path: Path, fmt: str, pattern: int, offset: int, length: int
     return (
         proc.returncode == 0 and f"read {length}/{length} bytes" in out and "verification failed" not in out
     )
+
+
+def overlay_files(root: Path) -> list[Path]:
+    """hotvm REDO overlays left anywhere below `root` (a clean run leaves none)."""
+    return [p for p in root.rglob("*") if OVERLAY_MARKER in p.name]
+
+
+def random_raw(path: Path, size: int, data_bytes: int) -> Path:
+    """A raw image of `size` bytes whose first `data_bytes` are random (incompressible, no dedup)."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        fh.write(os.urandom(data_bytes))
+    return path

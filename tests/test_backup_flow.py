@@ -12,23 +12,10 @@ from pathlib import Path
 
 import pytest
 from helpers import KiB64, SequentialWriter, hotvm, hotvm_json, write_config, written_prefix
-from qemu_helpers import DiskSpec, qemu_img, start_qemu
-
-from hotvm.hypervisors.base import OVERLAY_MARKER
+from qemu_helpers import DiskSpec, overlay_files, qemu_img, random_raw, start_qemu
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
-
-
-def overlay_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if OVERLAY_MARKER in p.name]
-
-
-def random_raw(path: Path, size: int, data_bytes: int) -> Path:
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-        fh.write(os.urandom(data_bytes))
-    return path
 
 
 def test_hot_backup_while_guest_writes_then_restore(prefect_server, qemu, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fs_images import Node, PartSpec, build_disk, populate, to_qcow2
 from helpers import hotvm, hotvm_json, write_config
-from qemu_helpers import DiskSpec, qemu_img
+from qemu_helpers import DiskSpec, overlay_files, qemu_img
 
 from hotvm.hypervisors.base import OVERLAY_MARKER
 
@@ -45,10 +45,6 @@ CHANGED_EXT4 = [
 ]
 CHANGED_VFAT = [Node("/SALES.XLS", b"fat sales v2 " * 100, mtime=T1)]
 CHANGED_NTFS = [Node("/win/added.txt", b"added on ntfs", mtime=T1)]
-
-
-def overlay_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if OVERLAY_MARKER in p.name]
 
 
 def on_overlay(vm) -> bool:  # noqa: ANN001 - RunningQemu

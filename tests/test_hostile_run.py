@@ -18,24 +18,11 @@ from pathlib import Path
 
 import pytest
 from helpers import hotvm, write_config
-from qemu_helpers import DiskSpec, qemu_img, start_qemu
-
-from hotvm.hypervisors.base import OVERLAY_MARKER
+from qemu_helpers import DiskSpec, overlay_files, qemu_img, random_raw, start_qemu
 
 MiB = 1 << 20
 NEXT_RUN_S = 90  # the bound for the next backup after a kill
 DEAD_LEASE_S = 45  # a dead holder's server lease would hold the slot 60-75 s: the next run must not wait
-
-
-def overlay_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if OVERLAY_MARKER in p.name]
-
-
-def random_raw(path: Path, size: int, data_bytes: int) -> Path:
-    with open(path, "wb") as fh:
-        fh.truncate(size)
-        fh.write(os.urandom(data_bytes))
-    return path
 
 
 @pytest.fixture
