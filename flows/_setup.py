@@ -6,7 +6,7 @@
                           no longer in the config are removed
     send_test()           one message through a notification's saved block
 
-Called by `hotvm prefect setup` / `hotvm notifications apply|test` (hotvm/cli_prefect.py).
+Called by `hotvm prefect setup` / `hotvm notifications apply|test` (hotvm/cli/prefect_cmd.py).
 """
 
 from __future__ import annotations

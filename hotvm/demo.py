@@ -87,7 +87,7 @@ def _run() -> int:
     from flows.backup_host import backup_host
     from flows.restore_vm import restore_vm
     from hotvm import guest
-    from hotvm.cli import _progress_bars
+    from hotvm.cli._common import progress_bars
 
     if WORK.exists():
         for vm in guest.list_vms(WORK / "vms"):
@@ -109,7 +109,7 @@ def _run() -> int:
     console.print(f"config {config}; the guest is at record {seq_before}")
 
     console.rule("[bold]2. hot backup with the weekly-image flow (Prefect, embedded server)")
-    with _progress_bars(True):
+    with progress_bars(True):
         results = backup_host(host="local", config=str(config))
     result = results[0]
     seq_after = guest.wait_heartbeat("demo", timeout=60, state_dir=state)

@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from hotvm import progress as progress_events
-from hotvm.cli import _cfg, _emit, _progress_bars, out
+from hotvm.cli._common import (
+    config_str,
+    emit,
+    out,
+    progress_bars,
+)
 
 
 def instant_restore_cmd(
@@ -29,11 +34,12 @@ def instant_restore_cmd(
     def progress(device: str, done: int, total: int) -> None:
         progress_events.emit("stream", f"{vm}/{device}", done, total)
 
-    with _progress_bars(wait and not as_json):
+    with progress_bars(wait and not as_json):
         result = instant_restore(
-            _cfg(config), vm, to, backup_id, target, start=start, wait=wait, speed=speed, progress=progress
+            config_str(config), vm, to, backup_id, target, start=start, wait=wait, speed=speed,
+            progress=progress,
         )
-    _emit(result, as_json, render_instant)
+    emit(result, as_json, render_instant)
 
 
 def render_instant(r: dict) -> None:

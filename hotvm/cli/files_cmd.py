@@ -14,7 +14,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli import ConfigOpt, JsonOpt, TargetOpt, _cfg, _emit, _prefect_env, err, out
+from hotvm.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    TargetOpt,
+    VerboseOpt,
+    config_str,
+    emit,
+    err,
+    out,
+    prefect_env,
+)
 from hotvm.errors import HotvmError
 
 files_app = typer.Typer(
@@ -87,10 +97,10 @@ def files_backup(
         bool, typer.Option("--new", help="start a new set even if an unfinished one exists")
     ] = False,
     as_json: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect logs")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Back up the files of a running VM now (the daily-files flow for one VM); resumes an unfinished set."""
-    _prefect_env(verbose)
+    prefect_env(verbose)
     from hotvm.files.filesets import FileSets
     from hotvm.models import load_config
 
@@ -110,8 +120,8 @@ def files_backup(
             if sets and not sets[-1].complete:
                 resume_id = sets[-1].backup_id
                 err.print(f"resuming unfinished file set {resume_id} (use --new for a fresh one)")
-    result = files_vm(vm=vm, target=target, config=_cfg(config), backup_id=resume_id)
-    _emit(result, as_json, _render_backup)
+    result = files_vm(vm=vm, target=target, config=config_str(config), backup_id=resume_id)
+    emit(result, as_json, _render_backup)
 
 
 def _render_backup(result: dict) -> None:
@@ -158,7 +168,7 @@ def files_find(
         out.print(table)
         out.print(f"{len(rows)} match(es)")
 
-    _emit(rows, as_json, render)
+    emit(rows, as_json, render)
 
 
 @files_app.command("ls")
@@ -198,7 +208,7 @@ def files_ls(
             )
         out.print(table)
 
-    _emit(rows, as_json, render)
+    emit(rows, as_json, render)
 
 
 @files_app.command("restore")
@@ -243,7 +253,7 @@ def files_restore(
         if r["skipped_count"] > len(r["skipped"]):
             err.print(f"... and {r['skipped_count'] - len(r['skipped'])} more skipped entries")
 
-    _emit(result, as_json, render)
+    emit(result, as_json, render)
 
 
 @files_app.command("catalog")
@@ -267,7 +277,7 @@ def files_catalog(
         rows = catalog.sets()
         count = catalog.db.execute("SELECT count(*) FROM entries").fetchone()[0]
     result = {"catalog": str(path), "sets": len(rows), "entries": count, "rebuilt": rebuild}
-    _emit(
+    emit(
         result,
         as_json,
         lambda r: out.print(f"catalog {r['catalog']}: {r['sets']} set(s), {r['entries']} entries"),
@@ -301,4 +311,4 @@ def hybrid_restore_cmd(
         for note in r["notes"]:
             out.print(f"[yellow]note:[/] {note}")
 
-    _emit(result, as_json, render)
+    emit(result, as_json, render)

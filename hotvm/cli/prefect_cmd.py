@@ -11,7 +11,14 @@ import os
 import typer
 from rich.table import Table
 
-from hotvm.cli import ConfigOpt, JsonOpt, _cfg, _emit, _prefect_env, out
+from hotvm.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    config_str,
+    emit,
+    out,
+    prefect_env,
+)
 from hotvm.errors import HotvmError
 
 prefect_app = typer.Typer(help="The Prefect server side: work pool, queues, limits.", no_args_is_help=True)
@@ -22,7 +29,7 @@ notifications_app = typer.Typer(
 
 
 def _server() -> None:
-    _prefect_env()
+    prefect_env()
     if not os.environ.get("PREFECT_API_URL"):
         from prefect.settings import PREFECT_API_URL
 
@@ -40,7 +47,7 @@ def setup_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     _server()
     from flows._setup import setup
 
-    result = setup(_cfg(config))
+    result = setup(config_str(config))
 
     def render(r: dict) -> None:
         out.print(f"work pool [bold]{r['pool']}[/] ({'created' if r['pool_created'] else 'exists'})")
@@ -55,7 +62,7 @@ def setup_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         _render_notifications(r["notifications"])
         out.print("next: prefect --no-prompt deploy --all  (from the hotvm checkout)")
 
-    _emit(result, as_json, render)
+    emit(result, as_json, render)
 
 
 @notifications_app.command("apply")
@@ -64,7 +71,7 @@ def apply_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     _server()
     from flows._setup import apply_notifications
 
-    _emit(apply_notifications(_cfg(config)), as_json, _render_notifications)
+    emit(apply_notifications(config_str(config)), as_json, _render_notifications)
 
 
 @notifications_app.command("test")
@@ -73,7 +80,7 @@ def test_cmd(name: str, config: ConfigOpt = None) -> None:
     _server()
     from flows._setup import send_test
 
-    block = send_test(_cfg(config), name)
+    block = send_test(config_str(config), name)
     out.print(f"test message sent through {block}")
 
 

@@ -1,0 +1,56 @@
+"""`hotvm list`: the backup sets on a target."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from hotvm.cli._common import (
+    ConfigOpt,
+    JsonOpt,
+    TargetOpt,
+    emit,
+    out,
+)
+
+
+def list_backups(
+    vm: Annotated[str | None, typer.Argument(help="only this VM")] = None,
+    target: TargetOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the backup sets on a target (incomplete ones are marked and never restored)."""
+    from hotvm.restore import open_repository
+
+    entries = open_repository(config, target).list_sets(vm)
+    rows = [
+        {
+            "vm": e.vm,
+            "backup_id": e.backup_id,
+            "complete": e.complete,
+            "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
+            "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
+            "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
+            "consistency": e.manifest.consistency if e.manifest else None,
+        }
+        for e in entries
+    ]
+
+    def render(rows: list[dict]) -> None:
+        table = Table("vm", "backup", "state", "completed", "disks", "size", "consistency")
+        for r in rows:
+            table.add_row(
+                r["vm"],
+                r["backup_id"],
+                "complete" if r["complete"] else "[yellow]incomplete[/]",
+                r["completed_at"] or "",
+                ", ".join(r["disks"]),
+                f"{r['bytes'] >> 20} MiB",
+                r["consistency"] or "",
+            )
+        out.print(table)
+
+    emit(rows, as_json, render)
