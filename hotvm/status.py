@@ -4,7 +4,28 @@ from __future__ import annotations
 
 from hotvm.errors import HotvmError
 from hotvm.hypervisors import open_driver
-from hotvm.models import HostConfig, VMConfig
+from hotvm.models import Config, HostConfig, VMConfig
+
+
+def fleet_status(config: Config) -> list[dict]:
+    """Every configured VM, then the instant restores running on this host: `hotvm status`."""
+    return [vm_status(host, vm) for host in config.hosts for vm in host.vm_list()] + instant_status_rows()
+
+
+def set_rows(entries: list) -> list[dict]:
+    """`hotvm list`: one row per backup set (`Repository.list_sets` entries); incomplete ones say so."""
+    return [
+        {
+            "vm": e.vm,
+            "backup_id": e.backup_id,
+            "complete": e.complete,
+            "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
+            "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
+            "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
+            "consistency": e.manifest.consistency if e.manifest else None,
+        }
+        for e in entries
+    ]
 
 
 def vm_status(host: HostConfig, vm: VMConfig) -> dict:

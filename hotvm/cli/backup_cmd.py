@@ -48,15 +48,13 @@ def backup(
         return
     from hotvm.models import load_config
     from hotvm.restore import open_repository
+    from hotvm.resume import image_resume_id
 
     cfg = load_config(config)
     cfg.find_vm(vm)
-    resume_id = None
-    if not new:
-        sets = open_repository(cfg, target).list_sets(vm)
-        if sets and not sets[-1].complete:
-            resume_id = sets[-1].backup_id
-            err.print(f"resuming unfinished backup set {resume_id} (use --new for a fresh one)")
+    resume_id = None if new else image_resume_id(open_repository(cfg, target), vm)
+    if resume_id:
+        err.print(f"resuming unfinished backup set {resume_id} (use --new for a fresh one)")
     from flows.backup_vm import backup_vm
 
     with progress_bars(not as_json):

@@ -56,28 +56,12 @@ def parse_at(value: str | None) -> dt.datetime | None:
 
 
 def _repo(config: Path | None, target: str | None):  # noqa: ANN202
+    from hotvm.files.browse import default_files_target
     from hotvm.models import load_config
     from hotvm.restore import open_repository
 
     cfg = load_config(config)
-    if target is None:
-        target = _files_target_of(cfg)
-    return open_repository(cfg, target)
-
-
-def _files_target_of(cfg) -> str | None:  # noqa: ANN001
-    """With one policy that names a files target, that target; else the default target."""
-    targets = {p.files.target for p in cfg.effective_policies() if p.files is not None and p.files.target}
-    return targets.pop() if len(targets) == 1 else None
-
-
-def _catalog(repo, vm: str | None):  # noqa: ANN001, ANN202
-    from hotvm.files.browse import sync_catalog
-    from hotvm.files.catalog import Catalog
-
-    catalog = Catalog.for_repository(repo)
-    sync_catalog(catalog, repo, vm)
-    return catalog
+    return open_repository(cfg, target if target is not None else default_files_target(cfg))
 
 
 def _time(ns: int) -> str:
@@ -101,7 +85,6 @@ def files_backup(
 ) -> None:
     """Back up the files of a running VM now (the daily-files flow for one VM); resumes an unfinished set."""
     prefect_env(verbose)
-    from hotvm.files.filesets import FileSets
     from hotvm.models import load_config
 
     cfg = load_config(config)
@@ -110,16 +93,12 @@ def files_backup(
     from hotvm.backup import open_session
 
     target = files_target(open_session(vm, cfg), target)
-    resume_id = None
-    if not new:
-        from hotvm.restore import open_repository
+    from hotvm.restore import open_repository
+    from hotvm.resume import files_resume_id
 
-        repo = open_repository(cfg, target)
-        if repo.unlock():
-            sets = FileSets(repo).list_sets(vm)
-            if sets and not sets[-1].complete:
-                resume_id = sets[-1].backup_id
-                err.print(f"resuming unfinished file set {resume_id} (use --new for a fresh one)")
+    resume_id = None if new else files_resume_id(open_repository(cfg, target), vm)
+    if resume_id:
+        err.print(f"resuming unfinished file set {resume_id} (use --new for a fresh one)")
     result = files_vm(vm=vm, target=target, config=config_str(config), backup_id=resume_id)
     emit(result, as_json, _render_backup)
 
@@ -157,8 +136,9 @@ def files_find(
     as_json: JsonOpt = False,
 ) -> None:
     """Every version of matching files across the backups in the catalog."""
-    repo = _repo(config, target)
-    with _catalog(repo, vm) as catalog:
+    from hotvm.files.browse import synced_catalog
+
+    with synced_catalog(_repo(config, target), vm) as catalog:
         rows = catalog.find(vm, pattern, parse_at(at))
 
     def render(rows: list[dict]) -> None:
@@ -182,15 +162,14 @@ def files_ls(
     as_json: JsonOpt = False,
 ) -> None:
     """List a directory of a backup (a file set, or an image set read through its chunks)."""
-    from hotvm.files.browse import index_image_set, resolve_set
+    from hotvm.files.browse import list_directory, resolve_set, synced_catalog
 
     repo = _repo(config, target)
     ref = resolve_set(repo, vm, backup_id, parse_at(at))
-    with _catalog(repo, vm) as catalog:
-        if not catalog.has_set(ref.vm, ref.backup_id):
-            for problem in index_image_set(catalog, repo, ref):
-                err.print(f"[yellow]not readable:[/] {problem}")
-        rows = catalog.ls(ref.vm, ref.backup_id, path)
+    with synced_catalog(repo, vm) as catalog:
+        rows, problems = list_directory(catalog, repo, ref, path)
+    for problem in problems:
+        err.print(f"[yellow]not readable:[/] {problem}")
     if not rows and path.strip("/"):
         raise HotvmError(f"{path} is not in backup {ref.backup_id} of {vm}", f"see 'hotvm files ls {vm}'")
 
@@ -266,17 +245,15 @@ def files_catalog(
     as_json: JsonOpt = False,
 ) -> None:
     """Sync the local catalog with the target (index new file sets, drop pruned ones)."""
-    from hotvm.files.catalog import catalog_path
+    from hotvm.files.browse import synced_catalog
+    from hotvm.files.catalog import remove_catalog
 
     repo = _repo(config, target)
-    path = catalog_path(repo)
     if rebuild:
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
-    with _catalog(repo, None) as catalog:
-        rows = catalog.sets()
-        count = catalog.db.execute("SELECT count(*) FROM entries").fetchone()[0]
-    result = {"catalog": str(path), "sets": len(rows), "entries": count, "rebuilt": rebuild}
+        remove_catalog(repo)
+    with synced_catalog(repo) as catalog:
+        result = {"catalog": str(catalog.path), "sets": len(catalog.sets()), "entries": catalog.entry_count(),
+                  "rebuilt": rebuild}  # fmt: skip
     emit(
         result,
         as_json,

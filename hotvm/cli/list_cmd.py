@@ -24,20 +24,9 @@ def list_backups(
 ) -> None:
     """List the backup sets on a target (incomplete ones are marked and never restored)."""
     from hotvm.restore import open_repository
+    from hotvm.status import set_rows
 
-    entries = open_repository(config, target).list_sets(vm)
-    rows = [
-        {
-            "vm": e.vm,
-            "backup_id": e.backup_id,
-            "complete": e.complete,
-            "completed_at": e.manifest.completed_at.isoformat() if e.manifest else None,
-            "disks": [d.device for d in e.manifest.disks] if e.manifest else [],
-            "bytes": sum(d.virtual_size for d in e.manifest.disks) if e.manifest else 0,
-            "consistency": e.manifest.consistency if e.manifest else None,
-        }
-        for e in entries
-    ]
+    rows = set_rows(open_repository(config, target).list_sets(vm))
 
     def render(rows: list[dict]) -> None:
         table = Table("vm", "backup", "state", "completed", "disks", "size", "consistency")

@@ -15,11 +15,9 @@ from hotvm.cli._common import (
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
     from hotvm.models import load_config
-    from hotvm.status import instant_status_rows, vm_status
+    from hotvm.status import fleet_status
 
-    cfg = load_config(config)
-    rows = [vm_status(host, vm) for host in cfg.hosts for vm in host.vm_list()]
-    rows += instant_status_rows()
+    rows = fleet_status(load_config(config))
 
     def render(rows: list[dict]) -> None:
         table = Table("host", "vm", "state", "disks", "overlays", "jobs")

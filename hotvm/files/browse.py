@@ -19,7 +19,7 @@ from hotvm.files.catalog import Catalog
 from hotvm.files.filesets import FileSetManifest, FileSets, decompress_bounded
 from hotvm.files.scan import entry_dict
 from hotvm.formats.repository import Repository
-from hotvm.models import Manifest
+from hotvm.models import Config, Manifest
 from hotvm.safepath import printable, unprintable
 
 
@@ -208,6 +208,28 @@ def sync_catalog(catalog: Catalog, repo: Repository, vm: str | None = None) -> d
         )
         indexed += 1
     return {"indexed": indexed, "dropped": dropped, "catalog": str(catalog.path)}
+
+
+def synced_catalog(repo: Repository, vm: str | None = None) -> Catalog:
+    """The local catalog of `repo`, first brought up to date with its file sets (of `vm`, or all)."""
+    catalog = Catalog.for_repository(repo)
+    sync_catalog(catalog, repo, vm)
+    return catalog
+
+
+def list_directory(
+    catalog: Catalog, repo: Repository, ref: SetRef, path: str
+) -> tuple[list[dict], list[str]]:
+    """A directory of a backup set from the catalog; an image set is indexed (read through its chunks) on
+    first look. Returns the rows and the volumes that could not be read."""
+    problems = [] if catalog.has_set(ref.vm, ref.backup_id) else index_image_set(catalog, repo, ref)
+    return catalog.ls(ref.vm, ref.backup_id, path), problems
+
+
+def default_files_target(config: Config) -> str | None:
+    """With one policy that names a files target, that target; else None (the default target)."""
+    targets = {p.files.target for p in config.effective_policies() if p.files is not None and p.files.target}
+    return targets.pop() if len(targets) == 1 else None
 
 
 def _image_exists(repo: Repository, vm: str, backup_id: str) -> bool:

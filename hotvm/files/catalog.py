@@ -49,6 +49,15 @@ def catalog_path(repo: Repository) -> Path:
     )
 
 
+def remove_catalog(repo: Repository) -> Path:
+    """Delete the local catalog of `repo` (with SQLite's side files): the next sync rebuilds it from the
+    backup sets alone. Returns its path."""
+    path = catalog_path(repo)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
 def split(path: str) -> tuple[str, str]:
     """(parent, name) of a catalog path; the root's parent is ''."""
     if path == "/":
@@ -160,6 +169,10 @@ class Catalog:
             self.db.execute("DELETE FROM sets WHERE id=?", (row[0],))
 
     # ---- reading
+    def entry_count(self) -> int:
+        """How many entries (files, directories, links) the catalog holds over all its sets."""
+        return self.db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
     def sets(self, vm: str | None = None) -> list[dict]:
         sql = "SELECT id, vm, backup_id, kind, completed_at FROM sets"
         rows = self.db.execute(
