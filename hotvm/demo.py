@@ -87,7 +87,7 @@ def _run() -> int:
     from flows.backup_host import backup_host
     from flows.restore_vm import restore_vm
     from hotvm import guest
-    from hotvm.cli._common import progress_bars
+    from hotvm.cli._output import progress_bars
 
     if WORK.exists():
         for vm in guest.list_vms(WORK / "vms"):

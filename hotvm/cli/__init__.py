@@ -22,14 +22,8 @@ from hotvm.cli import (
     status_cmd,
     verify_cmd,
 )
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    fail_and_exit,
-    shared_defaults,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, shared_defaults
+from hotvm.cli._output import fail_and_exit
 from hotvm.cli.files_cmd import files_app
 from hotvm.cli.plan_cmd import plan_app
 from hotvm.cli.prefect_cmd import notifications_app, prefect_app

@@ -8,19 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    emit,
-    emit_or_exit,
-    err,
-    out,
-    prefect_env,
-    progress_bars,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import emit, emit_or_exit, err, out, progress_bars
 from hotvm.errors import HotvmError
 
 

@@ -7,13 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    config_str,
-    emit,
-    out,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, config_str
+from hotvm.cli._output import emit, out
 
 
 def copy_cmd(

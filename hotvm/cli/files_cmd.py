@@ -14,17 +14,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    emit,
-    err,
-    out,
-    prefect_env,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import emit, err, out
 from hotvm.errors import HotvmError
 
 files_app = typer.Typer(
@@ -203,21 +194,12 @@ def files_restore(
     as_json: JsonOpt = False,
 ) -> None:
     """Restore files and directories with their metadata, without restoring the disk image."""
-    from hotvm.files.browse import open_view, resolve_set, select
-    from hotvm.files.restore import restore_entries
+    from hotvm.files.browse import resolve_set
+    from hotvm.files.restore import restore_paths
 
     repo = _repo(config, target)
     ref = resolve_set(repo, vm, backup_id, parse_at(at))
-    with open_view(repo, ref) as view:
-        chosen = select(view.entries, paths)
-        report = restore_entries(chosen, view.read, to.resolve(), overwrite=overwrite)
-    result = {
-        "vm": ref.vm,
-        "backup_id": ref.backup_id,
-        "kind": ref.kind,
-        "to": str(to.resolve()),
-        **report.as_dict(),
-    }
+    result = restore_paths(repo, ref, paths, to.resolve(), overwrite)
 
     def render(r: dict) -> None:
         out.print(

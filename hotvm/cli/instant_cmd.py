@@ -10,12 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from hotvm import progress as progress_events
-from hotvm.cli._common import (
-    config_str,
-    emit,
-    out,
-    progress_bars,
-)
+from hotvm.cli._common import config_str
+from hotvm.cli._output import emit, out, progress_bars
 
 
 def instant_restore_cmd(

@@ -10,12 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    err,
-    out,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt
+from hotvm.cli._output import err, out
 from hotvm.errors import HotvmError
 
 

@@ -9,13 +9,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    emit,
-    err,
-    out,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt
+from hotvm.cli._output import emit, err, out
 from hotvm.errors import HotvmError
 
 plan_app = typer.Typer(help="RPO, RTO and tiers per VM; the DR plan document.", no_args_is_help=True)

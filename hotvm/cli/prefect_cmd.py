@@ -11,14 +11,8 @@ import os
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    config_str,
-    emit,
-    out,
-    prefect_env,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, config_str, prefect_env
+from hotvm.cli._output import emit, out
 from hotvm.errors import HotvmError
 
 prefect_app = typer.Typer(help="The Prefect server side: work pool, queues, limits.", no_args_is_help=True)

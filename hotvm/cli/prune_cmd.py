@@ -7,17 +7,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    emit,
-    err,
-    out,
-    prefect_env,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import emit, err, out
 
 
 def _keep(flag: str, help_text: str) -> Any:

@@ -7,17 +7,8 @@ from typing import Annotated
 
 import typer
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    emit,
-    out,
-    prefect_env,
-    progress_bars,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import emit, out, progress_bars
 from hotvm.errors import HotvmError
 
 

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    emit,
-    out,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt
+from hotvm.cli._output import emit, out
 
 
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:

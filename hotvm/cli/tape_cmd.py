@@ -7,16 +7,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    emit,
-    out,
-    prefect_env,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import emit, out
 
 tape_app = typer.Typer(help="Tape copies of the image repository (seed Table 7.3).", no_args_is_help=True)
 TapeOpt = Annotated[str, typer.Option("--tape", help="tape name from hotvm.yaml (tapes:)")]

@@ -6,11 +6,8 @@ from typing import Annotated
 
 import typer
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    config_str,
-    err,
-)
+from hotvm.cli._common import ConfigOpt, config_str
+from hotvm.cli._output import err
 
 target_app = typer.Typer(help="What this host remembers of each target's repository.", no_args_is_help=True)
 

@@ -8,16 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    ConfigOpt,
-    JsonOpt,
-    TargetOpt,
-    VerboseOpt,
-    config_str,
-    out,
-    prefect_env,
-    run_reporting,
-)
+from hotvm.cli._common import ConfigOpt, JsonOpt, TargetOpt, VerboseOpt, config_str, prefect_env
+from hotvm.cli._output import out, run_reporting
 
 
 def verify(

@@ -8,11 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hotvm.cli._common import (
-    JsonOpt,
-    emit,
-    out,
-)
+from hotvm.cli._common import JsonOpt
+from hotvm.cli._output import emit, out
 
 vm_app = typer.Typer(
     help="The tiny demo guest: a real Linux VM that keeps writing to its data disk.", no_args_is_help=True

@@ -298,3 +298,13 @@ def restore_entries(
             )
         TreeWriter(dest, reader, report).write(plan)
     return report
+
+
+def restore_paths(repo: Any, ref: Any, paths: list[str], to: Path, overwrite: bool = False) -> dict:
+    """`hotvm files restore`: the chosen files and directories of one set (browse.SetRef) into `to`, with
+    their metadata; the report says what was restored and what was skipped."""
+    from hotvm.files.browse import open_view, select  # browse reads sets; this module only writes files
+
+    with open_view(repo, ref) as view:
+        report = restore_entries(select(view.entries, paths), view.read, to, overwrite=overwrite)
+    return {"vm": ref.vm, "backup_id": ref.backup_id, "kind": ref.kind, "to": str(to), **report.as_dict()}
