@@ -1,7 +1,8 @@
 """hotvm command line: parse, call a flow or the core, print a rich table or --json. Nothing else.
 
-One module per command group (`<group>_cmd.py`, as borg's archiver/); the shared options, output and error
-exits live in `_common`. This module builds the app: the global options, then every command in help order.
+One module per command group (`<group>_cmd.py`, as borg's archiver/); the shared options live in `_common`,
+output and the error exits in `_output`. This module builds the app: the global options, then every command
+in help order.
 """
 
 from __future__ import annotations
