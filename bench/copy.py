@@ -43,10 +43,11 @@ from pathlib import Path
 from _common import machine_load, median, write_random_extents
 from servers import MotoServer, SshServer
 
+from hotvm.config import TargetConfig
 from hotvm.copy import copy_repository
 from hotvm.formats.export import export_image
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import MARKER, Repository, new_backup_id
-from hotvm.models import Manifest, TargetConfig
 from targets import open_target
 
 BUCKET = "hotvm-bench-copy"

@@ -25,9 +25,9 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_random_extents  # noqa: E402
 
+from hotvm.config import TargetConfig  # noqa: E402
 from hotvm.formats.export import CHUNK_SIZE, ZSTD_LEVEL, export_image  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
-from hotvm.models import TargetConfig  # noqa: E402
 from targets import open_target  # noqa: E402
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import drop_caches, median, timed, write_random_extents  # noqa: E402
 
+from hotvm.config import TargetConfig  # noqa: E402
 from hotvm.formats.export import export_image  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
-from hotvm.models import TargetConfig  # noqa: E402
 from targets import open_target  # noqa: E402
 
 

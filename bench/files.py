@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import drop_caches, machine_load  # noqa: E402
 
+from hotvm.config import TargetConfig  # noqa: E402
 from hotvm.files.blockdev import open_image  # noqa: E402
 from hotvm.files.catalog import Catalog  # noqa: E402
 from hotvm.files.filesets import FileSetManifest, FileSets, VolumeRecord  # noqa: E402
@@ -38,7 +39,6 @@ from hotvm.files.fs import open_filesystem  # noqa: E402
 from hotvm.files.scan import scan_volume  # noqa: E402
 from hotvm.files.volumes import find_volumes  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
-from hotvm.models import TargetConfig  # noqa: E402
 from targets import open_target  # noqa: E402
 
 MiB = 1 << 20

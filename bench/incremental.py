@@ -32,7 +32,7 @@ from _common import machine_load, write_random_extents  # noqa: E402
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu  # noqa: E402
 
 from hotvm import backup  # noqa: E402
-from hotvm.models import Manifest  # noqa: E402
+from hotvm.formats.manifest import Manifest  # noqa: E402
 from hotvm.restore import restore_one_disk  # noqa: E402
 
 MiB, GiB, K64 = 1 << 20, 1 << 30, 64 << 10

@@ -34,14 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import drop_caches, machine_load, median  # noqa: E402
 
 from hotvm.bootcheck import boot_disks  # noqa: E402
+from hotvm.config import BootCheckSpec, Config, TargetConfig  # noqa: E402
 from hotvm.formats.export import export_image  # noqa: E402
+from hotvm.formats.manifest import Manifest  # noqa: E402
 from hotvm.formats.repository import Repository, new_backup_id  # noqa: E402
 from hotvm.formats.restore import restore_disk  # noqa: E402
 from hotvm.guest.artifacts import ensure_guest_files  # noqa: E402
 from hotvm.guest.qemu import BASE_APPEND, MEMORY_MB  # noqa: E402
 from hotvm.instant import core, runner  # noqa: E402
 from hotvm.instant.export import stop_export  # noqa: E402
-from hotvm.models import BootCheckSpec, Config, Manifest, TargetConfig  # noqa: E402
 from targets import open_target  # noqa: E402
 
 MiB, GiB = 1 << 20, 1 << 30

@@ -87,7 +87,7 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
 
     env = {
         **os.environ,
@@ -209,8 +209,8 @@ def main() -> None:
             server.terminate()
             server.wait(30)
 
+    from hotvm.config import TargetConfig
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{work}/target")))

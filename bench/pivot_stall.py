@@ -44,8 +44,8 @@ from _common import machine_load, median, percentile  # noqa: E402
 from qemu.qmp import ConnectError  # noqa: E402
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu  # noqa: E402
 
+from hotvm.config import HostConfig, VMConfig  # noqa: E402
 from hotvm.hypervisors.qemu import QemuDriver  # noqa: E402
-from hotvm.models import HostConfig, VMConfig  # noqa: E402
 
 TARGET_P50_MS, TARGET_P95_MS = 10.0, 50.0
 DEVICE = "d0"

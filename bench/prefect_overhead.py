@@ -39,8 +39,8 @@ from _common import drop_caches, machine_load, median, timed, write_random_exten
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu  # noqa: E402
 
 from hotvm import backup  # noqa: E402
+from hotvm.formats.manifest import Manifest, StepTiming, utcnow  # noqa: E402
 from hotvm.formats.repository import new_backup_id  # noqa: E402
-from hotvm.models import Manifest, StepTiming, utcnow  # noqa: E402
 
 VM, HOST, DEVICE = "bench-vm", "bench", "disk0"
 TARGET_OVERHEAD = 0.10

@@ -32,9 +32,9 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from _common import machine_load, median, write_random_extents  # noqa: E402
 from servers import FtpServer, MotoServer, SambaServer, SshServer, _descendants  # noqa: E402
 
+from hotvm.config import TargetConfig  # noqa: E402
 from hotvm.formats.export import export_image  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
-from hotvm.models import TargetConfig  # noqa: E402
 from targets import open_target  # noqa: E402
 
 SCHEMES = ["file", "smb", "sftp", "ftp", "ftps", "s3"]

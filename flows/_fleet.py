@@ -28,8 +28,9 @@ from prefect.runtime import deployment, flow_run
 
 from flows._limits import ensure_host_limit
 from flows._runs import vm_tags
+from hotvm.config_file import load_config
 from hotvm.errors import RunFailed
-from hotvm.models import load_config
+from hotvm.hypervisors.resolve import HostFailure
 
 MAX_PARALLEL_VMS = 16
 """Threads waiting for (or holding) a host slot in the CLI's in-process fan-out."""
@@ -128,6 +129,15 @@ def run_vms(
         results = [f.result() for f in futures]
     results += [{**s, "ok": True, "status": "skipped", "backup_id": None} for s in skipped]
     return results
+
+
+def unlisted_rows(failures: list[HostFailure]) -> list[dict]:
+    """One failed row per host whose VMs could not be listed (resolve_vms): its VMs fail, no one else's."""
+    return [
+        {"host": f.host, "vm": f"(VMs of {f.host})", "ok": False, "status": "failed", "step": "list VMs",
+         "error": str(f)}
+        for f in failures
+    ]  # fmt: skip
 
 
 def in_flight_per_host(limit: int) -> int:

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 from prefect.runtime import flow_run
 
+from hotvm.config_file import load_config
 from hotvm.errors import ConfigError
-from hotvm.models import load_config
+from hotvm.hypervisors.resolve import find_vm
 
 POOL = "hotvm"
 FLEET_QUEUE = "fleet"
@@ -27,7 +28,7 @@ def _day() -> str:
 
 def _host_of(vm: str, config: str | None) -> str | None:
     with contextlib.suppress(Exception):  # a name must never fail a run: the run itself reports the error
-        return load_config(config).find_vm(vm)[0].name
+        return find_vm(load_config(config), vm)[0].name
     return None
 
 

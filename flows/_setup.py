@@ -16,8 +16,9 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
 from flows._limits import ensure_host_limit
 from flows._runs import FLEET_QUEUE, POOL
+from hotvm.config import Config, NotificationConfig
+from hotvm.config_file import load_config
 from hotvm.errors import ConfigError
-from hotvm.models import Config, NotificationConfig, load_config
 from hotvm.notifications import (
     AUTOMATION_PREFIX,
     TEST_SUBJECT,

@@ -22,10 +22,11 @@ from prefect.runtime import flow_run
 
 from flows._rollback import roll_back
 from hotvm import backup
+from hotvm.config import TaskRetries
+from hotvm.formats.manifest import StepTiming
 from hotvm.formats.repository import new_backup_id
 from hotvm.hypervisors.base import FrozenDisk
 from hotvm.locks import BackupRunning, vm_lock
-from hotvm.models import StepTiming, TaskRetries
 from tasks.commit import commit_disk
 from tasks.redo import add_redo
 

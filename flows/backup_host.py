@@ -9,9 +9,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms, unlisted_rows
 from flows._runs import fleet_run_name
-from hotvm.models import load_config
+from hotvm.config_file import load_config
+from hotvm.hypervisors.resolve import resolve_vms
 
 
 @flow(
@@ -31,8 +32,9 @@ def backup_host(
         vms: Only these VMs of the host; empty: every VM of the host.
     """
     cfg = load_config(config)
-    pairs = [(host, vm.name) for vm in cfg.find_host(host).vm_list() if not vms or vm.name in vms]
-    results = run_vms(pairs, target, config)
+    resolved = resolve_vms(cfg, [cfg.find_host(host).name])
+    pairs = [(host, vm.name) for vm in resolved.of_host(host) if not vms or vm.name in vms]
+    results = run_vms(pairs, target, config) + unlisted_rows(resolved.failures)
     return publish(
         results, f"backup-host-{artifact_key(host)}", f"weekly image backup of host {host}", f"host {host}"
     )

@@ -11,9 +11,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms, unlisted_rows
 from flows._runs import fleet_run_name
-from hotvm.models import load_config
+from hotvm.config_file import load_config
+from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import claimed_elsewhere, vms_for_policy
 
 
@@ -38,12 +39,14 @@ def backup_policy(
     cfg = load_config(config)
     chosen = cfg.find_policy(policy)
     target = target or chosen.image.target
-    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen)]
+    resolved = resolve_vms(cfg)
+    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen, resolved)]
     skipped = [
         {"host": host.name, "vm": vm.name, "reason": f"belongs to policy '{owner}' (first match wins)"}
-        for host, vm, owner in claimed_elsewhere(cfg, chosen)
+        for host, vm, owner in claimed_elsewhere(cfg, chosen, resolved)
     ]
     results = run_vms(pairs, target, config, skipped, kind="image", policy=policy)
+    results += unlisted_rows(resolved.failures)
     return publish(
         results,
         f"backup-policy-{artifact_key(policy)}",

@@ -23,9 +23,9 @@ from flows._limits import backup_slot
 from flows._runs import check_host_queue, tag_this_run, vm_run_name, vm_tags
 from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
 from hotvm import backup
+from hotvm.formats.manifest import Manifest, StepTiming, utcnow
 from hotvm.hypervisors.base import FrozenDisk
 from hotvm.hypervisors.qemu_agent import check_quiesce_possible
-from hotvm.models import Manifest, StepTiming, utcnow
 from hotvm.policies import policy_for_vm
 from tasks.bitmaps import drop_bitmaps
 from tasks.config import backup_config

@@ -18,15 +18,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms
+from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms, unlisted_rows
 from flows._limits import backup_slot
 from flows._runs import check_host_queue, fleet_run_name, tag_this_run, vm_run_name, vm_tags
 from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
 from flows.backup_vm import _failure_artifact
 from hotvm import backup
+from hotvm.config_file import load_config
 from hotvm.files.backup import summary_rows
+from hotvm.formats.manifest import utcnow
 from hotvm.hypervisors.base import FrozenDisk
-from hotvm.models import load_config, utcnow
+from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import policy_for_vm, vms_for_policy
 from tasks.bitmaps import drop_bitmaps
 from tasks.files import finish_files, plan_files, scan_files, update_catalog
@@ -197,8 +199,9 @@ def daily_files(policy: str = "default", config: str | None = None, target: str 
         get_run_logger().warning("policy %s has no files: section: no file-level backups to run", policy)
         return []
     target = target or chosen.files.target
-    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen)]
-    results = run_vms(pairs, target, config, kind="files", policy=policy)
+    resolved = resolve_vms(cfg)
+    pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen, resolved)]
+    results = run_vms(pairs, target, config, kind="files", policy=policy) + unlisted_rows(resolved.failures)
     return publish(
         results, f"daily-files-{artifact_key(policy)}", f"file backup of policy {policy}", f"policy {policy}"
     )

@@ -12,8 +12,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._runs import fleet_run_name
+from hotvm.config_file import load_config
 from hotvm.inventory import diff_markdown, vm_rows
-from hotvm.models import load_config
 from tasks.inventory import collect_inventory, diff_inventory, store_inventory
 
 

@@ -16,8 +16,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows._runs import fleet_run_name
+from hotvm.config_file import load_config
 from hotvm.errors import HotvmError
-from hotvm.models import load_config, utcnow
+from hotvm.formats.manifest import utcnow
 from hotvm.plan import FORMATS, check_plan, plan_document, render, render_markdown
 
 

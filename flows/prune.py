@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._runs import fleet_run_name
-from hotvm.models import Keep, load_config, utcnow
+from hotvm.config import Keep
+from hotvm.config_file import load_config
+from hotvm.formats.manifest import utcnow
 from hotvm.prune import PruneReport, gone, policy_keeps, target_and_policy
 from targets.base import redact_url
 from tasks.prune import decide_retention, list_sets, remove_sets, sweep_chunks

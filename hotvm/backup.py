@@ -12,9 +12,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotvm.config import Config, HostConfig, VMConfig
+from hotvm.config_file import load_config
 from hotvm.errors import BackupSetError
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import CHUNK_SIZE, Progress, chunk_digest, export_image
+from hotvm.formats.manifest import ConfigArchive, DiskRecord, Manifest, SkippedDisk, StepTiming, utcnow
 from hotvm.formats.repository import Repository, new_backup_id
 from hotvm.hypervisors import open_driver
 from hotvm.hypervisors.base import (
@@ -24,22 +27,9 @@ from hotvm.hypervisors.base import (
     FrozenDisk,
     HypervisorDriver,
     ReconcileAction,
-    config_documents,
-    readable_image,
 )
+from hotvm.hypervisors.resolve import find_vm
 from hotvm.immutability import protect_chunks
-from hotvm.models import (
-    Config,
-    ConfigArchive,
-    DiskRecord,
-    HostConfig,
-    Manifest,
-    SkippedDisk,
-    StepTiming,
-    VMConfig,
-    load_config,
-    utcnow,
-)
 from targets import open_target
 
 log = logging.getLogger("hotvm.backup")
@@ -72,7 +62,7 @@ class Session:
 
 def open_session(vm: str, config: Config | str | Path | None = None) -> Session:
     cfg = load_config(config)
-    host, vm_cfg = cfg.find_vm(vm)
+    host, vm_cfg = find_vm(cfg, vm)
     return Session(cfg, host, vm_cfg)
 
 
@@ -175,7 +165,7 @@ def export_disk(
         previous, dirty, why = None, None, "no earlier backup of this disk on the target"
         if baseline is not None:
             previous, dirty, why = _incremental_base(session, repo, frozen, baseline)
-        with session.driver() as driver, readable_image(driver, frozen) as local:
+        with session.driver() as driver, driver.open_frozen_image(frozen) as local:
             record = export_image(
                 repo, device=frozen.device, image=local.image, fmt=local.format, progress=progress,
                 previous=previous, dirty=dirty,
@@ -262,7 +252,7 @@ def commit(session: Session, device: str, level: int | str) -> CommitResult:
 
 def backup_config(session: Session, target: str | None, backup_id: str) -> ConfigArchive:
     with session.driver() as driver:
-        files, description, documents = driver.config_files(), driver.describe_vm(), config_documents(driver)
+        files, description, documents = driver.config_files(), driver.describe_vm(), driver.config_documents()
     data, names = build_config_archive(files, description, documents)
     with session.repository(target) as repo:
         repo.write_blob(session.vm.name, backup_id, ARCHIVE_NAME, data)

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hotvm.child_env import child_env
+from hotvm.config import BootCheckSpec
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.restore import RestoredDisk
-from hotvm.models import BootCheckSpec, Manifest
 
 QEMU = "qemu-system-x86_64"
 

@@ -34,10 +34,12 @@ import zstandard
 from pydantic import BaseModel
 
 from hotvm import immutability, retention
+from hotvm.config import Config, Keep, TargetConfig
+from hotvm.config_file import load_config
 from hotvm.errors import BackupSetError, ChecksumMismatch, ConfigError, TargetConfigError
 from hotvm.formats.export import decompress_bounded
+from hotvm.formats.manifest import utcnow
 from hotvm.formats.repository import MARKER, Repository, read_marker
-from hotvm.models import Config, Keep, TargetConfig, load_config, utcnow
 from hotvm.retention import BackupPoint, SetState
 from targets.base import Target
 

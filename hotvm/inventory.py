@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import BaseModel
 
 from hotvm import __version__
+from hotvm.config import Config, HostConfig, VMConfig
 from hotvm.errors import HotvmError
-from hotvm.models import Config, HostConfig, VMConfig, utcnow
+from hotvm.formats.manifest import utcnow
 
 if TYPE_CHECKING:
     from hotvm.formats.repository import Repository
@@ -121,16 +122,22 @@ class InventoryDiff(BaseModel):
 
 
 def collect(config: Config) -> Inventory:
-    """One entry per configured VM, read from its hypervisor now; errors are recorded, never raised."""
+    """One entry per configured VM, read from its hypervisor now; errors are recorded, never raised (a host
+    whose VMs cannot be listed keeps one row, named after it, with the error)."""
+    from hotvm.hypervisors.resolve import resolve_vms
     from hotvm.policies import policy_for_vm
 
+    resolved = resolve_vms(config)
     entries = []
-    for host in config.hosts:
-        for vm in host.vm_list():
-            entry = _vm_entry(host, vm)
-            policy = policy_for_vm(config, vm.name)
-            entry.policy = policy.name if policy is not None else None
-            entries.append(entry)
+    for host, vm in resolved:
+        entry = _vm_entry(host, vm)
+        policy = policy_for_vm(config, vm.name)
+        entry.policy = policy.name if policy is not None else None
+        entries.append(entry)
+    for failure in resolved.failures:
+        host = config.find_host(failure.host)
+        entries.append(VMEntry(name=f"(VMs of {host.name})", host=host.name, driver=host.driver,
+                               error=str(failure)))  # fmt: skip
     return Inventory(collected_at=utcnow(), vms=entries)
 
 
@@ -150,7 +157,7 @@ def _vm_entry(host: HostConfig, vm: VMConfig) -> VMEntry:
         driver = open_driver(host, vm)
         try:
             description = driver.describe_vm()
-            hardware = driver.hardware() if hasattr(driver, "hardware") else {}
+            hardware = driver.hardware()  # {} from a driver without Capability.HARDWARE
         finally:
             driver.close()
     except HotvmError as exc:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import os
 
+from hotvm.config import NotificationConfig
 from hotvm.errors import ConfigError
-from hotvm.models import NotificationConfig
 
 AUTOMATION_PREFIX = "hotvm-"
 """Automations and blocks hotvm owns are named hotvm-<notification>-...: apply replaces exactly those."""

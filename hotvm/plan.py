@@ -15,9 +15,12 @@ import datetime as dt
 import html
 import io
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-from hotvm.models import Config, HostConfig, Policy, VMConfig, format_duration, utcnow
+from hotvm.config import Config, HostConfig, Policy, VMConfig, format_duration
+from hotvm.formats.manifest import utcnow
+from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import policy_for_vm
 
 SCHEDULE_WINDOW = dt.timedelta(days=400)
@@ -126,9 +129,10 @@ def vm_plan(config: Config, host: HostConfig, vm: VMConfig, index: int = 0) -> V
     )
 
 
-def vm_plans(config: Config) -> list[VMPlan]:
-    """Every configured VM in recovery order: tier, then startup_order (if set), then config order."""
-    pairs = ((h, v) for h in config.hosts for v in h.vm_list())
+def vm_plans(config: Config, vms: Iterable[tuple[HostConfig, VMConfig]] | None = None) -> list[VMPlan]:
+    """Every VM of `vms` (default: resolved now, failing on a host that cannot be listed) in recovery
+    order: tier, then startup_order (if set), then config order."""
+    pairs = vms if vms is not None else resolve_vms(config).require()
     plans = [vm_plan(config, h, v, i) for i, (h, v) in enumerate(pairs)]
     return sorted(plans, key=lambda p: (p.tier, p.startup_order is None, p.startup_order or 0, p.index))
 

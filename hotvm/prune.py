@@ -35,10 +35,13 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from hotvm import immutability, retention
+from hotvm.config import Config, Keep, TargetConfig
+from hotvm.config_file import load_config
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.files.filesets import FileSets
+from hotvm.formats.manifest import DiskRecord, Manifest, utcnow
 from hotvm.formats.repository import Repository, read_marker, vm_dirs
-from hotvm.models import Config, DiskRecord, Keep, Manifest, TargetConfig, load_config, utcnow
+from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
 from targets import open_target
 from targets.base import Entry, Target
@@ -74,11 +77,10 @@ def policy_keeps(cfg: Config, target_cfg: TargetConfig, **overrides: int | None)
     if default_target is None and len(cfg.targets) == 1:
         default_target = cfg.targets[0].name
     keeps = {}
-    for host in cfg.hosts:
-        for vm in host.vm_list():
-            policy = policy_for_vm(cfg, vm.name)
-            if policy is not None and (policy.image.target or default_target) == target_cfg.name:
-                keeps[vm.name] = policy.image.keep
+    for _, vm in resolve_vms(cfg).require():
+        policy = policy_for_vm(cfg, vm.name)
+        if policy is not None and (policy.image.target or default_target) == target_cfg.name:
+            keeps[vm.name] = policy.image.keep
     return keeps
 
 
@@ -87,11 +89,10 @@ def files_keeps(cfg: Config) -> dict[str, Keep]:
     from hotvm.policies import policy_for_vm
 
     keeps = {}
-    for host in cfg.hosts:
-        for vm in host.vm_list():
-            policy = policy_for_vm(cfg, vm.name)
-            if policy is not None and policy.files is not None:
-                keeps[vm.name] = policy.files.keep
+    for _, vm in resolve_vms(cfg).require():
+        policy = policy_for_vm(cfg, vm.name)
+        if policy is not None and policy.files is not None:
+            keeps[vm.name] = policy.files.keep
     return keeps
 
 

@@ -11,10 +11,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from hotvm.config import Config
+from hotvm.config_file import load_config
 from hotvm.errors import HotvmError
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat, RestoredDisk, disk_file_name, restore_config, restore_disk
-from hotvm.models import Config, Manifest, load_config
 from targets import open_target
 
 

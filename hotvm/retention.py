@@ -28,8 +28,8 @@ from enum import StrEnum
 
 from pydantic import ValidationError
 
+from hotvm.config import Keep
 from hotvm.errors import ConfigError
-from hotvm.models import Keep
 
 DEFAULT_INCOMPLETE_GRACE = dt.timedelta(hours=24)
 

@@ -14,13 +14,16 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from hotvm.config import Config, HostConfig
+from hotvm.config_file import load_config
 from hotvm.errors import ConfigError, HotvmError
 from hotvm.formats.configtar import read_config_archive
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat, check_config_archive, disk_file_name
 from hotvm.hypervisors import open_host
-from hotvm.hypervisors.base import RegisterResult, VMDefinition
-from hotvm.models import Config, HostConfig, Manifest, load_config
+from hotvm.hypervisors.base import Capability, RegisterResult, VMDefinition
+from hotvm.hypervisors.resolve import find_vm
 from hotvm.restore import open_repository, restore_one_disk
 from hotvm.safepath import component, under
 
@@ -101,7 +104,7 @@ def restore_disks(
 def register(host: HostConfig, definition: VMDefinition, start: bool) -> RegisterResult:
     driver = open_host(host)
     try:
-        if not hasattr(driver, "register_vm"):
+        if Capability.REGISTER_VMS not in driver.capabilities:
             raise HotvmError(
                 f"host '{host.name}' ({host.driver}) cannot register VMs", "use a host whose driver can"
             )
@@ -178,7 +181,7 @@ def sync_config(
     host_name = standby or _configured_standby(cfg, vm)
     standby_host = cfg.find_host(host_name)
     try:
-        source_host, _ = cfg.find_vm(vm)
+        source_host, _ = find_vm(cfg, vm)
     except HotvmError:
         source_host = None  # gone from the config (disaster): the backup alone is enough
     if source_host is not None and source_host.name == standby_host.name:
@@ -205,7 +208,7 @@ def sync_config(
 
 
 def _configured_standby(cfg: Config, vm: str) -> str:
-    _, vm_cfg = cfg.find_vm(vm)
+    _, vm_cfg = find_vm(cfg, vm)
     if not vm_cfg.standby_host:
         raise ConfigError(
             f"VM '{vm}' has no standby_host",
@@ -218,9 +221,8 @@ def _drop_older_disks(host: HostConfig, vm: str, keep: str) -> None:
     """Disk sets of earlier syncs, once the standby points at the new one (never while it runs)."""
     driver = open_host(host)
     try:
-        running = getattr(driver, "running", None)
-        if running is None or running(vm):
-            return
+        if Capability.RUNNING_STATE not in driver.capabilities or driver.running(vm):
+            return  # a VM that may run keeps its disks
     finally:
         driver.close()
     for old in host_vm_dir(host, vm).glob(f"{DISKS_PREFIX}*"):

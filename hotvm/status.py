@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from hotvm.config import Config, HostConfig, VMConfig
 from hotvm.errors import HotvmError
 from hotvm.hypervisors import open_driver
-from hotvm.models import Config, HostConfig, VMConfig
+from hotvm.hypervisors.resolve import ResolvedVMs, resolve_vms
 
 
 def fleet_status(config: Config) -> list[dict]:
     """Every configured VM, then the instant restores running on this host: `hotvm status`."""
-    return [vm_status(host, vm) for host in config.hosts for vm in host.vm_list()] + instant_status_rows()
+    return status_rows(resolve_vms(config)) + instant_status_rows()
 
 
 def set_rows(entries: list) -> list[dict]:
@@ -26,6 +27,16 @@ def set_rows(entries: list) -> list[dict]:
         }
         for e in entries
     ]
+
+
+def status_rows(resolved: ResolvedVMs) -> list[dict]:
+    """One row per resolved VM, then one per host whose VMs could not be listed (named, with the fix)."""
+    rows = [vm_status(host, vm) for host, vm in resolved]
+    rows += [
+        {"host": f.host, "vm": f"(VMs of {f.host})", "state": f"unreachable: {f}", "disks": [], "jobs": []}
+        for f in resolved.failures
+    ]
+    return rows
 
 
 def vm_status(host: HostConfig, vm: VMConfig) -> dict:

@@ -25,10 +25,13 @@ from pathlib import Path
 
 from hotvm import restore
 from hotvm.bootcheck import boot_check_restored
+from hotvm.config import Config
+from hotvm.config_file import load_config
 from hotvm.errors import HotvmError
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat
-from hotvm.models import Config, Manifest, load_config
+from hotvm.hypervisors.resolve import HostFailure, ResolvedVMs, resolve_vms
 from hotvm.safepath import component, under
 
 DEFAULT_TIER = 1
@@ -37,12 +40,11 @@ DEFAULT_TIER = 1
 # ----------------------------------------------------------------------------- tier / RTO lookups
 
 
-def _vm_entry(cfg: Config, vm: str):  # noqa: ANN202 - (HostConfig, VMConfig) or (None, None)
-    for host in cfg.hosts:
-        for entry in host.vm_list():
-            if entry.name == vm:
-                return host, entry
-    return None, None
+def _vm_entry(cfg: Config, vm: str, resolved: ResolvedVMs | None = None):  # noqa: ANN202
+    """(HostConfig, VMConfig) of `vm` among the run's resolved VMs (default: listed ones only, no
+    connection), or (None, None)."""
+    found = resolved.find(vm) if resolved is not None else cfg.listed_vm(vm)
+    return found if found is not None else (None, None)
 
 
 def _policy_attr(cfg: Config, vm: str, name: str):  # noqa: ANN202
@@ -52,15 +54,15 @@ def _policy_attr(cfg: Config, vm: str, name: str):  # noqa: ANN202
     return getattr(policy, name, None) if policy is not None else None
 
 
-def vm_setting(cfg: Config, vm: str, name: str):  # noqa: ANN201
+def vm_setting(cfg: Config, vm: str, name: str, resolved: ResolvedVMs | None = None):  # noqa: ANN201
     """A per-VM value (tier, rto, startup_order): the VM's own, else its policy's, else None."""
-    _, entry = _vm_entry(cfg, vm)
+    _, entry = _vm_entry(cfg, vm, resolved)
     value = getattr(entry, name, None) if entry is not None else None
     return value if value is not None else _policy_attr(cfg, vm, name)
 
 
-def vm_tier(cfg: Config, vm: str) -> int:
-    tier = vm_setting(cfg, vm, "tier")
+def vm_tier(cfg: Config, vm: str, resolved: ResolvedVMs | None = None) -> int:
+    tier = vm_setting(cfg, vm, "tier", resolved)
     return int(tier) if tier is not None else DEFAULT_TIER
 
 
@@ -84,8 +86,8 @@ def duration_seconds(value: object) -> float | None:
     return total if pos == len(text) and text else None
 
 
-def vm_rto_seconds(cfg: Config, vm: str) -> float | None:
-    return duration_seconds(vm_setting(cfg, vm, "rto"))
+def vm_rto_seconds(cfg: Config, vm: str, resolved: ResolvedVMs | None = None) -> float | None:
+    return duration_seconds(vm_setting(cfg, vm, "rto", resolved))
 
 
 # ----------------------------------------------------------------------------- restore tests
@@ -219,10 +221,14 @@ def vms_to_verify(
 # ----------------------------------------------------------------------------- recovery by tier
 
 
-def recovery_plan(config: Config | str | Path | None, tier: int, target: str | None) -> list[dict]:
+def recovery_plan(
+    config: Config | str | Path | None, tier: int, target: str | None, resolved: ResolvedVMs | None = None
+) -> list[dict]:
     """The VMs of `tier` with a complete backup on the target, in recovery order (startup_order, then
-    name), each with the host whose concurrency caps it. VMs only on the target are tier 1."""
+    name), each with the host whose concurrency caps it. VMs only on the target are tier 1. `resolved`:
+    the run's VMs (default: resolved here, once)."""
     cfg = load_config(config)
+    resolved = resolved if resolved is not None else resolve_vms(cfg)
     repo = restore.open_repository(cfg, target)
     try:
         on_target = {e.vm: e.manifest for e in repo.list_sets() if e.manifest}  # latest wins (sorted)
@@ -230,22 +236,22 @@ def recovery_plan(config: Config | str | Path | None, tier: int, target: str | N
         repo.target.close()
     plan = []
     for vm, manifest in on_target.items():
-        if vm_tier(cfg, vm) != tier:
+        if vm_tier(cfg, vm, resolved) != tier:
             continue
-        host, _ = _vm_entry(cfg, vm)
+        host, _ = _vm_entry(cfg, vm, resolved)
         host_name = host.name if host is not None else manifest.host
         try:
             limit = cfg.find_host(host_name).max_concurrent_backups
         except HotvmError:
             limit = 2
-        order = vm_setting(cfg, vm, "startup_order")
+        order = vm_setting(cfg, vm, "startup_order", resolved)
         plan.append(
             {
                 "vm": vm,
                 "host": host_name,
                 "limit": limit,
                 "startup_order": order,
-                "rto_s": vm_rto_seconds(cfg, vm),
+                "rto_s": vm_rto_seconds(cfg, vm, resolved),
             }
         )
     plan.sort(key=lambda p: (p["startup_order"] is None, p["startup_order"] or 0, p["vm"]))
@@ -263,9 +269,14 @@ def recover_tier(
     restore_one: Callable[[dict, Path], dict] | None = None,
 ) -> list[dict]:
     """Restore every VM of `tier` into to/<vm>/: started strictly in recovery order, at most each host's
-    max_concurrent_backups at once. One row per VM, with its measured time and RTO."""
+    max_concurrent_backups at once. One row per VM, with its measured time and RTO; a host whose VMs
+    could not be listed adds one failed row naming it (the others are recovered all the same)."""
     cfg = load_config(config)
-    plan = recovery_plan(cfg, tier, target)
+    resolved = resolve_vms(cfg)
+    plan = recovery_plan(cfg, tier, target, resolved)
+    unlisted = [_unlisted_row(f, tier) for f in resolved.failures]
+    if not plan and unlisted:
+        return unlisted
     if not plan:
         raise HotvmError(f"no VM of tier {tier} has a complete backup", "check the tiers in hotvm.yaml")
     base = Path(to).resolve()
@@ -310,4 +321,13 @@ def recover_tier(
             slot = slots.setdefault(item["host"], threading.BoundedSemaphore(item["limit"]))
             slot.acquire()  # the next VM in order waits for a slot on its host: order is never overtaken
             futures.append(pool.submit(one, {**item, "index": index}, slot))
-        return [f.result() for f in futures]
+        return [f.result() for f in futures] + unlisted
+
+
+def _unlisted_row(failure: HostFailure, tier: int) -> dict:
+    """A recover row for a host that is down: its VMs' tiers are unknown, so none of them can be planned
+    (VMs of it found on the target are recovered by their policy's tier all the same)."""
+    return {
+        "vm": f"(VMs of {failure.host})", "host": failure.host, "tier": tier, "order": 0, "seconds": 0.0,
+        "rto_s": None, "meets_rto": None, "verified": False, "ok": False, "problems": [str(failure)],
+    }  # fmt: skip

@@ -124,7 +124,7 @@ start_server() {
 hosts() {  # host names of hotvm.yaml, or "local" without one
   "$PYTHON" - "$HOTVM_CONFIG" <<'EOF' 2>/dev/null || echo local
 import sys
-from hotvm.models import load_config
+from hotvm.config_file import load_config
 print("\n".join(h.name for h in load_config(sys.argv[1]).hosts) or "local")
 EOF
 }

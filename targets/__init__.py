@@ -10,8 +10,8 @@ import importlib
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError
-from hotvm.models import TargetConfig
 from targets.base import Target
 from targets.local import open_local
 

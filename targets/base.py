@@ -33,7 +33,7 @@ import fsspec
 from hotvm.errors import ConfigError, TargetError, TargetFull
 
 if TYPE_CHECKING:
-    from hotvm.models import TargetConfig
+    from hotvm.config import TargetConfig
 
 _UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
                 errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTDOWN}

@@ -24,8 +24,8 @@ from urllib.parse import unquote, urlsplit
 
 from fsspec.implementations.ftp import FTPFileSystem
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from hotvm.models import TargetConfig
 from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 

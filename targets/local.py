@@ -13,8 +13,8 @@ from urllib.parse import unquote, urlparse
 
 from fsspec.implementations.local import LocalFileSystem
 
+from hotvm.config import TargetConfig
 from hotvm.errors import TargetError
-from hotvm.models import TargetConfig
 from targets.base import Target
 
 FILE_MODE = 0o600

@@ -25,8 +25,8 @@ from urllib.parse import unquote, urlsplit
 
 from s3fs import S3FileSystem
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from hotvm.models import TargetConfig
 from targets import secrets
 from targets.base import Target
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from hotvm.config import TargetConfig
 from hotvm.errors import TargetConfigError, TargetError
-from hotvm.models import TargetConfig
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from hotvm.models import TargetConfig
 from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 

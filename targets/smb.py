@@ -31,8 +31,8 @@ from smbprotocol.exceptions import (
 )
 from smbprotocol.header import NtStatus
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from hotvm.models import TargetConfig
 from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import task
 
 from hotvm import backup
-from hotvm.models import ConfigArchive
+from hotvm.formats.manifest import ConfigArchive
 from tasks._options import STEP
 
 

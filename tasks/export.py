@@ -7,8 +7,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from hotvm import backup
 from hotvm import progress as progress_events
+from hotvm.formats.manifest import DiskRecord
 from hotvm.hypervisors.base import FrozenDisk
-from hotvm.models import DiskRecord
 from tasks._options import STEP
 
 UI_UPDATE_S = 5.0

@@ -10,8 +10,8 @@ from prefect import get_run_logger, task
 from hotvm import backup
 from hotvm.files import backup as files
 from hotvm.files.filesets import DiskJournal, FileSetManifest
+from hotvm.formats.manifest import StepTiming
 from hotvm.hypervisors.base import FrozenDisk
-from hotvm.models import StepTiming
 from tasks._options import STEP
 
 

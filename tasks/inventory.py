@@ -6,8 +6,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from hotvm import inventory
+from hotvm.config_file import load_config
 from hotvm.inventory import Inventory, InventoryDiff
-from hotvm.models import load_config
 from hotvm.prune import opened
 from tasks._options import STEP
 

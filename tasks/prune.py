@@ -8,7 +8,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from hotvm import prune, retention
-from hotvm.models import Keep, load_config
+from hotvm.config import Keep
+from hotvm.config_file import load_config
 from hotvm.prune import SetOutcome, SweepReport
 from hotvm.retention import BackupPoint, Decision
 from tasks._options import STEP

@@ -7,8 +7,8 @@ from prefect import get_run_logger, task
 from hotvm import progress as progress_events
 from hotvm import restore
 from hotvm.bootcheck import BootCheckResult, boot_check_restored
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.restore import DiskFormat, RestoredDisk
-from hotvm.models import Manifest
 from tasks._options import STEP
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from hotvm import standby
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.restore import RestoredDisk
-from hotvm.models import Manifest
 from tasks._options import STEP
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from hotvm.models import load_config
+from hotvm.config_file import load_config
 from hotvm.restore import open_repository
 from hotvm.tape import copy as tape_copy
 from hotvm.tape import open_tape

@@ -3,7 +3,7 @@ from __future__ import annotations
 from prefect import task
 
 from hotvm import backup
-from hotvm.models import Manifest
+from hotvm.formats.manifest import Manifest
 from tasks._options import STEP
 
 

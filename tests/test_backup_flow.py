@@ -225,8 +225,8 @@ def test_backup_leaves_no_state_in_memory_between_steps(qemu, tmp_path: Path) ->
 
 def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_path: Path) -> None:
     from flows.backup_host import backup_host
+    from hotvm.config import TargetConfig
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     vms = {}
@@ -258,7 +258,7 @@ def test_backup_host_never_runs_more_than_the_host_limit(prefect_server, tmp_pat
 def test_a_chunk_lost_before_the_manifest_makes_the_rerun_export_the_disk_again(qemu, tmp_path: Path) -> None:
     from hotvm import backup
     from hotvm.errors import BackupSetError
-    from hotvm.models import Manifest, utcnow
+    from hotvm.formats.manifest import Manifest, utcnow
 
     disk = random_raw(tmp_path / "d.raw", 16 * MiB, 4 * MiB)
     vm = qemu([DiskSpec("d", disk, format="raw")])

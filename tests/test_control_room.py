@@ -211,8 +211,8 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(
 
 
 def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
+    from hotvm.config_file import load_config, parse_config
     from hotvm.errors import ConfigError
-    from hotvm.models import load_config, parse_config
     from hotvm.notifications import automation_specs, webhook_url
 
     base = {"hosts": [{"name": "hv1", "vms": [{"name": "web01", "qmp": "/nonexistent"}]}],

@@ -24,10 +24,10 @@ from helpers import hotvm, hotvm_json
 from qemu_helpers import DiskSpec, start_qemu
 from servers import MotoServer, SambaServer, SshServer
 
+from hotvm.config_file import load_config
 from hotvm.copy import copy_repository
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
-from hotvm.models import load_config
 from targets import open_target
 
 MiB = 1 << 20
@@ -301,8 +301,8 @@ def test_locked_sets_survive_deletes_and_prune_until_they_expire(primary: Primar
     from botocore.exceptions import ClientError
 
     from hotvm.check import check_repository
+    from hotvm.config import Keep
     from hotvm.errors import TargetError
-    from hotvm.models import Keep
     from hotvm.prune import prune_repository
 
     p = primary

@@ -16,12 +16,13 @@ from helpers import hotvm
 from test_targets import make_config, ssh_server  # noqa: F401 - ssh_server is a fixture make_config uses
 
 from hotvm.check import check_repository
+from hotvm.config import Keep, TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import chunk_digest, export_image
+from hotvm.formats.manifest import ConfigArchive, Manifest
 from hotvm.formats.repository import MARKER, Repository, new_backup_id
 from hotvm.formats.restore import restore_config, restore_disk
-from hotvm.models import ConfigArchive, Keep, Manifest, TargetConfig
 from hotvm.prune import prune_repository
 from targets import open_target
 

@@ -249,9 +249,9 @@ def assert_tree(raw: Path) -> None:
 def check_prune(config: Path, first: dict, second: dict) -> None:
     from hotvm import prune
     from hotvm.check import check_repository
+    from hotvm.config import Keep
     from hotvm.files.browse import open_view, resolve_set
     from hotvm.files.restore import restore_entries
-    from hotvm.models import Keep
     from hotvm.restore import open_repository
 
     repo = open_repository(config, None)

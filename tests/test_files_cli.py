@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from fs_images import Node, PartSpec, build_disk
 
+from hotvm.config import Keep, TargetConfig
 from hotvm.errors import HotvmError
 from hotvm.files.blockdev import open_image
 from hotvm.files.browse import open_view, resolve_set, sync_catalog
@@ -20,8 +21,8 @@ from hotvm.files.fs import open_filesystem
 from hotvm.files.restore import restore_entries
 from hotvm.files.scan import scan_volume
 from hotvm.files.volumes import find_volumes
+from hotvm.formats.manifest import utcnow
 from hotvm.formats.repository import Repository
-from hotvm.models import Keep, TargetConfig, utcnow
 from hotvm.prune import sweep
 from targets import open_target
 

@@ -13,6 +13,7 @@ import pytest
 from fs_images import MiB, Node, PartSpec, build_disk, partitions, populate, to_qcow2
 from qemu_helpers import DiskSpec
 
+from hotvm.config import TargetConfig
 from hotvm.errors import HotvmError
 from hotvm.files.blockdev import open_backup_disk, open_image
 from hotvm.files.fs import FileEntry, Filesystem, FilesystemUnreadable, open_filesystem
@@ -20,7 +21,6 @@ from hotvm.files.mount import loop_device, mounted_volume
 from hotvm.files.volumes import Volume, find_volumes
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import Repository
-from hotvm.models import TargetConfig
 from targets import open_target
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="building guest file systems needs root")

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from hotvm.config import TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
-from hotvm.models import TargetConfig
 from targets import open_target
 
 MiB = 1024 * 1024

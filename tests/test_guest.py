@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from hotvm.config import VMConfig
 from hotvm.errors import HotvmError
 from hotvm.guest import (
     RING,
@@ -60,7 +61,6 @@ from hotvm.guest.initramfs import (
 from hotvm.guest.qemu import render_script
 from hotvm.guest.scripts import writer_script
 from hotvm.guest.vm import parse_size
-from hotvm.models import VMConfig
 
 BUSYBOX = shutil.which("busybox")
 HAVE_QEMU = bool(shutil.which("qemu-system-x86_64") and shutil.which("qemu-img"))

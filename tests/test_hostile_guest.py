@@ -85,9 +85,9 @@ def hostile_ext4(path: Path, outside: Path) -> Path:
 def forge_entry(target: Path, vm: str, volume: str) -> None:
     """Put the forged 'escape/pwned' entry into the newest file set's entry list, as a hotvm before the
     name check stored it (the set is unencrypted: anyone holding the target can do this)."""
+    from hotvm.config import TargetConfig
     from hotvm.files.filesets import FileSets, decode_entries, encode_entries
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     repo = Repository(open_target(TargetConfig(name="nas", url=f"file://{target}")))
@@ -194,7 +194,7 @@ def _rewrite_set(set_dir: Path, archive: bytes | None = None, **fields: object) 
         manifest["config_archive"]["size"] = len(archive)
     manifest.update(fields)
     try:  # an attacker who rewrites the manifest's checksum too (only encryption stops that)
-        from hotvm.models import Manifest
+        from hotvm.formats.manifest import Manifest
 
         manifest["checksum"] = Manifest.model_validate(manifest).computed_checksum()
     except ValueError:

@@ -246,7 +246,8 @@ def test_overlays_get_their_image_mode(qemu, tmp_path: Path) -> None:
 def test_boot_check_qemu_gets_no_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The key a config names reaches no child: read it from the boot-check QEMU's /proc/<pid>/environ."""
     from hotvm.bootcheck import boot_disks
-    from hotvm.models import BootCheckSpec, load_config
+    from hotvm.config import BootCheckSpec
+    from hotvm.config_file import load_config
 
     config = write_config(tmp_path / "hotvm.yaml", {"web01": tmp_path / "vm.qmp"}, f"file://{tmp_path}/t")
     config.write_text(config.read_text() + "    encryption_key_env: T13_BOOT_KEY\n    password_env: T13_PW\n")

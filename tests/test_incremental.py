@@ -15,7 +15,7 @@ from helpers import write_config
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img
 
 from hotvm import backup
-from hotvm.models import Manifest
+from hotvm.formats.manifest import Manifest
 from hotvm.restore import restore_one_disk
 
 pytestmark = [

@@ -244,8 +244,8 @@ def test_encrypted_ftp_target_waits_out_an_outage_without_starting_the_vm(
     comes back: the stream waits (docs/instant.md) and ends equal to the backed-up image."""
     from servers import FtpServer
 
+    from hotvm.config import TargetConfig
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     server = FtpServer().start()
@@ -298,8 +298,8 @@ def test_full_disk_fails_the_stream_and_a_rerun_with_space_resumes(small_tmpfs: 
                                                                      cleanup) -> None:  # fmt: skip
     """The overlay's file system fills up (a 12 MiB tmpfs, 16 MiB of data): the stream stops saying so,
     nothing is lost, and after the space is there the same command finishes it."""
+    from hotvm.config import TargetConfig
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     image = _random_image(tmp_path / "disk.raw", 32 * MiB, 16 * MiB)
@@ -342,7 +342,7 @@ def test_the_flow_streams_as_a_task_with_progress(backed_up, tmp_path: Path, cle
 
 
 def test_verify_boot_boots_from_the_set_and_plan_records_both_times(backed_up) -> None:
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
     from hotvm.plan import check_plan, gather_evidence, vm_plans
 
     proc = hotvm("verify", "ig", "--boot", "--config", str(backed_up["config"]), "--json")

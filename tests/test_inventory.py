@@ -13,7 +13,7 @@ from helpers import hotvm
 from qemu_helpers import DiskSpec, qemu_img, start_qemu
 
 from hotvm import inventory
-from hotvm.models import load_config
+from hotvm.config_file import load_config
 
 MAC = "52:54:00:12:34:56"
 MAC2 = "52:54:00:ab:cd:ef"

@@ -39,6 +39,8 @@ from libvirt_helpers import (
     wait_serial,
 )
 
+from hotvm.config import HostConfig, VMConfig
+from hotvm.config_file import load_config
 from hotvm.errors import (
     BlockJobError,
     DiskNotSupported,
@@ -57,9 +59,8 @@ from hotvm.hypervisors.base import (
     DiskMode,
     HypervisorDriver,
     VMDefinition,
-    readable_image,
 )
-from hotvm.models import HostConfig, VMConfig, load_config
+from hotvm.hypervisors.resolve import find_vm, resolve_vms
 
 libvirt = pytest.importorskip("libvirt")
 libvirt_qemu = pytest.importorskip("libvirt_qemu")
@@ -565,7 +566,7 @@ def test_remote_uri_over_ssh_with_shared_storage(guest):
         driver = _driver(spec.name, uri=uri)
         assert {d.device: d.mode for d in driver.list_disks()}["vda"] is DiskMode.PERSISTENT
         frozen = driver.add_redo(["vda"], "ssh1")[0]
-        with readable_image(driver, frozen) as local:
+        with driver.open_frozen_image(frozen) as local:
             ring = verify_ring(raw_bytes(local.image, local.format)[:RING_BYTES])
         assert ring.consistent and ring.last_seq > 0
         driver.commit_final("vda")
@@ -573,7 +574,7 @@ def test_remote_uri_over_ssh_with_shared_storage(guest):
         elsewhere = dataclasses.replace(frozen, image="/nonexistent/on-the-remote-host.qcow2")
         with (
             pytest.raises(HypervisorError, match="not readable on this machine"),
-            readable_image(driver, elsewhere),
+            driver.open_frozen_image(elsewhere),
         ):
             pass
         driver.close()
@@ -588,8 +589,9 @@ def test_host_without_vms_discovers_its_domains(guest, tmp_path):
         f"targets:\n  - name: nas\n    url: file://{tmp_path}/t\n"
     )
     config = load_config(cfg)
-    assert spec.name in [vm.name for vm in config.hosts[0].vm_list()]
-    host, vm = config.find_vm(spec.name)
+    resolved = resolve_vms(config)
+    assert spec.name in [vm.name for vm in resolved.of_host("kvm")] and resolved.failures == []
+    host, vm = find_vm(config, spec.name)
     assert (host.name, vm.name) == ("kvm", spec.name)
 
 

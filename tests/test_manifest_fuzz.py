@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from hotvm.check import check_repository
+from hotvm.config import TargetConfig
 from hotvm.errors import HotvmError
 from hotvm.formats.export import export_image
+from hotvm.formats.manifest import DiskRecord, Manifest
 from hotvm.formats.repository import Repository, new_backup_id
 from hotvm.formats.restore import restore_disk
-from hotvm.models import DiskRecord, Manifest, TargetConfig
 from targets import open_target
 
 CHUNK = 64 * 1024

@@ -14,10 +14,12 @@ import pytest
 import yaml
 from helpers import hotvm
 
+from hotvm.config import format_duration, parse_duration
+from hotvm.config_file import parse_config
 from hotvm.errors import ConfigError
 from hotvm.formats.export import export_image
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository, new_backup_id
-from hotvm.models import Manifest, format_duration, parse_config, parse_duration
 from hotvm.plan import (
     check_plan,
     plan_document,

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from qemu_helpers import DiskSpec, start_qemu
 
+from hotvm.config import TABLE_7_3_IMAGE_KEEP, Keep
+from hotvm.config_file import parse_config
 from hotvm.errors import ConfigError
-from hotvm.models import TABLE_7_3_IMAGE_KEEP, Keep, parse_config
+from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import claimed_elsewhere, policy_for_vm, vms_for_policy
 from hotvm.prune import policy_keeps
 
@@ -49,7 +51,7 @@ def test_no_policies_means_one_table_7_3_policy_over_every_vm() -> None:
     assert policy.image.schedule == "0 2 * * 6" and policy.image.target is None  # the default target
     assert policy.image.keep == TABLE_7_3_IMAGE_KEEP
     assert policy.files is not None and policy.files.keep == Keep(days=31)
-    assert len(vms_for_policy(config, "default")) == 5
+    assert len(vms_for_policy(config, "default", resolve_vms(config))) == 5
     assert policy_for_vm(config, "mail").name == "default"
 
 
@@ -61,10 +63,11 @@ def test_globs_and_first_match_wins() -> None:
             {"name": "rest", "vms": ["*"], "image": {"schedule": "0 3 * * 0", "target": "nas"}},
         ]
     )
-    assert names(vms_for_policy(config, "db")) == [("hv1", "db01")]
-    assert names(vms_for_policy(config, "web")) == [("hv1", "web01"), ("hv1", "web02"), ("hv2", "web03")]
-    assert names(vms_for_policy(config, "rest")) == [("hv2", "mail")]
-    assert [(v.name, owner) for _, v, owner in claimed_elsewhere(config, "rest")] == [
+    assert names(vms_for_policy(config, "db", resolve_vms(config))) == [("hv1", "db01")]
+    web = [("hv1", "web01"), ("hv1", "web02"), ("hv2", "web03")]
+    assert names(vms_for_policy(config, "web", resolve_vms(config))) == web
+    assert names(vms_for_policy(config, "rest", resolve_vms(config))) == [("hv2", "mail")]
+    assert [(v.name, owner) for _, v, owner in claimed_elsewhere(config, "rest", resolve_vms(config))] == [
         ("web01", "web"), ("web02", "web"), ("db01", "db"), ("web03", "web"),
     ]  # fmt: skip
     assert policy_for_vm(config, "db01").name == "db"
@@ -165,8 +168,8 @@ def max_overlap(spans: list[tuple]) -> int:
 
 def test_two_concurrent_runs_never_exceed_the_host_limit(prefect_server, tmp_path: Path) -> None:
     """6 VMs on one host, limit 2, two `hotvm backup --all --policy` processes (3 VMs each) at once."""
+    from hotvm.config import TargetConfig
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     six = ["a", "b", "c", "d", "e", "f"]

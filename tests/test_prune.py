@@ -16,11 +16,12 @@ import zstandard
 from helpers import hotvm
 
 from hotvm.check import check_repository
+from hotvm.config import Keep, TargetConfig
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import chunk_digest, export_image
+from hotvm.formats.manifest import ConfigArchive, Manifest
 from hotvm.formats.repository import Repository, new_backup_id
 from hotvm.formats.restore import restore_disk
-from hotvm.models import ConfigArchive, Keep, Manifest, TargetConfig
 from hotvm.prune import prune_repository
 from targets import open_target
 

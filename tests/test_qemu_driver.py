@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, read_pattern_ok
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import BlockJobError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors import open_driver
 from hotvm.hypervisors.base import OVERLAY_MARKER, DiskMode, HypervisorDriver
 from hotvm.hypervisors.qemu import QemuDriver
-from hotvm.models import HostConfig, VMConfig
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86"),

@@ -7,8 +7,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from hotvm.config import Keep, TargetConfig
+from hotvm.config_file import parse_config
 from hotvm.errors import ConfigError
-from hotvm.models import Keep, TargetConfig, parse_config
 from hotvm.retention import BackupPoint, Decision, SetState, decide, with_overrides
 
 UTC = dt.UTC

@@ -19,9 +19,9 @@ import pytest
 import yaml
 from helpers import hotvm_json
 
+from hotvm.config_file import load_config
 from hotvm.guest import create_vm, list_vms, start_vm, stop_vm, vm_config_entry, wait_ready
 from hotvm.hypervisors.qemu_host import LAUNCH_NAME, SPEC_NAME, QemuHost
-from hotvm.models import load_config
 from hotvm.standby import sync_config
 
 pytestmark = [
@@ -160,8 +160,8 @@ def test_launch_spec_moves_disks_sockets_and_identity(tmp_path):
     """A hand-written launch script (the VM's config file) registered under a new name on a QEMU host."""
     import subprocess
 
+    from hotvm.config import HostConfig
     from hotvm.hypervisors.base import VMDefinition
-    from hotvm.models import HostConfig
 
     src = tmp_path / "src"
     src.mkdir()

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from hotvm.config import TargetConfig
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import chunk_digest, export_image
+from hotvm.formats.manifest import ConfigArchive, Manifest
 from hotvm.formats.repository import Repository, new_backup_id
-from hotvm.models import ConfigArchive, Manifest, TargetConfig
 from hotvm.tape.copy import (
     MediumState,
     TapeFile,

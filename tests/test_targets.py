@@ -19,11 +19,11 @@ import pytest
 from pydantic import ValidationError
 from servers import FtpServer, MotoServer, SambaServer, SshServer, free_port
 
+from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetError, TargetFull
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import MARKER, Repository
 from hotvm.formats.restore import restore_disk
-from hotvm.models import TargetConfig
 from targets import Target, TargetConfigError, open_target
 
 MiB = 1024 * 1024
@@ -400,7 +400,7 @@ def test_password_from_prefect_secret(prefect_server, request, tmp_path: Path) -
 
 
 def test_core_imports_no_prefect_and_no_scheme_libraries() -> None:
-    code = ("import sys, targets; from hotvm.models import TargetConfig; import tempfile; "
+    code = ("import sys, targets; from hotvm.config import TargetConfig; import tempfile; "
             "t = targets.open_target(TargetConfig(name='l', url='file://' + tempfile.mkdtemp())); t.check(); "
             "bad = [m for m in ('prefect', 'paramiko', 'smbclient', 's3fs') if m in sys.modules]; "
             "sys.exit(','.join(bad) or 0)")

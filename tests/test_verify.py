@@ -82,7 +82,7 @@ def test_verify_passes_then_names_a_corrupted_chunk_and_marks_the_set(
 def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path: Path, monkeypatch) -> None:
     import hotvm.verify as verify_mod
     from flows.recover import recover
-    from hotvm.models import Manifest, VMConfig
+    from hotvm.formats.manifest import Manifest
 
     config, backup = _backup_bare(qemu, tmp_path, "seed", max_concurrent_backups=2)
     target = tmp_path / "target"
@@ -99,22 +99,15 @@ def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path
 
     cfg = yaml.safe_load(config.read_text())
     qmp = cfg["hosts"][0]["vms"][0]["qmp"]
-    native = "tier" in VMConfig.model_fields and "startup_order" in VMConfig.model_fields
     entries = []
     for name, (tier, order) in tiers.items():
-        entry = {"name": name, "qmp": qmp}
-        if native:
-            entry["tier"] = tier
-            if order is not None:
-                entry["startup_order"] = order
+        entry = {"name": name, "qmp": qmp, "tier": tier}
+        if order is not None:
+            entry["startup_order"] = order
         entries.append(entry)
     cfg["hosts"][0]["vms"] = entries
     config.write_text(yaml.safe_dump(cfg))
-    if native:
-        expected = ["zeta", "alpha", "beta", "mid"]
-    else:  # before tiers exist in the config: every VM is tier 1, by name
-        monkeypatch.setattr(verify_mod, "vm_tier", lambda c, vm: tiers[vm][0])
-        expected = ["alpha", "beta", "mid", "zeta"]
+    expected = ["zeta", "alpha", "beta", "mid"]
 
     active, peak, lock = [0], [0], threading.Lock()
     real = verify_mod.restore_into
@@ -174,3 +167,29 @@ def test_verify_boots_the_demo_guest_and_records_its_time(prefect_server, tmp_pa
     assert result["seconds_to_ready"] > result["boot_check"]["seconds"]
     [record] = _records(tmp_path / "target", "dg", backup["backup_id"])
     assert record["verified"] and record["boot_check"]["seconds"] == result["boot_check"]["seconds"]
+
+
+def test_recover_goes_on_when_a_discovering_host_is_down(prefect_server, qemu, tmp_path: Path) -> None:
+    """The disaster case: a libvirt host (every VM discovered) cannot be reached. The QEMU host's VM is
+    still restored byte for byte, the down host is named once with its URI and the fix, and the run exits
+    non-zero."""
+    from servers import free_port
+
+    config, _ = _backup_bare(qemu, tmp_path, "web01")
+    uri = f"qemu+tcp://127.0.0.1:{free_port()}/system"  # nothing listens there
+    cfg = yaml.safe_load(config.read_text())
+    cfg["hosts"][0]["vms"][0]["tier"] = 1
+    cfg["hosts"].append({"name": "down-kvm", "driver": "libvirt", "uri": uri})
+    config.write_text(yaml.safe_dump(cfg))
+
+    proc = hotvm("recover", "--tier", "1", "--to", str(tmp_path / "dr"), "--format", "raw",
+                 "--config", str(config), "--json", check=False)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    rows = {r["vm"]: r for r in json.loads(proc.stdout)}
+    assert rows["web01"]["ok"], rows
+    (down,) = [r for r in rows.values() if r["host"] == "down-kvm"]
+    assert not down["ok"] and uri in down["problems"][0] and "hotvm.yaml" in down["problems"][0]
+    (image,) = (tmp_path / "dr" / "web01").glob("data*")
+    with image.open("rb") as f:
+        assert f.read(2 * MiB) == b"\x5a" * (2 * MiB)
+    assert "down-kvm" in proc.stderr  # the one-line error names the host too

@@ -26,13 +26,13 @@ from vcsim_helpers import (
     vsphere_config,
 )
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import ConfigError, HotvmError, HypervisorError, HypervisorUnreachable, UnknownVMError
 from hotvm.hypervisors.base import OVERLAY_MARKER, VMDefinition
 from hotvm.hypervisors.vsphere import VSphereDriver, VSphereHost
 from hotvm.hypervisors.vsphere_conn import Connection
 from hotvm.hypervisors.vsphere_disks import snapshot_trees
 from hotvm.hypervisors.vsphere_question import QuestionPending
-from hotvm.models import HostConfig, VMConfig
 
 MiB = 1 << 20
 
@@ -440,9 +440,9 @@ def test_file_level_backup_of_a_vsphere_vm_through_the_cli(
     from fs_images import Node, PartSpec, build_disk, populate
     from helpers import hotvm, hotvm_json
 
+    from hotvm.config import TargetConfig
     from hotvm.files.filesets import FileSets
     from hotvm.formats.repository import Repository
-    from hotvm.models import TargetConfig
     from targets import open_target
 
     monkeypatch.setenv("HOTVM_CATALOG_DIR", str(tmp_path / "catalog"))

@@ -35,12 +35,13 @@ def backup(
             raise HotvmError("give either a VM name or --all", "hotvm backup VM, or hotvm backup --all")
         _backup_all(policy, target, config, as_json)
         return
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
+    from hotvm.hypervisors.resolve import find_vm
     from hotvm.restore import open_repository
     from hotvm.resume import image_resume_id
 
     cfg = load_config(config)
-    cfg.find_vm(vm)
+    find_vm(cfg, vm)
     resume_id = None if new else image_resume_id(open_repository(cfg, target), vm)
     if resume_id:
         err.print(f"resuming unfinished backup set {resume_id} (use --new for a fresh one)")
@@ -54,7 +55,7 @@ def backup(
 def _backup_all(policy: str, target: str | None, config: Path | None, as_json: bool) -> None:
     from flows._fleet import BackupsFailed, report_rows
     from flows.backup_policy import backup_policy
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
 
     load_config(config).find_policy(policy)  # a clear error before any flow starts
     try:

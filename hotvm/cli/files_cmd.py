@@ -47,8 +47,8 @@ def parse_at(value: str | None) -> dt.datetime | None:
 
 
 def _repo(config: Path | None, target: str | None):  # noqa: ANN202
+    from hotvm.config_file import load_config
     from hotvm.files.browse import default_files_target
-    from hotvm.models import load_config
     from hotvm.restore import open_repository
 
     cfg = load_config(config)
@@ -76,10 +76,11 @@ def files_backup(
 ) -> None:
     """Back up the files of a running VM now (the daily-files flow for one VM); resumes an unfinished set."""
     prefect_env(verbose)
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
+    from hotvm.hypervisors.resolve import find_vm
 
     cfg = load_config(config)
-    cfg.find_vm(vm)
+    find_vm(cfg, vm)
     from flows.daily_files import files_target, files_vm
     from hotvm.backup import open_session
 

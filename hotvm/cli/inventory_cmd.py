@@ -30,7 +30,7 @@ def inventory_cmd(
     """Every VM of every host: CPUs, RAM, disks (bus, path, format, size, allocated, mode), NICs with
     MACs, CD-ROMs, startup order, limits, status. Unreachable VMs are listed with the reason."""
     from hotvm import inventory
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
 
     fmt = "json" if as_json and fmt is None else fmt
     if fmt is not None and fmt not in inventory.FORMATS:

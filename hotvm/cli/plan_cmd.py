@@ -20,7 +20,7 @@ plan_app = typer.Typer(help="RPO, RTO and tiers per VM; the DR plan document.", 
 def plan_check_cmd(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Check every VM: schedules meet its RPO, file-level backup if it asks for file restores, last
     measured restore within its RTO. Prints the violations; exits 1 if there are any."""
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
     from hotvm.plan import check_plan
 
     violations = [v.as_dict() for v in check_plan(load_config(config))]
@@ -50,7 +50,7 @@ def plan_export_cmd(
 ) -> None:
     """Write the DR plan: per tier, the VMs in recovery order, their latest backups (image, tape with
     media labels), the exact restore commands, measured restore times, contacts and notes."""
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
     from hotvm.plan import FORMATS, plan_document, render
 
     if fmt not in FORMATS:

@@ -10,7 +10,7 @@ from hotvm.cli._output import emit, out
 
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every configured VM: reachable?, disks and their modes, hotvm overlays still on them, block jobs."""
-    from hotvm.models import load_config
+    from hotvm.config_file import load_config
     from hotvm.status import fleet_status
 
     rows = fleet_status(load_config(config))

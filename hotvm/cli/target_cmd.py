@@ -18,8 +18,8 @@ def target_forget_cmd(
 ) -> None:
     """Forget the repository identity remembered for a target (after re-creating it on purpose): the next
     run takes whatever repository it finds there, or creates one, as on first use."""
+    from hotvm.config_file import load_config
     from hotvm.formats.identity import IdentityStore, location_of
-    from hotvm.models import load_config
 
     target = load_config(config_str(config)).find_target(name)
     location = location_of(target.url, target.endpoint_url)  # no connection needed

@@ -22,8 +22,8 @@ from hotvm.files.filesets import (
     VolumeStats,
 )
 from hotvm.files.scan import content_index, scan_volume
-from hotvm.hypervisors.base import BitmapUnusable, DiskInfo, FrozenDisk, readable_image
-from hotvm.models import SkippedDisk, StepTiming, utcnow
+from hotvm.formats.manifest import SkippedDisk, StepTiming, utcnow
+from hotvm.hypervisors.base import BitmapUnusable, DiskInfo, FrozenDisk
 
 log = logging.getLogger("hotvm.files")
 
@@ -90,7 +90,7 @@ def scan_disk(
         keys, skipped = [], []
         with (
             session.driver() as driver,
-            readable_image(driver, frozen) as local,
+            driver.open_frozen_image(frozen) as local,
             open_image(local.image, local.format) as source,
         ):
             dirty = _dirty_extents(driver, frozen, baseline_bitmap) if base is not None else None

@@ -22,9 +22,9 @@ from typing import Protocol
 
 from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
+from hotvm.formats.manifest import DiskRecord
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import verify_chunk
-from hotvm.models import DiskRecord
 
 EXPORT_READY_TIMEOUT_S = 30.0
 EXPORT_STOP_TIMEOUT_S = 15.0

@@ -14,12 +14,13 @@ from typing import Any
 
 import zstandard
 
+from hotvm.config import Config
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
 from hotvm.files.catalog import Catalog
 from hotvm.files.filesets import FileSetManifest, FileSets, decompress_bounded
 from hotvm.files.scan import entry_dict
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository
-from hotvm.models import Config, Manifest
 from hotvm.safepath import printable, unprintable
 
 

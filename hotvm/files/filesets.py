@@ -25,8 +25,19 @@ import zstandard
 from pydantic import Field, ValidationError
 
 from hotvm import __version__
+from hotvm.config import StrictModel
 from hotvm.errors import BackupSetError, ChecksumMismatch
 from hotvm.formats.export import decompress_bounded
+from hotvm.formats.manifest import (
+    BackupId,
+    Checksummed,
+    DeviceName,
+    Sha256Hex,
+    SkippedDisk,
+    StepTiming,
+    VMName,
+    utcnow,
+)
 from hotvm.formats.repository import (
     DamagedManifest,
     Repository,
@@ -35,17 +46,6 @@ from hotvm.formats.repository import (
     parse_model,
     target_name,
     vm_dirs,
-)
-from hotvm.models import (
-    BackupId,
-    Checksummed,
-    DeviceName,
-    Sha256Hex,
-    SkippedDisk,
-    StepTiming,
-    StrictModel,
-    VMName,
-    utcnow,
 )
 
 ROOT = "files"

@@ -19,10 +19,10 @@ import shutil
 import stat
 from pathlib import Path
 
+from hotvm.config import Config
 from hotvm.files.browse import ChunkCache
 from hotvm.files.filesets import FileSets
 from hotvm.files.restore import Planned, RestoreReport, TreeWriter, plan_entries
-from hotvm.models import Config
 from hotvm.restore import open_repository, prepare_destination, restore_config_files, restore_one_disk
 from hotvm.safepath import SafeRoot, UnsafePath, printable
 

@@ -10,10 +10,11 @@ import json
 from dataclasses import dataclass
 
 from hotvm import retention
+from hotvm.config import TABLE_7_3_FILES_KEEP, Keep
 from hotvm.errors import ChecksumMismatch
 from hotvm.files.filesets import ROOT, FileSetManifest, FileSets, VolumeRecord
+from hotvm.formats.manifest import utcnow
 from hotvm.formats.repository import Repository
-from hotvm.models import TABLE_7_3_FILES_KEEP, Keep, utcnow
 from hotvm.retention import BackupPoint, SetState
 
 FILES_KEEP = TABLE_7_3_FILES_KEEP

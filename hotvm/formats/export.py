@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import zstandard
 
 from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
+from hotvm.formats.manifest import DiskRecord, utcnow
 from hotvm.formats.repository import Repository
-from hotvm.models import DiskRecord, utcnow
 
 CHUNK_SIZE = 4 * 1024 * 1024
 ZSTD_LEVEL = 1

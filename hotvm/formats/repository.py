@@ -35,12 +35,12 @@ from pydantic import ValidationError
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats.identity import Identity, IdentityStore, location_of
-from hotvm.models import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
+from hotvm.formats.manifest import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
 from targets.base import Target
 
 if TYPE_CHECKING:
+    from hotvm.config import TargetConfig
     from hotvm.formats.crypto import Sealer
-    from hotvm.models import TargetConfig
 
 MARKER = "hotvm-repository.json"
 ENCRYPTED_FORMAT = 2

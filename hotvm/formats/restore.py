@@ -21,8 +21,8 @@ from hotvm.child_env import child_env
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.configtar import unpack_config_archive
 from hotvm.formats.export import chunk_digest, decompress_bounded
+from hotvm.formats.manifest import DiskRecord, Manifest
 from hotvm.formats.repository import Repository, safe_name
-from hotvm.models import DiskRecord, Manifest
 
 DiskFormat = Literal["qcow2", "raw"]
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from hotvm.bootcheck import boot_disks
 from hotvm.child_env import child_env
+from hotvm.config import BootCheckSpec
 from hotvm.errors import HotvmError
 from hotvm.guest.accel import choose_accel
 from hotvm.guest.artifacts import GuestFiles, ensure_guest_files
@@ -54,7 +55,6 @@ from hotvm.guest.qemu import (
     wait_for,
 )
 from hotvm.hypervisors.qmp import Monitor
-from hotvm.models import BootCheckSpec
 
 STATE_ENV = "HOTVM_STATE_DIR"
 DEFAULT_STATE_DIR = Path(".hotvm/vms")

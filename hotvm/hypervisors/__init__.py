@@ -6,8 +6,8 @@ broken never stops another driver from working.
 
 from __future__ import annotations
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.hypervisors.base import HostDriver, HypervisorDriver
-from hotvm.models import HostConfig, VMConfig
 
 
 def open_driver(host: HostConfig, vm: VMConfig) -> HypervisorDriver:

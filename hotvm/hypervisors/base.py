@@ -6,14 +6,13 @@ task that is retried, or a run that follows a killed one, acts on the real state
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import enum
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 from hotvm.errors import HotvmError
 
@@ -102,26 +101,47 @@ class ReconcileAction:
     action: str
 
 
-@runtime_checkable
-class HypervisorDriver(Protocol):
-    """What the flows need from a hypervisor, in the seed's vocabulary (addredo, commit level 1, commit)."""
+class Capability(enum.StrEnum):
+    """Optional things a driver can do (restic's backend Properties): callers check `capabilities`, never
+    probe for methods. A driver without one still has the method, with the explicit default below."""
+
+    HARDWARE = "hardware"
+    """hardware() reports NICs, CD-ROMs and allocated bytes per disk (default: {})."""
+    CONFIG_DOCUMENTS = "config-documents"
+    """config_documents() returns generated config (libvirt domain XML, a fetched VMX) (default: {})."""
+    REMOTE_IMAGES = "remote-images"
+    """Frozen images are not local files: open_frozen_image() copies or maps them (default: the file)."""
+    REGISTER_VMS = "register-vms"
+    """HostDriver.register_vm() defines a VM on the host (default: refused with one clear error)."""
+    RUNNING_STATE = "running-state"
+    """HostDriver.running() tells whether a registered VM runs (default: refused; callers then assume it
+    may run and leave its files alone)."""
+
+
+class HypervisorDriver(abc.ABC):
+    """What the flows need from a hypervisor, in the seed's vocabulary (addredo, commit level 1, commit).
+    Abstract methods every driver implements; optional ones have explicit defaults, named in
+    `capabilities` when a driver overrides them."""
 
     name: str
+    capabilities: frozenset[Capability] = frozenset()
 
+    @abc.abstractmethod
     def describe_vm(self) -> dict:
         """Devices, disks, memory, CPUs as the hypervisor reports them (stored with every backup)."""
-        ...
 
+    @abc.abstractmethod
     def list_disks(self) -> list[DiskInfo]: ...
 
+    @abc.abstractmethod
     def config_files(self) -> list[Path]:
         """The files that define the VM (the seed's VMX, nvram, logs)."""
-        ...
 
+    @abc.abstractmethod
     def reconcile(self) -> list[ReconcileAction]:
         """Commit every hotvm overlay an earlier crash left on the VM back into its disk; report it."""
-        ...
 
+    @abc.abstractmethod
     def add_redo(
         self, devices: list[str], tag: str, track_changes: bool = False, quiesce: bool = False
     ) -> list[FrozenDisk]:
@@ -131,52 +151,42 @@ class HypervisorDriver(Protocol):
         transaction (first overlay only), so it records every write after exactly this point.
         quiesce: freeze the guest file systems around this instant only (guest agent / VMware Tools),
         always thawed again, even on failure; raises when the guest cannot be quiesced."""
-        ...
 
+    @abc.abstractmethod
     def dirty_extents(self, device: str, bitmap: str) -> list[tuple[int, int]]:
         """(start, length) of every range `bitmap` marks dirty on the disk's frozen image (the disk must be
         on its hotvm overlay). Raises BitmapUnusable, saying why, when the bitmap cannot be trusted."""
-        ...
 
+    @abc.abstractmethod
     def remove_bitmaps(self, device: str, names: list[str]) -> list[str]:
         """Delete those of `names` the disk's image holds (only hotvm's own); returns what was removed."""
-        ...
 
+    @abc.abstractmethod
     def commit_level1(self, device: str) -> CommitResult:
         """Commit the lower of two hotvm overlays into the disk while the guest writes to the upper one."""
-        ...
 
+    @abc.abstractmethod
     def commit_final(self, device: str) -> CommitResult:
         """Active commit of the last hotvm overlay and pivot back onto the original image."""
-        ...
 
+    @abc.abstractmethod
     def close(self) -> None: ...
 
+    # optional (Capability); the defaults are what a driver without the capability means
 
-class FrozenImageSource(Protocol):
-    """Optional driver method for disks that are not local files (vSphere datastores, remote libvirt)."""
+    def hardware(self) -> dict:
+        """NICs, CD-ROMs, allocated bytes per disk, for the inventory (Capability.HARDWARE)."""
+        return {}
+
+    def config_documents(self) -> dict[str, bytes]:
+        """Generated config stored under documents/ in the config archive, beside the files of
+        config_files() (Capability.CONFIG_DOCUMENTS)."""
+        return {}
 
     def open_frozen_image(self, frozen: FrozenDisk) -> contextlib.AbstractContextManager[FrozenDisk]:
-        """The frozen disk as a local file that `qemu-img` can read (a copy, or a local view of it)."""
-        ...
-
-
-@contextmanager
-def readable_image(driver: HypervisorDriver, frozen: FrozenDisk) -> Iterator[FrozenDisk]:
-    """The frozen image as a local file: the disk itself for local drivers, else what the driver opens."""
-    opener = getattr(driver, "open_frozen_image", None)
-    if opener is None:
-        yield frozen
-        return
-    with opener(frozen) as local:
-        yield local
-
-
-def config_documents(driver: HypervisorDriver) -> dict[str, bytes]:
-    """Optional driver method `config_documents()`: generated config (libvirt domain XML, a VMX fetched
-    from a datastore) stored under documents/ in the config archive, beside the files of config_files()."""
-    fn = getattr(driver, "config_documents", None)
-    return fn() if fn is not None else {}
+        """The frozen disk as a local file `qemu-img` can read: the disk itself for local drivers, a copy
+        or a local view for the others (Capability.REMOTE_IMAGES)."""
+        return contextlib.nullcontext(frozen)
 
 
 # --------------------------------------------------------------------------- host-level operations
@@ -212,16 +222,24 @@ class RegisterResult:
     """Where the definition lives (domain name/UUID, datastore path of the .vmx, launch spec path)."""
 
 
-class HostDriver(Protocol):
+class HostDriver(abc.ABC):
     """Host-wide operations: the seed's `registered_vm_names` and registering a VM (RegisterVM)."""
 
     name: str
+    capabilities: frozenset[Capability] = frozenset()
 
+    @abc.abstractmethod
     def list_vms(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def register_vm(self, definition: VMDefinition, start: bool = False) -> RegisterResult:
         """Define (register) the VM, powered off unless `start`; idempotent: an identical VM already
-        registered under that name is left alone ("unchanged"), a different one is updated."""
-        ...
+        registered under that name is left alone ("unchanged"), a different one is updated
+        (Capability.REGISTER_VMS)."""
+        raise HotvmError(f"{self.name} hosts cannot register VMs", "use a host whose driver can")
 
-    def close(self) -> None: ...
+    def running(self, name: str) -> bool:
+        """Whether the registered VM `name` runs now (Capability.RUNNING_STATE)."""
+        raise HotvmError(f"{self.name} hosts cannot tell whether a VM runs", "check it on the host")

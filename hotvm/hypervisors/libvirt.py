@@ -18,21 +18,23 @@ from xml.sax.saxutils import quoteattr
 
 import libvirt
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import BlockJobError, DiskNotSupported, HypervisorError
 from hotvm.hypervisors import libvirt_bitmaps as lb
 from hotvm.hypervisors import libvirt_xml as lx
 from hotvm.hypervisors.base import (
     OVERLAY_MARKER,
     BitmapUnusable,
+    Capability,
     CommitResult,
     DiskInfo,
     DiskMode,
     FrozenDisk,
+    HypervisorDriver,
     ReconcileAction,
 )
 from hotvm.hypervisors.libvirt_conn import connect, is_local, lookup, require_running
 from hotvm.hypervisors.libvirt_host import LibvirtHost
-from hotvm.models import HostConfig, VMConfig
 
 log = logging.getLogger("hotvm.libvirt")
 
@@ -47,10 +49,11 @@ _SNAPSHOT_FLAGS = (
 )
 
 
-class LibvirtDriver:
+class LibvirtDriver(HypervisorDriver):
     """HypervisorDriver for one libvirt domain, looked up by name on the host's URI."""
 
     name = "libvirt"
+    capabilities = frozenset({Capability.HARDWARE, Capability.CONFIG_DOCUMENTS, Capability.REMOTE_IMAGES})
 
     def __init__(self, vm: VMConfig, host: HostConfig) -> None:
         self.vm, self.host = vm, host

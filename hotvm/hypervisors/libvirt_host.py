@@ -15,20 +15,21 @@ from pathlib import Path
 import libvirt
 
 from hotvm.child_env import child_env
+from hotvm.config import HostConfig
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import libvirt_xml as lx
-from hotvm.hypervisors.base import OVERLAY_MARKER, RegisterResult, VMDefinition
+from hotvm.hypervisors.base import OVERLAY_MARKER, Capability, HostDriver, RegisterResult, VMDefinition
 from hotvm.hypervisors.libvirt_conn import connect, is_local
-from hotvm.models import HostConfig
 from hotvm.safepath import component
 
 log = logging.getLogger("hotvm.libvirt")
 
 
-class LibvirtHost:
+class LibvirtHost(HostDriver):
     """HostDriver for one libvirt URI."""
 
     name = "libvirt"
+    capabilities = frozenset({Capability.REGISTER_VMS})
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host

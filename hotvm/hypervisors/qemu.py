@@ -19,15 +19,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hotvm.child_env import child_env
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import BlockJobError, ConfigError, DiskNotSupported, HypervisorError, HypervisorUnreachable
 from hotvm.hypervisors.base import (
     BITMAP_PREFIX,
     OVERLAY_MARKER,
     BitmapUnusable,
+    Capability,
     CommitResult,
     DiskInfo,
     DiskMode,
     FrozenDisk,
+    HypervisorDriver,
     ReconcileAction,
 )
 from hotvm.hypervisors.qemu_agent import frozen_filesystems
@@ -35,7 +38,6 @@ from hotvm.hypervisors.qemu_chain import Chain, Layer, build_chains
 from hotvm.hypervisors.qemu_jobs import JobWatcher
 from hotvm.hypervisors.qmp import CONNECT_TIMEOUT_S, Monitor, QmpCommandError
 from hotvm.locks import lock_dir, open_lock_dir
-from hotvm.models import HostConfig, VMConfig
 
 log = logging.getLogger("hotvm.qemu")
 
@@ -47,10 +49,11 @@ _BUS_BY_TYPE = (("virtio-blk", "virtio"), ("scsi", "scsi"), ("ide", "ide"), ("us
                 ("floppy", "floppy"), ("sd-card", "sd"))  # fmt: skip
 
 
-class QemuDriver:
+class QemuDriver(HypervisorDriver):
     """HypervisorDriver for one VM reachable through its QMP unix socket."""
 
     name = "qemu"
+    capabilities = frozenset({Capability.HARDWARE})
 
     def __init__(self, vm: VMConfig, host: HostConfig, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
         if vm.qmp is None:

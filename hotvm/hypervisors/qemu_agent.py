@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import ConfigError, HypervisorError
-from hotvm.models import HostConfig, VMConfig
 
 log = logging.getLogger("hotvm.qemu")
 

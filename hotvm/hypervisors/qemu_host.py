@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 
 from hotvm.child_env import child_env
+from hotvm.config import HostConfig
 from hotvm.errors import ConfigError, HotvmError, HypervisorError
 from hotvm.guest.qemu import UNIX_PATH_MAX, escape_opt, pid_alive, read_pid, render_script, tail
-from hotvm.hypervisors.base import RegisterResult, VMDefinition
-from hotvm.models import HostConfig
+from hotvm.hypervisors.base import Capability, HostDriver, RegisterResult, VMDefinition
 from hotvm.safepath import SafeRoot, component, under
 
 log = logging.getLogger("hotvm.qemu")
@@ -36,10 +36,11 @@ _INPUT_OPTS = {"-kernel", "-initrd", "-bios", "-dtb"}
 _SIMPLE_DISK_OPTS = {"-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-fda", "-fdb"}
 
 
-class QemuHost:
+class QemuHost(HostDriver):
     """base.HostDriver for a QEMU host: VMs are the configured ones plus the specs under vm_dir."""
 
     name = "qemu"
+    capabilities = frozenset({Capability.REGISTER_VMS, Capability.RUNNING_STATE})
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host

@@ -26,14 +26,17 @@ from pathlib import Path
 
 from pyVmomi import vim, vmodl
 
+from hotvm.config import HostConfig, VMConfig
 from hotvm.errors import DiskNotSupported, HypervisorError
 from hotvm.hypervisors.base import (
     OVERLAY_MARKER,
     BitmapUnusable,
+    Capability,
     CommitResult,
     DiskInfo,
     DiskMode,
     FrozenDisk,
+    HypervisorDriver,
     ReconcileAction,
     bitmap_name,
 )
@@ -49,7 +52,6 @@ from hotvm.hypervisors.vsphere_disks import (
 )
 from hotvm.hypervisors.vsphere_host import VSphereHost
 from hotvm.hypervisors.vsphere_question import answer_single_choice
-from hotvm.models import HostConfig, VMConfig
 
 log = logging.getLogger("hotvm.vsphere")
 
@@ -58,10 +60,11 @@ __all__ = ["VSphereDriver", "VSphereHost"]
 CHANGE_ID_SEP = "@"
 
 
-class VSphereDriver(LazyConnection):
+class VSphereDriver(LazyConnection, HypervisorDriver):
     """HypervisorDriver for one VM of a vCenter/ESXi host."""
 
     name = "vsphere"
+    capabilities = frozenset({Capability.CONFIG_DOCUMENTS, Capability.REMOTE_IMAGES})
 
     def __init__(self, vm: VMConfig, host: HostConfig) -> None:
         super().__init__(host)

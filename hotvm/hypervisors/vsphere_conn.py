@@ -21,8 +21,8 @@ import urllib3
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
+from hotvm.config import HostConfig
 from hotvm.errors import ConfigError, HypervisorError, HypervisorUnreachable, UnknownVMError
-from hotvm.models import HostConfig
 
 log = logging.getLogger("hotvm.vsphere")
 

@@ -21,7 +21,7 @@ from pyVmomi import vim
 from hotvm.child_env import child_env
 from hotvm.errors import ConfigError, HypervisorError
 from hotvm.hypervisors import vsphere_vmx as vmx
-from hotvm.hypervisors.base import RegisterResult, VMDefinition
+from hotvm.hypervisors.base import Capability, HostDriver, RegisterResult, VMDefinition
 from hotvm.hypervisors.vsphere_conn import LazyConnection
 from hotvm.safepath import component
 
@@ -65,10 +65,11 @@ def _shared_disk_paths(description: dict) -> dict[str, str]:
     return paths
 
 
-class VSphereHost(LazyConnection):
+class VSphereHost(LazyConnection, HostDriver):
     """HostDriver for a vCenter/ESXi: places registered VMs on `datastore` and in folder `vm_dir`."""
 
     name = "vsphere"
+    capabilities = frozenset({Capability.REGISTER_VMS})
 
     def list_vms(self) -> list[str]:
         return self.conn.vm_names()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from hotvm import restore
 from hotvm.bootcheck import default_accel
+from hotvm.config import Config
 from hotvm.errors import HotvmError
+from hotvm.formats.manifest import Manifest
 from hotvm.instant import core, runner
-from hotvm.models import Config, Manifest
 
 
 def instant_boot_test(cfg: Config, target: str | None, manifest: Manifest, scratch: Path) -> dict:

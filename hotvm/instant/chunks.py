@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotvm.errors import ChecksumMismatch, HotvmError, TargetConfigError, TargetError
+from hotvm.formats.manifest import DiskRecord
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import verify_chunk
-from hotvm.models import DiskRecord
 from targets.base import Target, is_unreachable
 
 MEMORY_CHUNKS = 16
@@ -254,7 +254,7 @@ class ChunkSource:
 
 def open_source(bundle: dict, log_dir: Path | None) -> ChunkSource:
     """The ChunkSource described by the bundle the parent hotvm process wrote into the plugin's pipe."""
-    from hotvm.models import TargetConfig
+    from hotvm.config import TargetConfig
     from targets import open_target, secrets
 
     secrets.hand_in(bundle.get("credentials", {}))

@@ -21,12 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hotvm.bootcheck import default_accel
+from hotvm.config import BootCheckSpec, Config
+from hotvm.config_file import load_config
 from hotvm.errors import BlockJobError, HotvmError
 from hotvm.formats.repository import safe_name
 from hotvm.hypervisors.qmp import Monitor
 from hotvm.instant import export, runner
 from hotvm.instant.state import InstantDisk, InstantState, load_state, now, run_dir_for
-from hotvm.models import BootCheckSpec, Config, load_config
 from hotvm.restore import open_repository, prepare_destination
 
 DEFAULT_CACHE_BYTES = 2 << 30

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 import hotvm
+from hotvm.config import TargetConfig
 from hotvm.errors import HotvmError
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import Repository, read_marker
 from hotvm.guest.qemu import pid_alive, read_pid
-from hotvm.models import Manifest, TargetConfig
 
 PLUGIN = Path(__file__).with_name("nbd_plugin.py")
 START_TIMEOUT_S = 30.0

@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hotvm.config import BootCheckSpec
 from hotvm.errors import BlockJobError, HotvmError
 from hotvm.guest.qemu import pid_alive, read_pid, tail, terminate
 from hotvm.hypervisors.qemu_jobs import JobWatcher
 from hotvm.hypervisors.qmp import Monitor, QmpCommandError
 from hotvm.instant.state import InstantDisk, InstantState
-from hotvm.models import BootCheckSpec
 
 QEMU = "qemu-system-x86_64"
 QSD = "qemu-storage-daemon"

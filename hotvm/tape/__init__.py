@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hotvm.models import Config, load_config
+from hotvm.config import Config
+from hotvm.config_file import load_config
 from hotvm.tape.drive import Library, open_library
 
 

@@ -23,7 +23,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotvm.config import TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
+from hotvm.formats.manifest import Manifest, utcnow
 from hotvm.formats.repository import MARKER, Repository, manifest_problem, read_marker
 from hotvm.formats.restore import (
     DiskFormat,
@@ -33,7 +35,6 @@ from hotvm.formats.restore import (
     verify_chunk,
     write_sparse,
 )
-from hotvm.models import Manifest, TargetConfig, utcnow
 from hotvm.tape.drive import BLOCK, EARLY_WARNING, EndOfData, EndOfMedium, Library, TapeError
 from hotvm.tape.format import (
     ARCHIVE,

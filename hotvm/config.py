@@ -1,38 +1,33 @@
-"""Typed data: the hotvm.yaml configuration and the backup-set manifest.
+"""The hotvm.yaml configuration as typed data: hosts, VMs, targets, policies, tapes, notifications.
 
-Config errors are turned into one message that names the file, the key path and the fix, because a
-backup that silently runs with a mistyped option is worse than one that refuses to start.
+Pure data on purpose: no discovery, no hypervisor imports, no I/O (reading the file is config_file.py;
+finding the VMs a host has now is hotvm.hypervisors.resolve). Validation errors name the key path and
+the fix, because a backup that silently runs with a mistyped option is worse than one that refuses to start.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
-import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from hotvm import __version__
-from hotvm.child_env import register_config
-from hotvm.errors import ConfigError, UnknownTargetError, UnknownVMError
+from hotvm.errors import ConfigError, UnknownTargetError
 
 DEFAULT_CONFIG = Path("hotvm.yaml")
 CONFIG_ENV = "HOTVM_CONFIG"
+
 
 
 class StrictModel(BaseModel):
@@ -199,14 +194,6 @@ class HostConfig(StrictModel):
     def discovers_vms(self) -> bool:
         """libvirt and vSphere hosts with no `vms:` listed back up every VM the host has."""
         return self.driver != "qemu" and not self.vms
-
-    def vm_list(self) -> list[VMConfig]:
-        """The VMs of this host: those listed, or (discovers_vms) every VM the host reports now."""
-        if not self.discovers_vms:
-            return self.vms
-        from hotvm.hypervisors import discover_vms  # lazy: models must not need a hypervisor library
-
-        return [VMConfig(name=name) for name in discover_vms(self)]
 
 
 class Keep(StrictModel):
@@ -377,7 +364,7 @@ class Policy(StrictModel):
 
 def default_policy(config: Config) -> Policy:
     """Table 7.3 when hotvm.yaml has no `policies:`: every VM, image weekly to the default target."""
-    tapes = getattr(config, "tapes", None) or []
+    tapes = config.tapes
     tape = TapePolicy(tape=tapes[0].name) if len(tapes) == 1 else None
     return Policy(name="default", vms=["*"], image=ImagePolicy(), files=FilesPolicy(), tape=tape)
 
@@ -533,8 +520,7 @@ class Config(StrictModel):
         if dupes:
             raise ValueError(f"policy names must be unique, repeated: {', '.join(dupes)}")
         targets = {t.name for t in self.targets}
-        tapes = getattr(self, "tapes", None)
-        tape_names = None if tapes is None else {t.name for t in tapes}
+        tape_names = {t.name for t in self.tapes}
         for p in self.policies:
             for kind, ref in (("image", p.image), ("files", p.files)):
                 if ref is not None and ref.target is not None and ref.target not in targets:
@@ -542,8 +528,7 @@ class Config(StrictModel):
                         f"policy '{p.name}' {kind}.target: unknown target '{ref.target}' "
                         f"(configured: {', '.join(sorted(targets))})"
                     )
-            # Tape names are checked once `tapes:` exists in the config model (the tape-copy work adds it).
-            if p.tape is not None and tape_names is not None and p.tape.tape not in tape_names:
+            if p.tape is not None and p.tape.tape not in tape_names:
                 raise ValueError(
                     f"policy '{p.name}' tape.tape: unknown tape '{p.tape.tape}' "
                     f"(configured: {', '.join(sorted(tape_names)) or 'none'})"
@@ -571,23 +556,14 @@ class Config(StrictModel):
             f"add it under tapes: in {self.source or DEFAULT_CONFIG}",
         )
 
-    def find_vm(self, name: str) -> tuple[HostConfig, VMConfig]:
+    def listed_vm(self, name: str) -> tuple[HostConfig, VMConfig] | None:
+        """The VM `name` as listed under hosts[].vms, or None; a discovering host's VMs are found by
+        hotvm.hypervisors.resolve (the config itself never connects to anything)."""
         for host in self.hosts:
             for vm in host.vms:
                 if vm.name == name:
                     return host, vm
-        for host in self.hosts:  # asked only when the name is not listed: no connection for listed VMs
-            if host.discovers_vms:
-                for vm in host.vm_list():
-                    if vm.name == name:
-                        return host, vm
-        known = ", ".join(vm.name for h in self.hosts for vm in h.vms) or "none"
-        if any(h.discovers_vms for h in self.hosts):
-            known += " and every VM of " + ", ".join(h.name for h in self.hosts if h.discovers_vms)
-        raise UnknownVMError(
-            f"unknown VM '{name}' (configured: {known})",
-            f"add it under hosts[].vms in {self.source or DEFAULT_CONFIG}",
-        )
+        return None
 
     def find_host(self, name: str) -> HostConfig:
         for host in self.hosts:
@@ -616,278 +592,3 @@ class Config(StrictModel):
             f"unknown target '{name}' (configured: {', '.join(t.name for t in self.targets)})",
             f"add it under targets: in {self.source or DEFAULT_CONFIG}",
         )
-
-
-def config_path(path: Path | str | None = None) -> Path:
-    return Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
-
-
-def _describe_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key (check the spelling; see docs/config.md)")
-        elif err["type"] == "missing":
-            lines.append(f"{where}: required key is missing")
-        else:
-            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(lines)
-
-
-def parse_config(data: object, source: Path | None = None) -> Config:
-    where = source or "configuration"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping with 'hosts:' and 'targets:'", "see docs/config.md")
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{where} is invalid: {_describe_validation_error(exc)}", "fix the file") from None
-    config.source = source
-    register_config(config)  # its *_env variables are withheld from every child process from now on
-    return config
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, message: str, line: int) -> None:
-        super().__init__(message)
-        self.line = line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping: plain YAML silently keeps the last one,
-    so a second `hosts:` or `password_env:` would quietly replace the first. Merge keys (<<) still work."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[object, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                if key in first:
-                    raise _DuplicateKey(f"duplicate key '{key}' (first given at line {first[key]})", line)
-                first[key] = line
-            except TypeError:  # an unhashable key: SafeLoader reports it itself
-                pass
-        return super().construct_mapping(node, deep)
-
-
-def load_config(path: Config | Path | str | None = None) -> Config:
-    """The configuration from `path` (default: $HOTVM_CONFIG, ./hotvm.yaml); a Config is returned as is, so
-    every plain function can take either a path or an already loaded Config."""
-    if isinstance(path, Config):
-        return path
-    source = config_path(path)
-    try:
-        raw = source.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {source} not found",
-            f"create it (see docs/config.md) or pass --config / set {CONFIG_ENV}",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read config file {source}: {exc.strerror}", "check its permissions"
-        ) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{source}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x})", "save the file as UTF-8"
-        ) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{source}:{exc.line}: {exc}", "keep only one of them") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source} is not valid YAML{at}", "fix the indentation or quoting there") from None
-    return parse_config(data, source)
-
-
-# --------------------------------------------------------------------------- backup-set manifest
-
-FORMAT_VERSION = 1
-"""Format of an unencrypted repository marker written before repository ids existed (still read)."""
-MANIFEST_FORMAT = 2
-"""Manifests and disk records of format 2 carry a `checksum` (docs/format.md, "Checksums"); format 1
-(older hotvm) has none and is read as legacy."""
-
-BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{1,16}$")
-"""What new_backup_id produces (YYYYmmddTHHMMSSZ-xxxx); a caller-chosen suffix (a rerun's id) may be
-longer, but only of these characters: a backup id is a path component on the target."""
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-MIN_CHUNK_SIZE = 4096
-MAX_CHUNK_SIZE = 256 << 20
-MAX_CHUNKS = 1 << 24
-"""Chunk indexes per disk: 64 TiB at the default 4 MiB chunk size (VMDK's limit is 62 TiB)."""
-MAX_VIRTUAL_SIZE = 1 << 46
-MAX_NAME = 255
-
-
-def check_backup_id(value: str) -> str:
-    if not BACKUP_ID.match(value):
-        raise ValueError(f"backup id {value[:80]!r} is not of the form YYYYmmddTHHMMSSZ-xxxx")
-    return value
-
-
-def check_name(value: str, what: str = "name") -> str:
-    """A VM or device name read from a manifest: any text a hypervisor may use, but never a path."""
-    if not value or len(value) > MAX_NAME:
-        raise ValueError(f"{what} must have 1 to {MAX_NAME} characters")
-    if any(ord(c) < 32 or c == "\x7f" for c in value) or "/" in value or value in (".", ".."):
-        raise ValueError(f"{what} {value[:80]!r} holds a control character or '/', or is '.' or '..'")
-    return value
-
-
-def _checked(check, *args: str):  # noqa: ANN001, ANN202
-    return BeforeValidator(lambda v: check(v, *args) if isinstance(v, str) else v)
-
-
-BackupId = Annotated[str, _checked(check_backup_id)]
-VMName = Annotated[str, _checked(check_name, "VM name")]
-DeviceName = Annotated[str, _checked(check_name, "device name")]
-Sha256Hex = Annotated[str, Field(pattern=SHA256_HEX.pattern)]
-
-
-class Checksummed(StrictModel):
-    """A record that carries the sha256 of its own canonical JSON, so that bit rot in any field of a
-    manifest or journal read back from a target is a named error, never wrong data (an encrypted
-    repository authenticates the whole file as well; an unencrypted one has only this)."""
-
-    checksum: str | None = None
-
-    def computed_checksum(self) -> str:
-        body = json.loads(self.model_dump_json(exclude={"checksum"}))
-        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
-    def with_checksum(self):  # noqa: ANN201 - returns the same model type
-        return self.model_copy(update={"checksum": self.computed_checksum()})
-
-    def checksum_problem(self, legacy: bool) -> str | None:
-        """Why this record cannot be trusted, or None. `legacy`: written by a hotvm without checksums."""
-        if self.checksum is None:
-            return None if legacy else "its checksum is missing"
-        if self.checksum != self.computed_checksum():
-            return "its checksum does not match its content (bit rot or tampering)"
-        return None
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-class StepTiming(StrictModel):
-    step: str
-    device: str | None = None
-    seconds: float
-
-
-class SkippedDisk(StrictModel):
-    device: str
-    path: str | None = None
-    reason: str
-
-
-class DiskRecord(Checksummed):
-    """One exported disk: the ordered chunk list is the image; zero chunks are simply absent."""
-
-    device: DeviceName
-    source_path: str
-    source_format: str
-    virtual_size: int = Field(ge=0, le=MAX_VIRTUAL_SIZE)
-    chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: list[tuple[int, Sha256Hex]]
-    """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros."""
-    digest: Sha256Hex
-    """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'): one value per image."""
-    frozen_at: dt.datetime
-    bytes_read: int = Field(ge=0)
-    bytes_new: int = Field(ge=0)
-    """Compressed bytes this export added to the chunk store (chunks already there cost nothing)."""
-    export_seconds: float
-    pivot_stall_ms: float | None = None
-    bitmap: str | None = None
-    """QEMU dirty bitmap (on the disk's image node) that tracks changes since this backup's freeze point."""
-    incremental_from: str | None = None
-    """Backup id whose chunk list this export started from (only chunks its bitmap marked dirty were read);
-    None: a full read. Either way `chunks` is the complete image."""
-    bytes_reused: int = 0
-    """Bytes of non-zero chunks taken from `incremental_from`'s chunk list without reading them."""
-    export_mode: str = ""
-    """'incremental from <id>' or 'full (<why>)'."""
-
-    @model_validator(mode="after")
-    def _geometry(self) -> DiskRecord:
-        """Sizes and indexes are bounded by the record's own geometry before anything is allocated."""
-        if self.chunk_size & (self.chunk_size - 1):
-            raise ValueError(f"chunk_size {self.chunk_size} is not a power of two")
-        count = self.chunk_count
-        if count > MAX_CHUNKS:
-            raise ValueError(f"virtual_size {self.virtual_size} needs {count} chunks (at most {MAX_CHUNKS})")
-        previous = -1
-        for index, _ in self.chunks:
-            if not previous < index < count:
-                raise ValueError(
-                    f"chunk index {index} is out of order, repeated or beyond the disk's {count} chunks"
-                )
-            previous = index
-        return self
-
-    @property
-    def chunk_count(self) -> int:
-        return -(-self.virtual_size // self.chunk_size)
-
-    def chunk_length(self, index: int) -> int:
-        """Plain bytes of chunk `index` (the last one may be short)."""
-        return min(self.chunk_size, self.virtual_size - index * self.chunk_size)
-
-
-class ConfigArchive(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    sha256: Sha256Hex
-    size: int = Field(ge=0)
-    files: list[str]
-
-
-class Manifest(Checksummed):
-    format_version: int = MANIFEST_FORMAT
-    tool_version: str = __version__
-    kind: Literal["image"] = "image"
-    backup_id: BackupId
-    vm: VMName
-    host: str
-    driver: str
-    started_at: dt.datetime
-    completed_at: dt.datetime
-    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
-    """How chunks are named: sha256 of the content, or (encrypted repository) HMAC-SHA256 under its id key."""
-    compression: Literal["zstd"] = "zstd"
-    disks: list[DiskRecord]
-    skipped_disks: list[SkippedDisk] = []
-    consistency: Literal["crash", "application"] = "crash"
-    """crash: the disks as after a power cut (the seed's hot backup); application: guest file systems
-    were frozen (guest agent / VMware Tools quiescing) at the freeze point."""
-    config_archive: ConfigArchive | None = None
-    vm_description: dict = {}
-    boot_check: BootCheckSpec | None = None
-    steps: list[StepTiming] = []
-    warnings: list[str] = []
-
-    @model_validator(mode="after")
-    def _unique_devices(self) -> Manifest:
-        devices = [d.device for d in self.disks]
-        if len(set(devices)) != len(devices):
-            raise ValueError("a device is listed twice")
-        return self
-
-    def disk(self, device: str) -> DiskRecord:
-        for disk in self.disks:
-            if disk.device == device:
-                return disk
-        raise KeyError(device)

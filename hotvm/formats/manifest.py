@@ -1,0 +1,199 @@
+"""The backup-set manifest and its disk records: the typed form of what a backup writes to a target.
+
+Everything here is read back from a target, so it is hostile input: names are never paths, sizes and
+chunk indexes are bounded before anything is allocated, and every record carries its own checksum.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
+
+from hotvm import __version__
+from hotvm.config import BootCheckSpec, StrictModel
+
+FORMAT_VERSION = 1
+"""Format of an unencrypted repository marker written before repository ids existed (still read)."""
+MANIFEST_FORMAT = 2
+"""Manifests and disk records of format 2 carry a `checksum` (docs/format.md, "Checksums"); format 1
+(older hotvm) has none and is read as legacy."""
+
+BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{1,16}$")
+"""What new_backup_id produces (YYYYmmddTHHMMSSZ-xxxx); a caller-chosen suffix (a rerun's id) may be
+longer, but only of these characters: a backup id is a path component on the target."""
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+MIN_CHUNK_SIZE = 4096
+MAX_CHUNK_SIZE = 256 << 20
+MAX_CHUNKS = 1 << 24
+"""Chunk indexes per disk: 64 TiB at the default 4 MiB chunk size (VMDK's limit is 62 TiB)."""
+MAX_VIRTUAL_SIZE = 1 << 46
+MAX_NAME = 255
+
+
+def check_backup_id(value: str) -> str:
+    if not BACKUP_ID.match(value):
+        raise ValueError(f"backup id {value[:80]!r} is not of the form YYYYmmddTHHMMSSZ-xxxx")
+    return value
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """A VM or device name read from a manifest: any text a hypervisor may use, but never a path."""
+    if not value or len(value) > MAX_NAME:
+        raise ValueError(f"{what} must have 1 to {MAX_NAME} characters")
+    if any(ord(c) < 32 or c == "\x7f" for c in value) or "/" in value or value in (".", ".."):
+        raise ValueError(f"{what} {value[:80]!r} holds a control character or '/', or is '.' or '..'")
+    return value
+
+
+def _checked(check, *args: str):  # noqa: ANN001, ANN202
+    return BeforeValidator(lambda v: check(v, *args) if isinstance(v, str) else v)
+
+
+BackupId = Annotated[str, _checked(check_backup_id)]
+VMName = Annotated[str, _checked(check_name, "VM name")]
+DeviceName = Annotated[str, _checked(check_name, "device name")]
+Sha256Hex = Annotated[str, Field(pattern=SHA256_HEX.pattern)]
+
+
+class Checksummed(StrictModel):
+    """A record that carries the sha256 of its own canonical JSON, so that bit rot in any field of a
+    manifest or journal read back from a target is a named error, never wrong data (an encrypted
+    repository authenticates the whole file as well; an unencrypted one has only this)."""
+
+    checksum: str | None = None
+
+    def computed_checksum(self) -> str:
+        body = json.loads(self.model_dump_json(exclude={"checksum"}))
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_checksum(self):  # noqa: ANN201 - returns the same model type
+        return self.model_copy(update={"checksum": self.computed_checksum()})
+
+    def checksum_problem(self, legacy: bool) -> str | None:
+        """Why this record cannot be trusted, or None. `legacy`: written by a hotvm without checksums."""
+        if self.checksum is None:
+            return None if legacy else "its checksum is missing"
+        if self.checksum != self.computed_checksum():
+            return "its checksum does not match its content (bit rot or tampering)"
+        return None
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class StepTiming(StrictModel):
+    step: str
+    device: str | None = None
+    seconds: float
+
+
+class SkippedDisk(StrictModel):
+    device: str
+    path: str | None = None
+    reason: str
+
+
+class DiskRecord(Checksummed):
+    """One exported disk: the ordered chunk list is the image; zero chunks are simply absent."""
+
+    device: DeviceName
+    source_path: str
+    source_format: str
+    virtual_size: int = Field(ge=0, le=MAX_VIRTUAL_SIZE)
+    chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
+    chunks: list[tuple[int, Sha256Hex]]
+    """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros."""
+    digest: Sha256Hex
+    """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'): one value per image."""
+    frozen_at: dt.datetime
+    bytes_read: int = Field(ge=0)
+    bytes_new: int = Field(ge=0)
+    """Compressed bytes this export added to the chunk store (chunks already there cost nothing)."""
+    export_seconds: float
+    pivot_stall_ms: float | None = None
+    bitmap: str | None = None
+    """QEMU dirty bitmap (on the disk's image node) that tracks changes since this backup's freeze point."""
+    incremental_from: str | None = None
+    """Backup id whose chunk list this export started from (only chunks its bitmap marked dirty were read);
+    None: a full read. Either way `chunks` is the complete image."""
+    bytes_reused: int = 0
+    """Bytes of non-zero chunks taken from `incremental_from`'s chunk list without reading them."""
+    export_mode: str = ""
+    """'incremental from <id>' or 'full (<why>)'."""
+
+    @model_validator(mode="after")
+    def _geometry(self) -> DiskRecord:
+        """Sizes and indexes are bounded by the record's own geometry before anything is allocated."""
+        if self.chunk_size & (self.chunk_size - 1):
+            raise ValueError(f"chunk_size {self.chunk_size} is not a power of two")
+        count = self.chunk_count
+        if count > MAX_CHUNKS:
+            raise ValueError(f"virtual_size {self.virtual_size} needs {count} chunks (at most {MAX_CHUNKS})")
+        previous = -1
+        for index, _ in self.chunks:
+            if not previous < index < count:
+                raise ValueError(
+                    f"chunk index {index} is out of order, repeated or beyond the disk's {count} chunks"
+                )
+            previous = index
+        return self
+
+    @property
+    def chunk_count(self) -> int:
+        return -(-self.virtual_size // self.chunk_size)
+
+    def chunk_length(self, index: int) -> int:
+        """Plain bytes of chunk `index` (the last one may be short)."""
+        return min(self.chunk_size, self.virtual_size - index * self.chunk_size)
+
+
+class ConfigArchive(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    sha256: Sha256Hex
+    size: int = Field(ge=0)
+    files: list[str]
+
+
+class Manifest(Checksummed):
+    format_version: int = MANIFEST_FORMAT
+    tool_version: str = __version__
+    kind: Literal["image"] = "image"
+    backup_id: BackupId
+    vm: VMName
+    host: str
+    driver: str
+    started_at: dt.datetime
+    completed_at: dt.datetime
+    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
+    """How chunks are named: sha256 of the content, or (encrypted repository) HMAC-SHA256 under its id key."""
+    compression: Literal["zstd"] = "zstd"
+    disks: list[DiskRecord]
+    skipped_disks: list[SkippedDisk] = []
+    consistency: Literal["crash", "application"] = "crash"
+    """crash: the disks as after a power cut (the seed's hot backup); application: guest file systems
+    were frozen (guest agent / VMware Tools quiescing) at the freeze point."""
+    config_archive: ConfigArchive | None = None
+    vm_description: dict = {}
+    boot_check: BootCheckSpec | None = None
+    steps: list[StepTiming] = []
+    warnings: list[str] = []
+
+    @model_validator(mode="after")
+    def _unique_devices(self) -> Manifest:
+        devices = [d.device for d in self.disks]
+        if len(set(devices)) != len(devices):
+            raise ValueError("a device is listed twice")
+        return self
+
+    def disk(self, device: str) -> DiskRecord:
+        for disk in self.disks:
+            if disk.device == device:
+                return disk
+        raise KeyError(device)
