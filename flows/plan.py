@@ -24,13 +24,13 @@ from hotvm.plan import FORMATS, check_plan, plan_document, render, render_markdo
 
 @task(name="write_plan", retries=2, retry_delay_seconds=5)
 def write_plan(target: str, files: dict[str, bytes], config: str | None = None) -> list[str]:
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
 
-    repo = open_repository(config, target)
     written = []
-    for path, data in files.items():
-        repo.write_file(path, data)
-        written.append(repo.target.display(path))
+    with open_repository(config, target) as repo:
+        for path, data in files.items():
+            repo.write_file(path, data)
+            written.append(repo.target.display(path))
     return written
 
 

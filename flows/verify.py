@@ -86,9 +86,9 @@ def scrub(target: str | None = None, vm: str | None = None, config: str | None =
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
     from hotvm.check import check_repository
-    from hotvm.prune import opened
+    from hotvm.formats.opener import open_repository
 
-    with opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         report = check_repository(repo, read_data=True, vm=vm)
     rows = [
         {

@@ -18,6 +18,7 @@ from hotvm.errors import BackupSetError
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import CHUNK_SIZE, Progress, chunk_digest, export_image
 from hotvm.formats.manifest import ConfigArchive, DiskRecord, Manifest, SkippedDisk, StepTiming, utcnow
+from hotvm.formats.opener import open_repository
 from hotvm.formats.repository import Repository, new_backup_id
 from hotvm.hypervisors import open_driver
 from hotvm.hypervisors.base import (
@@ -30,7 +31,6 @@ from hotvm.hypervisors.base import (
 )
 from hotvm.hypervisors.resolve import find_vm
 from hotvm.immutability import protect_chunks
-from targets import open_target
 
 log = logging.getLogger("hotvm.backup")
 
@@ -50,14 +50,6 @@ class Session:
             yield driver
         finally:
             driver.close()
-
-    @contextmanager
-    def repository(self, target: str | None) -> Iterator[Repository]:
-        tgt = open_target(self.config.find_target(target))
-        try:
-            yield Repository(tgt)
-        finally:
-            tgt.close()
 
 
 def open_session(vm: str, config: Config | str | Path | None = None) -> Session:
@@ -118,7 +110,7 @@ def plan_disks(session: Session, target: str | None, backup_id: str) -> DiskPlan
     todo, skipped = select_disks(disks, session.vm)
     done = []
     baselines: dict[str, Baseline] = {}
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         repo.ensure()
         repo.mark_started(session.vm.name, backup_id, session.host.name)
         for disk in list(todo):
@@ -161,7 +153,7 @@ def export_disk(
     Incremental when `baseline`'s bitmap is still on the disk and trustworthy: only the chunks it marks
     dirty are read, the rest come from the baseline's chunk list. Otherwise a full read, saying why.
     """
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         previous, dirty, why = None, None, "no earlier backup of this disk on the target"
         if baseline is not None:
             previous, dirty, why = _incremental_base(session, repo, frozen, baseline)
@@ -254,14 +246,14 @@ def backup_config(session: Session, target: str | None, backup_id: str) -> Confi
     with session.driver() as driver:
         files, description, documents = driver.config_files(), driver.describe_vm(), driver.config_documents()
     data, names = build_config_archive(files, description, documents)
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         repo.write_blob(session.vm.name, backup_id, ARCHIVE_NAME, data)
     return ConfigArchive(name=ARCHIVE_NAME, sha256=chunk_digest(data), size=len(data), files=names)
 
 
 def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
     """Last step: check every referenced chunk is on the target, then commit the manifest atomically."""
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         damaged = [disk for disk in manifest.disks if not all(repo.has_chunk(d) for _, d in disk.chunks)]
         if damaged:
             for disk in damaged:  # un-journal them, so the rerun exports these disks again

@@ -172,7 +172,7 @@ class Copier:
         theirs = read_marker(self.dst, "copy with a newer hotvm")
         if theirs is None:
             # Refused if this host knew a repository there (an unmounted or wiped copy is not re-seeded).
-            Repository(self.dst, self.src.config).unlock()
+            Repository(self.dst, self.src.key).unlock()
             self.dst.check()
             self.send(MARKER, blob)
             self.report.marker_created = True
@@ -337,7 +337,7 @@ def copy_repository(
     copier = Copier(src, dst, workers)
     report = copier.report
     copier.match_repository()
-    dst_repo = Repository(dst, src.config)  # the same key opens both locations of the repository
+    dst_repo = Repository(dst, src.key)  # the same key opens both locations of the repository
     sets = source_sets(src, vms)
     have = copier.present_sets(sets)
     todo: list[SourceSet] = []
@@ -385,8 +385,10 @@ def copy_repository(
 def _destination_opens_it(src_target: Target, src_cfg: TargetConfig, dst_cfg: TargetConfig) -> None:
     """The copy must be readable with the destination's own configuration (the same key as the source,
     or none for a plain repository): checked against the source's marker before anything is written."""
+    from hotvm import credentials
+
     try:
-        Repository(src_target, dst_cfg).unlock()
+        Repository(src_target, credentials.encryption_key(dst_cfg)).unlock()
     except TargetConfigError as exc:
         raise TargetConfigError(
             f"target '{dst_cfg.name}' could not read a copy of '{src_cfg.name}' with its configuration "
@@ -405,22 +407,14 @@ def copy_between(
 ) -> CopyReport:
     """`hotvm copy --from SOURCE --to DESTINATION`: open both targets from hotvm.yaml and copy. The
     destination's retention applies only if it has its own `keep:`."""
-    from targets import open_target
+    from hotvm.formats.opener import open_repository
 
     cfg = load_config(config)
     src_cfg, dst_cfg = cfg.find_target(source), cfg.find_target(destination)
     if src_cfg.name == dst_cfg.name:
         raise ConfigError(f"copy from target '{src_cfg.name}' to itself", "give another target with --to")
     keep = dst_cfg.keep if "keep" in dst_cfg.model_fields_set else None
-    src_target = open_target(src_cfg)
-    try:
-        dst_target = open_target(dst_cfg)
-        try:
-            if read_marker(dst_target) in (None, read_marker(src_target)):  # else: refused as another one
-                _destination_opens_it(src_target, src_cfg, dst_cfg)
-            return copy_repository(Repository(src_target, src_cfg), dst_target, vms=vms, keep=keep,
-                                   workers=workers)
-        finally:
-            dst_target.close()
-    finally:
-        src_target.close()
+    with open_repository(src_cfg) as src, open_repository(dst_cfg, key=src.key) as dst:
+        if read_marker(dst.target) in (None, read_marker(src.target)):  # else: refused as another one
+            _destination_opens_it(src.target, src_cfg, dst_cfg)
+        return copy_repository(src, dst.target, vms=vms, keep=keep, workers=workers)

@@ -16,12 +16,17 @@ import html
 import io
 import json
 from collections.abc import Iterable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from hotvm.config import Config, HostConfig, Policy, VMConfig, format_duration
+from hotvm.config import Config, HostConfig, Policy, TargetConfig, VMConfig, format_duration
 from hotvm.formats.manifest import utcnow
 from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import policy_for_vm
+
+if TYPE_CHECKING:
+    from hotvm.formats.repository import Repository
 
 SCHEDULE_WINDOW = dt.timedelta(days=400)
 """Long enough for monthly and yearly-ish crons to repeat; all crons are evaluated in UTC."""
@@ -223,19 +228,29 @@ def _copy_entry(repo, target_name: str, role: str, vm: str) -> dict | None:  # n
     }
 
 
-def gather_copies(config: Config, plans: list[VMPlan], repos: dict[str, object]) -> dict[str, list[dict]]:
+class _Repositories:
+    """Each target's repository, opened once for the whole plan and closed with `stack`."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack, self.opened = stack, {}
+
+    def get(self, target: TargetConfig) -> Repository:
+        from hotvm.formats.opener import open_repository
+
+        if target.name not in self.opened:
+            self.opened[target.name] = self.stack.enter_context(open_repository(target))
+        return self.opened[target.name]
+
+
+def gather_copies(config: Config, plans: list[VMPlan], repos: _Repositories) -> dict[str, list[dict]]:
     """Per VM, every target that holds a complete set of it (an unreachable target: an entry with its
     error, so the plan shows the copy could not be seen)."""
     from hotvm.errors import HotvmError
-    from hotvm.formats.repository import Repository
-    from targets import open_target
 
     out: dict[str, list[dict]] = {p.vm: [] for p in plans}
     for t in config.targets:
         try:
-            if t.name not in repos:
-                repos[t.name] = Repository(open_target(t))
-            repo = repos[t.name]
+            repo = repos.get(t)
             for p in plans:
                 entry = _copy_entry(repo, t.name, "primary" if t.name == p.image_target else "copy", p.vm)
                 if entry is not None:
@@ -251,11 +266,13 @@ def gather_copies(config: Config, plans: list[VMPlan], repos: dict[str, object])
 
 def gather_evidence(config: Config, plans: list[VMPlan]) -> dict[str, Evidence]:
     """Read each VM's image target once: latest complete set, restore tests of its sets, tape catalogs."""
-    from hotvm.errors import HotvmError
-    from hotvm.formats.repository import Repository
-    from targets import open_target
+    with ExitStack() as stack:
+        return _gather_evidence(config, plans, _Repositories(stack))
 
-    repos: dict[str, object] = {}
+
+def _gather_evidence(config: Config, plans: list[VMPlan], repos: _Repositories) -> dict[str, Evidence]:
+    from hotvm.errors import HotvmError
+
     out: dict[str, Evidence] = {}
     for p in plans:
         ev = out[p.vm] = Evidence()
@@ -263,15 +280,13 @@ def gather_evidence(config: Config, plans: list[VMPlan]) -> dict[str, Evidence]:
             ev.error = "no image target (no policy, or several targets and none is the default)"
             continue
         try:
-            if p.image_target not in repos:
-                repos[p.image_target] = Repository(open_target(config.find_target(p.image_target)))
-            repo = repos[p.image_target]
-            sets = [e.manifest for e in repo.list_sets(p.vm) if e.manifest is not None]  # type: ignore[attr-defined]
+            repo = repos.get(config.find_target(p.image_target))
+            sets = [e.manifest for e in repo.list_sets(p.vm) if e.manifest is not None]
             if sets:
                 m = sets[-1]
                 ev.latest = {
                     "backup_id": m.backup_id, "completed_at": m.completed_at.isoformat(),
-                    "target": p.image_target, "url": repo.target.url,  # type: ignore[attr-defined]
+                    "target": p.image_target, "url": repo.target.url,
                 }
             tests = [t for m in sets for t in _restore_tests(repo, m.vm, m.backup_id)]
             if tests:

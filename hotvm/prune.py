@@ -28,7 +28,6 @@ import datetime as dt
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,6 @@ from hotvm.formats.manifest import DiskRecord, Manifest, utcnow
 from hotvm.formats.repository import Repository, read_marker, vm_dirs
 from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
-from targets import open_target
 from targets.base import Entry, Target
 
 DEFAULT_SET_GRACE = retention.DEFAULT_INCOMPLETE_GRACE
@@ -94,16 +92,6 @@ def files_keeps(cfg: Config) -> dict[str, Keep]:
         if policy is not None and policy.files is not None:
             keeps[vm.name] = policy.files.keep
     return keeps
-
-
-@contextmanager
-def opened(config: Config | str | Path | None, target: str | None) -> Iterator[Repository]:
-    cfg = load_config(config)
-    tgt = open_target(cfg.find_target(target))
-    try:
-        yield Repository(tgt)
-    finally:
-        tgt.close()
 
 
 # --------------------------------------------------------------------------- reading what the target holds

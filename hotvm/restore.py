@@ -12,22 +12,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hotvm.config import Config
-from hotvm.config_file import load_config
 from hotvm.errors import HotvmError
 from hotvm.formats.manifest import Manifest
-from hotvm.formats.repository import Repository
+from hotvm.formats.opener import open_repository
 from hotvm.formats.restore import DiskFormat, RestoredDisk, disk_file_name, restore_config, restore_disk
-from targets import open_target
-
-
-def open_repository(config: Config | str | Path | None, target: str | None) -> Repository:
-    return Repository(open_target(load_config(config).find_target(target)))
 
 
 def find_backup(
     config: Config | str | Path | None, vm: str, target: str | None, backup_id: str | None = None
 ) -> Manifest:
-    return open_repository(config, target).find(vm, backup_id)
+    with open_repository(config, target) as repo:
+        return repo.find(vm, backup_id)
 
 
 def prepare_destination(dest: Path) -> None:
@@ -68,10 +63,10 @@ def restore_one_disk(
     fmt: DiskFormat,
     progress=None,
 ) -> RestoredDisk:  # noqa: ANN001
-    repo = open_repository(config, target)
-    return restore_disk(
-        repo, manifest.disk(device), dest / disk_file_name(device, fmt), fmt, progress=progress
-    )
+    with open_repository(config, target) as repo:
+        return restore_disk(
+            repo, manifest.disk(device), dest / disk_file_name(device, fmt), fmt, progress=progress
+        )
 
 
 def record_restore_test(
@@ -85,12 +80,12 @@ def record_restore_test(
     check = result.get("boot_check") or {}
     record = {"tested_at": stamp, "verified": check.get("ok", True), "problems": [], **result}
     body = json.dumps(record, indent=2, default=str).encode()
-    return open_repository(config, target).write_blob(
-        manifest.vm, manifest.backup_id, f"restore-tests/{stamp}.json", body
-    )
+    with open_repository(config, target) as repo:
+        return repo.write_blob(manifest.vm, manifest.backup_id, f"restore-tests/{stamp}.json", body)
 
 
 def restore_config_files(
     config: Config | str | Path | None, target: str | None, manifest: Manifest, dest: Path
 ) -> list[str]:
-    return restore_config(open_repository(config, target), manifest, dest)
+    with open_repository(config, target) as repo:
+        return restore_config(repo, manifest, dest)

@@ -19,12 +19,13 @@ from hotvm.config_file import load_config
 from hotvm.errors import ConfigError, HotvmError
 from hotvm.formats.configtar import read_config_archive
 from hotvm.formats.manifest import Manifest
+from hotvm.formats.opener import open_repository
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat, check_config_archive, disk_file_name
 from hotvm.hypervisors import open_host
 from hotvm.hypervisors.base import Capability, RegisterResult, VMDefinition
 from hotvm.hypervisors.resolve import find_vm
-from hotvm.restore import open_repository, restore_one_disk
+from hotvm.restore import restore_one_disk
 from hotvm.safepath import component, under
 
 log = logging.getLogger("hotvm.standby")
@@ -139,8 +140,8 @@ def register_restored(
     """Register restored disks as VM `name` on `host`: a new identity unless it keeps the VM's name."""
     cfg = load_config(config)
     host_cfg = cfg.find_host(host)
-    repo = open_repository(cfg, target)
-    definition = vm_definition(repo, manifest, name, disks, new_identity=name != manifest.vm)
+    with open_repository(cfg, target) as repo:
+        definition = vm_definition(repo, manifest, name, disks, new_identity=name != manifest.vm)
     result = register(host_cfg, definition, start)
     return _result(manifest, result, disks, new_identity=definition.new_identity)
 
@@ -188,14 +189,14 @@ def sync_config(
         raise ConfigError(
             f"VM '{vm}': standby host '{host_name}' is the VM's own host", "give another host as standby"
         )
-    repo = open_repository(cfg, target)
-    manifest = repo.latest(vm)
-    disks: dict[str, Path] = {}
-    if with_disks:
-        vmdir = host_vm_dir(standby_host, vm)
-        fmt: DiskFormat = "raw" if stages_disks(standby_host) else "qcow2"  # raw: what a datastore takes
-        disks = restore_disks(cfg, target, manifest, disks_dir(vmdir, manifest.backup_id), fmt)
-    definition = vm_definition(repo, manifest, vm, disks, new_identity=False)
+    with open_repository(cfg, target) as repo:
+        manifest = repo.latest(vm)
+        disks: dict[str, Path] = {}
+        if with_disks:
+            vmdir = host_vm_dir(standby_host, vm)
+            fmt: DiskFormat = "raw" if stages_disks(standby_host) else "qcow2"  # raw: what a datastore takes
+            disks = restore_disks(cfg, target, manifest, disks_dir(vmdir, manifest.backup_id), fmt)
+        definition = vm_definition(repo, manifest, vm, disks, new_identity=False)
     try:
         result = register(standby_host, definition, start)
     finally:

@@ -29,6 +29,7 @@ from hotvm.config import Config
 from hotvm.config_file import load_config
 from hotvm.errors import HotvmError
 from hotvm.formats.manifest import Manifest
+from hotvm.formats.opener import open_repository
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import DiskFormat
 from hotvm.hypervisors.resolve import HostFailure, ResolvedVMs, resolve_vms
@@ -208,13 +209,10 @@ def vms_to_verify(
 ) -> list[str]:
     """Every VM with a complete set on the target; with `sample`, that many, least recently tested first."""
     cfg = load_config(config)
-    repo = restore.open_repository(cfg, target)
-    try:
+    with open_repository(cfg, target) as repo:
         vms = sorted({e.vm for e in repo.list_sets() if e.manifest})
         if sample:
             vms = sorted(vms, key=lambda v: (last_verified_at(repo, v), v))[:sample]
-    finally:
-        repo.target.close()
     return vms
 
 
@@ -229,11 +227,8 @@ def recovery_plan(
     the run's VMs (default: resolved here, once)."""
     cfg = load_config(config)
     resolved = resolved if resolved is not None else resolve_vms(cfg)
-    repo = restore.open_repository(cfg, target)
-    try:
+    with open_repository(cfg, target) as repo:
         on_target = {e.vm: e.manifest for e in repo.list_sets() if e.manifest}  # latest wins (sorted)
-    finally:
-        repo.target.close()
     plan = []
     for vm, manifest in on_target.items():
         if vm_tier(cfg, vm, resolved) != tier:

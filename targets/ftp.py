@@ -24,9 +24,9 @@ from urllib.parse import unquote, urlsplit
 
 from fsspec.implementations.ftp import FTPFileSystem
 
+from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 
 BLOCK = 1024 * 1024
@@ -72,7 +72,7 @@ def _code(exc: BaseException) -> str:
 class FTPTarget(Target):
     scheme = "ftp"
 
-    def __init__(self, config: TargetConfig, host: str, port: int, user: str, cred: secrets.Credential,
+    def __init__(self, config: TargetConfig, host: str, port: int, user: str, cred: credentials.Credential,
                  root: str, tls: bool) -> None:
         super().__init__(config.name, config.url, None, root)
         self.host, self.port, self.user, self.cred, self.tls = host, port, user, cred, tls
@@ -290,7 +290,7 @@ def open_ftp(config: TargetConfig) -> FTPTarget:
         raise ConfigError(f"target '{config.name}': {parts.scheme} URL needs a host: {parts.geturl()}",
                           f"write it as {parts.scheme}://user@host[:port]/path")
     user = unquote(parts.username) if parts.username else "anonymous"
-    cred = secrets.password(config)
+    cred = credentials.password(config)
     root = unquote(parts.path) or "/"
     cls = FTPSTarget if tls else FTPTarget
     target = cls(config, parts.hostname, parts.port or 21, user, cred, root, tls)

@@ -25,9 +25,9 @@ from urllib.parse import unquote, urlsplit
 
 from s3fs import S3FileSystem
 
+from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import secrets
 from targets.base import Target
 
 _AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "InvalidToken",
@@ -267,16 +267,16 @@ def open_s3(config: TargetConfig) -> S3Target:
     key = secret = None
     sources = []
     if config.access_key_env:
-        key = secrets.from_env(config, config.access_key_env, "S3 access key").value
+        key = credentials.from_env(credentials.target(config), config.access_key_env, "S3 access key").value
         sources.append(f"environment variable {config.access_key_env}")
     if config.secret_key_env:
         if config.password_env or config.password_secret:
             raise TargetConfigError(
                 f"target '{config.name}' sets both secret_key_env and password_env/_secret",
                 "keep one of them for the S3 secret key")
-        cred = secrets.from_env(config, config.secret_key_env, "S3 secret key")
+        cred = credentials.from_env(credentials.target(config), config.secret_key_env, "S3 secret key")
     else:
-        cred = secrets.password(config, "S3 secret key")
+        cred = credentials.password(config, "S3 secret key")
     secret = cred.value
     if secret is not None:
         sources.append(cred.source)

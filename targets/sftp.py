@@ -26,9 +26,9 @@ from urllib.parse import unquote, urlsplit
 import paramiko
 from fsspec.implementations.sftp import SFTPFileSystem
 
+from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 
 SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
@@ -87,7 +87,7 @@ class SFTPTarget(Target):
     scheme = "sftp"
 
     def __init__(self, config: TargetConfig, host: str, port: int, user: str,
-                 cred: secrets.Credential, root: str) -> None:
+                 cred: credentials.Credential, root: str) -> None:
         super().__init__(config.name, config.url, None, root)
         self.host, self.port, self.user, self.cred = host, port, user, cred
         self.key_file = str(config.key_file) if config.key_file else None
@@ -300,7 +300,7 @@ def open_sftp(config: TargetConfig) -> SFTPTarget:
     if config.key_file is not None and not os.access(config.key_file, os.R_OK):
         raise TargetConfigError(f"target '{config.name}': key_file {config.key_file} is not readable",
                                 "run hotvm as a user that can read the key")
-    cred = secrets.password(config, "password or key passphrase")
+    cred = credentials.password(config, "password or key passphrase")
     root = unquote(parts.path) or "/"
     target = SFTPTarget(config, parts.hostname, parts.port or 22, unquote(parts.username), cred, root)
     target.connect()

@@ -31,9 +31,9 @@ from smbprotocol.exceptions import (
 )
 from smbprotocol.header import NtStatus
 
+from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import secrets
 from targets.base import Pool, Target, is_unreachable
 
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
@@ -67,7 +67,7 @@ class SMBTarget(Target):
     scheme = "smb"
 
     def __init__(self, config: TargetConfig, host: str, port: int, user: str | None,
-                 cred: secrets.Credential, root: str) -> None:
+                 cred: credentials.Credential, root: str) -> None:
         super().__init__(config.name, config.url, None, root)
         self.host, self.port, self.user, self.cred = host, port, user, cred
         opts = dict(config.options)
@@ -245,7 +245,7 @@ def open_smb(config: TargetConfig) -> SMBTarget:
     if user and ";" in user:  # smb://DOMAIN;user@host (the usual SMB URL form) -> DOMAIN\user
         domain, _, name = user.partition(";")
         user = f"{domain}\\{name}"
-    cred = secrets.password(config)
+    cred = credentials.password(config)
     target = SMBTarget(config, parts.hostname, parts.port or 445, user, cred, path)
     target.connect()
     return target

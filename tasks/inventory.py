@@ -7,8 +7,8 @@ from prefect.cache_policies import NO_CACHE
 
 from hotvm import inventory
 from hotvm.config_file import load_config
+from hotvm.formats.opener import open_repository
 from hotvm.inventory import Inventory, InventoryDiff
-from hotvm.prune import opened
 from tasks._options import STEP
 
 
@@ -28,7 +28,7 @@ def store_inventory(
     inv: Inventory, target: str | None, config: str | None = None
 ) -> tuple[str, str | None, Inventory | None]:
     """Write the inventory as a new version on the target; returns (path, previous name, previous)."""
-    with opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         return inventory.store(repo, inv)
 
 

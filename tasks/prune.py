@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from hotvm import prune, retention
 from hotvm.config import Keep
 from hotvm.config_file import load_config
+from hotvm.formats.opener import open_repository
 from hotvm.prune import SetOutcome, SweepReport
 from hotvm.retention import BackupPoint, Decision
 from tasks._options import STEP
@@ -18,7 +19,7 @@ from tasks._options import STEP
 @task(name="list_sets", task_run_name="list_sets", **STEP)
 def list_sets(target: str | None, vm: str | None, config: str | None = None) -> list[BackupPoint]:
     """Every backup set on the target (of one VM): complete, incomplete or unreadable, and when."""
-    with prune.opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         return prune.backup_points(repo, vm)
 
 
@@ -35,7 +36,7 @@ def remove_sets(
     target: str | None, decisions: list[Decision], dry_run: bool, config: str | None = None
 ) -> list[SetOutcome]:
     """Delete the sets the policy does not keep (manifest first); nothing in a dry run."""
-    with prune.opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         outcomes = prune.remove_sets(repo, decisions, dry_run=dry_run)
     log = get_run_logger()
     for o in outcomes:
@@ -62,7 +63,7 @@ def sweep_chunks(
     config: str | None = None,
 ) -> SweepReport:
     """Mark the chunks every remaining set references, then remove the others (not while a backup runs)."""
-    with prune.opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         report = prune.sweep(
             repo, dry_run=dry_run, exclude=removed, set_grace=set_grace, chunk_grace=chunk_grace,
             files_keep=prune.files_keeps(load_config(config)),

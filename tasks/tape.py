@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import task
 
 from hotvm.config_file import load_config
-from hotvm.restore import open_repository
+from hotvm.formats.opener import open_repository
 from hotvm.tape import copy as tape_copy
 from hotvm.tape import open_tape
 from tasks._options import STEP
@@ -19,16 +19,17 @@ def copy_to_tape(tape: str, target: str | None, vms: list[str] | None, config: s
     cfg = load_config(config)
     tape_cfg = cfg.find_tape(tape)
     target_cfg = cfg.find_target(target)
-    return tape_copy.copy_to_tape(
-        open_repository(cfg, target_cfg.name), open_tape(cfg, tape), target_name=target_cfg.name, vms=vms,
-        keep_days=tape_cfg.keep.days,
-    )
+    with open_repository(cfg, target_cfg.name) as repo:
+        return tape_copy.copy_to_tape(
+            repo, open_tape(cfg, tape), target_name=target_cfg.name, vms=vms, keep_days=tape_cfg.keep.days,
+        )
 
 
 @task(name="store_tape_catalog", task_run_name="store_tape_catalog", **STEP)
 def store_catalog(catalog: dict, config: str | None = None) -> str:
     """The copy's catalog, also kept in the source repository (tapes/<tape>/catalog-<copy>.json)."""
-    return tape_copy.store_catalog(open_repository(config, catalog["target"]), catalog)
+    with open_repository(config, catalog["target"]) as repo:
+        return tape_copy.store_catalog(repo, catalog)
 
 
 @task(name="tape_catalogs", task_run_name="tape_catalogs", **STEP)

@@ -26,6 +26,7 @@ from servers import MotoServer, SambaServer, SshServer
 
 from hotvm.config_file import load_config
 from hotvm.copy import copy_repository
+from hotvm.credentials import encryption_key
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
 from targets import open_target
@@ -154,7 +155,7 @@ def primary(prefect_server, servers: Servers, tmp_path_factory: pytest.TempPathF
 
 def _open(config: Path, name: str) -> Repository:
     cfg = load_config(config)
-    return Repository(open_target(cfg.find_target(name)), cfg.find_target(name))
+    return Repository(open_target(cfg.find_target(name)), encryption_key(cfg.find_target(name)))
 
 
 def _restores_match(p: Primary, config: Path, target: str) -> None:

@@ -17,6 +17,7 @@ from test_targets import make_config, ssh_server  # noqa: F401 - ssh_server is a
 
 from hotvm.check import check_repository
 from hotvm.config import Keep, TargetConfig
+from hotvm.credentials import encryption_key
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import chunk_digest, export_image
@@ -48,7 +49,8 @@ def config(root: Path, **keys: str | None) -> TargetConfig:
 
 
 def open_repo(cfg: TargetConfig) -> Repository:
-    return Repository(open_target(cfg))
+    """The repository with the key its configuration names (what open_repository resolves)."""
+    return Repository(open_target(cfg), encryption_key(cfg))
 
 
 def backup(repo: Repository, image: Path, vm: str = "secret-vm", host: str = "secret-host-h1",
@@ -306,11 +308,12 @@ def test_encrypted_repository_over_sftp(request, tmp_path: Path, monkeypatch: py
     image = image_with_pattern(tmp_path / "disk.raw", 4 * MiB)
     target = made.open()
     try:
-        repo = Repository(target)
+        repo = Repository(target, encryption_key(made.config))
         manifest = backup(repo, image)
-        out = restore_disk(Repository(target), repo.latest("secret-vm").disks[0], tmp_path / "r.raw", "raw")
+        out = restore_disk(Repository(target, encryption_key(made.config)), repo.latest("secret-vm").disks[0],
+                           tmp_path / "r.raw", "raw")  # fmt: skip
         assert Path(out.path).read_bytes() == image.read_bytes()
-        assert check_repository(Repository(target), read_data=True).ok
+        assert check_repository(Repository(target, encryption_key(made.config)), read_data=True).ok
         raw = target.read_bytes(f"vms/secret-vm/{manifest.backup_id}/manifest.json")
         assert b"secret-host-h1" not in raw
     finally:
@@ -322,7 +325,7 @@ def test_encrypted_repository_over_sftp(request, tmp_path: Path, monkeypatch: py
     again = made.open()
     try:
         with pytest.raises(TargetConfigError, match="wrong encryption key for target 'archive-ssh'"):
-            Repository(again).latest("secret-vm")
+            Repository(again, encryption_key(made.config)).latest("secret-vm")
     finally:
         again.close()
 

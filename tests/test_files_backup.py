@@ -216,9 +216,10 @@ def test_daily_files_backup_find_ls_restore_hybrid_prune(prefect_server, qemu, f
 
 def first_completed(result: dict, config: Path) -> str:
     from hotvm.files.filesets import FileSets
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
 
-    manifest = FileSets(open_repository(config, None)).load_manifest("web01", result["backup_id"])
+    with open_repository(config) as repo:
+        manifest = FileSets(repo).load_manifest("web01", result["backup_id"])
     return manifest.completed_at.isoformat()
 
 
@@ -247,14 +248,19 @@ def assert_tree(raw: Path) -> None:
 
 
 def check_prune(config: Path, first: dict, second: dict) -> None:
+    from hotvm.formats.opener import open_repository
+
+    with open_repository(config) as repo:
+        _check_prune(repo, config, first, second)
+
+
+def _check_prune(repo, config: Path, first: dict, second: dict) -> None:  # noqa: ANN001
     from hotvm import prune
     from hotvm.check import check_repository
     from hotvm.config import Keep
     from hotvm.files.browse import open_view, resolve_set
     from hotvm.files.restore import restore_entries
-    from hotvm.restore import open_repository
 
-    repo = open_repository(config, None)
     now = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
     report = prune.prune_repository(repo, Keep(last=1), now=now, chunk_grace=dt.timedelta(0))
     assert report.sweep.swept and all(s.keep for s in report.sweep.file_sets)
@@ -353,9 +359,10 @@ def test_failed_and_killed_file_backups_roll_back_and_resume(
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
     from hotvm.files.filesets import FileSets
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
 
-    unfinished = FileSets(open_repository(config, None)).list_sets("web01")[-1]
+    with open_repository(config) as repo:
+        unfinished = FileSets(repo).list_sets("web01")[-1]
     assert not unfinished.complete
     resumed = hotvm_json("files", "backup", "web01", "-c", str(config))  # resumes the killed set
     assert resumed["backup_id"] == unfinished.backup_id

@@ -12,6 +12,7 @@ import pytest
 from fs_images import Node, PartSpec, build_disk
 
 from hotvm.config import Keep, TargetConfig
+from hotvm.credentials import encryption_key
 from hotvm.errors import HotvmError
 from hotvm.files.blockdev import open_image
 from hotvm.files.browse import open_view, resolve_set, sync_catalog
@@ -66,7 +67,7 @@ def test_file_contents_are_encrypted_deduplicated_and_restored(
         Node("/large.bin", SECRET * 2000, mtime=1_700_000_004),
     ])], table="none")  # fmt: skip
     config = TargetConfig(name="enc", url=f"file://{tmp_path}/target", encryption_key_env=KEY_ENV)
-    repo = Repository(open_target(config))
+    repo = Repository(open_target(config), encryption_key(config))
     repo.ensure()
     first = back_up(repo, image, "20260101T000000Z-0001", None)
     stats = first.volumes[0].stats

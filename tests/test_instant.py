@@ -245,6 +245,7 @@ def test_encrypted_ftp_target_waits_out_an_outage_without_starting_the_vm(
     from servers import FtpServer
 
     from hotvm.config import TargetConfig
+    from hotvm.credentials import encryption_key
     from hotvm.formats.repository import Repository
     from targets import open_target
 
@@ -258,7 +259,7 @@ def test_encrypted_ftp_target_waits_out_an_outage_without_starting_the_vm(
         image = _random_image(tmp_path / "disk.raw", 24 * MiB, 12 * MiB)
         target = open_target(target_cfg)
         try:
-            backup(Repository(target), image)
+            backup(Repository(target, encryption_key(target_cfg)), image)
         finally:
             target.close()
         config = tmp_path / "hotvm.yaml"

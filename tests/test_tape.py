@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hotvm.config import TargetConfig
+from hotvm.credentials import encryption_key
 from hotvm.formats.configtar import ARCHIVE_NAME, build_config_archive
 from hotvm.formats.export import chunk_digest, export_image
 from hotvm.formats.manifest import ConfigArchive, Manifest
@@ -68,7 +69,7 @@ def make_repo(tmp_path: Path, **cfg: object) -> tuple[Repository, TargetConfig, 
     """web01: two sets (6 MiB, then 2 MiB changed), db01: one set of 4 MiB; returns the disk contents of
     each set as the set saw them. About 17 MiB of chunks on tape (each archive carries its own chunks)."""
     config = TargetConfig(name="nas", url=f"file://{tmp_path / 'target'}", **cfg)
-    repo = Repository(open_target(config))
+    repo = Repository(open_target(config), encryption_key(config))
     repo.ensure()
     images = {}
     web = random_image(tmp_path / "web01.raw", 8 * MiB, [(0, 6 * MiB)])

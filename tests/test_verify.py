@@ -49,10 +49,11 @@ def test_verify_passes_then_names_a_corrupted_chunk_and_marks_the_set(
     [record] = _records(target, "web01", backup_id)
     assert record["verified"] is True and record["seconds_to_ready"] > 0
 
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
     from hotvm.verify import set_verified, vms_to_verify
 
-    assert set_verified(open_repository(str(config), None), "web01", backup_id) is True
+    with open_repository(str(config)) as repo:
+        assert set_verified(repo, "web01", backup_id) is True
     assert vms_to_verify(str(config), None) == vms_to_verify(str(config), None, sample=1) == ["web01"]
 
     # damage one chunk of the data disk on the target (bit rot)
@@ -71,7 +72,8 @@ def test_verify_passes_then_names_a_corrupted_chunk_and_marks_the_set(
     assert "chunk" in proc.stderr and "failed" in proc.stderr
     records = _records(target, "web01", backup_id)
     assert [r["verified"] for r in records] == [True, False]
-    assert set_verified(open_repository(str(config), None), "web01", backup_id) is False
+    with open_repository(str(config)) as repo:
+        assert set_verified(repo, "web01", backup_id) is False
 
     from flows.verify import scrub
 

@@ -36,13 +36,16 @@ def backup(
         _backup_all(policy, target, config, as_json)
         return
     from hotvm.config_file import load_config
+    from hotvm.formats.opener import open_repository
     from hotvm.hypervisors.resolve import find_vm
-    from hotvm.restore import open_repository
     from hotvm.resume import image_resume_id
 
     cfg = load_config(config)
     find_vm(cfg, vm)
-    resume_id = None if new else image_resume_id(open_repository(cfg, target), vm)
+    resume_id = None
+    if not new:
+        with open_repository(cfg, target) as repo:
+            resume_id = image_resume_id(repo, vm)
     if resume_id:
         err.print(f"resuming unfinished backup set {resume_id} (use --new for a fresh one)")
     from flows.backup_vm import backup_vm

@@ -22,9 +22,9 @@ def check(
     """Verify a target's repository: manifests parse, referenced chunks exist (--read-data: and are
     intact). Exits 1 if any problem is found; every set is checked, whatever fails."""
     from hotvm.check import check_repository
-    from hotvm.prune import opened
+    from hotvm.formats.opener import open_repository
 
-    with opened(config, target) as repo:
+    with open_repository(config, target) as repo:
         report = check_repository(repo, read_data=read_data)
     result = report.summary()
     emit(result, as_json, _render_check)

@@ -47,9 +47,10 @@ def parse_at(value: str | None) -> dt.datetime | None:
 
 
 def _repo(config: Path | None, target: str | None):  # noqa: ANN202
+    """The file sets' repository (a context manager: closes its target)."""
     from hotvm.config_file import load_config
     from hotvm.files.browse import default_files_target
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
 
     cfg = load_config(config)
     return open_repository(cfg, target if target is not None else default_files_target(cfg))
@@ -85,10 +86,13 @@ def files_backup(
     from hotvm.backup import open_session
 
     target = files_target(open_session(vm, cfg), target)
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
     from hotvm.resume import files_resume_id
 
-    resume_id = None if new else files_resume_id(open_repository(cfg, target), vm)
+    resume_id = None
+    if not new:
+        with open_repository(cfg, target) as repo:
+            resume_id = files_resume_id(repo, vm)
     if resume_id:
         err.print(f"resuming unfinished file set {resume_id} (use --new for a fresh one)")
     result = files_vm(vm=vm, target=target, config=config_str(config), backup_id=resume_id)
@@ -130,7 +134,7 @@ def files_find(
     """Every version of matching files across the backups in the catalog."""
     from hotvm.files.browse import synced_catalog
 
-    with synced_catalog(_repo(config, target), vm) as catalog:
+    with _repo(config, target) as repo, synced_catalog(repo, vm) as catalog:
         rows = catalog.find(vm, pattern, parse_at(at))
 
     def render(rows: list[dict]) -> None:
@@ -156,10 +160,10 @@ def files_ls(
     """List a directory of a backup (a file set, or an image set read through its chunks)."""
     from hotvm.files.browse import list_directory, resolve_set, synced_catalog
 
-    repo = _repo(config, target)
-    ref = resolve_set(repo, vm, backup_id, parse_at(at))
-    with synced_catalog(repo, vm) as catalog:
-        rows, problems = list_directory(catalog, repo, ref, path)
+    with _repo(config, target) as repo:
+        ref = resolve_set(repo, vm, backup_id, parse_at(at))
+        with synced_catalog(repo, vm) as catalog:
+            rows, problems = list_directory(catalog, repo, ref, path)
     for problem in problems:
         err.print(f"[yellow]not readable:[/] {problem}")
     if not rows and path.strip("/"):
@@ -198,9 +202,9 @@ def files_restore(
     from hotvm.files.browse import resolve_set
     from hotvm.files.restore import restore_paths
 
-    repo = _repo(config, target)
-    ref = resolve_set(repo, vm, backup_id, parse_at(at))
-    result = restore_paths(repo, ref, paths, to.resolve(), overwrite)
+    with _repo(config, target) as repo:
+        ref = resolve_set(repo, vm, backup_id, parse_at(at))
+        result = restore_paths(repo, ref, paths, to.resolve(), overwrite)
 
     def render(r: dict) -> None:
         out.print(
@@ -231,12 +235,12 @@ def files_catalog(
     from hotvm.files.browse import synced_catalog
     from hotvm.files.catalog import remove_catalog
 
-    repo = _repo(config, target)
-    if rebuild:
-        remove_catalog(repo)
-    with synced_catalog(repo) as catalog:
-        result = {"catalog": str(catalog.path), "sets": len(catalog.sets()), "entries": catalog.entry_count(),
-                  "rebuilt": rebuild}  # fmt: skip
+    with _repo(config, target) as repo:
+        if rebuild:
+            remove_catalog(repo)
+        with synced_catalog(repo) as catalog:
+            result = {"catalog": str(catalog.path), "sets": len(catalog.sets()),
+                      "entries": catalog.entry_count(), "rebuilt": rebuild}  # fmt: skip
     emit(
         result,
         as_json,

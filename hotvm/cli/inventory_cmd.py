@@ -40,9 +40,9 @@ def inventory_cmd(
     cfg = load_config(config)
     inv = inventory.collect(cfg)
     if target is not None:
-        from hotvm.prune import opened
+        from hotvm.formats.opener import open_repository
 
-        with opened(cfg, target) as repo:
+        with open_repository(cfg, target) as repo:
             stored, prev_name, prev = inventory.store(repo, inv)
         change = inventory.diff(prev, inv)
         err.print(f"inventory stored as {stored} on target '{cfg.find_target(target).name}'")

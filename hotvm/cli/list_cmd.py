@@ -18,10 +18,11 @@ def list_backups(
     as_json: JsonOpt = False,
 ) -> None:
     """List the backup sets on a target (incomplete ones are marked and never restored)."""
-    from hotvm.restore import open_repository
+    from hotvm.formats.opener import open_repository
     from hotvm.status import set_rows
 
-    rows = set_rows(open_repository(config, target).list_sets(vm))
+    with open_repository(config, target) as repo:
+        rows = set_rows(repo.list_sets(vm))
 
     def render(rows: list[dict]) -> None:
         table = Table("vm", "backup", "state", "completed", "disks", "size", "consistency")

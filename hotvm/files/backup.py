@@ -23,6 +23,7 @@ from hotvm.files.filesets import (
 )
 from hotvm.files.scan import content_index, scan_volume
 from hotvm.formats.manifest import SkippedDisk, StepTiming, utcnow
+from hotvm.formats.opener import open_repository
 from hotvm.hypervisors.base import BitmapUnusable, DiskInfo, FrozenDisk
 
 log = logging.getLogger("hotvm.files")
@@ -44,7 +45,7 @@ def plan(session: Session, target: str | None, backup_id: str) -> FilesPlan:
     with session.driver() as driver:
         disks = driver.list_disks()
     todo, skipped = select_disks(disks, session.vm)
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         repo.ensure()
         fsets = FileSets(repo)
         fsets.mark_started(session.vm.name, backup_id, session.host.name)
@@ -74,7 +75,7 @@ def scan_disk(
     from hotvm.files.volumes import find_volumes
 
     vm = session.vm.name
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         fsets = FileSets(repo)
         base = fsets.load_manifest(vm, previous) if previous else None
         base_entries: dict[str, list[dict]] = {}
@@ -199,7 +200,7 @@ def finish(
 ) -> FileSetManifest:
     """Check every referenced chunk is stored, then write the manifest (last, atomic)."""
     vm = session.vm.name
-    with session.repository(target) as repo:
+    with open_repository(session.config, target) as repo:
         fsets = FileSets(repo)
         records: list[VolumeRecord] = []
         for journal in journals:
@@ -228,7 +229,7 @@ def update_catalog(session: Session, target: str | None) -> dict:
     from hotvm.files.browse import sync_catalog
     from hotvm.files.catalog import Catalog
 
-    with session.repository(target) as repo, Catalog.for_repository(repo) as catalog:
+    with open_repository(session.config, target) as repo, Catalog.for_repository(repo) as catalog:
         return sync_catalog(catalog, repo, session.vm.name)
 
 

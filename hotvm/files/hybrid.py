@@ -23,7 +23,10 @@ from hotvm.config import Config
 from hotvm.files.browse import ChunkCache
 from hotvm.files.filesets import FileSets
 from hotvm.files.restore import Planned, RestoreReport, TreeWriter, plan_entries
-from hotvm.restore import open_repository, prepare_destination, restore_config_files, restore_one_disk
+from hotvm.formats.opener import open_repository
+from hotvm.formats.repository import Repository
+from hotvm.formats.restore import disk_file_name, restore_config, restore_disk
+from hotvm.restore import prepare_destination
 from hotvm.safepath import SafeRoot, UnsafePath, printable
 
 log = logging.getLogger("hotvm.files")
@@ -139,16 +142,21 @@ def hybrid_restore(
     backup_id: str | None = None,
 ) -> dict:
     """The image set (latest, or `backup_id`) as raw disks in `to`, then the newest file set applied."""
+    with open_repository(config, target) as repo:
+        return _hybrid_restore(repo, vm, Path(to).resolve(), backup_id)
+
+
+def _hybrid_restore(repo: Repository, vm: str, dest: Path, backup_id: str | None) -> dict:
     from hotvm.files.blockdev import open_image
     from hotvm.files.mount import mounted_volume
     from hotvm.files.volumes import find_volumes
 
-    repo = open_repository(config, target)
     image = repo.find(vm, backup_id)
-    dest = Path(to).resolve()
     prepare_destination(dest)
-    disks = {d.device: restore_one_disk(config, target, image, d.device, dest, "raw") for d in image.disks}
-    config_files = restore_config_files(config, target, image, dest)
+    disks = {
+        d.device: restore_disk(repo, d, dest / disk_file_name(d.device, "raw"), "raw") for d in image.disks
+    }
+    config_files = restore_config(repo, image, dest)
     result: dict = {
         "vm": vm, "backup_id": image.backup_id, "to": str(dest), "hybrid": True, "files_backup_id": None,
         "disks": [

@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from hotvm.credentials import Credential
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.formats.manifest import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
 from targets.base import Target
 
 if TYPE_CHECKING:
-    from hotvm.config import TargetConfig
     from hotvm.formats.crypto import Sealer
 
 MARKER = "hotvm-repository.json"
@@ -165,16 +165,20 @@ class SetEntry:
 
 
 class Repository:
-    """The repository on one target. The encryption key comes from the target's configuration
-    (`config`, else the one open_target attached to the target); it is resolved and checked against the
-    marker on first use, before any other file is read or written."""
+    """The repository on one target, opened with the encryption key its caller resolved (`key`; None for
+    an unencrypted repository). Open one with hotvm.formats.opener.open_repository, which resolves the key
+    from the target's configuration and closes the target. The key is checked against the marker on first
+    use, before any other file is read or written."""
 
-    def __init__(self, target: Target, config: TargetConfig | None = None, *, remember: bool = True) -> None:
+    def __init__(self, target: Target, key: Credential | str | None = None, *, remember: bool = True) -> None:
         """`remember=False`: no identity is kept for this location (a scratch copy of a tape's marker)."""
         self.target = target
-        self.config = config if config is not None else target.config
+        if not isinstance(key, Credential):
+            key = Credential(key, "the key given" if key is not None else "no encryption key given")
+        self.key = key
+        """Never logged, never stored."""
         self.identities = IdentityStore() if remember else None
-        own = target.config  # where it is: the target's own configuration (`config` may only lend the key)
+        own = target.config  # where it is: the target's own configuration
         self.location = location_of(target.url, own.endpoint_url if own else None)
         self._lock = threading.Lock()
         self._create_lock = threading.Lock()
@@ -186,12 +190,7 @@ class Repository:
     # ---- repository and its encryption
     def _secret(self) -> tuple[str | None, str]:
         """(the encryption secret or None, where it comes from); never logged, never stored."""
-        if self.config is None:
-            return None, "no target configuration"
-        from targets.secrets import encryption_key
-
-        cred = encryption_key(self.config)
-        return cred.value, cred.source
+        return self.key.value, self.key.source
 
     def unlock(self) -> bool:
         """Read the marker and set up encryption; False if the target holds no repository (yet).

@@ -6,7 +6,6 @@ Kept apart from the driver so VSphereDriver (one VM) and VSphereHost (registerin
 from __future__ import annotations
 
 import logging
-import os
 import re
 import ssl
 import time
@@ -33,25 +32,9 @@ _DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.*)$")
 
 def password(host: HostConfig) -> str:
     """The host's password from its environment variable or Prefect Secret block (never from hotvm.yaml)."""
-    if host.password_env:
-        value = os.environ.get(host.password_env)
-        if not value:
-            raise ConfigError(
-                f"vSphere host '{host.name}': environment variable {host.password_env} (the password of "
-                f"{host.username}) is not set",
-                f"export {host.password_env}=... in the environment that runs hotvm (or its Prefect worker)",
-            )
-        return value
-    from targets.secrets import from_prefect_secret  # imports Prefect only when a block is named
+    from hotvm import credentials
 
-    assert host.password_secret is not None  # HostConfig guarantees one of the two
-    value = from_prefect_secret(
-        host,  # type: ignore[arg-type]  # only .name is read, through `owner`
-        host.password_secret,
-        f"password of {host.username}",
-        owner=f"host '{host.name}'",
-    ).value
-    return value or ""
+    return credentials.password(host, f"password of {host.username}", credentials.host(host)).value or ""
 
 
 def password_source(host: HostConfig) -> str:

@@ -254,10 +254,11 @@ class ChunkSource:
 
 def open_source(bundle: dict, log_dir: Path | None) -> ChunkSource:
     """The ChunkSource described by the bundle the parent hotvm process wrote into the plugin's pipe."""
+    from hotvm import credentials
     from hotvm.config import TargetConfig
-    from targets import open_target, secrets
+    from targets import open_target
 
-    secrets.hand_in(bundle.get("credentials", {}))
+    credentials.hand_in(bundle.get("credentials", {}))
     target = open_target(TargetConfig.model_validate(bundle["target"]))
     sealer = None
     if bundle.get("keys"):

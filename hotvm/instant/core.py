@@ -24,11 +24,12 @@ from hotvm.bootcheck import default_accel
 from hotvm.config import BootCheckSpec, Config
 from hotvm.config_file import load_config
 from hotvm.errors import BlockJobError, HotvmError
+from hotvm.formats.opener import open_repository
 from hotvm.formats.repository import safe_name
 from hotvm.hypervisors.qmp import Monitor
 from hotvm.instant import export, runner
 from hotvm.instant.state import InstantDisk, InstantState, load_state, now, run_dir_for
-from hotvm.restore import open_repository, prepare_destination
+from hotvm.restore import prepare_destination
 
 DEFAULT_CACHE_BYTES = 2 << 30
 DEFAULT_UNREACHABLE_WAIT_S = 60.0
@@ -68,11 +69,8 @@ def prepare(
             switch_to_vm(state)
         state.save()
         return state
-    repo = open_repository(cfg, target)
-    try:
+    with open_repository(cfg, target) as repo:
         manifest = repo.find(vm, backup_id)
-    finally:
-        repo.target.close()
     prepare_destination(dest)
     run_dir = run_dir_for(dest)
     remote = repo.target.scheme != "file"
@@ -125,13 +123,10 @@ def expose(
     pid = export.export_pid(Path(state.run_dir))
     if pid is not None:
         return pid
-    repo = open_repository(load_config(config), state.target)
-    try:
+    with open_repository(config, state.target) as repo:
         manifest = repo.load_manifest(state.vm, state.backup_id)
         cache = Path(state.cache_dir) if state.cache_dir else None
         payload = export.bundle(repo, manifest, cache, cache_bytes, unreachable_wait_s)
-    finally:
-        repo.target.close()
     tuning = tuning or {}  # bench/instant.py's alternatives: read_ahead, nbdkit filters
     payload.update({k: v for k, v in tuning.items() if k in ("read_ahead", "zero_flag")})
     return export.start_export(Path(state.run_dir), payload, tuple(tuning.get("filters", ())))

@@ -53,7 +53,7 @@ def _credentials(config: TargetConfig) -> tuple[dict, dict[str, str]]:
 
     A Prefect Secret block is resolved here (the plugin must not call the Prefect API) and handed in under
     a private name; the encryption key is not handed in at all: the plugin gets derived keys."""
-    from targets import secrets
+    from hotvm import credentials
 
     plain = config.model_dump(mode="json")
     plain.update(encryption_key_env=None, encryption_key_secret=None)
@@ -61,9 +61,10 @@ def _credentials(config: TargetConfig) -> tuple[dict, dict[str, str]]:
     for field in ("access_key_env", "secret_key_env", "password_env"):
         var = getattr(config, field)
         if var:
-            values[var] = secrets.from_env(config, var, field.removesuffix("_env")).value or ""
+            owner = credentials.target(config)
+            values[var] = credentials.from_env(owner, var, field.removesuffix("_env")).value or ""
     if config.password_secret:
-        values[HANDED_PASSWORD] = secrets.password(config).value or ""
+        values[HANDED_PASSWORD] = credentials.password(config).value or ""
         plain.update(password_env=HANDED_PASSWORD, password_secret=None)
     return plain, values
 
@@ -73,23 +74,22 @@ def _keys(repo: Repository) -> dict | None:
     if not repo.encrypted:  # also checks the key: a wrong one fails here, with the usual message
         return None
     from hotvm.formats.crypto import open_encryption
-    from targets.secrets import encryption_key
 
     meta = read_marker(repo.target) or {}
-    keys = open_encryption(encryption_key(repo.config).value or "", meta["encryption"])  # type: ignore[arg-type]
+    keys = open_encryption(repo.key.value or "", meta["encryption"])
     assert keys is not None  # repo.encrypted accepted the same secret
     return {"data": keys.data.hex(), "ids": keys.ids.hex()}
 
 
 def bundle(repo: Repository, manifest: Manifest, cache_dir: Path | None, cache_bytes: int,
            unreachable_wait_s: float) -> dict:  # fmt: skip
-    if repo.config is None:
+    if repo.target.config is None:
         raise ExportError(f"target '{repo.target.name}' has no configuration", "open it with open_target")
-    target, credentials = _credentials(repo.config)
+    target, handed = _credentials(repo.target.config)
     return {
         "python": list(sys.version_info[:2]),
         "target": target,
-        "credentials": credentials,
+        "credentials": handed,
         "keys": _keys(repo),
         "disks": [{"export": d.device, "record": d.model_dump(mode="json")} for d in manifest.disks],
         "cache_dir": str(cache_dir) if cache_dir else None,

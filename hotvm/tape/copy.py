@@ -604,6 +604,7 @@ def _opener(repo: Repository, path: str, blob: bytes):  # noqa: ANN202
 
 def _marker_repository(directory: Path, key_config: TargetConfig | None, entry: dict) -> Repository:
     """A repository holding only the marker: it opens the copy's encryption with the configured key."""
+    from hotvm import credentials
     from targets import open_target
 
     url = f"file://{directory}"
@@ -616,4 +617,5 @@ def _marker_repository(directory: Path, key_config: TargetConfig | None, entry: 
             "configure the source target (with its encryption_key_env/secret) in hotvm.yaml: its key is "
             "needed to restore",
         )
-    return Repository(open_target(cfg), cfg, remember=False)  # a scratch directory: nothing to remember
+    # A local scratch directory: nothing to remember, no connection to close.
+    return Repository(open_target(cfg), credentials.encryption_key(key_config), remember=False)
