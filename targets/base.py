@@ -100,8 +100,8 @@ class Target:
     """Days every object written is locked for (S3 Object Lock, targets/s3.py); None: no locks. Where set,
     the target also has retained_until(path) and extend_lock(paths, until) (hotvm/immutability.py)."""
     config: TargetConfig | None = None
-    """The configuration it was opened from (open_target sets it): the repository finds its encryption key
-    there."""
+    """The configuration it was opened from (open_target sets it): where the repository is (its location)
+    and what the instant-restore plugin reopens; its key is resolved by the caller (hotvm.credentials)."""
     root_known = False
     """Set once a repository was opened here: from then on the root must already exist (a scheme whose root
     is a directory refuses to create it again: a vanished root is an unmounted share, not a new target)."""
