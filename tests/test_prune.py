@@ -312,8 +312,9 @@ def test_prune_keeps_sets_a_tape_copy_still_reads(history: History) -> None:
 
 
 def test_each_vm_is_pruned_by_its_own_policy(prefect_server, tmp_path: Path) -> None:
-    """One repository, two VMs under two policies (web: keep the newest, db: keep three): the prune flow,
-    the production path, keeps for each VM what its own policy says and frees only the removed sets' chunks."""
+    """One repository, two VMs under two policies (web: keep the newest, db: keep three): the prune flow
+    (the production path) keeps for each VM what its own policy says and frees only the removed sets'
+    chunks."""
     from flows.prune import prune
 
     root, repo = make_repo(tmp_path)
