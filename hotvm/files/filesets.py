@@ -175,6 +175,7 @@ class FileSets(SetStore[FileSetManifest]):
     manifest_format = FILESET_FORMAT
     noun = "file set"
     list_hint = "hotvm files ls"
+    plural = "file backups"
     journal_dirs = ("volumes", "disks")
 
     # ---- writing (in the order a backup writes; mark_started and commit_manifest: SetStore)

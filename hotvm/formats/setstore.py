@@ -143,6 +143,7 @@ class SetStore(abc.ABC, Generic[M]):
     noun: ClassVar[str] = "backup"
     """How messages name a set of this kind ("backup web01/…", "file set web01/…")."""
     list_hint: ClassVar[str] = "hotvm list"
+    plural: ClassVar[str] = "backups"
     journal_dirs: ClassVar[tuple[str, ...]] = ()
     """Sub-directories an unfinished set journals into (their files are its signs of life)."""
     max_manifest_bytes: ClassVar[int] = MAX_MANIFEST_BYTES
@@ -256,11 +257,11 @@ class SetStore(abc.ABC, Generic[M]):
         if other is not None:
             raise BackupSetError(
                 f"{self.noun} {backup_id} on target '{self.target.name}' is of VM {other!r}, not {vm!r}",
-                f"run '{self.list_hint} {vm}' to see that VM's own sets",
+                f"run '{self.list_hint} {vm}' to see that VM's own {self.plural}",
             )
         raise BackupSetError(
             f"{self.noun} {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
-            f"run '{self.list_hint}' to see complete sets; rerun the backup to finish this one",
+            f"run '{self.list_hint}' to see complete {self.plural}; rerun the backup to finish this one",
         )
 
     def owner(self, path: str, manifest: M | None) -> str:
