@@ -382,8 +382,9 @@ def _mark(repo: Repository, report: SweepReport, excluded: set[str], now: dt.dat
     marked: set[str] = set()
     remaining: list[SetListing] = []
     for store in stores(repo):
-        for s in list_sets(repo, store=store):
-            if s.point.path in excluded:
+        for path in store.set_paths():
+            s = None if path in excluded else read_set(store, path)  # a removed set is not even read
+            if s is None:
                 continue
             remaining.append(s)
             where = f"{s.point.vm}/{s.point.backup_id}"
