@@ -2,8 +2,9 @@
 
     list_sets -> decide_retention (per VM, pure) -> remove_sets (manifest first) -> sweep_chunks
 
-The policy is the target's `keep:` in hotvm.yaml, else each VM's policy `image.keep` (hotvm/policies.py);
-any keep_* parameter replaces it as a whole.
+These steps are tasks (tasks/prune.py TaskSteps) run by hotvm.prune.run_prune, the one prune path. The
+policy is the target's `keep:` in hotvm.yaml, else each VM's policy `image.keep` (hotvm/policies.py);
+any keep_* parameter replaces it as a whole. File sets are kept by each VM's `files.keep`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._runs import fleet_run_name
-from hotvm.config import Keep
-from hotvm.config_file import load_config
-from hotvm.formats.manifest import utcnow
-from hotvm.prune import PruneReport, gone, policy_keeps, target_and_policy
-from targets.base import redact_url
-from tasks.prune import decide_retention, list_sets, remove_sets, sweep_chunks
+from hotvm.prune import PruneReport, prune_policy, run_prune
+from tasks.prune import TaskSteps
 
 
 @flow(name="prune", flow_run_name=fleet_run_name("prune", "target"))
@@ -54,7 +51,6 @@ def prune(
         chunk_grace_minutes: A chunk newer than this may belong to a running backup: it stays.
     """
     log = get_run_logger()
-    cfg = load_config(config)
     overrides = dict(
         last=keep_last,
         days=keep_days,
@@ -63,31 +59,14 @@ def prune(
         monthly=keep_monthly,
         yearly=keep_yearly,
     )
-    target_cfg, policy = target_and_policy(cfg, target, **overrides)
-    per_vm = policy_keeps(cfg, target_cfg, **overrides)  # the VMs' policies, when the target sets no keep:
-    set_grace = dt.timedelta(hours=incomplete_grace_hours)
-    chunk_grace = dt.timedelta(minutes=chunk_grace_minutes)
-    now = utcnow()
-    points = list_sets(target_cfg.name, vm, config)
-    groups: dict[str, tuple[Keep, list]] = {}
-    for point in points:
-        keep = per_vm.get(point.vm, policy)
-        groups.setdefault(keep.model_dump_json(), (keep, []))[1].append(point)
-    decisions = [d for keep, group in groups.values() for d in decide_retention(group, keep, now, set_grace)]
-    decisions.sort(key=lambda d: d.point.vm)  # stable: each VM's sets stay oldest first
-    outcomes = remove_sets(target_cfg.name, decisions, dry_run, config)
-    sweep = sweep_chunks(
-        target_cfg.name, gone(decisions, outcomes, dry_run), dry_run, set_grace, chunk_grace, config
-    )
-    report = PruneReport(
-        target=target_cfg.name,
-        url=redact_url(target_cfg.url),
+    target_cfg, policy = prune_policy(config, target, **overrides)
+    report = run_prune(
+        TaskSteps(target_cfg, config),
+        policy,
         vm=vm,
         dry_run=dry_run,
-        policy=policy,
-        at=now,
-        sets=outcomes,
-        sweep=sweep,
+        set_grace=dt.timedelta(hours=incomplete_grace_hours),
+        chunk_grace=dt.timedelta(minutes=chunk_grace_minutes),
     )
     create_table_artifact(
         artifact_rows(report), key=f"prune-{_artifact_key(target_cfg.name)}", description=describe(report)

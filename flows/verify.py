@@ -94,7 +94,7 @@ def scrub(target: str | None = None, vm: str | None = None, config: str | None =
         {
             "vm": s.vm,
             "backup_id": s.backup_id,
-            "state": str(s.state.value if hasattr(s.state, "value") else s.state),
+            "state": str(s.state),  # a SetState (StrEnum): its value
             "chunks": s.chunks,
             "problems": "; ".join(f"{p.kind}: {p.detail}" for p in s.problems),
         }

@@ -209,7 +209,7 @@ def _check_file_sets(
     repo: Repository, vm: str | None, store: set[str], max_size: dict[str, int], report: CheckReport
 ) -> list[tuple[SetCheck, set[str]]]:
     """Daily file sets (files/...): manifest readable, entry lists present, every chunk in the store."""
-    from hotvm.files.prune import list_file_sets
+    from hotvm.prune import list_file_sets
 
     checked = []
     for listing in list_file_sets(repo):

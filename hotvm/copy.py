@@ -109,8 +109,7 @@ class SourceSet:
 
 def source_sets(repo: Repository, vms: Iterable[str] | None = None) -> list[SourceSet]:
     """Every complete set of the source (image and file sets), authenticated (manifests parsed)."""
-    from hotvm.files.prune import list_file_sets
-    from hotvm.prune import list_sets
+    from hotvm.prune import list_file_sets, list_sets
 
     wanted = set(vms) if vms else None
     out = []

@@ -111,7 +111,6 @@ def vm_plan(config: Config, host: HostConfig, vm: VMConfig, index: int = 0) -> V
     files = None
     if policy is not None and policy.files is not None:
         files = {"schedule": policy.files.schedule, "target": _target_name(config, policy.files.target)}
-    order = getattr(vm, "startup_order", None)
     return VMPlan(
         vm=vm.name,
         host=host.name,
@@ -125,11 +124,11 @@ def vm_plan(config: Config, host: HostConfig, vm: VMConfig, index: int = 0) -> V
         image_target=_target_name(config, policy.image.target) if policy else None,
         files=files,
         tape=policy.tape.tape if policy and policy.tape else None,
-        startup_order=order if isinstance(order, int) else None,
+        startup_order=vm.startup_order,
         contacts=vm.contacts,
         notes=vm.notes,
         index=index,
-        external_data=[str(x) for x in getattr(vm, "external_data", None) or []],
+        external_data=list(vm.external_data),
         copies_required=policy.copies.model_dump() if policy else {},
     )
 

@@ -1,13 +1,19 @@
 """Apply retention decisions to a repository: delete sets, then mark and sweep the shared chunk store.
 
+One path, whoever runs it: `run_prune(steps, policy)` over a small steps interface (PruneSteps): the
+prune flow runs it with steps that are Prefect tasks (tasks/prune.py TaskSteps), `prune_repository`, the
+tests and anything without Prefect with RepositorySteps over an open repository. Image sets (`vms/`) and
+daily file sets (`files/`) are listed by the one lister below over their set stores
+(hotvm/formats/setstore.py) and decided, removed and marked alike.
+
 Chunks are shared by every set (and VM) in the repository, so deleting a set frees nothing by itself; what
 frees space is the sweep of chunks that no remaining set references. Other backups may run meanwhile:
-1. decide (hotvm/retention.py) over what the target holds now;
+1. decide (hotvm/retention.py) over what the target holds now, each VM by its own policy (PrunePolicy);
 2. delete each removed set, `manifest.json` first: a half-deleted set is merely incomplete, never a
    "complete" set missing its files, and the next prune finishes it. An incomplete set that was written
    to after the decision (a resumed run) is left alone;
-3. mark every chunk referenced by a manifest of a remaining set and by the disk journals
-   (`disks/*.json`) of remaining incomplete sets, read from the target right before the sweep;
+3. mark every chunk referenced by a manifest of a remaining set and by the journals (disk records, volume
+   records) of remaining incomplete sets, read from the target right before the sweep;
 4. sweep unreferenced chunks, but only
    - if no backup may be running on the target (an incomplete set written to within the grace period):
      a running export reuses any chunk already in the store and journals its references only when the
@@ -18,36 +24,38 @@ frees space is the sweep of chunks that no remaining set references. Other backu
    - while no new set has appeared on the target (checked every few seconds): a backup that starts
      during the sweep may reuse an old unreferenced chunk, so the sweep stops there;
 5. remove stray `*.tmp-*` files (torn uploads) older than `chunk_grace`.
-`dry_run` does all of it without deleting anything and reports what would go, and why.
-"""
+`dry_run` does all of it without deleting anything and reports what would go, and why."""
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import datetime as dt
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from hotvm import immutability, retention
-from hotvm.config import Config, Keep, TargetConfig
+from hotvm.config import TABLE_7_3_FILES_KEEP, Config, Keep, TargetConfig
 from hotvm.config_file import load_config
 from hotvm.errors import ChecksumMismatch, HotvmError
-from hotvm.files.filesets import FileSets
-from hotvm.formats.manifest import DiskRecord, Manifest, utcnow
-from hotvm.formats.repository import Repository, read_marker, vm_dirs
+from hotvm.files.filesets import FileSetManifest, FileSets
+from hotvm.formats.manifest import Manifest, id_time, utcnow
+from hotvm.formats.repository import Repository, read_marker
+from hotvm.formats.setstore import TMP_MARK, SetStore
 from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.retention import BackupPoint, Decision, SetState, ago, may_be_running
 from targets.base import Entry, Target
 
 DEFAULT_SET_GRACE = retention.DEFAULT_INCOMPLETE_GRACE
 DEFAULT_CHUNK_GRACE = dt.timedelta(hours=1)
+FILES_KEEP = TABLE_7_3_FILES_KEEP
+"""File sets of a VM whose policy names no `files.keep` (seed Table 7.3: one month)."""
 RECHECK_S = 5.0
-TMP_MARK = ".tmp-"
 PROBE_PREFIX = ".hotvm-probe"
 
 
@@ -94,6 +102,34 @@ def files_keeps(cfg: Config) -> dict[str, Keep]:
     return keeps
 
 
+@dataclass(frozen=True)
+class PrunePolicy:
+    """What one prune keeps: image sets by `images` unless the VM's policy gives its own (`per_vm`); file
+    sets by `files` (one Keep for every VM, or per VM; default FILES_KEEP)."""
+
+    images: Keep
+    per_vm: Mapping[str, Keep] = field(default_factory=dict)
+    files: Keep | Mapping[str, Keep] | None = None
+
+    def keep_for(self, point: BackupPoint) -> Keep:
+        if not is_file_set(point.path):
+            return self.per_vm.get(point.vm, self.images)
+        if isinstance(self.files, Keep):
+            return self.files
+        return (self.files or {}).get(point.vm, FILES_KEEP)
+
+
+def prune_policy(
+    config: Config | str | Path | None, target: str | None, **overrides: int | None
+) -> tuple[TargetConfig, PrunePolicy]:
+    """The target to prune and everything that decides what stays on it, from hotvm.yaml: the target's
+    `keep:` (or keep flags) for images, else each VM's policy; each VM's `files.keep` for file sets."""
+    cfg = load_config(config)
+    target_cfg, images = target_and_policy(cfg, target, **overrides)
+    per_vm = policy_keeps(cfg, target_cfg, **overrides)
+    return target_cfg, PrunePolicy(images, per_vm, files_keeps(cfg))
+
+
 # --------------------------------------------------------------------------- reading what the target holds
 
 
@@ -104,31 +140,29 @@ def repository_present(repo: Repository) -> bool:
     return repo.unlock()  # and a repository this host knew that vanished is an error, not "nothing here"
 
 
+def stores(repo: Repository) -> list[SetStore]:
+    """Every kind of set a repository holds, each under its own root."""
+    return [repo.images, FileSets(repo)]
+
+
+def store_of(repo: Repository, path: str) -> SetStore:
+    """The store a set path (<root>/<vm>/<id>) belongs to."""
+    return next(s for s in stores(repo) if path.startswith(f"{s.root}/"))
+
+
+def is_file_set(path: str) -> bool:
+    return path.startswith(f"{FileSets.root}/")
+
+
 @dataclass(frozen=True)
 class SetListing:
     """One set as the target shows it now."""
 
     point: BackupPoint
-    manifest: Manifest | None
+    manifest: Manifest | FileSetManifest | None
     files: tuple[Entry, ...]
     problem: str | None = None
     """Why the manifest cannot be read (state DAMAGED)."""
-
-
-def id_time(backup_id: str) -> dt.datetime | None:
-    try:
-        return dt.datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
-    except ValueError:
-        return None
-
-
-def set_paths(target: Target, vm: str | None = None) -> Iterator[str]:
-    """`vms/<vm>/<backup_id>` of every set (of one VM), from fresh listings."""
-    dirs = vm_dirs(vm) if vm else [e.name for e in target.scan("vms") if e.is_dir is not False]
-    for vm_dir in dirs:
-        for entry in target.scan(f"vms/{vm_dir}"):
-            if entry.is_dir is not False and TMP_MARK not in entry.name:
-                yield f"vms/{vm_dir}/{entry.name}"
 
 
 def _parse_time(value: object) -> dt.datetime | None:
@@ -138,9 +172,9 @@ def _parse_time(value: object) -> dt.datetime | None:
         return None
 
 
-def read_set(repo: Repository, path: str) -> SetListing | None:
-    """None if the set is gone (another prune removed it meanwhile)."""
-    target = repo.target
+def read_set(store: SetStore, path: str) -> SetListing | None:
+    """The set at `path` of `store`, from fresh listings; None if it is gone (another prune removed it)."""
+    target = store.target
     vm_dir, backup_id = path.split("/")[1:3]
     files = tuple(target.scan(path))
     if not files:
@@ -148,7 +182,7 @@ def read_set(repo: Repository, path: str) -> SetListing | None:
     names = {f.name: f for f in files}
     if "manifest.json" in names:
         try:
-            manifest = repo.parse_manifest(path)
+            manifest = store.parse_manifest(path)
         except FileNotFoundError:
             return None
         except (ValueError, ChecksumMismatch) as exc:
@@ -157,10 +191,12 @@ def read_set(repo: Repository, path: str) -> SetListing | None:
             return SetListing(point, None, files, problem=str(exc).splitlines()[0])
         point = BackupPoint(manifest.vm, backup_id, SetState.COMPLETE, manifest.completed_at, path=path)
         return SetListing(point, manifest, files)
-    started = repo.read_started(path)
-    journals = target.scan(f"{path}/disks") if "disks" in names else []
+    started = store.read_started(path)
     times = [_parse_time(started.get("started_at")), id_time(backup_id)]
-    times += [e.modified for e in (*files, *journals)]
+    times += [e.modified for e in files]
+    for sub in store.journal_dirs:  # the last sign of life of an unfinished set: its newest journal
+        if sub in names:
+            times += [e.modified for e in target.scan(f"{path}/{sub}")]
     known = [t for t in times if t is not None]
     last_written = max(known) if known else utcnow()  # cannot tell: take it as just written (kept)
     vm = str(started.get("vm") or vm_dir)
@@ -168,37 +204,31 @@ def read_set(repo: Repository, path: str) -> SetListing | None:
     return SetListing(point, None, files)
 
 
-def list_sets(repo: Repository, vm: str | None = None) -> list[SetListing]:
-    listings = (read_set(repo, path) for path in set_paths(repo.target, vm))
+def list_sets(repo: Repository, vm: str | None = None, store: SetStore | None = None) -> list[SetListing]:
+    """The one lister: every set of one store (image sets by default), of one VM or all."""
+    store = store or repo.images
+    listings = (read_set(store, path) for path in store.set_paths(vm))
     return [listing for listing in listings if listing is not None]
 
 
-def _manifest_refs(manifest: Manifest) -> set[str]:
-    return {digest for disk in manifest.disks for _, digest in disk.chunks}
+def list_file_sets(repo: Repository, vm: str | None = None) -> list[SetListing]:
+    return list_sets(repo, vm, FileSets(repo))
 
 
-def _raw_refs(repo: Repository, path: str) -> set[str] | None:
-    """Chunk references of a manifest this hotvm cannot validate; None if not even that can be read."""
-    try:
-        body = json.loads(repo.read_file(f"{path}/manifest.json"))
-        return {str(pair[1]) for disk in body["disks"] for pair in disk["chunks"]}
-    except FileNotFoundError:
-        return set()
-    except (ValueError, KeyError, TypeError, IndexError, ChecksumMismatch):
-        return None
-
-
-def _journal_refs(repo: Repository, path: str) -> set[str]:
-    """Chunks of the disks an incomplete set has finished (a torn journal: that disk is exported again)."""
-    refs: set[str] = set()
-    for entry in repo.target.scan(f"{path}/disks"):
-        if entry.name.endswith(".json") and TMP_MARK not in entry.name:
-            try:
-                record = DiskRecord.model_validate_json(repo.read_file(f"{path}/disks/{entry.name}"))
-            except (FileNotFoundError, ValueError, ChecksumMismatch):
-                continue
-            refs.update(digest for _, digest in record.chunks)
-    return refs
+def listing_refs(store: SetStore, listing: SetListing) -> set[str] | None:
+    """Chunks a set references: its manifest's, a damaged manifest's as far as they can be read (None: not
+    at all), or an unfinished set's journaled ones."""
+    path = listing.point.path
+    if listing.manifest is not None:
+        return store.refs(listing.manifest)
+    if listing.point.state is SetState.DAMAGED:
+        try:
+            return store.raw_refs(json.loads(store.repo.read_file(f"{path}/manifest.json")))
+        except FileNotFoundError:
+            return set()
+        except (ValueError, KeyError, TypeError, IndexError, ChecksumMismatch):
+            return None
+    return store.journal_refs(path)
 
 
 # --------------------------------------------------------------------------- reports
@@ -277,12 +307,14 @@ class PruneReport(BaseModel):
 # --------------------------------------------------------------------------- steps
 
 
-def backup_points(repo: Repository, vm: str | None = None) -> list[BackupPoint]:
+def backup_points(repo: Repository, vm: str | None = None) -> list[BackupPoint] | None:
+    """Every set a prune decides on (None: the target holds no repository): image sets of `vm` (or all),
+    and file sets of every VM (they share the chunk store the sweep frees), with holds and object locks."""
     if not repository_present(repo):
-        return []
+        return None
     held = repo.holds()
-    points = [listing.point for listing in list_sets(repo, vm)]
-    points = [dataclasses.replace(p, hold=held.get((p.vm, p.backup_id))) for p in points]
+    listings = list_sets(repo, vm) + list_file_sets(repo)
+    points = [dataclasses.replace(s.point, hold=held.get((s.point.vm, s.point.backup_id))) for s in listings]
     return immutability.with_lock_holds(repo.target, points)  # S3 Object Lock: kept until it expires
 
 
@@ -302,7 +334,7 @@ def remove_sets(repo: Repository, decisions: Iterable[Decision], *, dry_run: boo
         if d.keep or dry_run:
             continue
         if p.state is not SetState.COMPLETE:
-            fresh = read_set(repo, p.path)
+            fresh = read_set(store_of(repo, p.path), p.path)
             if fresh is None:
                 outcome.removed = True
                 continue
@@ -332,6 +364,32 @@ def _set_strays(target: Target, listing: SetListing) -> Iterator[tuple[str, Entr
             yield path, entry
 
 
+def _mark(repo: Repository, report: SweepReport, excluded: set[str], now: dt.datetime,
+          set_grace: dt.timedelta) -> tuple[set[str], list[SetListing]]:
+    """Chunks every remaining set (of every store) references; skip reasons go into `report`."""
+    marked: set[str] = set()
+    remaining: list[SetListing] = []
+    for store in stores(repo):
+        for path in store.set_paths():
+            s = None if path in excluded else read_set(store, path)  # a removed set is not even read
+            if s is None:
+                continue
+            remaining.append(s)
+            where = f"{s.point.vm}/{s.point.backup_id}"
+            refs = listing_refs(store, s)
+            if refs is None:
+                report.skipped_because.append(
+                    f"manifest of {store.noun} {where} is unreadable: its chunks are unknown"
+                )
+                continue
+            marked |= refs
+            if s.point.state is SetState.INCOMPLETE and may_be_running(s.point, now, set_grace):
+                report.skipped_because.append(
+                    f"{store.noun} {where} may still be running (last written {ago(now - s.point.time)} ago)"
+                )
+    return marked, remaining
+
+
 def sweep(
     repo: Repository,
     *,
@@ -340,12 +398,9 @@ def sweep(
     now: dt.datetime | None = None,
     set_grace: dt.timedelta = DEFAULT_SET_GRACE,
     chunk_grace: dt.timedelta = DEFAULT_CHUNK_GRACE,
-    files_keep: Keep | Mapping[str, Keep] | None = None,
 ) -> SweepReport:
     """Mark from what the target holds now (minus `exclude`: set paths removed, or to be removed in a dry
-    run), then sweep the chunk store. `now` is the wall clock that chunk modification times are held to.
-    File sets are pruned here first (`files_keep`: one Keep, or per VM as from `files_keeps`; default Table
-    7.3: 31 days), then marked as image sets."""
+    run), then sweep the chunk store. `now` is the wall clock that chunk modification times are held to."""
     target = repo.target
     now = retention.aware(now or utcnow())
     report = SweepReport()
@@ -353,26 +408,8 @@ def sweep(
         report.skipped_because.append(f"no hotvm repository at {target.display()}")
         return report
     excluded = set(exclude)
-    listings = [s for s in list_sets(repo) if s.point.path not in excluded]
+    marked, listings = _mark(repo, report, excluded, now, set_grace)
     known = {s.point.path for s in listings} | excluded
-    marked: set[str] = set()
-    for s in listings:
-        where = f"{s.point.vm}/{s.point.backup_id}"
-        if s.manifest is not None:
-            marked |= _manifest_refs(s.manifest)
-        elif s.point.state is SetState.DAMAGED:
-            refs = _raw_refs(repo, s.point.path)
-            if refs is None:
-                report.skipped_because.append(f"manifest of {where} is unreadable: its chunks are unknown")
-            else:
-                marked |= refs
-        else:
-            marked |= _journal_refs(repo, s.point.path)
-            if may_be_running(s.point, now, set_grace):
-                report.skipped_because.append(
-                    f"backup {where} may still be running (last written {ago(now - s.point.time)} ago)"
-                )
-    known |= _mark_file_sets(repo, report, marked, dry_run, now, set_grace, files_keep)
     cutoff = now - chunk_grace
     strays: list[tuple[str, Entry]] = []
     no_time = 0
@@ -402,7 +439,7 @@ def sweep(
             continue
         if not dry_run and time.monotonic() - last_check >= RECHECK_S:
             last_check = time.monotonic()
-            new = sorted((set(set_paths(target)) | set(FileSets(repo).set_paths())) - known)
+            new = sorted({p for s in stores(repo) for p in s.set_paths()} - known)
             if new:
                 stop = f"a new backup started during the sweep ({new[0]}): sweep stopped"
                 continue
@@ -440,81 +477,6 @@ def sweep(
     return report
 
 
-def _mark_file_sets(
-    repo: Repository,
-    report: SweepReport,
-    marked: set[str],
-    dry_run: bool,
-    now: dt.datetime,
-    set_grace: dt.timedelta,
-    files_keep: Keep | Mapping[str, Keep] | None,
-) -> set[str]:
-    """Retention of the file sets, then mark the chunks of those that stay; returns every file set path."""
-    from hotvm.files.prune import FILES_KEEP, list_file_sets
-
-    listings = list_file_sets(repo)
-    locked = immutability.with_lock_holds(repo.target, [f.point for f in listings], now)
-    listings = [dataclasses.replace(f, point=p) for f, p in zip(listings, locked, strict=True)]
-    by_path = {f.point.path: f for f in listings}
-    per_vm = files_keep if isinstance(files_keep, Mapping) else {}
-    default = files_keep if isinstance(files_keep, Keep) else FILES_KEEP
-    groups: dict[str, tuple[Keep, list]] = {}
-    for f in listings:
-        keep = per_vm.get(f.point.vm, default)
-        groups.setdefault(keep.model_dump_json(), (keep, []))[1].append(f.point)
-    decisions = [
-        d
-        for keep, points in groups.values()
-        for d in retention.decide(points, keep, now, incomplete_grace=set_grace)
-    ]
-    report.file_sets = remove_sets(repo, decisions, dry_run=dry_run)
-    for d, outcome in zip(decisions, report.file_sets, strict=True):
-        if outcome.removed or (dry_run and not outcome.keep):
-            continue
-        listing = by_path[d.point.path]
-        where = f"file set {d.point.vm}/{d.point.backup_id}"
-        if listing.refs is None:
-            report.skipped_because.append(f"manifest of {where} is unreadable: its chunks are unknown")
-            continue
-        marked |= listing.refs
-        if may_be_running(d.point, now, set_grace):
-            report.skipped_because.append(
-                f"{where} may still be running (last written {ago(now - d.point.time)} ago)"
-            )
-    return set(by_path)
-
-
-def prune_repository(
-    repo: Repository,
-    policy: Keep,
-    *,
-    vm: str | None = None,
-    dry_run: bool = False,
-    now: dt.datetime | None = None,
-    set_grace: dt.timedelta = DEFAULT_SET_GRACE,
-    chunk_grace: dt.timedelta = DEFAULT_CHUNK_GRACE,
-) -> PruneReport:
-    """Everything `hotvm prune` does, without Prefect (the prune flow runs the same steps as tasks)."""
-    now = retention.aware(now or utcnow())
-    report = PruneReport(
-        target=repo.target.name, url=repo.target.display(), vm=vm, dry_run=dry_run, policy=policy, at=now
-    )
-    if not repository_present(repo):
-        report.sweep.notes.append("no hotvm repository on this target: nothing to prune")
-        return report
-    decisions = retention.decide(backup_points(repo, vm), policy, now, incomplete_grace=set_grace)
-    report.sets = remove_sets(repo, decisions, dry_run=dry_run)
-    report.sweep = sweep(
-        repo,
-        dry_run=dry_run,
-        exclude=gone(decisions, report.sets, dry_run),
-        now=now,
-        set_grace=set_grace,
-        chunk_grace=chunk_grace,
-    )
-    return report
-
-
 def gone(decisions: list[Decision], outcomes: list[SetOutcome], dry_run: bool) -> list[str]:
     """Paths of the sets that are removed (or, in a dry run, would be): the sweep marks without them."""
     return [
@@ -522,3 +484,107 @@ def gone(decisions: list[Decision], outcomes: list[SetOutcome], dry_run: bool) -
         for d, o in zip(decisions, outcomes, strict=True)
         if o.removed or (dry_run and not o.keep)
     ]
+
+
+# --------------------------------------------------------------------------- the one prune path
+
+
+class PruneSteps(abc.ABC):
+    """The four steps of a prune, each over the repository as it is when the step runs. Implementations
+    only carry the steps out (RepositorySteps here; tasks/prune.py TaskSteps as Prefect tasks): what is
+    decided, in which order, lives in run_prune alone."""
+
+    target: str
+    url: str
+
+    @abc.abstractmethod
+    def list_sets(self, vm: str | None) -> list[BackupPoint] | None:
+        """backup_points: every set to decide on; None if the target holds no repository."""
+
+    @abc.abstractmethod
+    def decide(self, points: list[BackupPoint], policy: Keep, now: dt.datetime,
+               set_grace: dt.timedelta) -> list[Decision]:
+        """retention.decide (pure)."""
+
+    @abc.abstractmethod
+    def remove_sets(self, decisions: list[Decision], dry_run: bool) -> list[SetOutcome]:
+        """remove_sets: delete the sets the policy does not keep."""
+
+    @abc.abstractmethod
+    def sweep(self, removed: list[str], dry_run: bool, now: dt.datetime, set_grace: dt.timedelta,
+              chunk_grace: dt.timedelta) -> SweepReport:
+        """sweep: mark what remains, free the rest of the chunk store."""
+
+
+class RepositorySteps(PruneSteps):
+    """The steps as plain calls on one open repository (the CLI's library use, tests, scripts)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo, self.target, self.url = repo, repo.target.name, repo.target.display()
+
+    def list_sets(self, vm: str | None) -> list[BackupPoint] | None:
+        return backup_points(self.repo, vm)
+
+    def decide(self, points: list[BackupPoint], policy: Keep, now: dt.datetime,
+               set_grace: dt.timedelta) -> list[Decision]:
+        return retention.decide(points, policy, now, incomplete_grace=set_grace)
+
+    def remove_sets(self, decisions: list[Decision], dry_run: bool) -> list[SetOutcome]:
+        return remove_sets(self.repo, decisions, dry_run=dry_run)
+
+    def sweep(self, removed: list[str], dry_run: bool, now: dt.datetime, set_grace: dt.timedelta,
+              chunk_grace: dt.timedelta) -> SweepReport:
+        return sweep(self.repo, dry_run=dry_run, exclude=removed, now=now, set_grace=set_grace,
+                     chunk_grace=chunk_grace)
+
+
+def run_prune(
+    steps: PruneSteps,
+    policy: PrunePolicy,
+    *,
+    vm: str | None = None,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+    set_grace: dt.timedelta = DEFAULT_SET_GRACE,
+    chunk_grace: dt.timedelta = DEFAULT_CHUNK_GRACE,
+) -> PruneReport:
+    """Everything a prune does, in this order, whoever runs the steps (the prune flow, `hotvm prune`,
+    prune_repository): list, decide each kind of set of each VM by its own Keep, remove, sweep."""
+    now = retention.aware(now or utcnow())
+    report = PruneReport(target=steps.target, url=steps.url, vm=vm, dry_run=dry_run, policy=policy.images,
+                         at=now)
+    points = steps.list_sets(vm)
+    if points is None:
+        report.sweep.skipped_because.append(f"no hotvm repository at {steps.url}")
+        report.sweep.notes.append("no hotvm repository on this target: nothing to prune")
+        return report
+    groups: dict[tuple[bool, str], tuple[Keep, list[BackupPoint]]] = {}
+    for point in points:
+        keep = policy.keep_for(point)
+        groups.setdefault((is_file_set(point.path), keep.model_dump_json()), (keep, []))[1].append(point)
+    decisions = [d for keep, group in groups.values() for d in steps.decide(group, keep, now, set_grace)]
+    decisions.sort(key=lambda d: (is_file_set(d.point.path), d.point.vm))  # stable: oldest first per VM
+    outcomes = steps.remove_sets(decisions, dry_run)
+    report.sweep = steps.sweep(gone(decisions, outcomes, dry_run), dry_run, now, set_grace, chunk_grace)
+    kinds = [is_file_set(d.point.path) for d in decisions]
+    report.sets = [o for o, files in zip(outcomes, kinds, strict=True) if not files]
+    report.sweep.file_sets = [o for o, files in zip(outcomes, kinds, strict=True) if files]
+    return report
+
+
+def prune_repository(
+    repo: Repository,
+    policy: Keep | PrunePolicy,
+    *,
+    vm: str | None = None,
+    dry_run: bool = False,
+    now: dt.datetime | None = None,
+    set_grace: dt.timedelta = DEFAULT_SET_GRACE,
+    chunk_grace: dt.timedelta = DEFAULT_CHUNK_GRACE,
+) -> PruneReport:
+    """run_prune on an open repository, without Prefect (a Keep: for every VM's image sets; file sets by
+    FILES_KEEP)."""
+    if isinstance(policy, Keep):
+        policy = PrunePolicy(policy)
+    return run_prune(RepositorySteps(repo), policy, vm=vm, dry_run=dry_run, now=now, set_grace=set_grace,
+                     chunk_grace=chunk_grace)

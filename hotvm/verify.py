@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 from hotvm import restore
 from hotvm.bootcheck import boot_check_restored
@@ -48,18 +49,18 @@ def _vm_entry(cfg: Config, vm: str, resolved: ResolvedVMs | None = None):  # noq
     return found if found is not None else (None, None)
 
 
-def _policy_attr(cfg: Config, vm: str, name: str):  # noqa: ANN202
+def vm_setting(
+    cfg: Config, vm: str, name: Literal["tier", "rto", "startup_order"], resolved: ResolvedVMs | None = None
+):  # noqa: ANN201
+    """A per-VM value (tier, rto, startup_order): the VM's own, else its policy's (tier, rto), else None."""
     from hotvm.policies import policy_for_vm
 
-    policy = policy_for_vm(cfg, vm)
-    return getattr(policy, name, None) if policy is not None else None
-
-
-def vm_setting(cfg: Config, vm: str, name: str, resolved: ResolvedVMs | None = None):  # noqa: ANN201
-    """A per-VM value (tier, rto, startup_order): the VM's own, else its policy's, else None."""
     _, entry = _vm_entry(cfg, vm, resolved)
-    value = getattr(entry, name, None) if entry is not None else None
-    return value if value is not None else _policy_attr(cfg, vm, name)
+    value = getattr(entry, name) if entry is not None else None  # a field of VMConfig: no default needed
+    if value is not None or name == "startup_order":  # a policy orders no VMs
+        return value
+    policy = policy_for_vm(cfg, vm)
+    return getattr(policy, name) if policy is not None else None
 
 
 def vm_tier(cfg: Config, vm: str, resolved: ResolvedVMs | None = None) -> int:

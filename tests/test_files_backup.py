@@ -270,7 +270,8 @@ def _check_prune(repo, config: Path, first: dict, second: dict) -> None:  # noqa
             for e in files:
                 assert len(b"".join(view.read(e))) == e["size"]
     # a files policy of "last 1": the first file set goes, its own contents are swept, the second restores
-    sweep = prune.sweep(repo, dry_run=False, now=now, chunk_grace=dt.timedelta(0), files_keep=Keep(last=1))
+    policy = prune.PrunePolicy(Keep(last=1), files=Keep(last=1))
+    sweep = prune.prune_repository(repo, policy, now=now, chunk_grace=dt.timedelta(0)).sweep
     removed = [s.backup_id for s in sweep.file_sets if s.removed]
     assert removed == [first["backup_id"]] and sweep.chunks_removed == 1  # old.txt's chunk
     with open_view(repo, resolve_set(repo, "web01", None)) as view:

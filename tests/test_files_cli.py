@@ -24,7 +24,7 @@ from hotvm.files.scan import scan_volume
 from hotvm.files.volumes import find_volumes
 from hotvm.formats.manifest import utcnow
 from hotvm.formats.repository import Repository
-from hotvm.prune import sweep
+from hotvm.prune import PrunePolicy, prune_repository
 from targets import open_target
 
 KEY_ENV = "HOTVM_TEST_FILES_KEY"
@@ -124,8 +124,8 @@ def test_prune_keeps_file_sets_by_each_vms_files_policy(tmp_path: Path) -> None:
     later = utcnow() + dt.timedelta(days=40)  # every set is older than 31 days by then
 
     def kept(files_keep: Keep | dict[str, Keep] | None) -> list[bool]:
-        report = sweep(repo, dry_run=True, files_keep=files_keep, now=later)
-        return [outcome.keep for outcome in report.file_sets]
+        report = prune_repository(repo, PrunePolicy(Keep(last=1), files=files_keep), dry_run=True, now=later)
+        return [outcome.keep for outcome in report.sweep.file_sets]
 
     assert kept(None) == [False, False, True]  # 31 days: only the newest (never removed) stays
     assert kept({"vm1": Keep(last=2)}) == [False, True, True]

@@ -149,3 +149,36 @@ def test_restore_reads_each_distinct_chunk_once(tmp_path: Path, repo: Repository
     repo.get_chunk = lambda digest: reads.append(digest) or original(digest)  # count, do not fake
     restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
     assert len(reads) == 1 and restored.read_bytes() == image.read_bytes()
+
+
+def test_an_oversized_manifest_is_refused_before_it_is_parsed(
+    tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manifest grown past the set store's bound (here lowered to a little above the real one) is a
+    damaged set: never parsed, listed as incomplete, and loading it names the size."""
+    import datetime as dt
+
+    from hotvm.formats.manifest import Manifest, new_backup_id
+    from hotvm.formats.repository import ImageSets
+    from hotvm.formats.setstore import DamagedManifest
+
+    image = tmp_path / "disk.raw"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(image), "4M"], check=True)
+    qemu_io(image, "raw", "write -P 0x5a 0 1M")
+    record = export_image(repo, device="data", image=str(image))
+    now = dt.datetime.now(dt.UTC)
+    backup_id = new_backup_id(now)
+    manifest = Manifest(backup_id=backup_id, vm="web01", host="h", driver="qemu", started_at=now,
+                        completed_at=now, disks=[record])
+    repo.commit_manifest(manifest)
+    assert repo.latest("web01").backup_id == backup_id
+    path = f"{repo.set_dir('web01', backup_id)}/manifest.json"
+    body = repo.read_file(path)
+    monkeypatch.setattr(ImageSets, "max_manifest_bytes", len(body) + 1000)
+    repo.write_file(path, body + b" " * 2000)  # still valid JSON, with a valid checksum
+    [entry] = repo.list_sets("web01")
+    assert not entry.complete
+    with pytest.raises(DamagedManifest, match="bytes \\(at most"):
+        repo.load_manifest("web01", backup_id)
+    with pytest.raises(BackupSetError, match="no complete backup of VM 'web01'"):
+        repo.latest("web01")

@@ -309,3 +309,40 @@ def test_prune_keeps_sets_a_tape_copy_still_reads(history: History) -> None:
     released = prune_repository(h.repo, policy, dry_run=True, now=FUTURE)
     assert web2 in {s.backup_id for s in released.removed}  # the hold ends with the copy
     assert not list((h.root / "holds").glob("*.json"))
+
+
+def test_each_vm_is_pruned_by_its_own_policy(prefect_server, tmp_path: Path) -> None:
+    """One repository, two VMs under two policies (web: keep the newest, db: keep three): the prune flow
+    (the production path) keeps for each VM what its own policy says and frees only the removed sets'
+    chunks."""
+    from flows.prune import prune
+
+    root, repo = make_repo(tmp_path)
+    h = History(root, repo, tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    for vm, pattern in (("web01", 0x41), ("db01", 0x51)):
+        image = new_image(tmp_path / f"{vm}.raw", "raw")
+        for i, days in enumerate((4, 3, 2)):
+            qemu_io(image, "raw", f"write -P {pattern + i} 0 1M")
+            h.backup(vm, image, "raw", now - dt.timedelta(days=days), f"{vm}-{i}")
+    config = tmp_path / "hotvm.yaml"
+    config.write_text(
+        "hosts: [{name: h1, vms: [{name: web01}, {name: db01}]}]\n"
+        f"targets: [{{name: nas, url: 'file://{root}'}}]\n"
+        "policies:\n"
+        "  - {name: web, vms: [web01], image: {keep: {last: 1}}}\n"
+        "  - {name: db, vms: [db01], image: {keep: {last: 3}}}\n"
+    )
+
+    result = prune(config=str(config), chunk_grace_minutes=0)
+    assert not result["errors"] and result["removed"] == 2
+    on_target = {vm: [e.backup_id for e in repo.list_sets(vm)] for vm in ("web01", "db01")}
+    assert on_target == {
+        "web01": [h.manifests["web01-2"].backup_id],
+        "db01": [h.manifests[f"db01-{i}"].backup_id for i in range(3)],
+    }
+    web_kept = next(s for s in result["sets"] if s["backup_id"] == h.manifests["web01-2"].backup_id)
+    assert web_kept["reasons"] == ["last 1 of 1"]
+    assert result["sweep"]["chunks_removed"] == 2  # the two removed web01 sets' own chunks
+    assert not h.chunk(h.chunk_of("web01-0", 0)).exists() and h.chunk(h.chunk_of("db01-0", 0)).exists()
+    assert check_repository(repo, read_data=True).ok

@@ -170,6 +170,32 @@ def test_vtl_is_sequential_only(tmp_path: Path) -> None:
     drive.close()
 
 
+def test_a_drive_missing_a_tape_operation_is_refused_not_a_silent_no_op(tmp_path: Path) -> None:
+    """A drive class that forgets an operation (here: filemarks) cannot even be created, so a copy can
+    never "write" a filemark that is not on the tape; a complete one works as the virtual medium does."""
+    from hotvm.tape.drive import Drive, Library, VirtualMedium
+
+    class ForgetsFilemarks(Drive):  # a new drive type, written against the interface, missing one operation
+        medium = "m"
+
+        def rewind(self) -> None: ...
+        def read_block(self) -> bytes | None: ...
+        def write_block(self, data: bytes) -> None: ...
+        def eod(self) -> None: ...
+        def erase(self) -> None: ...
+        def close(self) -> None: ...
+
+    with pytest.raises(TypeError, match="write_filemark"):
+        ForgetsFilemarks()  # type: ignore[abstract]
+    with pytest.raises(TypeError, match="load"):
+        type("NoLoad", (Library,), {})()
+    drive = VirtualMedium(tmp_path / "ok.vtape", 1 << 20)
+    drive.write_filemark()
+    drive.rewind()
+    assert drive.read_block() is None  # the filemark is really there
+    drive.close()
+
+
 def _state(name: str, *copies: str) -> MediumState:
     files = [TapeFile(i, "label", {"copy_id": c}) for i, c in enumerate(copies)]
     return MediumState(name, files, remaining=10)

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterable
+from typing import ClassVar, Literal
 
 import zstandard
 from pydantic import Field, ValidationError
@@ -36,17 +35,8 @@ from hotvm.formats.manifest import (
     SkippedDisk,
     StepTiming,
     VMName,
-    utcnow,
 )
-from hotvm.formats.repository import (
-    DamagedManifest,
-    Repository,
-    checked_backup_id,
-    location_problem,
-    parse_model,
-    target_name,
-    vm_dirs,
-)
+from hotvm.formats.setstore import TMP_MARK, SetEntry, SetStore, target_name
 
 ROOT = "files"
 FILESET_FORMAT = 2
@@ -146,16 +136,8 @@ class FileSetManifest(Checksummed):
         raise KeyError(key)
 
 
-@dataclass(frozen=True)
-class FileSetEntry:
-    vm: str
-    backup_id: str
-    manifest: FileSetManifest | None
-    path: str
-
-    @property
-    def complete(self) -> bool:
-        return self.manifest is not None
+FileSetEntry = SetEntry[FileSetManifest]
+"""A file set as FileSets.list_sets shows it."""
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps with options builds one per call
@@ -184,24 +166,19 @@ def decode_entries(blob: bytes) -> list[dict]:
     return entries
 
 
-class FileSets:
-    """File sets of one repository (plain bytes in and out; the Repository seals and opens them)."""
+class FileSets(SetStore[FileSetManifest]):
+    """File sets of one repository: the generic set store (hotvm/formats/setstore.py) under `files/`, plus
+    the volume records, disk journals and entry lists a file set is made of."""
 
-    def __init__(self, repo: Repository) -> None:
-        self.repo = repo
-        self.target = repo.target
+    root: ClassVar[str] = ROOT
+    manifest_type = FileSetManifest
+    manifest_format = FILESET_FORMAT
+    noun = "file set"
+    list_hint = "hotvm files ls"
+    plural = "file backups"
+    journal_dirs = ("volumes", "disks")
 
-    @staticmethod
-    def set_dir(vm: str, backup_id: str) -> str:
-        return f"{ROOT}/{target_name(vm)}/{checked_backup_id(backup_id)}"
-
-    # ---- writing (in the order a backup writes)
-    def mark_started(self, vm: str, backup_id: str, host: str) -> None:
-        path = f"{self.set_dir(vm, backup_id)}/started.json"
-        if not self.target.exists(path):
-            body = {"vm": vm, "backup_id": backup_id, "host": host, "started_at": utcnow().isoformat()}
-            self.repo.write_file(path, json.dumps(body).encode())
-
+    # ---- writing (in the order a backup writes; mark_started and commit_manifest: SetStore)
     def write_volume(self, vm: str, backup_id: str, record: VolumeRecord, entries: list[dict]) -> None:
         """Entries first, record second: a record on the target always has its entries."""
         base = f"{self.set_dir(vm, backup_id)}/volumes"
@@ -230,9 +207,9 @@ class FileSets:
             return None  # torn or unauthentic: back the volume up again
         return None if record.checksum_problem(legacy=False) else record
 
-    def journaled_volumes(self, vm: str, backup_id: str) -> list[VolumeRecord]:
-        base = f"{self.set_dir(vm, backup_id)}/volumes"
-        names = [n for n in self.target.listdir(base) if n.endswith(".json") and ".tmp-" not in n]
+    def _journaled(self, base: str) -> list[VolumeRecord]:
+        """The trustworthy volume records in `base` (<set>/volumes)."""
+        names = [n for n in self.target.listdir(base) if n.endswith(".json") and TMP_MARK not in n]
         records = []
         for name in sorted(names):
             try:
@@ -242,6 +219,9 @@ class FileSets:
             if f"{target_name(record.key)}.json" == name and not record.checksum_problem(legacy=False):
                 records.append(record)
         return records
+
+    def journaled_volumes(self, vm: str, backup_id: str) -> list[VolumeRecord]:
+        return self._journaled(f"{self.set_dir(vm, backup_id)}/volumes")
 
     def write_disk(self, vm: str, backup_id: str, journal: DiskJournal) -> None:
         path = f"{self.set_dir(vm, backup_id)}/disks/{target_name(journal.device)}.json"
@@ -258,9 +238,8 @@ class FileSets:
             return None
         return None if journal.device != device or journal.checksum_problem(legacy=False) else journal
 
-    def commit_manifest(self, manifest: FileSetManifest) -> FileSetManifest:
-        """The last write of a file set: check every chunk is there, then the manifest (atomic put).
-        Returns the manifest as written."""
+    def before_commit(self, manifest: FileSetManifest) -> None:
+        """Every chunk the set references is stored before its manifest makes it complete."""
         missing = [c for c in sorted(manifest.chunks()) if not self.repo.has_chunk(c)]
         if missing:
             raise BackupSetError(
@@ -268,50 +247,8 @@ class FileSets:
                 f"target '{self.target.name}' (first {missing[0][:16]}…)",
                 "rerun the file backup: the volumes are stored again",
             )
-        self.repo.recheck(f"file set {manifest.vm}/{manifest.backup_id}")
-        update: dict = {"format_version": FILESET_FORMAT}
-        if self.repo.encrypted:
-            update["chunk_hash"] = "hmac-sha256"
-        manifest = manifest.model_copy(update=update).with_checksum()
-        set_dir = self.set_dir(manifest.vm, manifest.backup_id)
-        self.repo.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
-        return manifest
 
-    # ---- reading
-    def parse_manifest(self, path: str) -> FileSetManifest:
-        """FileNotFoundError if the set has none; ValueError / ChecksumMismatch if it cannot be trusted
-        (the same checks as an image set's manifest: checksum, and it lies where it says it belongs)."""
-        blob = self.repo.read_file(f"{path}/manifest.json", f"manifest of {path}")
-        manifest = parse_model(FileSetManifest, blob, f"manifest of file set {path}", self.target.name)
-        problem = manifest.checksum_problem(legacy=manifest.format_version < FILESET_FORMAT)
-        problem = problem or location_problem(path, manifest.vm, manifest.backup_id)
-        if problem:
-            raise DamagedManifest(
-                f"manifest of file set {path} on target '{self.target.name}': {problem}",
-                "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
-            )
-        return manifest
-
-    def load_manifest(self, vm: str, backup_id: str) -> FileSetManifest:
-        other = None
-        for vm_dir in vm_dirs(vm):
-            try:
-                manifest = self.parse_manifest(f"{ROOT}/{vm_dir}/{checked_backup_id(backup_id)}")
-            except FileNotFoundError:
-                continue
-            if manifest.vm == vm:
-                return manifest
-            other = manifest.vm
-        if other is not None:
-            raise BackupSetError(
-                f"file set {backup_id} on target '{self.target.name}' is of VM {other!r}, not {vm!r}",
-                f"run 'hotvm files ls {vm}' to see that VM's own file backups",
-            )
-        raise BackupSetError(
-            f"file set {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
-            "run 'hotvm files ls VM' to see complete file backups; rerun the backup to finish it",
-        )
-
+    # ---- reading (manifests and listings: SetStore)
     def read_entries(self, manifest: FileSetManifest, record: VolumeRecord) -> list[dict]:
         path = f"{self.set_path(manifest.vm, manifest.backup_id)}/volumes/{record.entries}"
         try:
@@ -324,43 +261,12 @@ class FileSets:
                 "the set is damaged; use another backup",
             ) from None
 
-    def set_path(self, vm: str, backup_id: str) -> str:
-        """Where the set is: its own directory, or the one older hotvm wrote it to."""
-        dirs = [f"{ROOT}/{d}/{checked_backup_id(backup_id)}" for d in vm_dirs(vm)]
-        if len(dirs) > 1 and not self.target.listdir(dirs[0]) and self.target.listdir(dirs[1]):
-            return dirs[1]
-        return dirs[0]
+    # ---- chunk references (prune's mark phase)
+    def refs(self, manifest: FileSetManifest) -> set[str]:
+        return manifest.chunks()
 
-    def set_paths(self, vm: str | None = None) -> Iterator[str]:
-        for vm_dir in vm_dirs(vm) if vm else self.target.listdir(ROOT):
-            for backup_id in self.target.listdir(f"{ROOT}/{vm_dir}"):
-                if ".tmp-" not in backup_id:
-                    yield f"{ROOT}/{vm_dir}/{backup_id}"
+    def raw_refs(self, body: dict) -> set[str]:
+        return {str(c) for v in body["volumes"] for c in v["chunks"]}
 
-    def list_sets(self, vm: str | None = None) -> list[FileSetEntry]:
-        if not self.repo.unlock():
-            return []
-        entries = []
-        for path in self.set_paths(vm):
-            vm_dir, backup_id = path.split("/")[1:3]
-            try:
-                manifest: FileSetManifest | None = self.parse_manifest(path)
-            except (FileNotFoundError, ValueError, ChecksumMismatch):
-                manifest = None
-            if vm is not None and (manifest.vm != vm if manifest else vm_dir != target_name(vm)):
-                continue
-            entries.append(FileSetEntry(manifest.vm if manifest else vm_dir, backup_id, manifest, path))
-        return sorted(entries, key=lambda e: (e.vm, e.backup_id))
-
-    def latest(
-        self, vm: str, at: dt.datetime | None = None, exclude: str | None = None
-    ) -> FileSetManifest | None:
-        """The newest complete file set of the VM (completed at or before `at`)."""
-        complete = [
-            e.manifest
-            for e in self.list_sets(vm)
-            if e.manifest is not None
-            and e.backup_id != exclude
-            and (at is None or e.manifest.completed_at <= at)
-        ]
-        return max(complete, key=lambda m: m.completed_at) if complete else None
+    def journal_refs(self, path: str) -> set[str]:
+        return {c for record in self._journaled(f"{path}/volumes") for c in record.chunks}

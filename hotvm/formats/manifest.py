@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+import secrets
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -86,6 +87,21 @@ class Checksummed(StrictModel):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def new_backup_id(now: dt.datetime | None = None) -> str:
+    """Sortable by time, unique across concurrent runs."""
+    now = now or utcnow()
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
+
+
+def id_time(backup_id: str) -> dt.datetime | None:
+    """When the backup id was made (new_backup_id puts the UTC time first): a set's birth when nothing else
+    tells; None if the id says no time."""
+    try:
+        return dt.datetime.strptime(backup_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+    except ValueError:
+        return None
 
 
 class StepTiming(StrictModel):

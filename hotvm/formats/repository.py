@@ -23,12 +23,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import re
 import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -36,7 +34,19 @@ from pydantic import ValidationError
 from hotvm.credentials import Credential
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats.identity import Identity, IdentityStore, location_of
-from hotvm.formats.manifest import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
+from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
+from hotvm.formats.setstore import (
+    TMP_MARK,
+    DamagedManifest,
+    SetEntry,
+    SetStore,
+    checked_backup_id,
+    location_problem,
+    parse_model,
+    safe_name,
+    target_name,
+    vm_dirs,
+)
 from targets.base import Target
 
 if TYPE_CHECKING:
@@ -51,67 +61,11 @@ REPOSITORY_FORMAT = 3
 """The newest repository format this hotvm reads and writes: 3 = the marker has a random `id`, manifests
 and disk records carry checksums, names that need cleaning get a hash suffix (encrypted or not: the
 marker's `encryption` entry says). Older hotvm refuses it instead of mistaking new sets for damaged ones."""
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-_CLEAN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
 
-
-def safe_name(name: str) -> str:
-    """The lossy single path component older hotvm used for VM and device names (`x:y` and `x_y` both
-    became `x_y`): still looked at to find sets it wrote, never used to name anything new."""
-    cleaned = _SAFE.sub("_", name).lstrip(".")
-    return cleaned or "_"
-
-
-def target_name(name: str) -> str:
-    """A VM or device name as one path component, one-to-one: a name that is already a clean component
-    stays as it is (so older sets of such VMs are where they always were); any other becomes its cleaned
-    form, '~' and a hash of the real name ('~' never occurs in a clean name, so no two names meet)."""
-    if _CLEAN.match(name):
-        return name
-    return f"{safe_name(name)[:100]}~{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-
-
-def vm_dirs(vm: str) -> list[str]:
-    """Directories that may hold sets of `vm`: its own, then the one older hotvm used, if different."""
-    own, legacy = target_name(vm), safe_name(vm)
-    return [own] if own == legacy else [own, legacy]
-
-
-def checked_backup_id(backup_id: str) -> str:
-    """A backup id given by a caller or read from a listing, before it becomes a path component."""
-    if not isinstance(backup_id, str) or not BACKUP_ID.match(backup_id):
-        raise BackupSetError(
-            f"{str(backup_id)[:80]!r} is not a backup id",
-            "backup ids look like 20260101T020000Z-ab12 (hotvm list)",
-        )
-    return backup_id
-
-
-class DamagedManifest(ChecksumMismatch, ValueError):
-    """A manifest that does not parse, fails its checksum or lies elsewhere than it says: one message naming
-    the set and the first problem (a ValueError too, for callers that catch pydantic's errors)."""
-
-
-def parse_model(model: type, blob: bytes, what: str, target: str):  # noqa: ANN201 - an instance of model
-    """`model` from JSON read off a target, or DamagedManifest naming `what` and the first invalid field."""
-    try:
-        return model.model_validate_json(blob)
-    except ValidationError as exc:
-        raise DamagedManifest(
-            f"{what} on target '{target}' is unreadable: {_first_error(exc)}",
-            "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
-        ) from None
-
-
-def location_problem(path: str, vm: str, backup_id: str) -> str | None:
-    """Why a manifest read from `path` (<root>/<dir>/<id>) does not belong there, or None: a set copied or
-    renamed on the target must not pass for another VM's or another time's backup."""
-    parts = path.strip("/").split("/")
-    if len(parts) < 3 or parts[-1] != backup_id:
-        return f"it says backup {backup_id!r} but lies in {path}"
-    if parts[-2] not in (target_name(vm), safe_name(vm)):
-        return f"it says VM {vm!r} but lies in {path}"
-    return None
+__all__ = [  # the names set stores and older callers import from here
+    "DamagedManifest", "ImageSets", "Repository", "SetEntry", "checked_backup_id", "location_problem",
+    "new_backup_id", "parse_model", "safe_name", "target_name", "vm_dirs",
+]
 
 
 def manifest_problem(manifest: Manifest, path: str) -> str | None:
@@ -123,12 +77,6 @@ def manifest_problem(manifest: Manifest, path: str) -> str | None:
         if disk.checksum is not None and disk.checksum_problem(legacy=True):
             return f"disk '{disk.device}': {disk.checksum_problem(legacy=True)}"
     return location_problem(path, manifest.vm, manifest.backup_id)
-
-
-def new_backup_id(now: dt.datetime | None = None) -> str:
-    """Sortable by time, unique across concurrent runs."""
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(2)}"
 
 
 def read_marker(target: Target, hint: str = "upgrade hotvm") -> dict | None:
@@ -153,15 +101,36 @@ def read_marker(target: Target, hint: str = "upgrade hotvm") -> dict | None:
     return meta
 
 
-@dataclass(frozen=True)
-class SetEntry:
-    vm: str
-    backup_id: str
-    manifest: Manifest | None
+class ImageSets(SetStore[Manifest]):
+    """Image sets (`vms/`): the store `hotvm list`, restore, verify, copies and tape read (`repo.images`)."""
 
-    @property
-    def complete(self) -> bool:
-        return self.manifest is not None
+    root = "vms"
+    manifest_type = Manifest
+    manifest_format = MANIFEST_FORMAT
+    journal_dirs = ("disks",)
+
+    def problem(self, manifest: Manifest, path: str) -> str | None:
+        return manifest_problem(manifest, path)
+
+    def newest_key(self, manifest: Manifest) -> tuple:
+        return (manifest.backup_id,)  # ids sort by start time: the newest backup is the last one started
+
+    def refs(self, manifest: Manifest) -> set[str]:
+        return {digest for disk in manifest.disks for _, digest in disk.chunks}
+
+    def raw_refs(self, body: dict) -> set[str]:
+        return {str(pair[1]) for disk in body["disks"] for pair in disk["chunks"]}
+
+    def journal_refs(self, path: str) -> set[str]:
+        refs: set[str] = set()
+        for entry in self.target.scan(f"{path}/disks"):
+            if entry.name.endswith(".json") and TMP_MARK not in entry.name:
+                try:
+                    record = DiskRecord.model_validate_json(self.repo.read_file(f"{path}/disks/{entry.name}"))
+                except (FileNotFoundError, ValueError, ChecksumMismatch):
+                    continue
+                refs.update(digest for _, digest in record.chunks)
+        return refs
 
 
 class Repository:
@@ -186,6 +155,7 @@ class Repository:
         self._sealer: Sealer | None = None
         self._encryption: dict | None = None
         self._identity: Identity | None = None
+        self.images = ImageSets(self)
 
     # ---- repository and its encryption
     def _secret(self) -> tuple[str | None, str]:
@@ -397,18 +367,13 @@ class Repository:
             ) from None
         return self.open_blob(path, blob, f"chunk {digest[:16]}… on target '{self.target.name}'")
 
-    # ---- sets
+    # ---- image sets (repo.images; these keep the older call sites working)
     @staticmethod
     def set_dir(vm: str, backup_id: str) -> str:
-        """Where a new set of `vm` is written (one directory per VM name, see target_name)."""
-        return f"vms/{target_name(vm)}/{checked_backup_id(backup_id)}"
+        return ImageSets.set_dir(vm, backup_id)
 
     def set_path(self, vm: str, backup_id: str) -> str:
-        """Where the set is: its own directory, or the one older hotvm wrote it to."""
-        dirs = [f"vms/{d}/{checked_backup_id(backup_id)}" for d in vm_dirs(vm)]
-        if len(dirs) > 1 and not self.target.listdir(dirs[0]) and self.target.listdir(dirs[1]):
-            return dirs[1]
-        return dirs[0]
+        return self.images.set_path(vm, backup_id)
 
     def disk_record_path(self, vm: str, backup_id: str, device: str) -> str:
         return f"{self.set_dir(vm, backup_id)}/disks/{target_name(device)}.json"
@@ -449,66 +414,21 @@ class Repository:
             ) from None
 
     def mark_started(self, vm: str, backup_id: str, host: str) -> None:
-        """Make an unfinished set visible (list shows it incomplete; the next run resumes it)."""
-        path = f"{self.set_dir(vm, backup_id)}/started.json"
-        if not self.target.exists(path):
-            body = {"vm": vm, "backup_id": backup_id, "host": host, "started_at": dt.datetime.now(dt.UTC)}
-            self.write_file(path, json.dumps(body, default=str).encode())
+        self.images.mark_started(vm, backup_id, host)
 
     def read_started(self, path: str) -> dict:
-        """started.json of the set at `path` (vms/<vm>/<id>); {} if absent, torn or unauthentic."""
-        try:
-            body = json.loads(self.read_file(f"{path}/started.json"))
-        except (FileNotFoundError, ValueError, ChecksumMismatch):
-            return {}
-        return body if isinstance(body, dict) else {}
+        return self.images.read_started(path)
 
     def commit_manifest(self, manifest: Manifest) -> str:
         """The last write of a backup: from here on the set is complete and restorable."""
-        set_dir = self.set_dir(manifest.vm, manifest.backup_id)
-        # The marker is read again: a target unmounted, swapped or re-created during the backup (or a
-        # first backup that lost the race to create an encrypted repository) never gets a complete set.
-        self.recheck(f"backup {manifest.vm}/{manifest.backup_id}")
-        update: dict = {"format_version": MANIFEST_FORMAT}
-        if self.encrypted:
-            update["chunk_hash"] = "hmac-sha256"
-        manifest = manifest.model_copy(update=update).with_checksum()
-        self.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())
-        return self.target.display(set_dir)
+        self.images.commit_manifest(manifest)
+        return self.target.display(self.set_dir(manifest.vm, manifest.backup_id))
 
     def parse_manifest(self, path: str) -> Manifest:
-        """The manifest of the set at `path`: FileNotFoundError if it has none, ValueError (a pydantic
-        ValidationError) or ChecksumMismatch if it cannot be trusted (checksum, or it lies elsewhere than
-        it says)."""
-        blob = self.read_file(f"{path}/manifest.json", f"manifest of {path}")
-        manifest = parse_model(Manifest, blob, f"manifest of {path}", self.target.name)
-        problem = manifest_problem(manifest, path)
-        if problem:
-            raise DamagedManifest(
-                f"manifest of {path} on target '{self.target.name}': {problem}",
-                "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
-            )
-        return manifest
+        return self.images.parse_manifest(path)
 
     def load_manifest(self, vm: str, backup_id: str) -> Manifest:
-        other = None
-        for vm_dir in vm_dirs(vm):
-            try:
-                manifest = self.parse_manifest(f"vms/{vm_dir}/{checked_backup_id(backup_id)}")
-            except FileNotFoundError:
-                continue
-            if manifest.vm == vm:
-                return manifest
-            other = manifest.vm
-        if other is not None:
-            raise BackupSetError(
-                f"backup {backup_id} on target '{self.target.name}' is of VM {other!r}, not {vm!r}",
-                f"run 'hotvm list {vm}' to see that VM's own backups",
-            )
-        raise BackupSetError(
-            f"backup {vm}/{backup_id} on target '{self.target.name}' is not complete (no manifest)",
-            "run 'hotvm list' to see complete backups; rerun the backup to finish this one",
-        )
+        return self.images.load_manifest(vm, backup_id)
 
     # ---- holds: sets a long reader (a tape copy) still needs; prune keeps them
     HOLD_MAX_AGE = dt.timedelta(hours=24)
@@ -544,50 +464,23 @@ class Repository:
         return held
 
     def list_vms(self) -> list[str]:
-        return self.target.listdir("vms")
+        return self.images.vms()
 
-    def list_sets(self, vm: str | None = None) -> list[SetEntry]:
-        """Sets of every VM (or of `vm` only: never another VM's that shares an older directory)."""
-        if not self.unlock():  # a wrong or missing key says so, not "no backups"
-            return []
-        entries = []
-        for vm_dir in vm_dirs(vm) if vm else self.list_vms():
-            for backup_id in self.target.listdir(f"vms/{vm_dir}"):
-                if ".tmp-" in backup_id:
-                    continue
-                try:
-                    manifest: Manifest | None = self.parse_manifest(f"vms/{vm_dir}/{backup_id}")
-                except (FileNotFoundError, ValueError, BackupSetError):
-                    manifest = None
-                if manifest is not None:
-                    owner = manifest.vm
-                else:  # incomplete: whose it is, as its started.json says (a name, never a path)
-                    named = self.read_started(f"vms/{vm_dir}/{backup_id}").get("vm")
-                    owner = named if isinstance(named, str) and vm_dir in vm_dirs(named) else vm_dir
-                if vm is not None and owner != vm:
-                    continue
-                entries.append(SetEntry(owner, backup_id, manifest))
-        return sorted(entries, key=lambda e: (e.vm, e.backup_id))
+    def list_sets(self, vm: str | None = None) -> list[SetEntry[Manifest]]:
+        return self.images.list_sets(vm)
 
     def latest(self, vm: str) -> Manifest:
-        entries = self.list_sets(vm)
-        complete = [e for e in entries if e.manifest]
-        if not complete:
-            damaged = [e for e in entries
-                       if self.target.exists(f"vms/{target_name(vm)}/{e.backup_id}/manifest.json")]
+        """The newest complete image set of `vm`, or BackupSetError (naming damaged manifests, if any)."""
+        manifest = self.images.latest(vm)
+        if manifest is None:
+            damaged = [e for e in self.list_sets(vm)
+                       if self.target.exists(f"{self.images.set_dir(vm, e.backup_id)}/manifest.json")]
             note = f" ({len(damaged)} set(s) with a damaged manifest: run 'hotvm check')" if damaged else ""
             raise BackupSetError(
                 f"no complete backup of VM '{vm}' on target '{self.target.name}'{note}",
                 f"run 'hotvm backup {vm}' first, or pick another --target",
             )
-        return complete[-1].manifest  # type: ignore[return-value]
+        return manifest
 
     def find(self, vm: str, backup_id: str | None) -> Manifest:
         return self.load_manifest(vm, backup_id) if backup_id else self.latest(vm)
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{where}: {msg}" if where else msg

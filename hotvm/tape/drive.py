@@ -8,6 +8,7 @@ medium, which erases it: relabelling). Nothing here seeks backwards or reads at 
 
 from __future__ import annotations
 
+import abc
 import os
 import re
 import subprocess
@@ -50,25 +51,40 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) << (10 * " KMGT".index(match.group(2).upper() or " "))
 
 
-class Drive:
-    """One loaded medium, positioned between blocks."""
+class Drive(abc.ABC):
+    """One loaded medium, positioned between blocks. Every tape operation is abstract: a drive class that
+    lacks one cannot be instantiated (a missing write must never pass as a silent no-op); only spacing
+    over filemarks and the remaining-capacity query have defaults a drive may improve on."""
 
     medium: str
 
-    def rewind(self) -> None: ...
+    @abc.abstractmethod
+    def rewind(self) -> None:
+        """Position at the beginning of the medium."""
+
+    @abc.abstractmethod
     def read_block(self) -> bytes | None:
         """The next block, None for a filemark (passed over); EndOfData at the end of the recorded data."""
-        raise NotImplementedError
 
-    def write_block(self, data: bytes) -> None: ...
-    def write_filemark(self) -> None: ...
+    @abc.abstractmethod
+    def write_block(self, data: bytes) -> None:
+        """Append one block of exactly BLOCK bytes; EndOfMedium in the early-warning zone."""
+
+    @abc.abstractmethod
+    def write_filemark(self) -> None:
+        """Append a filemark."""
+
     def fsf(self, count: int = 1) -> None:
         """Space forward over `count` filemarks (reads forward, like `mt fsf`)."""
         while count > 0:
             if self.read_block() is None:
                 count -= 1
 
-    def eod(self) -> None: ...
+    @abc.abstractmethod
+    def eod(self) -> None:
+        """Position after the last recorded block (where the next write goes)."""
+
+    @abc.abstractmethod
     def erase(self) -> None:
         """Rewind and make the medium blank (only ever called on an expired medium)."""
 
@@ -76,7 +92,9 @@ class Drive:
         """Blocks that can still be written before the early-warning zone, None if the drive cannot tell."""
         return None
 
-    def close(self) -> None: ...
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush what was written and release the medium."""
 
 
 class VirtualMedium(Drive):
@@ -157,7 +175,7 @@ class VirtualMedium(Drive):
         self.f.close()
 
 
-class Library:
+class Library(abc.ABC):
     """Media that can be loaded one at a time, by name."""
 
     name: str
@@ -165,8 +183,9 @@ class Library:
     media: list[str]
     capacity: int | None
 
+    @abc.abstractmethod
     def load(self, medium: str) -> Drive:
-        raise NotImplementedError
+        """The drive with `medium` loaded (TapeError if the library has no such medium)."""
 
 
 class VirtualLibrary(Library):
