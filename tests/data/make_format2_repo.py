@@ -1,9 +1,13 @@
 """Make tests/data/format2-repo with the format-2 code: one VM, one set, a 12 MiB raw disk."""
-import datetime as dt, hashlib, shutil, sys
+import datetime as dt
+import hashlib
+import shutil
+import sys
 from pathlib import Path
+
 from hotvm.config import TargetConfig
 from hotvm.formats.export import export_image
-from hotvm.formats.manifest import Manifest, MANIFEST_FORMAT
+from hotvm.formats.manifest import MANIFEST_FORMAT, Manifest
 from hotvm.formats.repository import Repository
 from targets import open_target
 
