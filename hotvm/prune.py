@@ -186,7 +186,7 @@ def list_sets(repo: Repository, vm: str | None = None) -> list[SetListing]:
 
 
 def _manifest_refs(manifest: Manifest) -> set[str]:
-    return {digest for disk in manifest.disks for _, digest in disk.chunks}
+    return {digest for disk in manifest.disks for digest in disk.digests()}
 
 
 def _raw_refs(repo: Repository, path: str) -> set[str] | None:
@@ -209,7 +209,7 @@ def _journal_refs(repo: Repository, path: str) -> set[str]:
                 record = DiskRecord.model_validate_json(repo.read_file(f"{path}/disks/{entry.name}"))
             except (FileNotFoundError, ValueError, ChecksumMismatch):
                 continue
-            refs.update(digest for _, digest in record.chunks)
+            refs.update(record.digests())  # a patched chunk lists its base too
     return refs
 
 
