@@ -5,8 +5,9 @@
 One run on a bare QEMU (TCG, no guest OS) with one qcow2 disk of SIZE holding FILL random data:
   1. full backup (the flow's steps as plain calls: add_redo + bitmap, export, add_redo, commit x2, manifest)
   2. CHANGED of the disk rewritten as random 64 KiB writes spread over the whole disk (HMP qemu-io),
-     then an incremental backup
-  3. the same amount rewritten as one contiguous range, then another incremental
+     then an incremental backup; twice: first as format 2 stored it (whole 4 MiB chunks: the baseline,
+     patches switched off), then with format 3 patches (formats/patchplan.py)
+  3. the same amount rewritten as one contiguous range, then another incremental (baseline, then patches)
   4. restore of the last point to a raw file vs `cp` of the live image file (both fsynced)
 Figures: dirty bytes per the bitmap / bytes the guest changed (the bitmap's own overhead), bytes read /
 bytes changed (adds the 4 MiB chunk rounding), compressed bytes uploaded, full / incremental wall time.
@@ -32,6 +33,7 @@ from _common import machine_load, write_random_extents  # noqa: E402
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu  # noqa: E402
 
 from hotvm import backup  # noqa: E402
+from hotvm.formats import patchplan  # noqa: E402
 from hotvm.formats.manifest import Manifest  # noqa: E402
 from hotvm.restore import restore_one_disk  # noqa: E402
 
@@ -79,6 +81,18 @@ def report(label: str, manifest: Manifest, seconds: float, changed: int, dirty: 
     ratio = full_s / seconds
     print(f"  wall {seconds:.2f} s (export {d.export_seconds:.2f} s); full/incremental {ratio:.1f}x "
           f"({'met' if ratio >= 20 else 'MISSED'} >= 20x)")  # fmt: skip
+    patches = sum(1 for e in d.chunks if len(e) == 4)
+    print(f"  stored/changed {d.bytes_new / changed:.2f}x ({patches} patch entries; manifest disk record "
+          f"{len(d.model_dump_json()) / 1024:.0f} KiB)")
+
+
+def set_patches(on: bool) -> str:
+    """Format 3 patches on, or off (every dirty chunk whole: what format 2 stored, the baseline)."""
+    patchplan.MAX_PATCH_FRACTION = DEFAULT_FRACTION if on else -1.0
+    return "format 3 patches" if on else "baseline, whole chunks (format 2)"
+
+
+DEFAULT_FRACTION = patchplan.MAX_PATCH_FRACTION
 
 
 def main() -> None:
@@ -109,26 +123,41 @@ def main() -> None:
 
         changed = int(size * args.changed) // K64 * K64
         rng = random.Random(5)
-        blocks = rng.sample(range(size // K64), changed // K64)
-        t0 = time.perf_counter()
         sources = []
         for i in range(16):  # random (incompressible) content, as a guest's new data would be
             sources.append(work / f"src{i}.bin")
             sources[-1].write_bytes(os.urandom(K64))
-        for n in blocks:  # random 64 KiB writes spread over the whole disk
-            vm.qemu_io("data", f"write -s {rng.choice(sources)} {n * K64} {K64}")
-        writes_s = time.perf_counter() - t0
-        dirty = bitmap_count(vm, image, "hotvm-20240101T000000Z-0001")
-        spread, spread_s = run_backup(session, "20240102T000000Z-0002")
-        print(f"({len(blocks)} writes took {writes_s:.1f} s)")
-        report("incremental, spread 64 KiB writes", spread, spread_s, changed, dirty, full_s)
-
-        start = rng.randrange(0, (size - changed) // CHUNK) * CHUNK + K64  # not chunk-aligned on purpose
-        (work / "range.bin").write_bytes(os.urandom(changed))
-        vm.qemu_io("data", f"write -s {work / 'range.bin'} {start} {changed}")
-        dirty = bitmap_count(vm, image, "hotvm-20240102T000000Z-0002")
-        contiguous, contiguous_s = run_backup(session, "20240103T000000Z-0003")
-        report("incremental, one contiguous range", contiguous, contiguous_s, changed, dirty, full_s)
+        n_set, last, ratios = 2, "20240101T000000Z-0001", {}
+        for on in (False, True):
+            label = set_patches(on)
+            blocks = rng.sample(range(size // K64), changed // K64)
+            t0 = time.perf_counter()
+            for n in blocks:  # random 64 KiB writes spread over the whole disk
+                vm.qemu_io("data", f"write -s {rng.choice(sources)} {n * K64} {K64}")
+            writes_s = time.perf_counter() - t0
+            dirty = bitmap_count(vm, image, f"hotvm-{last}")
+            last = f"2024010{n_set}T000000Z-{n_set:04d}"
+            spread, spread_s = run_backup(session, last)
+            n_set += 1
+            print(f"({len(blocks)} writes took {writes_s:.1f} s)")
+            report(f"incremental, spread 64 KiB writes, {label}", spread, spread_s, changed, dirty, full_s)
+            ratios[("spread", on)] = spread.disks[0].bytes_new / changed
+        for on in (False, True):
+            label = set_patches(on)
+            start = rng.randrange(0, (size - changed) // CHUNK) * CHUNK + K64  # not chunk-aligned on purpose
+            (work / "range.bin").write_bytes(os.urandom(changed))
+            vm.qemu_io("data", f"write -s {work / 'range.bin'} {start} {changed}")
+            dirty = bitmap_count(vm, image, f"hotvm-{last}")
+            last = f"2024010{n_set}T000000Z-{n_set:04d}"
+            contiguous, contiguous_s = run_backup(session, last)
+            n_set += 1
+            report(f"incremental, one contiguous range, {label}", contiguous, contiguous_s, changed, dirty,
+                   full_s)
+            ratios[("contiguous", on)] = contiguous.disks[0].bytes_new / changed
+        for case, goal in (("spread", 2.0), ("contiguous", 1.1)):
+            after = ratios[(case, True)]
+            print(f"SUMMARY {case}: stored/changed {ratios[(case, False)]:.2f}x (baseline) -> {after:.2f}x "
+                  f"(format 3; goal <= {goal}x: {'met' if after <= goal else 'MISSED'})")
 
         vm.qmp("stop")  # the live image must not move while cp and the restore are compared with it
         subprocess.run(["sync"], check=True)

@@ -235,10 +235,3 @@ def _entry_order(entry: ChunkEntry) -> int:
     return -1 if len(entry) == 2 else entry[2]
 
 
-def dirty_chunks(extents: list[tuple[int, int]], chunk_size: int) -> set[int]:
-    """Indexes of the chunks that any (start, length) extent touches."""
-    out: set[int] = set()
-    for start, length in extents:
-        if length > 0:
-            out.update(range(start // chunk_size, (start + length - 1) // chunk_size + 1))
-    return out
