@@ -57,7 +57,7 @@ class Disk:
                 digests[piece.index] = "patched:" + repr((piece.base, piece.patches))
             else:
                 digests[piece.index] = piece.base
-        return cls(record, digests, sorted(digests), patched)
+        return cls(record, digests, patched=patched, present=sorted(digests))
 
 
 class BlobCache:
