@@ -102,7 +102,8 @@ def chain(tmp_path: Path) -> tuple[Repository, list[Manifest], list[bytes]]:
     parent = manifests[-1].disks[0]
     dirty = [(CHUNK, 2 * MiB)]
     record = export_image(repo, device="vda", image=str(image), fmt="raw", previous=parent, dirty=dirty)
-    assert [e for e in record.chunks if e[0] == 1] == [(1, hashlib.sha256(data[CHUNK : 2 * CHUNK]).hexdigest())]
+    whole = hashlib.sha256(data[CHUNK : 2 * CHUNK]).hexdigest()
+    assert [e for e in record.chunks if e[0] == 1] == [(1, whole)]
     manifests.append(commit(repo, "db01", 6, record))
     points.append(bytes(data))
     return repo, manifests, points
