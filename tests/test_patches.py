@@ -23,7 +23,8 @@ from hotvm.config import TargetConfig
 from hotvm.copy import copy_repository
 from hotvm.files.blockdev import open_backup_disk
 from hotvm.formats.export import export_image
-from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest
+from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, Patch, Piece
+from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK, plan_chunk
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
 from hotvm.instant.chunks import ChunkSource
@@ -74,7 +75,7 @@ def new_plain_bytes(record: DiskRecord, parent: DiskRecord) -> int:
 
 @pytest.fixture
 def chain(tmp_path: Path) -> tuple[Repository, list[Manifest], list[bytes]]:
-    """A VM's full set, then five incrementals of 16 spread 64 KiB writes each (some overlapping, some of
+    """A VM's full set, then five incrementals of 6 spread 64 KiB writes each (some overlapping, some of
     zeros), and one that rewrites half a chunk: the image of every point and its manifest."""
     repo = open_repo(tmp_path / "target")
     rng = random.Random(15)
@@ -87,14 +88,16 @@ def chain(tmp_path: Path) -> tuple[Repository, list[Manifest], list[bytes]]:
     dirty: list[tuple[int, int]] = []
     for n in range(1, 6):
         again = dirty[:4] if n == 3 else []  # the same blocks again: their patches replaced, not stacked
-        dirty = spread_writes(data, rng, 16, zeros=True)
+        dirty = spread_writes(data, rng, 6, zeros=True)
         for offset, length in again:
             data[offset : offset + length] = os.urandom(length)
         dirty += again
         image.write_bytes(data)
         parent = manifests[-1].disks[0]
         record = export_image(repo, device="vda", image=str(image), fmt="raw", previous=parent, dirty=dirty)
-        assert new_plain_bytes(record, parent) <= 2 * len(dirty) * K64  # stored <= 2x changed
+        if n <= 2:  # before any chunk reaches MAX_PATCHES_PER_CHUNK: stored <= 2x changed
+            assert new_plain_bytes(record, parent) <= 2 * len(dirty) * K64
+        assert all(len(p.patches) <= MAX_PATCHES_PER_CHUNK for p in record.pieces())  # then whole again
         manifests.append(commit(repo, "db01", n, record))
         points.append(bytes(data))
     data[CHUNK : CHUNK + 2 * MiB] = os.urandom(2 * MiB)  # half a chunk: stored whole again
@@ -190,3 +193,15 @@ def test_format2_repository_restores_and_extends(tmp_path: Path) -> None:
     assert restored(repo, new.disks[0], tmp_path / "new-restored.raw") == changed
     assert restored(repo, manifest.disks[0], tmp_path / "old-again.raw") == data
     assert [p for s in check_repository(repo, read_data=True).sets for p in s.problems] == []
+
+
+def test_patch_plan_keeps_patches_disjoint_and_bounded() -> None:
+    old = Piece(3, "b" * 64, (Patch("1" * 64, 0, K64), Patch("2" * 64, 10 * K64, K64)))
+    plan = plan_chunk(old, [(10 * K64 + 100, 10), (20 * K64, K64)], CHUNK)
+    assert not plan.whole and plan.base == "b" * 64
+    assert plan.kept == (old.patches[0],)  # untouched: kept by name
+    assert plan.ranges == ((10 * K64, K64), (20 * K64, K64))  # the touched one is read again, whole
+    assert plan_chunk(None, [(0, K64)], CHUNK).base is None  # over a zero chunk
+    assert plan_chunk(old, [(0, CHUNK // 2)], CHUNK).whole  # much changed: whole
+    many = [(k * 2 * K64, K64) for k in range(MAX_PATCHES_PER_CHUNK + 1)]
+    assert plan_chunk(None, many, CHUNK).whole  # too many pieces for one chunk: whole
