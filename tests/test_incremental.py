@@ -18,6 +18,7 @@ from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu
 
 from hotvm import backup
 from hotvm.formats.manifest import DiskRecord, Manifest
+from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK
 from hotvm.restore import restore_one_disk
 
 pytestmark = [
@@ -281,21 +282,25 @@ def test_spread_64k_writes_store_patches_and_every_point_restores(qemu, tmp_path
     b1, _ = run_backup(session, "20240101T000000Z-0001")
     points = {b1.backup_id: {"data": data.snapshot(), "sys": sys_.snapshot()}}
     manifests = [b1]
-    rng = random.Random(15)
-    for n in range(2, 6):  # four weeks of a database writing 64 KiB blocks all over its disk
-        blocks = rng.sample(range(SIZE // K64), 12)
+    for n in range(2, 7):  # five weeks of a database writing 64 KiB blocks all over its disk
+        # one block in each of 12 chunks, at another place every week
+        blocks = [k * (CHUNK // K64) + (7 * n + 3 * k) % (CHUNK // K64) for k in range(12)]
         for k, block in enumerate(blocks):
             data.write(block * K64, K64, (0x40 + 16 * n + k) % 256)
         b, warnings = run_backup(session, f"2024010{n}T000000Z-000{n}")
-        assert warnings == []
+        assert warnings == [] and b.format_version == 3
         points[b.backup_id] = {"data": data.snapshot(), "sys": sys_.snapshot()}
         record, parent = b.disk("data"), manifests[-1].disk("data")
         assert record.incremental_from == manifests[-1].backup_id
-        assert any(len(e) == 4 for e in record.chunks)  # patches, not whole chunks
+        patched = [p for p in record.pieces() if p.patches]
+        assert all(len(p.patches) <= MAX_PATCHES_PER_CHUNK for p in patched)
         changed = len(blocks) * K64
-        assert record.bytes_read <= 2 * changed  # read: what changed, not 4 MiB per 64 KiB
-        assert patch_bytes(record, parent) <= 2 * changed  # stored: likewise
-        assert b.format_version == 3
+        if n - 1 <= MAX_PATCHES_PER_CHUNK:  # patches, not whole chunks: read and stored ~ what changed
+            assert len(patched) == 12 and all(len(p.patches) == n - 1 for p in patched)
+            assert record.bytes_read <= 2 * changed
+            assert patch_bytes(record, parent) <= 2 * changed
+        else:  # a fifth patch on a chunk: it is stored whole again (restore stays bounded)
+            assert patched == [] and record.bytes_read == 12 * CHUNK
         manifests.append(b)
     for manifest in manifests:
         assert_restores(config, manifest, points[manifest.backup_id], tmp_path / "restored")
