@@ -254,7 +254,7 @@ def backup_config(session: Session, target: str | None, backup_id: str) -> Confi
 def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
     """Last step: check every referenced chunk is on the target, then commit the manifest atomically."""
     with open_repository(session.config, target) as repo:
-        damaged = [disk for disk in manifest.disks if not all(repo.has_chunk(d) for _, d in disk.chunks)]
+        damaged = [disk for disk in manifest.disks if not all(repo.has_chunk(d) for d in disk.digests())]
         if damaged:
             for disk in damaged:  # un-journal them, so the rerun exports these disks again
                 repo.target.delete(repo.disk_record_path(manifest.vm, manifest.backup_id, disk.device))
@@ -264,7 +264,7 @@ def transfer(session: Session, target: str | None, manifest: Manifest) -> str:
                 "rerun the backup: those disks are exported again",
             )
         # Object Lock targets: chunks reused from older sets stay locked at least as long as this set.
-        protect_chunks(repo.target, (repo.chunk_path(d) for disk in manifest.disks for _, d in disk.chunks))
+        protect_chunks(repo.target, (repo.chunk_path(d) for disk in manifest.disks for d in disk.digests()))
         return repo.commit_manifest(manifest)
 
 

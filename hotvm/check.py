@@ -144,7 +144,7 @@ def _check_set(listing: SetListing, store: set[str], check: SetCheck) -> None:
         if image_digest(disk.chunks, chunk_count(disk.virtual_size, disk.chunk_size)) != disk.digest:
             what = f"disk '{disk.device}': chunk list does not match its digest"
             check.problems.append(Problem(kind="disk_digest", detail=what))
-        missing = [(i, d) for i, d in disk.chunks if d not in store]
+        missing = [(i, d) for i, d, _ in disk.refs() if d not in store]
         if missing:
             check.problems.append(
                 Problem(
@@ -184,16 +184,16 @@ def _attribute(listing: SetListing, bad: dict[str, str], lengths: dict[str, int]
     length is not what the disk's geometry gives their index (a rotted chunk_size or virtual_size)."""
     assert listing.manifest is not None
     for disk in listing.manifest.disks:
-        misfit = [(i, d) for i, d in disk.chunks if d in lengths and lengths[d] != disk.chunk_length(i)]
+        misfit = [(i, d, n) for i, d, n in disk.refs() if d in lengths and lengths[d] != n]
         if misfit:
-            i, d = misfit[0]
+            i, d, n = misfit[0]
             detail = (
                 f"disk '{disk.device}': {len(misfit)} chunk(s) do not fit chunk_size {disk.chunk_size} / "
-                f"virtual_size {disk.virtual_size} (chunk {i} holds {lengths[d]} bytes, expected "
-                f"{disk.chunk_length(i)}): the manifest is damaged"
+                f"virtual_size {disk.virtual_size} or their patch entry (chunk {i} holds {lengths[d]} bytes, "
+                f"expected {n}): the manifest is damaged"
             )
             check.problems.append(Problem(kind="geometry", detail=detail))
-        hits = [(i, d) for i, d in disk.chunks if d in bad]
+        hits = [(i, d) for i, d, _ in disk.refs() if d in bad]
         unreadable = [(i, d) for i, d in hits if bad[d].startswith(("unreadable", "vanished"))]
         corrupt = [(i, d) for i, d in hits if not bad[d].startswith(("unreadable", "vanished"))]
         for kind, group, what in (
@@ -274,7 +274,7 @@ def check_repository(
             continue
         _check_set(listing, store, check)
         for disk in listing.manifest.disks:
-            for _, digest in disk.chunks:
+            for digest in disk.digests():
                 max_size[digest] = max(max_size.get(digest, 0), disk.chunk_size)
     file_sets = _check_file_sets(repo, vm, store, max_size, report)
     report.chunks_referenced = len(max_size)

@@ -119,7 +119,7 @@ def source_sets(repo: Repository, vms: Iterable[str] | None = None) -> list[Sour
             continue
         refs: dict[str, int] = {}
         for disk in m.disks:
-            for _, digest in disk.chunks:
+            for digest in disk.digests():  # a patched chunk lists its base too
                 refs[digest] = max(refs.get(digest, 0), disk.chunk_size)
         out.append(SourceSet("image", m.vm, m.backup_id, listing.point.path, m.completed_at, refs))
     for f in list_file_sets(repo):

@@ -6,16 +6,19 @@ restore of every point can be compared with what the disk held at that point's f
 
 from __future__ import annotations
 
+import random
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from helpers import write_config
-from qemu_helpers import DiskSpec, RunningQemu, qemu_img
+from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu
 
 from hotvm import backup
-from hotvm.formats.manifest import Manifest
+from hotvm.formats.manifest import DiskRecord, Manifest
+from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK
 from hotvm.restore import restore_one_disk
 
 pytestmark = [
@@ -23,7 +26,7 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-MiB = 1 << 20
+MiB, K64 = 1 << 20, 64 << 10
 CHUNK = 4 * MiB
 SIZE = 64 * MiB
 
@@ -259,3 +262,84 @@ def test_flow_reports_incremental(prefect_server, qemu, tmp_path: Path) -> None:
     assert set(bitmaps(vm, data_img)) == {f"hotvm-{second['backup_id']}"}
     assert second["warnings"] == []
     vm.stop()
+
+
+def patch_bytes(record: DiskRecord, parent: DiskRecord) -> int:
+    """Plain bytes of the entries a set added to its parent's chunk list: what its incremental stored."""
+    old = set(parent.chunks)
+    return sum(n for (_, _, n), entry in zip(record.refs(), record.chunks, strict=True) if entry not in old)
+
+
+def test_spread_64k_writes_store_patches_and_every_point_restores(qemu, tmp_path: Path) -> None:
+    data_img, sys_img = make_images(tmp_path)
+    vm = qemu(specs(data_img, sys_img))
+    data, sys_ = Disk(vm, "data"), Disk(vm, "sys")
+    for i in range(16):  # every chunk holds data
+        data.write(i * CHUNK, CHUNK, 0x10 + i)
+    sys_.write(0, 8 * MiB, 0x30)
+    config = write_config(tmp_path / "hotvm.yaml", {"db01": vm.qmp_path}, f"file://{tmp_path}/target")
+    session = backup.open_session("db01", config)
+    b1, _ = run_backup(session, "20240101T000000Z-0001")
+    points = {b1.backup_id: {"data": data.snapshot(), "sys": sys_.snapshot()}}
+    manifests = [b1]
+    for n in range(2, 7):  # five weeks of a database writing 64 KiB blocks all over its disk
+        # one block in each of 12 chunks, at another place every week
+        blocks = [k * (CHUNK // K64) + (7 * n + 3 * k) % (CHUNK // K64) for k in range(12)]
+        for k, block in enumerate(blocks):
+            data.write(block * K64, K64, (0x40 + 16 * n + k) % 256)
+        b, warnings = run_backup(session, f"2024010{n}T000000Z-000{n}")
+        assert warnings == [] and b.format_version == 3
+        points[b.backup_id] = {"data": data.snapshot(), "sys": sys_.snapshot()}
+        record, parent = b.disk("data"), manifests[-1].disk("data")
+        assert record.incremental_from == manifests[-1].backup_id
+        patched = [p for p in record.pieces() if p.patches]
+        assert all(len(p.patches) <= MAX_PATCHES_PER_CHUNK for p in patched)
+        changed = len(blocks) * K64
+        if n - 1 <= MAX_PATCHES_PER_CHUNK:  # patches, not whole chunks: read and stored ~ what changed
+            assert len(patched) == 12 and all(len(p.patches) == n - 1 for p in patched)
+            assert record.bytes_read <= 2 * changed
+            assert patch_bytes(record, parent) <= 2 * changed
+        else:  # a fifth patch on a chunk: it is stored whole again (restore stays bounded)
+            assert patched == [] and record.bytes_read == 12 * CHUNK
+        manifests.append(b)
+    for manifest in manifests:
+        assert_restores(config, manifest, points[manifest.backup_id], tmp_path / "restored")
+    vm.stop()
+
+
+def test_clone_incremental_dedups_against_its_template(tmp_path: Path) -> None:
+    """A clone of a template and the template get the same update (same 64 KiB blocks at the same
+    places): the clone's incremental stores nothing new, its patches are the template's."""
+    template = tmp_path / "template.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(template), str(SIZE))
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x5a 0 {SIZE}", str(template)],
+                   check=True, capture_output=True)  # fmt: skip
+    vms, disks = {}, {}
+    try:
+        for name in ("tpl", "clone"):
+            image = tmp_path / f"{name}.qcow2"
+            shutil.copyfile(template, image)
+            (tmp_path / name).mkdir()
+            vms[name] = start_qemu(tmp_path / name, [DiskSpec("data", image)])
+            disks[name] = Disk(vms[name], "data")
+            disks[name].model[:] = b"\x5a" * SIZE
+        config = write_config(tmp_path / "hotvm.yaml", {n: vm.qmp_path for n, vm in vms.items()},
+                              f"file://{tmp_path}/target")  # fmt: skip
+        sessions = {n: backup.open_session(n, config) for n in vms}
+        full = {n: run_backup(s, "20240101T000000Z-0001")[0] for n, s in sessions.items()}
+        assert full["clone"].disk("data").bytes_new == 0  # the clone's full dedups against the template
+        blocks = random.Random(7).sample(range(SIZE // K64), 24)
+        for disk in disks.values():  # next week's update, in both
+            for k, block in enumerate(blocks):
+                disk.write(block * K64, K64, 0x60 + k)
+        week = {n: run_backup(s, "20240108T000000Z-0002")[0] for n, s in sessions.items()}
+        tpl, clone = week["tpl"].disk("data"), week["clone"].disk("data")
+        assert tpl.incremental_from == clone.incremental_from == "20240101T000000Z-0001"
+        patches = [e for e in clone.chunks if len(e) == 4]
+        assert patches and patches == [e for e in tpl.chunks if len(e) == 4]
+        assert clone.bytes_new == 0  # every patch of the clone was already stored by the template
+        for name, manifest in week.items():
+            assert_restores(config, manifest, {"data": disks[name].snapshot()}, tmp_path / name / "restored")
+    finally:
+        for vm in vms.values():
+            vm.stop()

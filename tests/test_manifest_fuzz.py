@@ -32,7 +32,9 @@ INTS = [-1, 0, 1, 4095, 4096, CHUNK - 1, CHUNK + 1, CHUNK * 2, CHUNK // 2, SIZE 
         2**46 + 1, 2**62, 2**63 - 1, 2**64]
 TEXTS = ["", ".", "..", "../../../tmp/x", "a/b", "x\x00y", "0" * 64, "f" * 63, "F" * 64, "é", "vms",
          "20260101T000000Z-abcd", "20260101T000000Z-../x"]
-OTHER = [None, 1.5, True, [], {}, [[0]], [[0, "0" * 64, 1]], [[-1, "0" * 64]], [[99, "0" * 64]]]
+OTHER = [None, 1.5, True, [], {}, [[0]], [[0, "0" * 64, 1]], [[-1, "0" * 64]], [[99, "0" * 64]],
+         [[0, "0" * 64, 0, 10]], [[0, "0" * 64, CHUNK - 1, 2]], [[0, "0" * 64, 4, -4]], [[0, "0" * 64, 0, 0]],
+         [[0, "0" * 64, 8, 8], [0, "0" * 64, 0, 16]], [[5, "0" * 64, 0, 1024]]]
 VALUES = st.sampled_from(INTS + TEXTS + OTHER)
 
 
@@ -88,6 +90,28 @@ def repository():
     shutil.rmtree(work, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def patched(repository):
+    """An incremental (format 3) set over the fuzz repository's: small writes in chunks 0, 1 are patches."""
+    repo, backup_id, _, _, work = repository
+    image = work / "disk.raw"
+    dirty = [(4096, 4096), (CHUNK + 8192, 4096)]
+    with open(image, "r+b") as fh:
+        for offset, length in dirty:
+            fh.seek(offset)
+            fh.write(os.urandom(length))
+    parent = repo.load_manifest(VM, backup_id).disks[0]
+    record = export_image(repo, device="d0", image=str(image), fmt="raw", chunk_size=CHUNK, previous=parent,
+                          dirty=dirty)  # fmt: skip
+    assert [e[0] for e in record.chunks[:4]] == [0, 0, 1, 1] and len(record.chunks[1]) == 4
+    child = new_backup_id(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1))
+    repo.write_disk_record(VM, child, record)
+    now = dt.datetime.now(dt.UTC)
+    repo.commit_manifest(Manifest(backup_id=child, vm=VM, host="h", driver="qemu", disks=[record],
+                                  started_at=now, completed_at=now))  # fmt: skip
+    return _Setup(repo, child, work / "target" / repo.set_dir(VM, child), image.read_bytes(), work)
+
+
 def _restore_all(repo: Repository, backup_id: str, work: Path) -> dict[str, bytes] | None:
     """The restored disks, or None if restore refused with a HotvmError (anything else fails the test)."""
     out = Path(tempfile.mkdtemp(dir=work))
@@ -125,6 +149,27 @@ def _mutate(path: Path, original: bytes, data: st.DataObject, model: type) -> tu
 @given(data=st.data())
 def test_mutated_manifest_never_crashes_and_never_restores_wrong_bytes(repository, data) -> None:
     repo, backup_id, set_dir, disk_bytes, work = repository
+    manifest_path = set_dir / "manifest.json"
+    original = manifest_path.read_bytes()
+    try:
+        field, forged = _mutate(manifest_path, original, data, Manifest)
+        fresh = Repository(repo.target)
+        restored = _restore_all(fresh, backup_id, work)
+        event(f"{'forged' if forged else 'rot'}: {'restored' if restored is not None else 'refused'}")
+        if restored is not None and not forged:
+            assert restored == {"d0": disk_bytes}, f"rot in {field} restored other bytes"
+        report = check_repository(fresh, read_data=True, workers=2)
+        if not forged and restored is None:
+            assert not report.ok, f"restore refused the set but check found nothing wrong ({field})"
+    finally:
+        manifest_path.write_bytes(original)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_patched_manifest_never_crashes_and_never_restores_wrong_bytes(patched, data) -> None:
+    """The same for a format 3 set with patch entries: offsets, lengths and order are hostile input too."""
+    repo, backup_id, set_dir, disk_bytes, work = patched
     manifest_path = set_dir / "manifest.json"
     original = manifest_path.read_bytes()
     try:

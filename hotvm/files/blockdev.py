@@ -24,7 +24,7 @@ from hotvm.child_env import child_env
 from hotvm.errors import HotvmError
 from hotvm.formats.manifest import DiskRecord
 from hotvm.formats.repository import Repository
-from hotvm.formats.restore import verify_chunk
+from hotvm.formats.restore import compose, verify_chunk
 
 EXPORT_READY_TIMEOUT_S = 30.0
 EXPORT_STOP_TIMEOUT_S = 15.0
@@ -184,26 +184,29 @@ class BackupDiskSource:
         self.record = record
         self.size = record.virtual_size
         self.chunk_size = record.chunk_size
-        self._digests = dict(record.chunks)
+        self._pieces = {piece.index: piece for piece in record.pieces()}
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_chunks = max(1, cache_chunks)
         self._lock = threading.Lock()
         self._zeros = bytes(self.chunk_size)
 
     def _chunk(self, index: int) -> bytes:
-        digest = self._digests.get(index)
-        if digest is None:
+        piece = self._pieces.get(index)
+        if piece is None:
             return self._zeros
+        key = piece.base if not piece.patches else repr(piece)  # a patched chunk: cached as composed
         with self._lock:
-            data = self._cache.get(digest)
+            data = self._cache.get(key)
             if data is not None:
-                self._cache.move_to_end(digest)
+                self._cache.move_to_end(key)
                 return data
-        data = verify_chunk(self.repo, self.record, index, digest, lambda: self.repo.get_chunk(digest))
+        data = compose(self.record, piece, lambda name, length: verify_chunk(
+            self.repo, self.record, index, name, lambda: self.repo.get_chunk(name), length
+        ))
         if len(data) < self.chunk_size:
             data += bytes(self.chunk_size - len(data))
         with self._lock:
-            self._cache[digest] = data
+            self._cache[key] = data
             while len(self._cache) > self._cache_chunks:
                 self._cache.popitem(last=False)
         return data

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import zstandard
 
 from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
-from hotvm.formats.manifest import DiskRecord, utcnow
+from hotvm.formats.manifest import ChunkEntry, DiskRecord, Patch, utcnow
+from hotvm.formats.patchplan import by_chunk, plan_chunk
 from hotvm.formats.repository import Repository
 
 CHUNK_SIZE = 4 * 1024 * 1024
@@ -41,12 +42,18 @@ def chunk_digest(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def image_digest(chunks: list[tuple[int, str]], chunk_count: int) -> str:
-    """One hash over the ordered chunk list: identifies the whole image without hashing its zeros."""
-    by_index = dict(chunks)
+def image_digest(chunks: list[ChunkEntry], chunk_count: int) -> str:
+    """One hash over the ordered chunk list: identifies the whole image without hashing its zeros. A chunk
+    without patches gives the line format 2 gave it, so older sets keep their digests."""
+    lines: dict[int, str] = {}
+    for entry in chunks:
+        if len(entry) == 2:
+            lines[entry[0]] = entry[1]
+        else:
+            lines[entry[0]] = lines.get(entry[0], "0") + f"+{entry[1]}@{entry[2]}:{entry[3]}"
     h = hashlib.sha256()
     for index in range(chunk_count):
-        h.update(f"{index}:{by_index.get(index, '0')}\n".encode())
+        h.update(f"{index}:{lines.get(index, '0')}\n".encode())
     return h.hexdigest()
 
 
@@ -93,6 +100,9 @@ class _ChunkJob:
     start: int
     size: int
     segments: list[Segment]
+    patch: bool = False
+    """A patch (a range of chunk `index`): stored even when all zeros (it may cover a base's data)."""
+    keep_zero: bool = False
 
     @property
     def data_bytes(self) -> int:
@@ -111,7 +121,7 @@ def _export_chunk(
         lo = max(seg.start, job.start)
         hi = min(seg.start + seg.length, job.start + job.size)
         reader.read_into(view[lo - job.start : hi - job.start], lo, seg)
-    if buf == (zero if job.size == len(zero) else bytes(job.size)):
+    if not job.keep_zero and buf == (zero if job.size == len(zero) else bytes(job.size)):
         return None  # allocated but all zeros: costs nothing, restores as a hole
     return _store_chunk(repo, buf, counters)
 
@@ -131,32 +141,50 @@ def export_image(
 ) -> DiskRecord:
     """Copy `image` (which nobody writes to now) into the chunk store and describe it.
 
-    Incremental (`previous` and `dirty` given): only the chunks that a dirty extent touches are read; every
-    other chunk keeps its hash from `previous` (absent there: a zero chunk, absent here too). The result is
-    still the complete chunk list of the image.
+    Incremental (`previous` and `dirty` given): only what a dirty extent touches is read; every other
+    chunk keeps its entries from `previous` (absent there: a zero chunk, absent here too). A chunk of which
+    little changed is stored as patches over the parent's chunk (formats/patchplan.py), otherwise whole.
+    The result is still the complete chunk list of the image.
     """
     started = time.monotonic()
     frozen_at = frozen_at or utcnow()
     info = image_info(image, fmt)
-    reused: list[tuple[int, str]] = []
-    wanted: set[int] | None = None
+    entries: dict[int, list[ChunkEntry]] = {}
+    reused_bytes = 0
+    segments = data_segments(info)
+    segs_by_chunk = _segments_by_chunk(segments, chunk_size)
+    length = lambda i: min(chunk_size, info.virtual_size - i * chunk_size)  # noqa: E731
     if previous is not None and dirty is not None:
         if previous.virtual_size != info.virtual_size or previous.chunk_size != chunk_size:
             raise ValueError("incremental export needs the previous record's geometry")  # caller checks
-        wanted = dirty_chunks(dirty, chunk_size)
-        reused = [(i, h) for i, h in previous.chunks if i not in wanted]
-    segments = data_segments(info)
-    by_chunk = _segments_by_chunk(segments, chunk_size)
-    if wanted is not None:
-        by_chunk = {i: segs for i, segs in by_chunk.items() if i in wanted}
-    jobs = [
-        _ChunkJob(i, i * chunk_size, min(chunk_size, info.virtual_size - i * chunk_size), segs)
-        for i, segs in sorted(by_chunk.items())
-    ]
+        dirty_by_chunk = by_chunk(dirty, chunk_size)
+        jobs = []
+        for piece in previous.pieces():
+            if piece.index not in dirty_by_chunk:
+                entries[piece.index] = _entries(piece.index, piece.base, piece.patches)
+                reused_bytes += length(piece.index)
+        previous_pieces = {p.index: p for p in previous.pieces()}
+        for index, ranges in sorted(dirty_by_chunk.items()):
+            if index >= chunk_count(info.virtual_size, chunk_size):
+                continue
+            plan = plan_chunk(previous_pieces.get(index), ranges, length(index))
+            segs = segs_by_chunk.get(index, [])
+            if plan.whole:
+                if segs:
+                    jobs.append(_ChunkJob(index, index * chunk_size, length(index), segs))
+                continue
+            entries[index] = _entries(index, plan.base, plan.kept)
+            for offset, size in plan.ranges:
+                start = index * chunk_size + offset
+                inside = [s for s in segs if s.start < start + size and start < s.start + s.length]
+                keep_zero = plan.base is not None
+                if inside or keep_zero:
+                    jobs.append(_ChunkJob(index, start, size, inside, patch=True, keep_zero=keep_zero))
+    else:
+        jobs = [_ChunkJob(i, i * chunk_size, length(i), segs) for i, segs in sorted(segs_by_chunk.items())]
     total = sum(job.data_bytes for job in jobs)
     zero = bytes(chunk_size)
     counters = _Counters()
-    chunks: list[tuple[int, str]] = []
     in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
     done_bytes = 0
     with ImageReader(info) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
@@ -166,8 +194,11 @@ def export_image(
             while len(in_flight) > limit:
                 job, fut = in_flight.popleft()
                 digest = fut.result()
-                if digest is not None:
-                    chunks.append((job.index, digest))
+                if digest is not None and job.patch:
+                    offset = job.start - job.index * chunk_size
+                    entries.setdefault(job.index, []).append((job.index, digest, offset, job.size))
+                elif digest is not None:
+                    entries[job.index] = [(job.index, digest)]
                 done_bytes += job.data_bytes
                 if progress:
                     progress(done_bytes, total)
@@ -176,8 +207,7 @@ def export_image(
             in_flight.append((job, pool.submit(_export_chunk, job, reader, repo, counters, zero)))
             collect(2 * workers)
         collect(0)
-    chunks += reused
-    chunks.sort()
+    chunks = [e for index in sorted(entries) for e in sorted(entries[index], key=_entry_order)]
     return DiskRecord(
         device=device,
         source_path=image,
@@ -190,14 +220,18 @@ def export_image(
         bytes_read=done_bytes,
         bytes_new=counters.bytes_new,
         export_seconds=round(time.monotonic() - started, 3),
-        bytes_reused=sum(min(chunk_size, info.virtual_size - i * chunk_size) for i, _ in reused),
+        bytes_reused=reused_bytes,
     )
 
 
-def dirty_chunks(extents: list[tuple[int, int]], chunk_size: int) -> set[int]:
-    """Indexes of the chunks that any (start, length) extent touches."""
-    out: set[int] = set()
-    for start, length in extents:
-        if length > 0:
-            out.update(range(start // chunk_size, (start + length - 1) // chunk_size + 1))
-    return out
+def _entries(index: int, base: str | None, patches: tuple[Patch, ...]) -> list[ChunkEntry]:
+    """The chunk-list entries of a chunk: its base (if any), then its patches."""
+    out: list[ChunkEntry] = [(index, base)] if base is not None else []
+    return out + [(index, p.digest, p.offset, p.length) for p in patches]
+
+
+def _entry_order(entry: ChunkEntry) -> int:
+    """A chunk's base first, then its patches by offset."""
+    return -1 if len(entry) == 2 else entry[2]
+
+

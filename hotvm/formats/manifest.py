@@ -11,6 +11,8 @@ import hashlib
 import json
 import re
 import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
@@ -20,9 +22,10 @@ from hotvm.config import BootCheckSpec, StrictModel
 
 FORMAT_VERSION = 1
 """Format of an unencrypted repository marker written before repository ids existed (still read)."""
-MANIFEST_FORMAT = 2
-"""Manifests and disk records of format 2 carry a `checksum` (docs/format.md, "Checksums"); format 1
-(older hotvm) has none and is read as legacy."""
+MANIFEST_FORMAT = 3
+"""Format 3: a disk's chunk list may hold patch entries (docs/format.md, "Patches"). Formats 2 and 3 carry a
+`checksum` (docs/format.md, "Checksums"); format 1 (older hotvm) has none and is read as legacy. Formats
+1 and 2 are still read: their chunk lists are format 3 lists without patches."""
 
 BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{1,16}$")
 """What new_backup_id produces (YYYYmmddTHHMMSSZ-xxxx); a caller-chosen suffix (a rerun's id) may be
@@ -34,6 +37,9 @@ MAX_CHUNKS = 1 << 24
 """Chunk indexes per disk: 64 TiB at the default 4 MiB chunk size (VMDK's limit is 62 TiB)."""
 MAX_VIRTUAL_SIZE = 1 << 46
 MAX_NAME = 255
+MAX_PATCHES = 64
+"""Patch entries on one chunk index: what a reader composes for one chunk is bounded (the writer stays far
+below, see formats/patchplan.py)."""
 
 
 def check_backup_id(value: str) -> str:
@@ -116,6 +122,42 @@ class SkippedDisk(StrictModel):
     reason: str
 
 
+ChunkEntry = tuple[int, Sha256Hex] | tuple[int, Sha256Hex, int, int]
+"""(index, name): chunk `index` whole; (index, name, offset, length): a patch, `length` bytes that replace
+bytes offset.. of chunk `index` (over that index's whole chunk, or zeros if it has none)."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    digest: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Chunk `index` of a disk as a reader composes it: `base` (None: zeros) with `patches` laid over it
+    (sorted by offset, never overlapping)."""
+
+    index: int
+    base: str | None
+    patches: tuple[Patch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where the plain bytes of one stored object go on the disk: object bytes [lo, hi) of each span to
+    disk offset `at + lo`. A patched chunk's base leaves out its patches' ranges, so the writes of one
+    chunk's objects never overlap and may happen in any order (a tape delivers them in its own order)."""
+
+    index: int
+    length: int
+    """Plain bytes the object must have: the chunk's length for a base, the patch's for a patch."""
+    at: int
+    spans: tuple[tuple[int, int], ...]
+    patch: bool = False
+
+
 class DiskRecord(Checksummed):
     """One exported disk: the ordered chunk list is the image; zero chunks are simply absent."""
 
@@ -124,10 +166,12 @@ class DiskRecord(Checksummed):
     source_format: str
     virtual_size: int = Field(ge=0, le=MAX_VIRTUAL_SIZE)
     chunk_size: int = Field(ge=MIN_CHUNK_SIZE, le=MAX_CHUNK_SIZE)
-    chunks: list[tuple[int, Sha256Hex]]
-    """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros."""
+    chunks: list[ChunkEntry]
+    """(chunk index, sha256 of the uncompressed chunk) for every chunk that is not all zeros; format 3 adds
+    patch entries (index, sha256, offset, length) after their index's whole chunk (if any), by offset."""
     digest: Sha256Hex
-    """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'): one value per image."""
+    """sha256 over 'index:hash\\n' lines of every chunk (zero chunks as 'index:0'; patches appended to their
+    line as '+hash@offset:length'): one value per image."""
     frozen_at: dt.datetime
     bytes_read: int = Field(ge=0)
     bytes_new: int = Field(ge=0)
@@ -152,13 +196,32 @@ class DiskRecord(Checksummed):
         count = self.chunk_count
         if count > MAX_CHUNKS:
             raise ValueError(f"virtual_size {self.virtual_size} needs {count} chunks (at most {MAX_CHUNKS})")
-        previous = -1
-        for index, _ in self.chunks:
-            if not previous < index < count:
+        previous, end, patches = -1, 0, 0
+        for entry in self.chunks:
+            index = entry[0]
+            if len(entry) == 2:
+                if not previous < index < count:
+                    raise ValueError(
+                        f"chunk index {index} is out of order, repeated or beyond the disk's {count} chunks"
+                    )
+                previous, end, patches = index, 0, 0
+                continue
+            offset, length = entry[2], entry[3]
+            if index != previous:
+                if not previous < index < count:
+                    raise ValueError(
+                        f"patch of chunk {index} is out of order or beyond the disk's {count} chunks"
+                    )
+                previous, end, patches = index, 0, 0
+            patches += 1
+            if patches > MAX_PATCHES:
+                raise ValueError(f"chunk {index} has more than {MAX_PATCHES} patches")
+            if not (end <= offset and length > 0 and offset + length <= self.chunk_length(index)):
                 raise ValueError(
-                    f"chunk index {index} is out of order, repeated or beyond the disk's {count} chunks"
+                    f"patch of chunk {index} at {offset}+{length} overlaps the one before it or leaves "
+                    "the chunk"
                 )
-            previous = index
+            end = offset + length
         return self
 
     @property
@@ -168,6 +231,52 @@ class DiskRecord(Checksummed):
     def chunk_length(self, index: int) -> int:
         """Plain bytes of chunk `index` (the last one may be short)."""
         return min(self.chunk_size, self.virtual_size - index * self.chunk_size)
+
+    def pieces(self) -> list[Piece]:
+        """Every chunk index that holds data, in order: the one view every reader composes chunks from."""
+        out: list[Piece] = []
+        for entry in self.chunks:
+            index = entry[0]
+            if len(entry) == 2:
+                out.append(Piece(index, entry[1]))
+                continue
+            patch = Patch(entry[1], entry[2], entry[3])
+            if out and out[-1].index == index:
+                out[-1] = Piece(index, out[-1].base, (*out[-1].patches, patch))
+            else:
+                out.append(Piece(index, None, (patch,)))
+        return out
+
+    def refs(self) -> Iterator[tuple[int, str, int]]:
+        """(index, name, plain length) of every stored object this disk uses: what check, copy, prune and
+        tape mark and verify."""
+        for entry in self.chunks:
+            yield entry[0], entry[1], entry[3] if len(entry) == 4 else self.chunk_length(entry[0])
+
+    def digests(self) -> set[str]:
+        return {entry[1] for entry in self.chunks}
+
+    def places(self) -> dict[str, list[Place]]:
+        """Per stored object, where its bytes go on the disk (Place): what a restore writes, in any order."""
+        out: dict[str, list[Place]] = {}
+        for piece in self.pieces():
+            at = piece.index * self.chunk_size
+            if piece.base is not None:
+                spans, pos = [], 0
+                for patch in piece.patches:
+                    if patch.offset > pos:
+                        spans.append((pos, patch.offset))
+                    pos = patch.offset + patch.length
+                if pos < self.chunk_length(piece.index):
+                    spans.append((pos, self.chunk_length(piece.index)))
+                out.setdefault(piece.base, []).append(
+                    Place(piece.index, self.chunk_length(piece.index), at, tuple(spans))
+                )
+            for patch in piece.patches:
+                out.setdefault(patch.digest, []).append(
+                    Place(piece.index, patch.length, at + patch.offset, ((0, patch.length),), patch=True)
+                )
+        return out
 
 
 class ConfigArchive(StrictModel):

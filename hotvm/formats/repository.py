@@ -116,7 +116,7 @@ class ImageSets(SetStore[Manifest]):
         return (manifest.backup_id,)  # ids sort by start time: the newest backup is the last one started
 
     def refs(self, manifest: Manifest) -> set[str]:
-        return {digest for disk in manifest.disks for _, digest in disk.chunks}
+        return {digest for disk in manifest.disks for digest in disk.digests()}
 
     def raw_refs(self, body: dict) -> set[str]:
         return {str(pair[1]) for disk in body["disks"] for pair in disk["chunks"]}
@@ -129,7 +129,7 @@ class ImageSets(SetStore[Manifest]):
                     record = DiskRecord.model_validate_json(self.repo.read_file(f"{path}/disks/{entry.name}"))
                 except (FileNotFoundError, ValueError, ChecksumMismatch):
                     continue
-                refs.update(digest for _, digest in record.chunks)
+                refs.update(record.digests())  # a patched chunk lists its base too
         return refs
 
 

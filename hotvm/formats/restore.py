@@ -21,7 +21,7 @@ from hotvm.child_env import child_env
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.formats.configtar import unpack_config_archive
 from hotvm.formats.export import chunk_digest, decompress_bounded
-from hotvm.formats.manifest import DiskRecord, Manifest
+from hotvm.formats.manifest import DiskRecord, Manifest, Piece, Place
 from hotvm.formats.repository import Repository, safe_name
 
 DiskFormat = Literal["qcow2", "raw"]
@@ -36,16 +36,35 @@ class RestoredDisk:
     bytes_written: int
 
 
-def _fetch_verified(repo: Repository, record: DiskRecord, index: int, digest: str) -> bytes:
-    return verify_chunk(repo, record, index, digest, lambda: repo.get_chunk(digest))
+def _fetch_verified(
+    repo: Repository, record: DiskRecord, index: int, digest: str, length: int | None = None
+) -> bytes:
+    return verify_chunk(repo, record, index, digest, lambda: repo.get_chunk(digest), length)
+
+
+def _place_checked(fd: int, record: DiskRecord, data: bytes, where: Place) -> int:
+    """place(), after checking the object has the length this place needs (the short last chunk, or a
+    patch, named like an object of another length)."""
+    if len(data) != where.length:
+        raise ChecksumMismatch(
+            f"chunk {where.index} of disk '{record.device}' does not fit the disk's geometry",
+            "the manifest is damaged; restore another backup",
+        )
+    return place(fd, data, where)
 
 
 def verify_chunk(
-    repo: Repository, record: DiskRecord, index: int, digest: str, open_frame: Callable[[], bytes]
+    repo: Repository,
+    record: DiskRecord,
+    index: int,
+    digest: str,
+    open_frame: Callable[[], bytes],
+    length: int | None = None,
 ) -> bytes:
-    """The plain bytes of chunk `index` of a disk: `open_frame` gives its zstd frame (read from a target, or
-    a tape, and authenticated in an encrypted repository); it is decompressed (never beyond chunk_size)
-    and checked against its name and against the length the disk's geometry gives that index.
+    """The plain bytes of chunk `index` of a disk (or of a patch of it, `length` bytes): `open_frame` gives
+    its zstd frame (read from a target, or a tape, and authenticated in an encrypted repository); it is
+    decompressed (never beyond chunk_size) and checked against its name and against the length the disk's
+    geometry (or the patch entry) gives it.
     ChecksumMismatch if anything does not match: such a chunk is never used as data."""
     try:
         frame = open_frame()
@@ -63,7 +82,13 @@ def verify_chunk(
             f"chunk {index} of disk '{record.device}' does not match its checksum ({digest[:16]}…)",
             "the backup copy is damaged; restore another backup",
         )
-    if len(data) != record.chunk_length(index):
+    if length is not None and len(data) != length:
+        raise ChecksumMismatch(
+            f"patch of chunk {index} of disk '{record.device}' holds {len(data)} bytes where its entry says "
+            f"{length}",
+            "the manifest is damaged; restore another backup",
+        )
+    if length is None and len(data) != record.chunk_length(index):
         # The chunk is intact, so the disk's geometry (chunk_size, virtual_size) is what is wrong.
         raise ChecksumMismatch(
             f"chunk {index} of disk '{record.device}' holds {len(data)} bytes where the disk's geometry "
@@ -72,6 +97,25 @@ def verify_chunk(
             "the manifest is damaged; restore another backup",
         )
     return data
+
+
+def compose(record: DiskRecord, piece: Piece, fetch: Callable[[str, int | None], bytes]) -> bytes:
+    """The plain bytes of chunk `piece.index`: its base (or zeros) with its patches laid over.
+    `fetch(name, patch_length)` gives verified plain bytes (patch_length None: a whole chunk)."""
+    if not piece.patches and piece.base is not None:
+        return fetch(piece.base, None)
+    out = bytearray(fetch(piece.base, None) if piece.base else bytes(record.chunk_length(piece.index)))
+    for patch in piece.patches:
+        out[patch.offset : patch.offset + patch.length] = fetch(patch.digest, patch.length)
+    return bytes(out)
+
+
+def place(fd: int, data: bytes, where: Place) -> int:
+    """Write an object's verified bytes where `where` says (holes stay holes); returns bytes placed."""
+    view = memoryview(data)
+    for lo, hi in where.spans:
+        write_sparse(fd, view[lo:hi], where.at + lo)
+    return sum(hi - lo for lo, hi in where.spans)
 
 
 HOLE_BLOCK = 64 * 1024
@@ -141,25 +185,18 @@ def restore_disk(
     workers: int = 4,
     progress: Callable[[int, int], None] | None = None,
 ) -> RestoredDisk:
-    total = sum(min(record.chunk_size, record.virtual_size - i * record.chunk_size) for i, _ in record.chunks)
+    places = record.places()
+    total = sum(hi - lo for where in places.values() for p in where for lo, hi in p.spans)
     written = 0
     with disk_output(dest, fmt, record.virtual_size) as fd:
-        places: dict[str, list[int]] = {}
-        for index, digest in record.chunks:
-            places.setdefault(digest, []).append(index)
 
         def fetch_and_write(digest: str) -> int:
-            """Each distinct chunk is fetched and verified once, then written wherever it occurs."""
-            indexes = places[digest]
-            data = _fetch_verified(repo, record, indexes[0], digest)
-            for index in indexes:
-                if len(data) != record.chunk_length(index):  # the short last chunk named like a full one
-                    raise ChecksumMismatch(
-                        f"chunk {index} of disk '{record.device}' does not fit the disk's geometry",
-                        "the manifest is damaged; restore another backup",
-                    )
-                write_sparse(fd, data, index * record.chunk_size)
-            return len(data) * len(indexes)
+            """Each distinct object is fetched and verified once, then written wherever it occurs (a
+            patched chunk's base around its patches, so the order of writes does not matter)."""
+            where = places[digest]
+            first = where[0]
+            data = _fetch_verified(repo, record, first.index, digest, first.length if first.patch else None)
+            return sum(_place_checked(fd, record, data, p) for p in where)
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for n in pool.map(fetch_and_write, places):

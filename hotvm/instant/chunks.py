@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotvm.errors import ChecksumMismatch, HotvmError, TargetConfigError, TargetError
-from hotvm.formats.manifest import DiskRecord
+from hotvm.formats.manifest import DiskRecord, Piece
 from hotvm.formats.repository import Repository
-from hotvm.formats.restore import verify_chunk
+from hotvm.formats.restore import compose, verify_chunk
 from targets.base import Target, is_unreachable
 
 MEMORY_CHUNKS = 16
@@ -43,13 +43,21 @@ writes into the overlay."""
 class Disk:
     record: DiskRecord
     digests: dict[int, str] = field(default_factory=dict)
+    """Per non-zero index: its chunk's name, or (a chunk with patches, format 3) a key of its composition."""
+    patched: dict[int, Piece] = field(default_factory=dict)
     present: list[int] = field(default_factory=list)
     """Indexes of the non-zero chunks, in order: read-ahead skips the holes the stream skips."""
 
     @classmethod
     def of(cls, record: DiskRecord) -> Disk:
-        digests = {index: digest for index, digest in record.chunks}
-        return cls(record, digests, sorted(digests))
+        digests, patched = {}, {}
+        for piece in record.pieces():
+            if piece.patches:
+                patched[piece.index] = piece
+                digests[piece.index] = "patched:" + repr((piece.base, piece.patches))
+            else:
+                digests[piece.index] = piece.base
+        return cls(record, digests, patched=patched, present=sorted(digests))
 
 
 class BlobCache:
@@ -155,7 +163,26 @@ class ChunkSource:
 
     # ---- plain chunks
     def _verified(self, disk: Disk, index: int, digest: str) -> bytes:
-        """The plain bytes of a chunk, fetched and verified once however many readers want it."""
+        """The plain bytes of chunk `index` (`digest`: its key in disk.digests), composed from its base and
+        patches if it has patches (each verified on its own)."""
+        piece = disk.patched.get(index)
+        if piece is None:
+            return self._object(disk, index, digest)
+        with self._lock:
+            data = self._plain.get(digest)
+            if data is not None:
+                self._plain.move_to_end(digest)
+                return data
+        data = compose(disk.record, piece, lambda name, length: self._object(disk, index, name, length))
+        with self._lock:
+            self._plain[digest] = data
+            while len(self._plain) > MEMORY_CHUNKS:
+                self._plain.popitem(last=False)
+        return data
+
+    def _object(self, disk: Disk, index: int, digest: str, length: int | None = None) -> bytes:
+        """The plain bytes of a stored object (a chunk, or a patch of `length` bytes), fetched and verified
+        once however many readers want it."""
         while True:
             with self._lock:
                 data = self._plain.get(digest)
@@ -168,7 +195,7 @@ class ChunkSource:
                     break
             waiting.wait()
         try:
-            data = verify_chunk(self, disk.record, index, digest, lambda: self.get_chunk(digest))  # type: ignore[arg-type]
+            data = verify_chunk(self, disk.record, index, digest, lambda: self.get_chunk(digest), length)  # type: ignore[arg-type]
         except HotvmError as exc:
             self._log("problems.jsonl", json.dumps({"device": disk.record.device, "index": index,
                                                     "chunk": digest, "error": exc.message}))

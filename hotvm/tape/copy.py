@@ -25,15 +25,15 @@ from pathlib import Path
 
 from hotvm.config import TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
-from hotvm.formats.manifest import Manifest, utcnow
+from hotvm.formats.manifest import DiskRecord, Manifest, Place, utcnow
 from hotvm.formats.repository import MARKER, Repository, manifest_problem, read_marker
 from hotvm.formats.restore import (
     DiskFormat,
     disk_file_name,
     disk_output,
+    place,
     unpack_config,
     verify_chunk,
-    write_sparse,
 )
 from hotvm.tape.drive import BLOCK, EARLY_WARNING, EndOfData, EndOfMedium, Library, TapeError
 from hotvm.tape.format import (
@@ -297,8 +297,8 @@ def set_members(repo: Repository, manifest: Manifest) -> tuple[list[str], list[s
     files.sort(key=lambda p: (not p.endswith("/manifest.json"), p))  # the manifest first: restore needs it
     seen: dict[str, None] = {}
     for disk in manifest.disks:
-        for _, digest in disk.chunks:
-            seen.setdefault(repo.chunk_path(digest))
+        for entry in disk.chunks:  # bases and patches: a set on tape restores on its own
+            seen.setdefault(repo.chunk_path(entry[1]))
     return files, list(seen)
 
 
@@ -525,7 +525,7 @@ def restore_from_tape(
         repo: Repository | None = None
         manifest: Manifest | None = None
         set_prefix = ""
-        places: dict[str, list[tuple[int, int, object]]] = {}
+        places: dict[str, list[tuple[int, Place, DiskRecord]]] = {}
         seen: set[str] = set()
         config_blob = None
         restored = []
@@ -550,8 +550,8 @@ def restore_from_tape(
                         fd = outputs.enter_context(disk_output(path, fmt, disk.virtual_size))
                         restored.append({"device": disk.device, "path": str(path), "format": fmt,
                                          "bytes": disk.virtual_size})
-                        for index, digest in disk.chunks:
-                            places.setdefault(digest, []).append((fd, index, disk))
+                        for digest, where in disk.places().items():
+                            places.setdefault(digest, []).extend((fd, p, disk) for p in where)
                 elif name.startswith("chunks/"):
                     if manifest is None:
                         raise BackupSetError("tape archive holds chunks before its manifest",
@@ -559,10 +559,15 @@ def restore_from_tape(
                     digest = name.rsplit("/", 1)[1]
                     targets = places.get(digest, [])
                     if targets:
-                        _, index, disk = targets[0]
-                        data = verify_chunk(repo, disk, index, digest, _opener(repo, name, blob))
-                        for fd, index, disk in targets:
-                            write_sparse(fd, data, index * disk.chunk_size)
+                        _, first, disk = targets[0]  # writes never overlap: any order of chunks works
+                        data = verify_chunk(repo, disk, first.index, digest, _opener(repo, name, blob),
+                                            first.length if first.patch else None)
+                        for fd, where, disk in targets:
+                            if len(data) != where.length:
+                                raise ChecksumMismatch(
+                                    f"chunk {where.index} of disk '{disk.device}' does not fit its entry",
+                                    "the manifest is damaged; restore from another copy")
+                            place(fd, data, where)
                         seen.add(digest)
                 elif (manifest and manifest.config_archive
                       and name == f"{set_prefix}/{manifest.config_archive.name}"):
