@@ -21,6 +21,7 @@ from hotvm import prune
 from hotvm.check import check_repository
 from hotvm.config import TargetConfig
 from hotvm.copy import copy_repository
+from hotvm.errors import HotvmError
 from hotvm.files.blockdev import open_backup_disk
 from hotvm.formats.export import export_image
 from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, Patch, Piece
@@ -205,3 +206,15 @@ def test_patch_plan_keeps_patches_disjoint_and_bounded() -> None:
     assert plan_chunk(old, [(0, CHUNK // 2)], CHUNK).whole  # much changed: whole
     many = [(k * 2 * K64, K64) for k in range(MAX_PATCHES_PER_CHUNK + 1)]
     assert plan_chunk(None, many, CHUNK).whole  # too many pieces for one chunk: whole
+
+
+def test_format2_manifest_without_checksum_is_still_refused(tmp_path: Path) -> None:
+    """Format 2 manifests carry checksums: reading format 3 does not turn them into unchecked legacy."""
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    (path,) = (tmp_path / "old" / "vms" / "old-vm").glob("*/manifest.json")
+    body = json.loads(path.read_text())
+    body["checksum"] = None
+    path.write_text(json.dumps(body))
+    repo = open_repo(tmp_path / "old", "old")
+    with pytest.raises(HotvmError, match="checksum is missing"):
+        repo.load_manifest("old-vm", body["backup_id"])

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats.identity import Identity, IdentityStore, location_of
-from hotvm.formats.manifest import BACKUP_ID, MANIFEST_FORMAT, DiskRecord, Manifest
+from hotvm.formats.manifest import BACKUP_ID, CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest
 from targets.base import Target
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def location_problem(path: str, vm: str, backup_id: str) -> str | None:
 
 def manifest_problem(manifest: Manifest, path: str) -> str | None:
     """Why a manifest read from `path` cannot be trusted (checksum, its disks' checksums, location)."""
-    problem = manifest.checksum_problem(legacy=manifest.format_version < MANIFEST_FORMAT)
+    problem = manifest.checksum_problem(legacy=manifest.format_version < CHECKSUMS_SINCE)
     if problem:
         return problem
     for disk in manifest.disks:
