@@ -29,6 +29,8 @@ from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK, plan_chunk
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
 from hotvm.instant.chunks import ChunkSource
+from hotvm.tape.copy import catalogs_from_scan, copy_to_tape, restore_from_tape, scan_library
+from hotvm.tape.drive import VirtualLibrary
 from targets import open_target
 
 MiB, K64 = 1 << 20, 64 << 10
@@ -218,3 +220,26 @@ def test_format2_manifest_without_checksum_is_still_refused(tmp_path: Path) -> N
     repo = open_repo(tmp_path / "old", "old")
     with pytest.raises(HotvmError, match="checksum is missing"):
         repo.load_manifest("old-vm", body["backup_id"])
+
+
+def test_patched_set_restores_from_tape_alone(tmp_path: Path) -> None:
+    """A tape archive carries a set's bases and patches; restore writes them in the tape's order."""
+    repo = open_repo(tmp_path / "target")
+    data = bytearray(os.urandom(12 * MiB))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(data)
+    first = commit(repo, "db01", 0, export_image(repo, device="vda", image=str(image), fmt="raw"))
+    dirty = [(K64, K64), (5 * MiB, K64), (9 * MiB + 7 * K64, K64)]
+    for offset, length in dirty:
+        data[offset : offset + length] = os.urandom(length)
+    image.write_bytes(data)
+    parent = first.disks[0]
+    record = export_image(repo, device="vda", image=str(image), fmt="raw", previous=parent, dirty=dirty)
+    second = commit(repo, "db01", 1, record)
+    assert sum(1 for e in second.disks[0].chunks if len(e) == 4) == 3
+    library = VirtualLibrary("vtl", f"vtl://{tmp_path / 'vtl'}?media=1&capacity=64MiB")
+    copy_to_tape(repo, library, target_name="t", now=dt.datetime(2026, 11, 8, tzinfo=dt.UTC))
+    shutil.rmtree(tmp_path / "target")
+    catalogs = catalogs_from_scan(scan_library(library))
+    result = restore_from_tape(library, catalogs, "db01", second.backup_id, tmp_path / "r", "raw")
+    assert Path(result["disks"][0]["path"]).read_bytes() == bytes(data)
