@@ -21,6 +21,7 @@ from hotvm import prune
 from hotvm.check import check_repository
 from hotvm.config import TargetConfig
 from hotvm.copy import copy_repository
+from hotvm.errors import HotvmError
 from hotvm.files.blockdev import open_backup_disk
 from hotvm.formats.export import export_image
 from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, Patch, Piece
@@ -28,6 +29,8 @@ from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK, plan_chunk
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
 from hotvm.instant.chunks import ChunkSource
+from hotvm.tape.copy import catalogs_from_scan, copy_to_tape, restore_from_tape, scan_library
+from hotvm.tape.drive import VirtualLibrary
 from targets import open_target
 
 MiB, K64 = 1 << 20, 64 << 10
@@ -205,3 +208,38 @@ def test_patch_plan_keeps_patches_disjoint_and_bounded() -> None:
     assert plan_chunk(old, [(0, CHUNK // 2)], CHUNK).whole  # much changed: whole
     many = [(k * 2 * K64, K64) for k in range(MAX_PATCHES_PER_CHUNK + 1)]
     assert plan_chunk(None, many, CHUNK).whole  # too many pieces for one chunk: whole
+
+
+def test_format2_manifest_without_checksum_is_still_refused(tmp_path: Path) -> None:
+    """Format 2 manifests carry checksums: reading format 3 does not turn them into unchecked legacy."""
+    shutil.copytree(FIXTURE, tmp_path / "old")
+    (path,) = (tmp_path / "old" / "vms" / "old-vm").glob("*/manifest.json")
+    body = json.loads(path.read_text())
+    body["checksum"] = None
+    path.write_text(json.dumps(body))
+    repo = open_repo(tmp_path / "old", "old")
+    with pytest.raises(HotvmError, match="checksum is missing"):
+        repo.load_manifest("old-vm", body["backup_id"])
+
+
+def test_patched_set_restores_from_tape_alone(tmp_path: Path) -> None:
+    """A tape archive carries a set's bases and patches; restore writes them in the tape's order."""
+    repo = open_repo(tmp_path / "target")
+    data = bytearray(os.urandom(12 * MiB))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(data)
+    first = commit(repo, "db01", 0, export_image(repo, device="vda", image=str(image), fmt="raw"))
+    dirty = [(K64, K64), (5 * MiB, K64), (9 * MiB + 7 * K64, K64)]
+    for offset, length in dirty:
+        data[offset : offset + length] = os.urandom(length)
+    image.write_bytes(data)
+    parent = first.disks[0]
+    record = export_image(repo, device="vda", image=str(image), fmt="raw", previous=parent, dirty=dirty)
+    second = commit(repo, "db01", 1, record)
+    assert sum(1 for e in second.disks[0].chunks if len(e) == 4) == 3
+    library = VirtualLibrary("vtl", f"vtl://{tmp_path / 'vtl'}?media=1&capacity=64MiB")
+    copy_to_tape(repo, library, target_name="t", now=dt.datetime(2026, 11, 8, tzinfo=dt.UTC))
+    shutil.rmtree(tmp_path / "target")
+    catalogs = catalogs_from_scan(scan_library(library))
+    result = restore_from_tape(library, catalogs, "db01", second.backup_id, tmp_path / "r", "raw")
+    assert Path(result["disks"][0]["path"]).read_bytes() == bytes(data)

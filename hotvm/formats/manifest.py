@@ -26,6 +26,9 @@ MANIFEST_FORMAT = 3
 """Format 3: a disk's chunk list may hold patch entries (docs/format.md, "Patches"). Formats 2 and 3 carry a
 `checksum` (docs/format.md, "Checksums"); format 1 (older hotvm) has none and is read as legacy. Formats
 1 and 2 are still read: their chunk lists are format 3 lists without patches."""
+CHECKSUMS_SINCE = 2
+"""The first manifest format that carries checksums: a manifest of this format or later without one is
+refused; older ones are legacy (read, with a warning from check)."""
 
 BACKUP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-z]{1,16}$")
 """What new_backup_id produces (YYYYmmddTHHMMSSZ-xxxx); a caller-chosen suffix (a rerun's id) may be

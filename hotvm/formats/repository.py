@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from hotvm.credentials import Credential
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats.identity import Identity, IdentityStore, location_of
-from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
+from hotvm.formats.manifest import CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
 from hotvm.formats.setstore import (
     TMP_MARK,
     DamagedManifest,
@@ -70,7 +70,7 @@ __all__ = [  # the names set stores and older callers import from here
 
 def manifest_problem(manifest: Manifest, path: str) -> str | None:
     """Why a manifest read from `path` cannot be trusted (checksum, its disks' checksums, location)."""
-    problem = manifest.checksum_problem(legacy=manifest.format_version < MANIFEST_FORMAT)
+    problem = manifest.checksum_problem(legacy=manifest.format_version < CHECKSUMS_SINCE)
     if problem:
         return problem
     for disk in manifest.disks:
@@ -107,6 +107,7 @@ class ImageSets(SetStore[Manifest]):
     root = "vms"
     manifest_type = Manifest
     manifest_format = MANIFEST_FORMAT
+    checksums_since = CHECKSUMS_SINCE  # a format 2 manifest without a checksum is refused, not legacy
     journal_dirs = ("disks",)
 
     def problem(self, manifest: Manifest, path: str) -> str | None:

@@ -140,6 +140,8 @@ class SetStore(abc.ABC, Generic[M]):
     root: ClassVar[str]
     manifest_type: ClassVar[type]
     manifest_format: ClassVar[int]
+    checksums_since: ClassVar[int | None] = None
+    """The first format that carries checksums (None: every format this kind wrote); older ones are legacy."""
     noun: ClassVar[str] = "backup"
     """How messages name a set of this kind ("backup web01/…", "file set web01/…")."""
     list_hint: ClassVar[str] = "hotvm list"
@@ -225,7 +227,8 @@ class SetStore(abc.ABC, Generic[M]):
 
     def problem(self, manifest: M, path: str) -> str | None:
         """Why a manifest read from `path` cannot be trusted: its checksum, or it lies elsewhere."""
-        legacy = manifest.format_version < self.manifest_format  # type: ignore[attr-defined]
+        since = self.checksums_since or self.manifest_format
+        legacy = manifest.format_version < since  # type: ignore[attr-defined]
         return manifest.checksum_problem(legacy=legacy) or location_problem(
             path, manifest.vm, manifest.backup_id  # type: ignore[attr-defined]
         )

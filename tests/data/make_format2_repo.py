@@ -1,4 +1,5 @@
-"""Make tests/data/format2-repo with the format-2 code: one VM, one set, a 12 MiB raw disk."""
+"""Made tests/data/format2-repo with the format-2 code (commit ced47f1, before manifest format 3): one VM,
+one set, a 12 MiB raw disk. Kept to show how; it refuses to run with later code."""
 import datetime as dt
 import hashlib
 import shutil
