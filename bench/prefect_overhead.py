@@ -10,7 +10,9 @@ round; a first backup of each kind (one-time costs: imports, first limit, first 
 counted. Wall time and CPU time (this process and its children, so the ephemeral server too) are both
 reported: on a shared machine CPU time is the steadier of the two. Then a trivial flow with 0 and with
 N no-op tasks (hotvm's task options) gives the fixed cost per flow run and per task run, and their sum for
-backup_vm's 9 tasks is set against the measured overhead.
+backup_vm's 9 tasks is set against the measured overhead. The backups and probes run as the hotvm CLI runs
+flows, without heartbeats (hotvm/cli/_common.py: no_heartbeats); the 0-task flow is also timed first with
+Prefect's default heartbeats, for the ratio.
 
 Prefect runs on its ephemeral local server (started by a warm-up flow before anything is timed), or on
 the server at PREFECT_API_URL if that is set. Reads are warm (the image is in the page cache) unless
@@ -232,6 +234,7 @@ def main() -> None:
         t0 = time.perf_counter()
         tasks_flow = trivial_flows()
         from flows.backup_vm import backup_vm  # after prefect_env: Prefect reads its settings on import
+        from hotvm.cli._common import no_heartbeats
 
         import_s = time.perf_counter() - t0
         print(
@@ -249,6 +252,8 @@ def main() -> None:
             start_s = timed(lambda: tasks_flow(0))
             print(f"warm-up flow (includes the server start, not counted): {start_s:.1f} s")
 
+            beating = [probe(tasks_flow, 0) for _ in range(args.probes)]  # Prefect's default: heartbeats
+            no_heartbeats()  # as the hotvm CLI runs its flows (hotvm/cli/_common.py): no heartbeat thread
             flow0, flowN = [], []
             for _ in range(args.probes):
                 flow0.append(probe(tasks_flow, 0))
@@ -260,6 +265,13 @@ def main() -> None:
 
     print(f"  done, {machine_load()}")
     report(walls, cpus, steps, flow0, flowN, args.tasks)
+    on, off = median([p["total"] for p in beating]), median([p["total"] for p in flow0])
+    down_on, down_off = median([p["teardown"] for p in beating]), median([p["teardown"] for p in flow0])
+    print(
+        f"{'flow run, heartbeats on / off':<36}{on:9.2f} s / {off:.2f} s = {on / off:.1f}x   (trivial flow, "
+        f"median of {len(beating)}; off = how the hotvm CLI runs flows; teardown with heartbeats "
+        f"{down_on:.2f} s, without {down_off:.2f} s)"
+    )
 
 
 def report(walls: Series, cpus: Series, steps: Series, flow0: list[dict], flowN: list[dict], n: int) -> None:
@@ -314,16 +326,10 @@ def report(walls: Series, cpus: Series, steps: Series, flow0: list[dict], flowN:
         f"{'fixed cost per task run':<36}{per_task * 1000:9.1f} ms  (flow body with {n} no-op tasks / {n}, "
         f"median of {len(flowN)})"
     )
-    fractions = ", ".join(f"{w % 1:.2f}" for w in walls["prefect"])
-    print(
-        f"{'flow wall time past whole seconds':<36}{fractions} s   (the teardown rounds a run up to the "
-        "heartbeat thread's next 1 s tick)"
-    )
     fixed = startup + n_tasks * per_task
     print(
-        f"{'predicted for 1 flow + 9 tasks':<36}{fixed:9.2f}-{fixed + 1:.2f} s "
-        f"(vs measured {flow_s - direct_s:.2f} s; the teardown waits out the heartbeat thread's current "
-        "1 s sleep: 0-1 s in a long flow)"
+        f"{'predicted for 1 flow + 9 tasks':<36}{fixed:9.2f} s "
+        f"(vs measured {flow_s - direct_s:.2f} s; without heartbeats no 1 s teardown wait)"
     )
 
 
