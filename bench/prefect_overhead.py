@@ -35,8 +35,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
+BENCH = Path(__file__).resolve().parent
+# bench/ last, never first: its copy.py must not shadow the standard library's copy module
+sys.path[:] = [str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.append(str(BENCH))
 from _common import drop_caches, machine_load, median, timed, write_random_extents  # noqa: E402
 from qemu_helpers import DiskSpec, RunningQemu, qemu_img, start_qemu  # noqa: E402
 
@@ -98,11 +100,11 @@ def write_config(work: Path, qmp: Path, targets: list[str]) -> Path:
     return path
 
 
-def direct_backup(target: str, config: str) -> dict:
+def direct_backup(target: str, config: str, vm: str = VM) -> dict:
     """backup_vm's body without Prefect: same hotvm.backup calls, same order, a session per step."""
 
     def session() -> backup.Session:
-        return backup.open_session(VM, config)
+        return backup.open_session(vm, config)
 
     backup_id, started, steps = new_backup_id(), utcnow(), []
 
@@ -126,7 +128,7 @@ def direct_backup(target: str, config: str) -> dict:
     s = session()
     manifest = Manifest(
         backup_id=backup_id,
-        vm=VM,
+        vm=vm,
         host=s.host.name,
         driver=s.host.driver,
         started_at=started,
