@@ -309,7 +309,7 @@ def test_verify_runs_one_verify_vm_per_vm_on_its_host_queue(room: Room) -> None:
 def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
     from hotvm.config_file import load_config, parse_config
     from hotvm.errors import ConfigError
-    from hotvm.notifications import automation_specs, webhook_url
+    from hotvm.notifications import automation_specs, email_settings, webhook_url
 
     base = {"hosts": [{"name": "hv1", "vms": [{"name": "web01", "qmp": "/nonexistent"}]}],
             "targets": [{"name": "nas", "url": f"file://{tmp_path}"}]}  # fmt: skip
@@ -323,6 +323,18 @@ def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: P
     assert specs["hotvm-ops-late"]["trigger"]["within"] == 1800
     with pytest.raises(ConfigError, match="OPS_HOOK"):
         webhook_url(ops)  # not set in the environment: one line naming the variable
+    mail = {"name": "mail", "email": {"smtp": "mail.example.org:587", "from": "hotvm@example.org",
+                                      "to": ["ops@example.org"], "user": "u", "password_env": "PW_X"}}
+    (n,) = parse_config({**base, "notifications": [mail]}).notifications
+    with pytest.raises(ConfigError, match="PW_X"):
+        email_settings(n)  # the password's variable is not set: one line naming it
+    os.environ["PW_X"] = "pw"
+    try:
+        settings = email_settings(n)
+    finally:
+        del os.environ["PW_X"]
+    assert (settings["smtp_host"], settings["smtp_port"], settings["security"]) == ("mail.example.org", 587,
+                                                                                     "starttls")
     for bad, message in (
         ({"name": "ops"}, "exactly one of webhook, webhook_env, email"),
         ({"name": "ops", "webhook": "ftp://x"}, "http"),
