@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import email.policy
 import importlib.metadata
 import json
 import os
@@ -101,7 +102,7 @@ class Mailbox:
 
         class Handler:
             async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001, N802
-                box.messages.append(email.message_from_bytes(envelope.content))
+                box.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
                 return "250 OK"
 
         def authenticate(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202

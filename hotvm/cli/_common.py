@@ -60,7 +60,12 @@ def no_heartbeats() -> None:
     them."""
     from prefect.settings import temporary_settings
 
-    temporary_settings(updates={"flows.heartbeat_frequency": None}).__enter__()
+    global _SETTINGS  # kept: a collected context manager would close its generator and undo the settings
+    _SETTINGS = temporary_settings(updates={"flows.heartbeat_frequency": None})
+    _SETTINGS.__enter__()
+
+
+_SETTINGS = None
 
 
 def config_str(config: Path | None) -> str | None:
