@@ -7,7 +7,10 @@ plus the fleet worker), real QEMU VMs and a webhook receiver on loopback:
   other VM's run Completed; the server's automation posts a message naming the failed VM and its step;
 - after the cause is removed, `prefect flow-run retry` of the failed child completes it, the other VM is
   not backed up again, a retried parent runs nothing twice, and the set restores byte-identical;
-- a scheduled run that no worker picks up is reported as late.
+- a scheduled run that no worker picks up is reported as late;
+- the same failure arrives by e-mail (an SMTP server on loopback), sent by the server's automation
+  through hotvm's e-mail block;
+- `verify` and `recover` start one verify-vm / recover-vm run per VM on the VM's host's queue.
 """
 
 from __future__ import annotations
@@ -305,6 +308,33 @@ def test_verify_runs_one_verify_vm_per_vm_on_its_host_queue(room: Room) -> None:
     for vm in ("web01", "web02"):  # each set's restore-test record says verified
         records = list((room.target / "vms" / vm).glob("*/restore-tests/*.json"))
         assert records, f"no restore-test record for {vm}"
+
+
+def test_recover_runs_one_recover_vm_per_vm_on_its_host_queue(room: Room) -> None:
+    from prefect.client.orchestration import get_client
+
+    for vm in ("web01", "web02"):  # alone (-k) this test makes its own backups
+        if not manifests(room.target, vm):
+            hotvm("backup", vm, "--config", str(room.config))
+    dr = room.tmp / "dr"
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert {"tier", "to"} <= set(deployments["recover"].parameter_openapi_schema["required"])
+        parent = client.create_flow_run_from_deployment(
+            deployments["recover"].id,
+            parameters={"tier": 1, "to": str(dr), "fmt": "raw", "config": str(room.config)},
+        )
+        parent = wait_final(client, parent.id)
+        assert parent.state.is_completed(), parent.state
+        assert parent.name.startswith("recover 1 ")
+        children = children_of(client, parent.id)
+        for vm, host in (("web01", "hv1"), ("web02", "hv2")):
+            child = children[vm]
+            assert child.state.is_completed(), child.state
+            assert child.work_queue_name == host and child.deployment_id == deployments["recover-vm"].id
+            assert child.name.startswith(f"recover {vm}@{host} ") and "tier:1" in child.tags
+            (disk,) = (dr / vm).glob("*.raw")  # restored on its host's worker, byte-identical
+            assert disk.read_bytes() == (room.tmp / f"{vm}.raw").read_bytes()
 
 
 def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
