@@ -318,7 +318,7 @@ def _recover_row(item: dict, base: Path, tier: int, run: Callable[[dict, Path], 
     return {
         **result,
         "tier": tier,
-        "host": item["host"],
+        "host": item["host"] or result.get("host"),
         "order": item["index"],
         "started_at": started_at,
         "finished_at": dt.datetime.now(dt.UTC).isoformat(),
