@@ -1,4 +1,5 @@
-"""The per-VM fan-out and report shared by weekly-image (backup_policy), backup-host and daily-files.
+"""The per-VM fan-out and report shared by weekly-image (backup_policy), backup-host and daily-files, and
+(`fan_out`) by verify, recover and sync-config (per-VM deployments verify-vm, recover-vm, sync-vm).
 
 Run from a deployment (the Prefect UI's scheduled runs), each VM is its own run of the per-VM deployment
 (`backup-vm`, `files-vm`) started with `run_deployment` on the work queue named after the VM's host, so
