@@ -139,7 +139,11 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
         for w in workers:
             w.terminate()
         for w in workers:
-            w.wait(30)
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:  # a worker still ending a child run: the figures are taken
+                w.kill()
+                w.wait(10)
     return rows, wall, last_child
 
 
