@@ -322,17 +322,17 @@ def test_recover_runs_one_recover_vm_per_vm_on_its_host_queue(room: Room) -> Non
         assert {"tier", "to"} <= set(deployments["recover"].parameter_openapi_schema["required"])
         parent = client.create_flow_run_from_deployment(
             deployments["recover"].id,
-            parameters={"tier": 1, "to": str(dr), "fmt": "raw", "config": str(room.config)},
-        )
+            parameters={"tier": 3, "to": str(dr), "fmt": "raw", "config": str(room.config)},  # the default
+        )  # policy's tier
         parent = wait_final(client, parent.id)
         assert parent.state.is_completed(), parent.state
-        assert parent.name.startswith("recover 1 ")
+        assert parent.name.startswith("recover 3 ")
         children = children_of(client, parent.id)
         for vm, host in (("web01", "hv1"), ("web02", "hv2")):
             child = children[vm]
             assert child.state.is_completed(), child.state
             assert child.work_queue_name == host and child.deployment_id == deployments["recover-vm"].id
-            assert child.name.startswith(f"recover {vm}@{host} ") and "tier:1" in child.tags
+            assert child.name.startswith(f"recover {vm}@{host} ") and "tier:3" in child.tags
             (disk,) = (dr / vm).glob("*.raw")  # restored on its host's worker, byte-identical
             assert disk.read_bytes() == (room.tmp / f"{vm}.raw").read_bytes()
 
