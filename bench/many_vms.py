@@ -10,7 +10,8 @@ on loopback (or PREFECT_API_URL if set, e.g. the PostgreSQL one of scripts/prefe
   --mode deployments (default): as in production (docs/scale-out.md): `hotvm prefect setup`, `prefect
     deploy --all`, a worker for the host's queue and one for `fleet` (PREFECT_WORKER_QUERY_SECONDS=2), the
     weekly-image deployment run; each VM is its own backup-vm run (run_deployment) on the host's worker.
-  --mode in-process: the CLI's path, backup_policy called here, each VM a subflow of this process.
+  --mode in-process: the CLI's path, backup_policy called here (without heartbeats, as the CLI runs
+    flows), each VM a subflow of this process.
 From the manifests (started_at / completed_at are taken inside the host's slot) and their step timings it
 prints:
   - the maximum number of backups of the host that overlapped (target: never > LIMIT);
@@ -218,6 +219,9 @@ def main() -> None:
         else:
             from flows._fleet import BackupsFailed
             from flows.backup_policy import backup_policy
+            from hotvm.cli._common import no_heartbeats
+
+            no_heartbeats()  # as `hotvm backup --all` runs it
 
             start = time.perf_counter()
             try:
