@@ -10,14 +10,18 @@ on loopback (or PREFECT_API_URL if set, e.g. the PostgreSQL one of scripts/prefe
   --mode deployments (default): as in production (docs/scale-out.md): `hotvm prefect setup`, `prefect
     deploy --all`, a worker for the host's queue and one for `fleet` (PREFECT_WORKER_QUERY_SECONDS=2), the
     weekly-image deployment run; each VM is its own backup-vm run (run_deployment) on the host's worker.
-  --mode in-process: the CLI's path, backup_policy called here, each VM a subflow of this process.
+  --mode in-process: the CLI's path, backup_policy called here (without heartbeats, as the CLI runs
+    flows), each VM a subflow of this process.
 From the manifests (started_at / completed_at are taken inside the host's slot) and their step timings it
 prints:
   - the maximum number of backups of the host that overlapped (target: never > LIMIT);
   - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.1x);
   - Prefect overhead per VM: (wall x LIMIT - sum of all step times) / N, i.e. slot time per VM that no
     step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work;
-  - deployments mode: the time from the parent's start to its last child's start.
+  - deployments mode: the time from the parent's start to its last child's start;
+  - the baseline measured in the same run (unless --no-baseline): the same N backups without Prefect
+    (bench/prefect_overhead.py's direct path, LIMIT threads) into a second target, and the ratio of the
+    fleet run's wall time to it.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
+BENCH = Path(__file__).resolve().parent
+# bench/ last, never first: its copy.py must not shadow the standard library's copy module
+sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+sys.path.append(str(BENCH))
 from _common import machine_load, write_random_extents  # noqa: E402
 from qemu_helpers import DiskSpec, start_qemu  # noqa: E402
 
@@ -135,8 +140,25 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
         for w in workers:
             w.terminate()
         for w in workers:
-            w.wait(30)
+            try:
+                w.wait(30)
+            except subprocess.TimeoutExpired:  # a worker still ending a child run: the figures are taken
+                w.kill()
+                w.wait(10)
     return rows, wall, last_child
+
+
+def direct_baseline(vms: list[str], config: Path, limit: int) -> float:
+    """The same backups without Prefect, in this run: bench/prefect_overhead.py's direct path (the flow's
+    hotvm.backup calls in its order) for every VM into a fresh target, `limit` at a time. Returns wall s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect_overhead import direct_backup
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=limit) as pool:
+        list(pool.map(lambda vm: direct_backup("direct", str(config), vm), vms))
+    return time.perf_counter() - start
 
 
 def max_overlap(spans: list[tuple]) -> int:
@@ -157,6 +179,8 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--timeline", action="store_true", help="print each VM's slot interval")
     ap.add_argument("--mode", choices=["deployments", "in-process"], default="deployments")
+    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the same backups without Prefect (the baseline of the ratio)")  # fmt: skip
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hotvm-many-"))
@@ -182,7 +206,10 @@ def main() -> None:
                             "vms": [{"name": n, "qmp": str(v.qmp_path)} for n, v in vms.items()],
                         }
                     ],
-                    "targets": [{"name": "nas", "url": f"file://{work}/target"}],
+                    "targets": [
+                        {"name": "nas", "url": f"file://{work}/target", "default": True},
+                        {"name": "direct", "url": f"file://{work}/direct"},
+                    ],
                 },
                 sort_keys=False,
             )
@@ -192,6 +219,9 @@ def main() -> None:
         else:
             from flows._fleet import BackupsFailed
             from flows.backup_policy import backup_policy
+            from hotvm.cli._common import no_heartbeats
+
+            no_heartbeats()  # as `hotvm backup --all` runs it
 
             start = time.perf_counter()
             try:
@@ -202,6 +232,7 @@ def main() -> None:
         for r in results:
             if r["status"] == "failed":
                 print(f"FAILED {r['vm']} at {r.get('step')}: {r.get('error')}")
+        direct_wall = direct_baseline(list(vms), config, args.limit) if args.baseline else None
     finally:
         for vm in vms.values():
             vm.stop()
@@ -239,6 +270,9 @@ def main() -> None:
     per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
     print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
           f"(wall x {args.limit} - exports) / {n} = {per_vm_export:.2f} s")  # fmt: skip
+    if direct_wall is not None:
+        print(f"same {n} backups without Prefect ({args.limit} at a time, same run): {direct_wall:.1f} s; "
+              f"hotvm fleet run / without Prefect = {wall / direct_wall:.2f}x")  # fmt: skip
     if last_child is not None:
         print(f"parent start -> last child start: {last_child:.1f} s (children start as slots free: at most "
               f"{2 * args.limit} unfinished per host)")  # fmt: skip

@@ -1,4 +1,5 @@
-"""The per-VM fan-out and report shared by weekly-image (backup_policy), backup-host and daily-files.
+"""The per-VM fan-out and report shared by weekly-image (backup_policy), backup-host and daily-files, and
+(`fan_out`) by verify, recover and sync-config (per-VM deployments verify-vm, recover-vm, sync-vm).
 
 Run from a deployment (the Prefect UI's scheduled runs), each VM is its own run of the per-VM deployment
 (`backup-vm`, `files-vm`) started with `run_deployment` on the work queue named after the VM's host, so
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -40,6 +42,9 @@ POLL_S = 1.0
 PER_VM = {
     "image": ("backup-vm/backup-vm", "backup"),
     "files": ("files-vm/files-vm", "files"),
+    "verify": ("verify-vm/verify-vm", "verify"),
+    "recover": ("recover-vm/recover-vm", "recover"),
+    "standby": ("sync-vm/sync-vm", "sync"),
 }
 """kind -> (per-VM deployment, verb of its run names)."""
 
@@ -123,12 +128,37 @@ def run_vms(
         ensure_host_limit(host, cfg.find_host(host).max_concurrent_backups)
     if deployment.id:
         limits = {h: cfg.find_host(h).max_concurrent_backups for h in dict.fromkeys(h for h, _ in pairs)}
-        results = run_vm_deployments(pairs, target, config, kind, policy, limits)
+        params = {"target": target, "config": config}
+        results = run_vm_deployments(pairs, kind, params, limits, policy=policy)
     else:
         futures = [IN_PROCESS[kind].submit(vm, target, config, host) for host, vm in pairs]
         results = [f.result() for f in futures]
     results += [{**s, "ok": True, "status": "skipped", "backup_id": None} for s in skipped]
     return results
+
+
+def fan_out(
+    vms: list[str],
+    kind: str,
+    parameters: dict,
+    config: str | None,
+    in_order: bool = False,
+    hosts: dict[str, str] | None = None,
+) -> list[dict]:
+    """One per-VM run of `kind` per VM on the queue of `hosts[vm]` (default: the VM's host; a VM no host
+    of hotvm.yaml lists, e.g. one only on the target, goes to the fleet queue), at most that host's
+    max_concurrent_backups at once: for verify, recover and sync-config, whose per-VM work is heavier
+    than a backup's wait for a slot."""
+    from flows._runs import FLEET_QUEUE, host_of
+
+    cfg = load_config(config)
+    hosts = hosts or {}
+    pairs = [(hosts.get(vm) or host_of(vm, cfg) or FLEET_QUEUE, vm) for vm in vms]
+    limits = {}
+    for host, _ in pairs:
+        known = [h for h in cfg.hosts if h.name == host]
+        limits[host] = known[0].max_concurrent_backups if known else 2
+    return run_vm_deployments(pairs, kind, parameters, limits, in_flight=lambda n: n, in_order=in_order)
 
 
 def unlisted_rows(failures: list[HostFailure]) -> list[dict]:
@@ -151,14 +181,17 @@ def in_flight_per_host(limit: int) -> int:
 
 def run_vm_deployments(
     pairs: list[tuple[str, str]],
-    target: str | None,
-    config: str | None,
     kind: str,
-    policy: str | None,
+    parameters: dict,
     limits: dict[str, int],
+    *,
+    policy: str | None = None,
+    in_flight: Callable[[int], int] = in_flight_per_host,
+    in_order: bool = False,
 ) -> list[dict]:
-    """One run of the per-VM deployment per VM, on its host's queue, at most `in_flight_per_host` of a host
-    unfinished at once; waits for all of them. Rows in the order of `pairs`."""
+    """One run of the per-VM deployment of `kind` per (host, vm), on the host's queue, with `parameters`
+    plus `vm`; at most `in_flight(limits[host])` of a host unfinished at once; waits for all of them. Rows
+    in the order of `pairs`. in_order: no VM starts before every VM listed before it has (recovery order)."""
     from prefect.client.orchestration import get_client
 
     todo = list(pairs)
@@ -168,10 +201,12 @@ def run_vm_deployments(
         while todo or running:
             busy = Counter(host for host, _ in running.values())
             for host, vm in list(todo):
-                if busy[host] >= in_flight_per_host(limits[host]):
+                if busy[host] >= in_flight(limits[host]):
+                    if in_order:
+                        break
                     continue
                 todo.remove((host, vm))
-                child = _start_child(client, kind, host, vm, target, config, policy)
+                child = _start_child(client, kind, host, vm, {**parameters, "vm": vm}, policy)
                 if child.state is not None and child.state.is_completed():
                     finals[vm] = child
                 else:
@@ -185,9 +220,7 @@ def run_vm_deployments(
         return [_child_row(host, vm, finals[vm]) for host, vm in pairs]
 
 
-def _start_child(
-    client: Any, kind: str, host: str, vm: str, target: str | None, config: str | None, policy: str | None
-) -> Any:
+def _start_child(client: Any, kind: str, host: str, vm: str, parameters: dict, policy: str | None) -> Any:
     """The VM's run of the per-VM deployment on its host's queue (a retried parent gets its earlier run
     back: completed, it is reported again; otherwise it is rescheduled and resumes)."""
     from prefect.deployments import run_deployment
@@ -196,7 +229,7 @@ def _start_child(
     name, verb = PER_VM[kind]
     child = run_deployment(
         name,
-        parameters={"vm": vm, "target": target, "config": config},
+        parameters=parameters,
         flow_run_name=f"{verb} {vm}@{host} {flow_run.scheduled_start_time:%Y-%m-%d}",
         tags=vm_tags(kind, vm, host, policy),
         idempotency_key=f"{flow_run.get_id()}:{kind}:{vm}",
@@ -285,20 +318,23 @@ def report_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def publish(results: list[dict], key: str, description: str, what: str) -> list[dict]:
-    """Table artifact + log lines; raises BackupsFailed (carrying the report) if any VM failed."""
+def publish(
+    results: list[dict], key: str, description: str, what: str, job: str = "backup", jobs: str = "VM backups"
+) -> list[dict]:
+    """Table artifact + log lines; raises BackupsFailed (carrying the report) if any VM failed. `job`
+    names one VM's run in the log (backup, restore test, ...), `jobs` their plural in the error."""
     rows = report_rows(results)
     create_table_artifact(rows, key=key, description=description)
     log = get_run_logger()
     for r in rows:
         if r["status"] == "failed":
-            log.error("backup of %s failed at %s: %s %s", r["vm"], r["step"], r["detail"], r["run"])
+            log.error("%s of %s failed at %s: %s %s", job, r["vm"], r["step"], r["detail"], r["run"])
         elif r["status"] == "skipped":
-            log.warning("backup of %s skipped: %s", r["vm"], r["detail"])
+            log.warning("%s of %s skipped: %s", job, r["vm"], r["detail"])
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         raise BackupsFailed(
-            f"{len(failed)} of {len(rows)} VM backups of {what} failed: "
+            f"{len(failed)} of {len(rows)} {jobs} of {what} failed: "
             + ", ".join(f"{r['vm']} (at {r['step']})" for r in failed),
             "see each VM's flow run; rerun it to resume",
             results,

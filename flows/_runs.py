@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from prefect.runtime import flow_run
 
+from hotvm.config import Config
 from hotvm.config_file import load_config
 from hotvm.errors import ConfigError
 from hotvm.hypervisors.resolve import find_vm
@@ -26,7 +27,8 @@ def _day() -> str:
     return f"{start:%Y-%m-%d}"
 
 
-def _host_of(vm: str, config: str | None) -> str | None:
+def host_of(vm: str, config: str | Config | None) -> str | None:
+    """The VM's host in hotvm.yaml (its work queue), or None when no host has it."""
     with contextlib.suppress(Exception):  # a name must never fail a run: the run itself reports the error
         return find_vm(load_config(config), vm)[0].name
     return None
@@ -38,7 +40,7 @@ def vm_run_name(verb: str) -> Callable[[], str]:
     def name() -> str:
         params = flow_run.parameters or {}
         vm = str(params.get("vm") or "?")
-        host = _host_of(vm, params.get("config"))
+        host = host_of(vm, params.get("config"))
         return f"{verb} {vm}{'@' + host if host else ''} {_day()}"
 
     return name

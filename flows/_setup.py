@@ -2,8 +2,8 @@
 
     setup()               pool `hotvm` (process), a work queue per host of hotvm.yaml + `fleet`, each
                           host's concurrency limit, then apply_notifications()
-    apply_notifications() a webhook block and automations per `notifications:` entry; hotvm-* automations
-                          no longer in the config are removed
+    apply_notifications() a webhook or e-mail block and automations per `notifications:` entry;
+                          hotvm-* automations no longer in the config are removed
     send_test()           one message through a notification's saved block
 
 Called by `hotvm prefect setup` / `hotvm notifications apply|test` (hotvm/cli/prefect_cmd.py).
@@ -24,6 +24,7 @@ from hotvm.notifications import (
     TEST_SUBJECT,
     automation_specs,
     block_name,
+    email_settings,
     test_body,
     webhook_url,
 )
@@ -129,7 +130,13 @@ def apply_notifications(config: str | Config | None = None) -> list[dict]:
 
 
 def _save_block(n: NotificationConfig):  # noqa: ANN202 - the block document id
-    """The webhook block; its URL is kept as a block secret (the UI shows it masked)."""
+    """The notification's block: a webhook (its URL kept as a block secret, shown masked) or hotvm's
+    e-mail block (its password a secret field)."""
+    if n.email is not None:
+        from flows.email_block import HotvmEmail
+
+        HotvmEmail.register_type_and_schema()  # the server learns the block type (idempotent)
+        return HotvmEmail(**email_settings(n)).save(block_name(n), overwrite=True)
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     block = CustomWebhookNotificationBlock(
@@ -148,16 +155,20 @@ def send_test(config: str | Config | None, name: str) -> str:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.settings import PREFECT_UI_URL
 
+    from flows.email_block import HotvmEmail
+
     cfg = load_config(config)
     found = [n for n in cfg.notifications if n.name == name]
     if not found:
         known = ", ".join(n.name for n in cfg.notifications) or "none"
         raise ConfigError(f"no notification '{name}' in hotvm.yaml (configured: {known})", "check the name")
     try:
-        block = CustomWebhookNotificationBlock.load(block_name(found[0]))
+        kind = HotvmEmail if found[0].email is not None else CustomWebhookNotificationBlock
+        block = kind.load(block_name(found[0]))
     except ValueError as exc:
         raise ConfigError(
             f"notification '{name}' is not applied on the Prefect server", "run `hotvm notifications apply`"
         ) from exc
-    block.notify(test_body(found[0], PREFECT_UI_URL.value()), subject=TEST_SUBJECT)
+    with block.raise_on_failure():  # the person testing wants to see why it did not arrive
+        block.notify(test_body(found[0], PREFECT_UI_URL.value()), subject=TEST_SUBJECT)
     return block_name(found[0])

@@ -1,14 +1,22 @@
 """recover: restore every VM of a tier (1 = first) into DIR/<vm>/, in recovery order (startup_order, then
-name), at most each host's max_concurrent_backups at once; reports measured time vs RTO per VM."""
+name), at most each host's max_concurrent_backups at once; reports measured time vs RTO per VM.
+
+From the CLI every VM is restored in this process. As a deployment (the UI), each VM is its own
+`recover-vm` run on the work queue of its host (that worker restores into `to` on its machine), started
+in recovery order and retryable on its own (flows/_fleet.py)."""
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import deployment
+from prefect.states import Completed
 
-from flows._runs import fleet_run_name
+from flows._fleet import fan_out, publish
+from flows._runs import FLEET_QUEUE, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
-from hotvm.verify import recover_tier
+from hotvm.verify import recover_tier, recovery_plan
+from hotvm.verify import recover_vm as recover_one
 
 
 @flow(name="recover", flow_run_name=fleet_run_name("recover", "tier"))
@@ -32,6 +40,15 @@ def recover(
     """
     if fmt not in ("qcow2", "raw"):
         raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    if deployment.id:  # from the UI: one recover-vm run per VM, in recovery order, on its host's worker
+        vms = [p["vm"] for p in recovery_plan(config, tier, target)]
+        if not vms:
+            raise HotvmError(f"no VM of tier {tier} has a complete backup", "check the tiers in hotvm.yaml")
+        params = {"tier": tier, "to": to, "target": target, "boot_check": boot_check, "fmt": fmt,
+                  "config": config}  # fmt: skip
+        rows = fan_out(vms, "recover", params, config, in_order=True)
+        return publish(rows, f"recover-tier-{tier}", f"recovery of tier {tier} into {to}", f"tier {tier}",
+                       "recovery", "VM recoveries")  # fmt: skip
     rows = recover_tier(config, tier, to, target, boot_check=boot_check, fmt=fmt)  # type: ignore[arg-type]
     create_table_artifact(
         [
@@ -65,3 +82,37 @@ def recover(
             rows,
         )
     return rows
+
+
+@flow(name="recover-vm", flow_run_name=vm_run_name("recover"))
+def recover_vm(
+    vm: str,
+    to: str,
+    tier: int = 1,
+    target: str | None = None,
+    boot_check: bool = False,
+    fmt: str = "qcow2",
+    config: str | None = None,
+):  # noqa: ANN201 - a Completed state carrying the row
+    """Restore the latest backup of `vm` into `to`/`vm`/ and compare the time with its RTO.
+
+    Args:
+        vm: The VM to recover (also a VM that is only on the target).
+        to: Directory on the worker to restore into (the VM gets its own sub-directory).
+        tier: The recovery tier the VM belongs to (for the report).
+        target: The target's name in hotvm.yaml; empty: the default target.
+        boot_check: Boot the restored VM isolated until its ready pattern.
+        fmt: Format of the restored disks: qcow2 or raw.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
+    if fmt not in ("qcow2", "raw"):
+        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    tag_this_run([*vm_tags("recover", vm, host_of(vm, config) or FLEET_QUEUE), f"tier:{tier}"])
+    row = recover_one(config, vm, to, target, tier=tier, boot_check=boot_check, fmt=fmt)  # type: ignore[arg-type]
+    if not row["ok"]:
+        tag_this_run(["step:restore" if not row.get("verified") else "step:rto"])
+        slow = f"took {row['seconds']:.1f} s, over its RTO of {row['rto_s'] or 0:.0f} s"
+        why = "; ".join(row.get("problems") or []) or slow
+        raise RunFailed(f"recovery of {vm} failed: {why}", f"see {row['to']}; retry this run", [row])
+    rto = f" (RTO {row['rto_s']:.0f} s)" if row["rto_s"] is not None else ""
+    return Completed(message=f"recovered {row.get('backup_id', '')} in {row['seconds']:.1f} s{rto}", data=row)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import deployment
+from prefect.states import Completed
 
-from flows._fleet import artifact_key
-from flows._runs import fleet_run_name
+from flows._fleet import artifact_key, fan_out, publish
+from flows._runs import FLEET_QUEUE, fleet_run_name, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
 from hotvm.standby import standby_vms
 from tasks.sync import sync_vm_config
@@ -43,6 +45,11 @@ def sync_config(
         if standby is not None:
             raise HotvmError("--standby needs a VM", "pass the VM too, or set standby_host per VM")
         pairs = [(name, host) for name, host in standby_vms(config)]
+    if deployment.id and vm is None:  # from the UI: one sync-vm run per VM on its standby host's worker
+        params = {"with_disks": with_disks, "target": target, "config": config, "start": start}
+        rows = fan_out([n for n, _ in pairs], "standby", params, config, hosts=dict(pairs))
+        key = "sync-config-" + artifact_key("all")
+        return publish(rows, key, "config sync to standby hosts", "the standby VMs", "sync", "standby syncs")
     log = get_run_logger()
     results = []
     for name, host in pairs:
@@ -71,3 +78,32 @@ def sync_config(
         )
     log.info("%d VM(s) in sync on their standby hosts", len(results))
     return results
+
+
+@flow(name="sync-vm", flow_run_name=vm_run_name("sync"))
+def sync_vm(
+    vm: str,
+    standby: str | None = None,
+    with_disks: bool = False,
+    target: str | None = None,
+    config: str | None = None,
+    start: bool = False,
+):  # noqa: ANN201 - a Completed state carrying the result
+    """Register the latest backup of `vm` on its standby host; sync-config starts one per VM.
+
+    Args:
+        vm: The VM whose latest backup is registered on its standby host.
+        standby: The standby host (overrides the VM's standby_host); run on that host's work queue.
+        with_disks: Also restore the latest disks into the standby's vm_dir.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+        start: Start the VM on the standby (failover).
+    """
+    host = standby or dict(standby_vms(config)).get(vm) or FLEET_QUEUE
+    tag_this_run(vm_tags("standby", vm, host))
+    try:
+        result = sync_vm_config(vm, standby, with_disks, target, config, start)
+    except BaseException:
+        tag_this_run(["step:sync_config"])
+        raise
+    return Completed(message=f"standby on {result['host']} {result['action']}", data=result)

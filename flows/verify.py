@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import deployment
+from prefect.states import Completed
 
-from flows._fleet import artifact_key
-from flows._runs import fleet_run_name
+from flows._fleet import artifact_key, fan_out, publish
+from flows._runs import FLEET_QUEUE, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
 from tasks.verify import select_vms, verify_set
 
@@ -58,6 +60,11 @@ def verify(
     if backup_id and not vm:
         raise HotvmError("a backup id needs a VM", "pass vm= with backup_id=")
     vms = [vm] if vm else select_vms(config, target, sample)
+    if deployment.id and not backup_id:  # from the UI: one verify-vm run per VM, on its host's worker
+        params = {"target": target, "boot": boot, "keep": keep, "config": config}
+        rows = fan_out(vms, "verify", params, config)
+        key = "verify-" + artifact_key(vm or "all")
+        return publish(rows, key, "restore tests", "the target", "restore test", "restore tests")
     results = [verify_set(v, target, backup_id, boot, keep, config) for v in vms]
     create_table_artifact(
         verify_rows(results),
@@ -74,6 +81,39 @@ def verify(
         )
     get_run_logger().info("%d restore test(s) passed", len(results))
     return results
+
+
+@flow(name="verify-vm", flow_run_name=vm_run_name("verify"))
+def verify_vm(
+    vm: str,
+    backup_id: str | None = None,
+    target: str | None = None,
+    boot: bool = False,
+    keep: bool = False,
+    config: str | None = None,
+):  # noqa: ANN201 - a Completed state carrying the result
+    """Restore-test one VM's latest (or given) backup set; the verify deployment starts one per VM.
+
+    Args:
+        vm: The VM whose backup is tested (also a VM that is only on the target).
+        backup_id: This backup set; empty: the VM's latest complete one.
+        target: The target's name in hotvm.yaml; empty: the default target.
+        boot: Also boot the restored VM isolated until its ready pattern (its measured RTO).
+        keep: Keep the scratch restore (for a look); default: removed after the test.
+        config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
+    """
+    tag_this_run(vm_tags("verify", vm, host_of(vm, config) or FLEET_QUEUE))
+    result = verify_set(vm, target, backup_id, boot, keep, config)
+    if not result["verified"]:
+        tag_this_run(["step:verify"])
+        raise RunFailed(
+            f"restore test of {vm} {result['backup_id']} failed: {'; '.join(result['problems'])}",
+            "the set is marked unverified; back the VM up again or restore an older set",
+            [result],
+        )
+    ready = result.get("seconds_to_ready")
+    detail = f", ready in {ready:.1f} s" if ready is not None else ""
+    return Completed(message=f"verified {result['backup_id']}{detail}", data=result)
 
 
 @flow(name="scrub", flow_run_name=fleet_run_name("scrub", "target"))

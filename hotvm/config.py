@@ -408,8 +408,8 @@ class TaskRetries(StrictModel):
 
 
 class EmailNotification(StrictModel):
-    """E-mail over SMTP (accepted in hotvm.yaml; `hotvm notifications apply` refuses it for now:
-    Prefect 3.9 ships no SMTP notification block, see docs/notifications.md)."""
+    """E-mail over SMTP, sent by the Prefect server through hotvm's `hotvm-email` block
+    (flows/email_block.py, docs/notifications.md)."""
 
     smtp: str = Field(min_length=1)
     """host:port of the SMTP server."""
@@ -417,6 +417,9 @@ class EmailNotification(StrictModel):
     to: list[str] = Field(min_length=1)
     user: str | None = None
     password_env: str | None = None
+    """The environment variable (of `hotvm notifications apply`) holding the SMTP password."""
+    security: Literal["starttls", "ssl", "none"] = "starttls"
+    """starttls (port 587), ssl (port 465) or none (a relay on loopback / a trusted network only)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

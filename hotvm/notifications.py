@@ -73,10 +73,35 @@ def webhook_url(n: NotificationConfig) -> str:
                 f"export {n.webhook_env}=https://... before `hotvm notifications apply`",
             )
         return url
-    raise ConfigError(
-        f"notification '{n.name}': e-mail is not supported yet (Prefect 3.9 has no SMTP notification block)",
-        "use webhook: or webhook_env: (an e-mail gateway's webhook works); see docs/notifications.md",
-    )
+    raise ConfigError(f"notification '{n.name}' has no webhook", "give webhook: or webhook_env:")
+
+
+def email_settings(n: NotificationConfig) -> dict:
+    """The SMTP settings of an e-mail notification (the fields of the hotvm-email block); the password is
+    read from the environment variable `password_env` names, at apply time only."""
+    e = n.email
+    if e is None:
+        raise ConfigError(f"notification '{n.name}' has no email", "give email: {smtp: host:port, ...}")
+    host, sep, port = e.smtp.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"notification '{n.name}': smtp must be host:port", "e.g. mail.example.org:587")
+    password = None
+    if e.password_env:
+        password = os.environ.get(e.password_env)
+        if not password:
+            raise ConfigError(
+                f"notification '{n.name}': environment variable {e.password_env} is not set",
+                f"export {e.password_env}=... before `hotvm notifications apply`",
+            )
+    return {
+        "smtp_host": host.strip("[]"),
+        "smtp_port": int(port),
+        "security": e.security,
+        "sender": e.sender,
+        "to": list(e.to),
+        "username": e.user,
+        "password": password,
+    }
 
 
 def automation_specs(n: NotificationConfig) -> list[dict]:

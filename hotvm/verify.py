@@ -287,29 +287,10 @@ def recover_tier(
     run = restore_one or default_restore
 
     def one(item: dict, slot: threading.BoundedSemaphore) -> dict:
-        started_at = dt.datetime.now(dt.UTC).isoformat()
-        t0 = time.monotonic()
         try:
-            result = run(item, base / item["vm"])
-        except HotvmError as exc:
-            result = {"vm": item["vm"], "verified": False, "problems": [exc.message]}
+            return _recover_row(item, base, tier, run)
         finally:
             slot.release()
-        seconds = round(time.monotonic() - t0, 3)
-        rto = item["rto_s"]
-        return {
-            **result,
-            "tier": tier,
-            "host": item["host"],
-            "order": item["index"],
-            "started_at": started_at,
-            "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-            "seconds": seconds,
-            "rto_s": rto,
-            "meets_rto": None if rto is None else seconds <= rto,
-            "ok": bool(result.get("verified")) and (rto is None or seconds <= rto),
-            "to": str(base / item["vm"]),
-        }
 
     with ThreadPoolExecutor(max_workers=max(1, sum(p["limit"] for p in plan))) as pool:
         futures = []
@@ -318,6 +299,56 @@ def recover_tier(
             slot.acquire()  # the next VM in order waits for a slot on its host: order is never overtaken
             futures.append(pool.submit(one, {**item, "index": index}, slot))
         return [f.result() for f in futures] + unlisted
+
+
+def _recover_row(item: dict, base: Path, tier: int, run: Callable[[dict, Path], dict]) -> dict:
+    """Restore one VM of a recovery plan into base/<vm>/ and time it against its RTO."""
+    started_at = dt.datetime.now(dt.UTC).isoformat()
+    t0 = time.monotonic()
+    try:
+        result = run(item, base / item["vm"])
+    except HotvmError as exc:
+        result = {"vm": item["vm"], "verified": False, "problems": [exc.message]}
+    seconds = round(time.monotonic() - t0, 3)
+    rto = item["rto_s"]
+    return {
+        **result,
+        "tier": tier,
+        "host": item["host"] or result.get("host"),
+        "order": item["index"],
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.UTC).isoformat(),
+        "seconds": seconds,
+        "rto_s": rto,
+        "meets_rto": None if rto is None else seconds <= rto,
+        "ok": bool(result.get("verified")) and (rto is None or seconds <= rto),
+        "to": str(base / item["vm"]),
+    }
+
+
+def recover_vm(
+    config: Config | str | Path | None,
+    vm: str,
+    to: str | Path,
+    target: str | None = None,
+    *,
+    tier: int = DEFAULT_TIER,
+    order: int = 0,
+    boot_check: bool = False,
+    fmt: DiskFormat = "qcow2",
+) -> dict:
+    """One VM of a tier recovery into to/<vm>/ (a recover-vm run): the row recover_tier makes for it."""
+    cfg = load_config(config)
+    base = Path(to).resolve()
+    restore.prepare_destination(under(base, vm, what="VM name"))
+    host, _ = _vm_entry(cfg, vm)
+
+    def restore_latest(item: dict, dest: Path) -> dict:
+        manifest = restore.find_backup(cfg, vm, target)
+        return restore_into(cfg, target, manifest, dest, fmt, boot_check)
+
+    item = {"vm": vm, "host": host.name if host else None, "rto_s": vm_rto_seconds(cfg, vm), "index": order}
+    return _recover_row(item, base, tier, restore_latest)
 
 
 def _unlisted_row(failure: HostFailure, tier: int) -> dict:

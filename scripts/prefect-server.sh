@@ -18,6 +18,7 @@
 #   HOTVM_STATE_DIR    pid files and logs                (default /var/lib/hotvm/prefect)
 #   HOTVM_CONFIG       hotvm.yaml (its hosts become work queues; passed to workers)
 #   PREFECT            the prefect command               (default .venv/bin/prefect, else `prefect`)
+#   PREFECT_WORKER_QUERY_SECONDS  how often workers poll (default here 2; Prefect's own default 10)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +28,7 @@ PG_PORT=${HOTVM_PG_PORT:-5433}
 API_HOST=${HOTVM_PREFECT_HOST:-127.0.0.1}
 API_PORT=${HOTVM_PREFECT_PORT:-4200}
 STATE=${HOTVM_STATE_DIR:-/var/lib/hotvm/prefect}
+WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-2}
 POOL=hotvm  # the routing convention (docs/scale-out.md): prefect.yaml and the fleet flows use this name
 HOTVM_CONFIG=$(realpath -m "${HOTVM_CONFIG:-$REPO/hotvm.yaml}")
 if [ -z "${PREFECT:-}" ]; then
@@ -151,7 +153,9 @@ start_worker() {  # a background worker for one work queue (a hypervisor host, o
   mkdir -p "$STATE"
   if pid_alive "$pidfile"; then log "worker for $host already running (pid $(cat "$pidfile"))"; return; fi
   cd "$REPO"
-  HOTVM_CONFIG=$HOTVM_CONFIG setsid "$PREFECT" worker start --pool "$POOL" --work-queue "$host" \
+  # Poll every 2 s (Prefect's default 10 s): a fleet run's per-VM children start within ~2 s of the parent
+  HOTVM_CONFIG=$HOTVM_CONFIG PREFECT_WORKER_QUERY_SECONDS=$WORKER_QUERY_SECONDS \
+    setsid "$PREFECT" worker start --pool "$POOL" --work-queue "$host" \
     --name "hotvm-$host" \
     </dev/null >>"$STATE/worker-$host.log" 2>&1 &
   echo $! >"$pidfile"
@@ -178,7 +182,7 @@ Start one worker per hypervisor host, on that host (it reaches the VMs' QMP sock
 EOF
   local h
   for h in $(hosts) fleet; do
-    echo "  PREFECT_API_URL=$PREFECT_API_URL HOTVM_CONFIG=$HOTVM_CONFIG \\"
+    echo "  PREFECT_API_URL=$PREFECT_API_URL HOTVM_CONFIG=$HOTVM_CONFIG PREFECT_WORKER_QUERY_SECONDS=2 \\"
     echo "    $PREFECT worker start --pool $POOL --work-queue $h      # or here: make worker HOST=$h"
   done
   echo "Stop everything: $0 stop"

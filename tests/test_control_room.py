@@ -7,14 +7,21 @@ plus the fleet worker), real QEMU VMs and a webhook receiver on loopback:
   other VM's run Completed; the server's automation posts a message naming the failed VM and its step;
 - after the cause is removed, `prefect flow-run retry` of the failed child completes it, the other VM is
   not backed up again, a retried parent runs nothing twice, and the set restores byte-identical;
-- a scheduled run that no worker picks up is reported as late.
+- a scheduled run that no worker picks up is reported as late;
+- the same failure arrives by e-mail (an SMTP server on loopback), sent by the server's automation
+  through hotvm's e-mail block;
+- `verify` and `recover` start one verify-vm / recover-vm run per VM on the VM's host's queue.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import email
+import email.policy
+import importlib.metadata
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -84,136 +91,256 @@ def manifests(target: Path, vm: str) -> list[Path]:
     return sorted((target / "vms" / vm).glob("*/manifest.json"))
 
 
-@pytest.fixture
-def workers(tmp_path: Path):
-    """start(queue, config) -> a `prefect worker start --pool hotvm --work-queue QUEUE`; all stopped after."""
-    procs = []
+class Mailbox:
+    """An SMTP server on loopback (aiosmtpd) that wants a login and keeps every message it is sent."""
 
-    def start(queue: str, config: Path) -> None:
-        env = {**os.environ, "HOTVM_CONFIG": str(config), "PREFECT_WORKER_QUERY_SECONDS": "1"}
-        log = open(tmp_path / f"worker-{queue}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append((subprocess.Popen(
-            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", queue],
-            cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        ), log))  # fmt: skip
+    USER, PASSWORD = "hotvm", "s3cret-smtp-pw"
 
-    yield start
-    for proc, _ in procs:
-        proc.terminate()
-    for proc, log in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    def __init__(self) -> None:
+        from aiosmtpd.controller import Controller
+        from aiosmtpd.smtp import AuthResult
+
+        self.messages: list = []
+        box = self
+
+        class Handler:
+            async def handle_DATA(self, server, session, envelope) -> str:  # noqa: ANN001, N802
+                box.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+                return "250 OK"
+
+        def authenticate(server, session, envelope, mechanism, auth_data):  # noqa: ANN001, ANN202
+            ok = auth_data.login == self.USER.encode() and auth_data.password == self.PASSWORD.encode()
+            return AuthResult(success=ok)
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.controller = Controller(
+            Handler(), hostname="127.0.0.1", port=self.port, authenticator=authenticate,
+            auth_require_tls=False,
+        )  # fmt: skip
+        self.controller.start()
+
+    def wait_for(self, *words: str, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.messages:
+                text = f"Subject: {m['Subject']}\n{m.get_content()}"
+                if all(w in text for w in words):
+                    return text
+            time.sleep(0.5)
+        raise AssertionError(f"no mail with {words}; got {[m['Subject'] for m in self.messages]}")
 
 
-def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(
-    prefect_server: str, workers, tmp_path: Path
-) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        FlowRunFilter,
-        FlowRunFilterParentFlowRunId,
-        FlowRunFilterTags,
-    )
-    from prefect.states import Cancelled, Scheduled
+class Room:
+    """Two hosts (hv1: web01, hv2: web02, local QEMU VMs), a file target, a webhook and an e-mail
+    notification; the server set up by `hotvm prefect setup` and `prefect deploy --all`; one worker per
+    host queue plus the fleet worker. Shared by this module's tests (one setup, one set of workers)."""
 
-    receiver = Receiver()
-    vms = {}
-    for name in ("web01", "web02"):
-        disk = tmp_path / f"{name}.raw"
-        with open(disk, "wb") as fh:
-            fh.truncate(16 * MiB)
-            fh.write(os.urandom(4 * MiB))
-        (tmp_path / name).mkdir()
-        vms[name] = start_qemu(tmp_path / name, [DiskSpec("data", disk, format="raw")])
-    target = tmp_path / "target"
-    config = tmp_path / "hotvm.yaml"
-    config.write_text(yaml.safe_dump({
-        "hosts": [
-            {"name": "hv1", "vms": [{"name": "web01", "qmp": str(vms["web01"].qmp_path)}]},
-            {"name": "hv2", "vms": [{"name": "web02", "qmp": str(vms["web02"].qmp_path)}]},
-        ],
-        "targets": [{"name": "nas", "url": f"file://{target}"}],
-        "notifications": [{"name": "ops", "webhook": receiver.url, "on": ["failed", "crashed", "late"],
-                           "late_after": "10s"}],
-    }))  # fmt: skip
+    def __init__(self, tmp: Path, receiver: Receiver, mailbox: Mailbox) -> None:
+        self.tmp, self.receiver, self.mailbox = tmp, receiver, mailbox
+        self.target = tmp / "target"
+        self.config = tmp / "hotvm.yaml"
+        self.vms, self.workers = {}, []
+
+
+def start_worker(room: Room, queue: str) -> None:
+    """`prefect worker start --pool hotvm --work-queue QUEUE` with HOTVM_CONFIG, polling every second."""
+    env = {**os.environ, "HOTVM_CONFIG": str(room.config), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    log = open(room.tmp / f"worker-{queue}.log", "w")  # noqa: SIM115 - closed with the process
+    room.workers.append((subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", queue],
+        cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    ), log))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def room(prefect_server: str, tmp_path_factory):  # noqa: ANN201
+    collections = {ep.value for ep in importlib.metadata.entry_points(group="prefect.collections")}
+    assert "flows.email_block" in collections, "hotvm's entry points are not installed: pip install -e ."
+    mailbox = Mailbox()
+    os.environ["HOTVM_TEST_SMTP_PASSWORD"] = Mailbox.PASSWORD  # read by `hotvm prefect setup` only
+    r = Room(tmp_path_factory.mktemp("room"), Receiver(), mailbox)
     try:
-        setup = json.loads(hotvm("prefect", "setup", "--config", str(config), "--json").stdout)
-        assert setup["queues"] == ["hv1", "hv2", "fleet"]
-        automations = {r["automation"] for r in setup["notifications"]}
-        assert automations == {"hotvm-ops-failed-crashed", "hotvm-ops-late"}
+        for name in ("web01", "web02"):
+            disk = r.tmp / f"{name}.raw"
+            with open(disk, "wb") as fh:
+                fh.truncate(16 * MiB)
+                fh.write(os.urandom(4 * MiB))
+            (r.tmp / name).mkdir()
+            r.vms[name] = start_qemu(r.tmp / name, [DiskSpec("data", disk, format="raw")])
+        r.config.write_text(yaml.safe_dump({
+            "hosts": [
+                {"name": "hv1", "vms": [{"name": "web01", "qmp": str(r.vms["web01"].qmp_path)}]},
+                {"name": "hv2", "vms": [{"name": "web02", "qmp": str(r.vms["web02"].qmp_path)}]},
+            ],
+            "targets": [{"name": "nas", "url": f"file://{r.target}"}],
+            "notifications": [
+                {"name": "ops", "webhook": r.receiver.url, "on": ["failed", "crashed", "late"],
+                 "late_after": "10s"},
+                {"name": "mail", "on": ["failed"], "email": {
+                    "smtp": f"127.0.0.1:{mailbox.port}", "from": "hotvm@example.org",
+                    "to": ["ops@example.org"], "user": Mailbox.USER,
+                    "password_env": "HOTVM_TEST_SMTP_PASSWORD", "security": "none"}},
+            ],
+        }))  # fmt: skip
+        r.setup = json.loads(hotvm("prefect", "setup", "--config", str(r.config), "--json").stdout)
         prefect("deploy", "--all")
         for queue in ("hv1", "hv2", "fleet"):
-            workers(queue, config)
-        (target / "vms").mkdir(parents=True)
-        (target / "vms" / "web02").write_text("blocked")  # web02's set directory cannot be created
-
-        with get_client(sync_client=True) as client:
-            deployments = {d.name: d for d in client.read_deployments()}
-            assert deployments["backup-vm"].parameter_openapi_schema["required"] == ["vm"]  # no placeholder
-            # a scheduled backup that no worker picks up (its host's worker is down): reported as late
-            late = client.create_flow_run_from_deployment(
-                deployments["backup-vm"].id, parameters={"vm": "web01"}, work_queue_name="hv-down",
-                state=Scheduled(scheduled_time=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)),
-            )  # fmt: skip
-            parent = client.create_flow_run_from_deployment(deployments["weekly-image"].id)
-            parent = wait_final(client, parent.id)
-            assert parent.state.is_failed(), parent.state
-            assert parent.name.startswith("weekly-image default ")
-            children = {
-                r.parameters["vm"]: r
-                for r in client.read_flow_runs(
-                    flow_run_filter=FlowRunFilter(
-                        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])
-                    )
-                )
-            }
-            assert sorted(children) == ["web01", "web02"]
-            for vm, host in (("web01", "hv1"), ("web02", "hv2")):
-                child = children[vm]
-                assert child.work_queue_name == host  # ran on its host's worker
-                assert child.deployment_id == deployments["backup-vm"].id  # retryable from the UI
-                assert child.name.startswith(f"backup {vm}@{host} ")
-                tags = {"hotvm", f"vm:{vm}", f"host:{host}", "policy:default", "kind:image"}
-                assert tags <= set(child.tags)
-            assert children["web01"].state.is_completed() and children["web02"].state.is_failed()
-            text = receiver.wait_for("web02", "FAILED")  # posted by the server's automation
-            assert "host: hv2" in text and "step: plan" in text, text
-            assert len(manifests(target, "web01")) == 1
-
-            # the cause removed, the failed child retried on its own: only web02 is backed up
-            (target / "vms" / "web02").unlink()
-            prefect("flow-run", "retry", str(children["web02"].id))
-            assert wait_final(client, children["web02"].id).state.is_completed()
-            assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
-
-            # a retried parent re-runs only VMs whose last run did not complete: none now
-            prefect("flow-run", "retry", str(parent.id))
-            assert wait_final(client, parent.id).state.is_completed()
-            assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
-            web02 = FlowRunFilter(tags=FlowRunFilterTags(all_=["vm:web02"]))
-            tagged = client.read_flow_runs(flow_run_filter=web02)
-            assert len([r for r in tagged if r.parent_task_run_id]) == 1  # no second child run for web02
-
-            receiver.wait_for("is late", "web01")
-            client.set_flow_run_state(late.id, Cancelled(), force=True)
-
-        out = tmp_path / "restored"
-        hotvm("restore", "web02", "--to", str(out), "--format", "raw", "--config", str(config))
-        restored = list(out.glob("*data*.raw")) or list(out.glob("*.raw"))
-        assert len(restored) == 1
-        assert restored[0].read_bytes() == (tmp_path / "web02.raw").read_bytes()
+            start_worker(r, queue)
+        yield r
     finally:
-        for vm in vms.values():
+        for proc, _ in r.workers:
+            proc.terminate()
+        for proc, log in r.workers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        for vm in r.vms.values():
             vm.stop()
+        mailbox.controller.stop()
+        os.environ.pop("HOTVM_TEST_SMTP_PASSWORD", None)
+
+
+def children_of(client, parent_id) -> dict:  # noqa: ANN001
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    runs = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_id]))
+    )
+    return {r.parameters["vm"]: r for r in runs}
+
+
+def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.states import Cancelled, Scheduled
+
+    target, config, receiver = room.target, room.config, room.receiver
+    assert room.setup["queues"] == ["hv1", "hv2", "fleet"]
+    automations = {r["automation"] for r in room.setup["notifications"]}
+    assert automations == {"hotvm-ops-failed-crashed", "hotvm-ops-late", "hotvm-mail-failed"}
+    (target / "vms").mkdir(parents=True)
+    (target / "vms" / "web02").write_text("blocked")  # web02's set directory cannot be created
+
+    with get_client(sync_client=True) as client:
+        mail_block = client.read_block_document_by_name("hotvm-mail", "hotvm-email", include_secrets=False)
+        assert Mailbox.PASSWORD not in json.dumps(mail_block.data, default=str)  # masked for the UI/API
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert deployments["backup-vm"].parameter_openapi_schema["required"] == ["vm"]  # no placeholder
+        # a scheduled backup that no worker picks up (its host's worker is down): reported as late
+        late = client.create_flow_run_from_deployment(
+            deployments["backup-vm"].id, parameters={"vm": "web01"}, work_queue_name="hv-down",
+            state=Scheduled(scheduled_time=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1)),
+        )  # fmt: skip
+        parent = client.create_flow_run_from_deployment(deployments["weekly-image"].id)
+        parent = wait_final(client, parent.id)
+        assert parent.state.is_failed(), parent.state
+        assert parent.name.startswith("weekly-image default ")
+        children = children_of(client, parent.id)
+        assert sorted(children) == ["web01", "web02"]
+        for vm, host in (("web01", "hv1"), ("web02", "hv2")):
+            child = children[vm]
+            assert child.work_queue_name == host  # ran on its host's worker
+            assert child.deployment_id == deployments["backup-vm"].id  # retryable from the UI
+            assert child.name.startswith(f"backup {vm}@{host} ")
+            tags = {"hotvm", f"vm:{vm}", f"host:{host}", "policy:default", "kind:image"}
+            assert tags <= set(child.tags)
+        assert children["web01"].state.is_completed() and children["web02"].state.is_failed()
+        text = receiver.wait_for("web02", "FAILED")  # posted by the server's automation
+        assert "host: hv2" in text and "step: plan" in text, text
+        # the same failure by e-mail, sent by the server through hotvm's e-mail block, with the run's link
+        mail = room.mailbox.wait_for("backup web02@hv2", "VM: web02")
+        assert "host: hv2" in mail and "step: plan" in mail and "error: " in mail, mail
+        assert f"/runs/flow-run/{children['web02'].id}" in mail, mail
+        assert len(manifests(target, "web01")) == 1
+
+        # the cause removed, the failed child retried on its own: only web02 is backed up
+        (target / "vms" / "web02").unlink()
+        prefect("flow-run", "retry", str(children["web02"].id))
+        assert wait_final(client, children["web02"].id).state.is_completed()
+        assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
+
+        # a retried parent re-runs only VMs whose last run did not complete: none now
+        prefect("flow-run", "retry", str(parent.id))
+        assert wait_final(client, parent.id).state.is_completed()
+        assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
+        web02 = FlowRunFilter(tags=FlowRunFilterTags(all_=["vm:web02"]))
+        tagged = client.read_flow_runs(flow_run_filter=web02)
+        assert len([r for r in tagged if r.parent_task_run_id]) == 1  # no second child run for web02
+
+        receiver.wait_for("is late", "web01")
+        client.set_flow_run_state(late.id, Cancelled(), force=True)
+
+    out = room.tmp / "restored"
+    hotvm("restore", "web02", "--to", str(out), "--format", "raw", "--config", str(config))
+    restored = list(out.glob("*data*.raw")) or list(out.glob("*.raw"))
+    assert len(restored) == 1
+    assert restored[0].read_bytes() == (room.tmp / "web02.raw").read_bytes()
+
+
+def test_verify_runs_one_verify_vm_per_vm_on_its_host_queue(room: Room) -> None:
+    from prefect.client.orchestration import get_client
+
+    for vm in ("web01", "web02"):  # alone (-k) this test makes its own backups
+        if not manifests(room.target, vm):
+            hotvm("backup", vm, "--config", str(room.config))
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        schema = deployments["verify-vm"].parameter_openapi_schema
+        assert schema["required"] == ["vm"] and schema["properties"]["vm"]["description"]
+        parent = client.create_flow_run_from_deployment(
+            deployments["verify"].id, parameters={"boot": False, "config": str(room.config)}
+        )
+        parent = wait_final(client, parent.id)
+        assert parent.state.is_completed(), parent.state
+        children = children_of(client, parent.id)
+        assert sorted(children) == ["web01", "web02"]
+        for vm, host in (("web01", "hv1"), ("web02", "hv2")):
+            child = children[vm]
+            assert child.state.is_completed(), child.state
+            assert child.work_queue_name == host and child.deployment_id == deployments["verify-vm"].id
+            assert child.name.startswith(f"verify {vm}@{host} ")
+            assert {"hotvm", "kind:verify", f"vm:{vm}", f"host:{host}"} <= set(child.tags)
+            assert child.state.message.startswith("verified ")
+    for vm in ("web01", "web02"):  # each set's restore-test record says verified
+        records = list((room.target / "vms" / vm).glob("*/restore-tests/*.json"))
+        assert records, f"no restore-test record for {vm}"
+
+
+def test_recover_runs_one_recover_vm_per_vm_on_its_host_queue(room: Room) -> None:
+    from prefect.client.orchestration import get_client
+
+    for vm in ("web01", "web02"):  # alone (-k) this test makes its own backups
+        if not manifests(room.target, vm):
+            hotvm("backup", vm, "--config", str(room.config))
+    dr = room.tmp / "dr"
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        assert {"tier", "to"} <= set(deployments["recover"].parameter_openapi_schema["required"])
+        parent = client.create_flow_run_from_deployment(
+            deployments["recover"].id,
+            parameters={"tier": 3, "to": str(dr), "fmt": "raw", "config": str(room.config)},  # the default
+        )  # policy's tier
+        parent = wait_final(client, parent.id)
+        assert parent.state.is_completed(), parent.state
+        assert parent.name.startswith("recover 3 ")
+        children = children_of(client, parent.id)
+        for vm, host in (("web01", "hv1"), ("web02", "hv2")):
+            child = children[vm]
+            assert child.state.is_completed(), child.state
+            assert child.work_queue_name == host and child.deployment_id == deployments["recover-vm"].id
+            assert child.name.startswith(f"recover {vm}@{host} ") and "tier:3" in child.tags
+            (disk,) = (dr / vm).glob("*.raw")  # restored on its host's worker, byte-identical
+            assert disk.read_bytes() == (room.tmp / f"{vm}.raw").read_bytes()
 
 
 def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: Path) -> None:
     from hotvm.config_file import load_config, parse_config
     from hotvm.errors import ConfigError
-    from hotvm.notifications import automation_specs, webhook_url
+    from hotvm.notifications import automation_specs, email_settings, webhook_url
 
     base = {"hosts": [{"name": "hv1", "vms": [{"name": "web01", "qmp": "/nonexistent"}]}],
             "targets": [{"name": "nas", "url": f"file://{tmp_path}"}]}  # fmt: skip
@@ -227,6 +354,18 @@ def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: P
     assert specs["hotvm-ops-late"]["trigger"]["within"] == 1800
     with pytest.raises(ConfigError, match="OPS_HOOK"):
         webhook_url(ops)  # not set in the environment: one line naming the variable
+    mail = {"name": "mail", "email": {"smtp": "mail.example.org:587", "from": "hotvm@example.org",
+                                      "to": ["ops@example.org"], "user": "u", "password_env": "PW_X"}}
+    (n,) = parse_config({**base, "notifications": [mail]}).notifications
+    with pytest.raises(ConfigError, match="PW_X"):
+        email_settings(n)  # the password's variable is not set: one line naming it
+    os.environ["PW_X"] = "pw"
+    try:
+        settings = email_settings(n)
+    finally:
+        del os.environ["PW_X"]
+    assert (settings["smtp_host"], settings["smtp_port"], settings["security"]) == ("mail.example.org", 587,
+                                                                                     "starttls")
     for bad, message in (
         ({"name": "ops"}, "exactly one of webhook, webhook_env, email"),
         ({"name": "ops", "webhook": "ftp://x"}, "http"),

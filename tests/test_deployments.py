@@ -36,7 +36,8 @@ def test_deployments_register_and_a_worker_runs_a_backup(prefect_server, tmp_pat
     with get_client(sync_client=True) as client:
         deployments = {d.name: d for d in client.read_deployments()}
         assert {"weekly-image", "backup-vm", "files-vm", "restore-vm", "backup-host"} <= set(deployments)
-        per_vm = {"backup-vm", "files-vm", "restore-vm", "instant-restore"}
+        per_vm = {"backup-vm", "files-vm", "restore-vm", "instant-restore", "verify-vm", "recover-vm",
+                  "sync-vm"}
         for d in deployments.values():
             if d.work_pool_name != "hotvm":
                 continue  # another test's deployment on the shared session server
