@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from hotvm.allocator import tune_for_large_buffers
 from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
 from hotvm.formats.manifest import DiskRecord, utcnow
 from hotvm.formats.repository import Repository
@@ -136,6 +137,7 @@ def export_image(
     still the complete chunk list of the image.
     """
     started = time.monotonic()
+    tune_for_large_buffers()  # chunk-sized buffers: see hotvm/allocator.py
     frozen_at = frozen_at or utcnow()
     info = image_info(image, fmt)
     reused: list[tuple[int, str]] = []
