@@ -41,6 +41,17 @@ class UnknownHostKey(paramiko.SSHException):
         self.key_type, self.fingerprint = key.get_name(), f"SHA256:{digest}"
 
 
+def _gcm_first(sock: object, **kw: object) -> paramiko.Transport:
+    """A transport preferring AES-GCM: one AEAD pass per packet instead of AES-CTR plus an HMAC that paramiko
+    computes in Python for every 32 KiB packet (5 % of an upload's samples in py-spy). Servers without it
+    still get the usual list; nothing weaker is added."""
+    transport = paramiko.Transport(sock, **kw)  # type: ignore[arg-type]
+    options = transport.get_security_options()
+    gcm = tuple(c for c in options.ciphers if c.endswith("-gcm@openssh.com"))
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
+    return transport
+
+
 class _RejectUnknown(paramiko.MissingHostKeyPolicy):
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
         raise UnknownHostKey(hostname, key)
@@ -128,7 +139,7 @@ class SFTPTarget(Target):
                     key_filename=self.key_file, allow_agent=self.allow_agent,
                     look_for_keys=self.key_file is None and self.cred.value is None,
                     timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                    channel_timeout=self.timeout,
+                    channel_timeout=self.timeout, transport_factory=_gcm_first,
                 )
                 self._client = client
             return client
