@@ -222,6 +222,13 @@ class Target:
                         self._remove(fs, tmp)
                     raise
 
+    @contextmanager
+    def grouped(self) -> Iterator[None]:
+        """Bulk writes (export's chunks): inside it, write_bytes may return before a blob is durable and under
+        its name; all of them are by the time it ends without error. Only for blobs nobody reads back before
+        then. Schemes where a blob is durable once written (every remote one) have nothing to group."""
+        yield
+
     def _put_renamed(self, fs: Any, tmp: str, final: str, data: bytes) -> None:
         """Write `data` under `tmp`, then make it `final`; a scheme that can do both in fewer round trips
         overrides this (SMB)."""

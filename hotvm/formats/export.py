@@ -161,7 +161,8 @@ def export_image(
     chunks: list[tuple[int, str]] = []
     in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
     done_bytes = 0
-    with ImageReader(info) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
+    # grouped(): chunks become durable in groups (targets/local.py); all are in place before it returns
+    with ImageReader(info) as reader, repo.target.grouped(), ThreadPoolExecutor(max_workers=workers) as pool:
 
         def collect(limit: int) -> None:
             nonlocal done_bytes
