@@ -223,10 +223,11 @@ class Target:
                     raise
 
     @contextmanager
-    def grouped(self) -> Iterator[None]:
-        """Bulk writes (export's chunks): inside it, write_bytes may return before a blob is durable and under
-        its name; all of them are by the time it ends without error. Only for blobs nobody reads back before
-        then. Schemes where a blob is durable once written (every remote one) have nothing to group."""
+    def grouped(self, under: str) -> Iterator[None]:
+        """Bulk writes (export's chunks): inside it, write_bytes of a path starting with `under` may return
+        before the blob is durable and under its name; all of them are by the time it ends without error.
+        Only for blobs nobody reads back before then (every other path is written as always). Schemes where
+        a blob is durable once written (every remote one) have nothing to group."""
         yield
 
     def _put_renamed(self, fs: Any, tmp: str, final: str, data: bytes) -> None:

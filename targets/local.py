@@ -38,6 +38,7 @@ class LocalTarget(Target):
         self._lock = threading.Lock()
         self._grouping = 0
         self._pending: list[tuple[str, str]] = []
+        self._grouped_under: set[str] = set()
 
     def _put_durably(self, full_path: str, data: bytes, sync: bool = True) -> None:
         # fsync before the rename: a manifest must never point at chunks a power cut could lose, and a chunk
@@ -51,7 +52,7 @@ class LocalTarget(Target):
                 os.fsync(fh.fileno())
 
     @contextmanager
-    def grouped(self) -> Iterator[None]:
+    def grouped(self, under: str) -> Iterator[None]:
         """Grouped durability: each blob goes to its temporary name unsynced, and every GROUP_BLOBS of them
         are fsynced one after the other and only then renamed. The first fsync's journal commit writes the
         data of the whole group, so the rest cost little: measured here, 128 chunks of 4 MiB by 4 threads
@@ -59,6 +60,7 @@ class LocalTarget(Target):
         too). A chunk still never appears under its name before its bytes are on disk."""
         with self._lock:
             self._grouping += 1
+            self._grouped_under.add(under)
         ok = False
         try:
             yield
@@ -66,6 +68,8 @@ class LocalTarget(Target):
         finally:
             with self._lock:
                 self._grouping -= 1
+                if not self._grouping:
+                    self._grouped_under.clear()
             if ok:
                 with self._errors("writing", ""):
                     self._settle()
@@ -73,7 +77,9 @@ class LocalTarget(Target):
                 self._discard_pending()
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        if not self._grouping:
+        with self._lock:
+            deferred = any(path.startswith(prefix) for prefix in self._grouped_under)
+        if not deferred:
             super().write_bytes(path, data)
             return
         final = self.full(path)

@@ -187,6 +187,24 @@ def test_blobs_larger_than_one_request_round_trip_whole(target: Target) -> None:
     assert target.listdir("b") == sorted(blobs)
 
 
+def test_grouped_chunks_appear_only_when_durable_and_other_files_at_once(tmp_path: Path) -> None:
+    """export groups the fsyncs of a file target's chunks: a chunk shows under its name only once synced
+    (never cut short under it after a power cut), anything else (the repository marker) as always, and a
+    failed export leaves neither chunks nor temporary files."""
+    target = open_target(TargetConfig(name="grouped", url=f"file://{tmp_path}/t"))
+    with target.grouped("chunks/"):
+        target.write_bytes("chunks/aa/one", b"one")
+        target.write_bytes("hotvm-repository.json", b"{}")
+        assert target.read_bytes("hotvm-repository.json") == b"{}"
+        assert not target.exists("chunks/aa/one")
+    assert target.read_bytes("chunks/aa/one") == b"one"
+    assert target.listdir("chunks/aa") == ["one"]
+    with pytest.raises(RuntimeError), target.grouped("chunks/"):
+        target.write_bytes("chunks/bb/two", b"two")
+        raise RuntimeError("export failed")
+    assert target.listdir("chunks/bb") == []
+
+
 def qemu_io(image: Path, *cmds: str) -> None:
     args = ["qemu-io", "-f", "qcow2"]
     for cmd in cmds:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import posixpath
 import threading
 import time
 from collections import deque
@@ -161,8 +162,9 @@ def export_image(
     chunks: list[tuple[int, str]] = []
     in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
     done_bytes = 0
-    # grouped(): chunks become durable in groups (targets/local.py); all are in place before it returns
-    with ImageReader(info) as reader, repo.target.grouped(), ThreadPoolExecutor(max_workers=workers) as pool:
+    # grouped(): chunks (only) become durable in groups (targets/local.py); all are in place before it returns
+    grouped = repo.target.grouped(posixpath.dirname(posixpath.dirname(repo.chunk_path("x"))) + "/")
+    with ImageReader(info) as reader, grouped, ThreadPoolExecutor(max_workers=workers) as pool:
 
         def collect(limit: int) -> None:
             nonlocal done_bytes
