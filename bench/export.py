@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,7 +33,8 @@ def bench_image(work: Path, label: str, image: Path, rounds: int) -> tuple[float
         cp_cmd = ["sh", "-c", f"cp --sparse=always {image} {dst} && sync"]
         cp_times.append(timed(lambda cmd=cp_cmd: subprocess.run(cmd, check=True)))
         dst.unlink()
-        repo = Repository(open_target(TargetConfig(name="bench", url=f"file://{work}/repo-{i}")))
+        repo_dir = work / f"repo-{uuid.uuid4().hex[:8]}"  # a removed repository's path is never reused
+        repo = Repository(open_target(TargetConfig(name="bench", url=f"file://{repo_dir}")))
         repo.ensure()
         drop_caches()
         export_times.append(
@@ -43,7 +45,7 @@ def bench_image(work: Path, label: str, image: Path, rounds: int) -> tuple[float
                 )
             )
         )
-        shutil.rmtree(work / f"repo-{i}")
+        shutil.rmtree(repo_dir)
     cp_s, ex_s = median(cp_times), median(export_times)
     print(f"{label:<28} cp {cp_s:6.2f} s   export {ex_s:6.2f} s   export throughput = {cp_s / ex_s:5.2f}x cp")
     return cp_s, ex_s

@@ -1,4 +1,5 @@
-"""Backup throughput to each target scheme vs a plain copy of the same bytes to the same server, in one run.
+"""Backup and restore throughput to each target scheme vs a plain copy of the same bytes to and from the same
+server, in one run.
 
     .venv/bin/python bench/target_throughput.py [--size-mib 1024] [--rounds 1]
                                                 [--schemes file,smb,sftp,ftp,ftps,s3]
@@ -7,12 +8,17 @@ hotvm: `export_image` of a raw image full of random data (nothing compresses, no
 repository (`repo.ensure()` first, not timed), under a fresh prefix every round so no chunk is deduplicated.
 Plain: the standard tool copies the same file to the same loopback server (tests/servers.py):
   file  `cp` into a directory, then `sync` (hotvm's file target fsyncs every chunk: `sync` after it too)
-  smb   `smbclient put` (Debian package smbclient: bench-only, not in scripts/install-system-deps.sh)
+  smb   `smbclient put` (Debian package smbclient, in scripts/install-system-deps.sh)
   sftp  OpenSSH `sftp -b` (batch mode) with the test key
   ftp   `curl -T`;  ftps: `curl --ssl-reqd --cacert` (explicit TLS, like hotvm's ftps://)
   s3    s3fs `put` (fsspec; multipart upload) to moto
 The image is read from the page cache by both. A `sync` (not timed) precedes every copy; the order of plain
-and hotvm alternates between rounds. Target (issue #4): hotvm throughput >= 0.8x the plain copy's.
+and hotvm alternates between rounds.
+Restore (the `get` lines; --no-restore skips them): hotvm `restore_disk` of the set just written, as a raw
+file, vs the plain tool fetching its own copy back (`cp`, `smbclient get`, `sftp get`, `curl -o`, s3fs `get`);
+both write to local disk and a timed `sync` follows both (restore_disk fsyncs its output).
+Targets (issues #4, #15): hotvm >= 0.8x the plain tool's throughput, both ways, and never below 1 GbE line
+rate (118 MiB/s).
 """
 
 from __future__ import annotations
@@ -34,12 +40,15 @@ from servers import FtpServer, MotoServer, SambaServer, SshServer, _descendants 
 
 from hotvm.config import TargetConfig  # noqa: E402
 from hotvm.formats.export import export_image  # noqa: E402
+from hotvm.formats.manifest import DiskRecord  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
+from hotvm.formats.restore import restore_disk  # noqa: E402
 from targets import open_target  # noqa: E402
 
 SCHEMES = ["file", "smb", "sftp", "ftp", "ftps", "s3"]
 BUCKET = "hotvm-bench"
 TARGET_RATIO = 0.8
+LINE_RATE_MIB_S = 118  # 1 GbE
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -85,6 +94,10 @@ class Scheme:
     def plain(self, image: Path, tag: str) -> None:
         raise NotImplementedError
 
+    def plain_get(self, tag: str, dest: Path) -> None:
+        """Fetch the plain copy of round `tag` back into the local file `dest`."""
+        raise NotImplementedError
+
     def cleanup(self, tag: str) -> None:
         raise NotImplementedError
 
@@ -100,6 +113,9 @@ class FileScheme(Scheme):
         dest = self.work / f"plain-{tag}"
         dest.mkdir()
         sh("cp", str(image), f"{dest}/")
+
+    def plain_get(self, tag: str, dest: Path) -> None:
+        sh("cp", str(self.work / f"plain-{tag}" / "random.raw"), str(dest))
 
     def cleanup(self, tag: str) -> None:
         for d in (f"file-{tag}", f"plain-{tag}"):
@@ -146,6 +162,11 @@ class SmbScheme(ServerScheme):
         sh("smbclient", f"//127.0.0.1/{s.share}", "-p", str(s.port), "-A", str(self.auth),
            "-c", f"put {image} plain-{tag}.raw")
 
+    def plain_get(self, tag: str, dest: Path) -> None:
+        s = self.server
+        sh("smbclient", f"//127.0.0.1/{s.share}", "-p", str(s.port), "-A", str(self.auth),
+           "-c", f"get plain-{tag}.raw {dest}")
+
     def cleanup(self, tag: str) -> None:
         shutil.rmtree(self.server.share_dir / f"hotvm-{tag}", ignore_errors=True)
         (self.server.share_dir / f"plain-{tag}.raw").unlink(missing_ok=True)
@@ -163,12 +184,17 @@ class SftpScheme(ServerScheme):
         return TargetConfig(name="bench-sftp", url=f"sftp://root@127.0.0.1:{s.port}{s.root_dir}/hotvm-{tag}",
                             key_file=s.client_key, known_hosts=s.known_hosts)
 
-    def plain(self, image: Path, tag: str) -> None:
+    def _sftp(self, command: str) -> None:
         s = self.server
         sh("sftp", "-q", "-b", "-", "-P", str(s.port), "-i", str(s.client_key),
            "-o", f"UserKnownHostsFile={s.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-           "-o", "BatchMode=yes", "root@127.0.0.1",
-           input=f"put {image} {s.root_dir}/plain-{tag}.raw\n")
+           "-o", "BatchMode=yes", "root@127.0.0.1", input=command + "\n")
+
+    def plain(self, image: Path, tag: str) -> None:
+        self._sftp(f"put {image} {self.server.root_dir}/plain-{tag}.raw")
+
+    def plain_get(self, tag: str, dest: Path) -> None:
+        self._sftp(f"get {self.server.root_dir}/plain-{tag}.raw {dest}")
 
     def cleanup(self, tag: str) -> None:
         shutil.rmtree(self.server.root_dir / f"hotvm-{tag}", ignore_errors=True)
@@ -190,11 +216,17 @@ class FtpScheme(ServerScheme):
                             password_env="HOTVM_BENCH_FTP_PASSWORD",
                             options={"ca_file": str(s.cert)} if self.tls else {})
 
-    def plain(self, image: Path, tag: str) -> None:
+    def _curl(self, tag: str, *args: str) -> None:
         s = self.server
         tls = ["--ssl-reqd", "--cacert", str(s.cert)] if self.tls else []
-        sh("curl", "-sS", "--fail", *tls, "-u", f"{s.user}:{s.password}", "-T", str(image),
+        sh("curl", "-sS", "--fail", *tls, "-u", f"{s.user}:{s.password}", *args,
            f"ftp://127.0.0.1:{s.port}/plain-{tag}.raw")
+
+    def plain(self, image: Path, tag: str) -> None:
+        self._curl(tag, "-T", str(image))
+
+    def plain_get(self, tag: str, dest: Path) -> None:
+        self._curl(tag, "-o", str(dest))
 
     def cleanup(self, tag: str) -> None:
         shutil.rmtree(self.server.root_dir / f"hotvm-{tag}", ignore_errors=True)
@@ -230,6 +262,9 @@ class S3Scheme(ServerScheme):
     def plain(self, image: Path, tag: str) -> None:
         self._fs().put(str(image), f"{BUCKET}/plain-{tag}.raw")
 
+    def plain_get(self, tag: str, dest: Path) -> None:
+        self._fs().get(f"{BUCKET}/plain-{tag}.raw", str(dest))
+
     def cleanup(self, tag: str) -> None:  # moto keeps objects in memory
         fs = self._fs()
         for path in (f"{BUCKET}/hotvm-{tag}", f"{BUCKET}/plain-{tag}.raw"):
@@ -244,8 +279,9 @@ CLASSES: dict[str, type[Scheme]] = {c.name: c for c in (FileScheme, SmbScheme, S
 class Measured:
     """Wall time and CPU seconds (client side, server side) of one copy."""
 
-    def __init__(self, scheme: Scheme) -> None:
+    def __init__(self, scheme: Scheme, sync_after: bool | None = None) -> None:
         self.scheme = scheme
+        self.sync_after = scheme.sync_after if sync_after is None else sync_after
 
     def __enter__(self) -> Measured:
         sh("sync")  # dirty pages of the previous copy are not this one's to write
@@ -254,7 +290,7 @@ class Measured:
         return self
 
     def stop_clock(self) -> None:
-        if self.scheme.sync_after:
+        if self.sync_after:
             sh("sync")
         self.wall = time.perf_counter() - self.start
 
@@ -270,46 +306,94 @@ def run_plain(scheme: Scheme, image: Path, tag: str) -> Measured:
     return m
 
 
-def run_hotvm(scheme: Scheme, image: Path, tag: str) -> Measured:
+def run_hotvm(scheme: Scheme, image: Path, tag: str) -> tuple[Measured, DiskRecord]:
     target = open_target(scheme.config(tag))
     try:
         repo = Repository(target)
         repo.ensure()
         with Measured(scheme) as m:
-            export_image(repo, device="bench", image=str(image), fmt="raw")
+            record = export_image(repo, device="bench", image=str(image), fmt="raw")
             m.stop_clock()
             target.close()  # inside the CPU window: the server's per-connection children end with it
     finally:
         target.close()
+    return m, record
+
+
+def run_plain_get(scheme: Scheme, tag: str) -> Measured:
+    dest = scheme.work / f"get-plain-{tag}.raw"
+    try:
+        with Measured(scheme, sync_after=True) as m:
+            scheme.plain_get(tag, dest)
+            m.stop_clock()
+    finally:
+        dest.unlink(missing_ok=True)
     return m
 
 
-def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int) -> bool:
+def run_hotvm_get(scheme: Scheme, tag: str, record: DiskRecord) -> Measured:
+    dest = scheme.work / f"get-hotvm-{tag}.raw"
+    target = open_target(scheme.config(tag))
+    try:
+        with Measured(scheme, sync_after=True) as m:
+            restore_disk(Repository(target), record, dest, fmt="raw")
+            m.stop_clock()
+            target.close()
+    finally:
+        target.close()
+        dest.unlink(missing_ok=True)
+    return m
+
+
+def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: bool) -> bool:
     plain: list[Measured] = []
     hotvm: list[Measured] = []
+    plain_get: list[Measured] = []
+    hotvm_get: list[Measured] = []
     for i in range(rounds):
         tag = uuid.uuid4().hex[:8]
         try:
             if i % 2 == 0:
                 plain.append(run_plain(scheme, image, tag))
-                hotvm.append(run_hotvm(scheme, image, tag))
+                m, record = run_hotvm(scheme, image, tag)
             else:
-                hotvm.append(run_hotvm(scheme, image, tag))
+                m, record = run_hotvm(scheme, image, tag)
                 plain.append(run_plain(scheme, image, tag))
+            hotvm.append(m)
+            if restore:
+                if i % 2 == 0:
+                    plain_get.append(run_plain_get(scheme, tag))
+                    hotvm_get.append(run_hotvm_get(scheme, tag, record))
+                else:
+                    hotvm_get.append(run_hotvm_get(scheme, tag, record))
+                    plain_get.append(run_plain_get(scheme, tag))
         finally:
             scheme.cleanup(tag)
+    met = report(f"{scheme.name:<5} put", plain, hotvm, size)
+    if restore:
+        met = report(f"{scheme.name:<5} get", plain_get, hotvm_get, size) and met
+    return met
+
+
+def report(label: str, plain: list[Measured], hotvm: list[Measured], size: int) -> bool:
+    """One line: both contenders' medians, the ratio and whether the goal (ratio and line rate) is met."""
 
     def summary(runs: list[Measured]) -> tuple[float, str]:
         wall = median([r.wall for r in runs])
         return wall, (f"{wall:6.2f} s {size / (1 << 20) / wall:6.0f} MiB/s  cpu "
                       f"{median([r.client for r in runs]):4.1f} + {median([r.server for r in runs]):4.1f} s")
 
+    def cpu(runs: list[Measured]) -> float:
+        return median([r.client + r.server for r in runs])
+
     plain_s, plain_text = summary(plain)
     hotvm_s, hotvm_text = summary(hotvm)
     ratio = plain_s / hotvm_s
-    met = ratio >= TARGET_RATIO
-    print(f"{scheme.name:<5}  plain {plain_text}   hotvm {hotvm_text}   {ratio:5.2f}x  "
-          f"{'met' if met else 'MISSED'}", flush=True)
+    line_rate = size / (1 << 20) / hotvm_s >= LINE_RATE_MIB_S
+    met = ratio >= TARGET_RATIO and line_rate
+    print(f"{label}  plain {plain_text}   hotvm {hotvm_text}   {ratio:5.2f}x  "
+          f"cpu {cpu(plain) / cpu(hotvm):4.2f}x  {'met' if met else 'MISSED'}"
+          f"{'' if line_rate else ' (below 1 GbE)'}", flush=True)
     return met
 
 
@@ -319,6 +403,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated subset of: "
                         + ", ".join(SCHEMES))
+    parser.add_argument("--no-restore", action="store_true", help="measure backups only")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /var/tmp)")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -337,15 +422,17 @@ def main() -> None:
         print(f"image {args.size_mib} MiB of random data, {args.rounds} round(s), "
               f"{'medians, ' if args.rounds > 1 else ''}reads from the page cache; {machine_load()}",
               flush=True)
-        print(f"ratio = hotvm throughput / plain throughput (target >= {TARGET_RATIO}x); "
-              "cpu = client + server CPU seconds", flush=True)
+        print(f"ratio = hotvm throughput / plain throughput (target >= {TARGET_RATIO}x and >= "
+              f"{LINE_RATE_MIB_S} MiB/s); put = backup, get = restore; cpu = client + server CPU seconds; "
+              "cpu ...x = plain CPU / hotvm CPU (what the ratio tends to on a CPU-bound, shared machine)",
+              flush=True)
         started: list[Scheme] = []
         try:
             for name in chosen:
                 scheme = CLASSES[name](work)
                 started.append(scheme)
                 scheme.start()
-                bench_scheme(scheme, image, args.rounds, size)
+                bench_scheme(scheme, image, args.rounds, size, restore=not args.no_restore)
                 scheme.stop()
         finally:
             for scheme in started:

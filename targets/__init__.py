@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from hotvm.allocator import tune_for_large_buffers
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError
 from targets.base import Target
@@ -55,6 +56,7 @@ def open_target(config: TargetConfig) -> Target:
                 "remove it from the URL and name an environment variable (password_env:) or a Prefect Secret "
                 "block (password_secret:) instead",
             )
+    tune_for_large_buffers()  # chunk-sized buffers: see hotvm/allocator.py
     target = opener(config)
     target.config = config
     return target

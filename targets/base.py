@@ -7,6 +7,7 @@ A scheme module overrides only what its filesystem does badly, through these hoo
   _session()      the filesystem for one operation (pooled schemes hand each thread its own connection)
   _translate()    library exceptions -> one clear TargetError (OSError errnos are handled here)
   _put_durably()  how bytes land under the temporary name;  _rename(): how the temporary name becomes final
+  _put_renamed()  both at once, where a protocol saves round trips that way
   atomic_put      True where one PUT is already atomic (object stores): no temporary name, no rename
 Errors: FileNotFoundError passes through (the format relies on it); everything else becomes a TargetError
 naming the target. TargetConfigError (also a ConfigError) marks what no retry can fix: a wrong password, an
@@ -215,12 +216,25 @@ class Target:
             tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
             with self._session() as fs:
                 try:
-                    self._put(fs, tmp, data)
-                    self._rename(fs, tmp, final)
+                    self._put_renamed(fs, tmp, final, data)
                 except BaseException:
                     with suppress(Exception):  # best-effort cleanup: the original error matters
                         self._remove(fs, tmp)
                     raise
+
+    @contextmanager
+    def grouped(self, under: str) -> Iterator[None]:
+        """Bulk writes (export's chunks): inside it, write_bytes of a path starting with `under` may return
+        before the blob is durable and under its name; all of them are by the time it ends without error.
+        Only for blobs nobody reads back before then (every other path is written as always). Schemes where
+        a blob is durable once written (every remote one) have nothing to group."""
+        yield
+
+    def _put_renamed(self, fs: Any, tmp: str, final: str, data: bytes) -> None:
+        """Write `data` under `tmp`, then make it `final`; a scheme that can do both in fewer round trips
+        overrides this (SMB)."""
+        self._put(fs, tmp, data)
+        self._rename(fs, tmp, final)
 
     def _put(self, fs: Any, full_path: str, data: bytes) -> None:
         self._put_durably(full_path, data)

@@ -31,6 +31,9 @@ from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
 from targets.base import Pool, Target, is_unreachable
 
+READ_SIZE = 64 * 1024
+"""Bytes per SFTP read request: OpenSSH answers up to 255 KiB, and 64 KiB is what servers commonly accept
+(a server answering less is still read whole, by paramiko's follow-up reads, only slower)."""
 SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
 
 
@@ -39,6 +42,17 @@ class UnknownHostKey(paramiko.SSHException):
         digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
         super().__init__(f"host key of {host} is not in known_hosts")
         self.key_type, self.fingerprint = key.get_name(), f"SHA256:{digest}"
+
+
+def _gcm_first(sock: object, **kw: object) -> paramiko.Transport:
+    """A transport preferring AES-GCM: one AEAD pass per packet instead of AES-CTR plus an HMAC that paramiko
+    computes in Python for every 32 KiB packet (5 % of an upload's samples in py-spy). Servers without it
+    still get the usual list; nothing weaker is added."""
+    transport = paramiko.Transport(sock, **kw)  # type: ignore[arg-type]
+    options = transport.get_security_options()
+    gcm = tuple(c for c in options.ciphers if c.endswith("-gcm@openssh.com"))
+    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
+    return transport
 
 
 class _RejectUnknown(paramiko.MissingHostKeyPolicy):
@@ -128,7 +142,7 @@ class SFTPTarget(Target):
                     key_filename=self.key_file, allow_agent=self.allow_agent,
                     look_for_keys=self.key_file is None and self.cred.value is None,
                     timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                    channel_timeout=self.timeout,
+                    channel_timeout=self.timeout, transport_factory=_gcm_first,
                 )
                 self._client = client
             return client
@@ -203,9 +217,14 @@ class SFTPTarget(Target):
                 return False
 
     def read_bytes(self, path: str) -> bytes:
+        """Prefetched in READ_SIZE requests, read back in one call: paramiko's 32 KiB requests, taken in its
+        8 KiB read() steps, cost 33-50 ms of CPU per 4 MiB blob here; this 25-27 ms (4 threads: 29-51 ->
+        91 MiB/s)."""
         with self._errors("reading", path), self._session() as fs, fs.ftp.open(self.full(path), "rb") as fh:
-            fh.prefetch()
-            return fh.read()
+            fh.MAX_REQUEST_SIZE = READ_SIZE
+            size = fh.stat().st_size
+            fh.prefetch(size)
+            return fh.read(size)
 
     def _put(self, fs: _ChannelFS, full_path: str, data: bytes) -> None:
         with fs.ftp.open(full_path, "wb") as fh:

@@ -174,6 +174,37 @@ def test_target_contract(target: Target) -> None:
     assert "s3cret" not in target.display("x") and "s3cret" not in repr(target)
 
 
+def test_blobs_larger_than_one_request_round_trip_whole(target: Target) -> None:
+    """Up to a 4 MiB chunk a blob goes in one request where the protocol allows (SMB: one compound to write,
+    one to rename, one to read); 9 MiB is more than smbd's largest read and write, so it takes the general
+    path. Either way the bytes read back are the bytes written, under their name only."""
+    blobs = {name: os.urandom(size) for name, size in
+             (("one", 1), ("chunk", 4 * MiB + 4096), ("big", 9 * MiB), ("chunk2", 4 * MiB + 1))}
+    for name, data in blobs.items():
+        target.write_bytes(f"b/{name}", data)
+    for name, data in blobs.items():
+        assert target.read_bytes(f"b/{name}") == data
+    assert target.listdir("b") == sorted(blobs)
+
+
+def test_grouped_chunks_appear_only_when_durable_and_other_files_at_once(tmp_path: Path) -> None:
+    """export groups the fsyncs of a file target's chunks: a chunk shows under its name only once synced
+    (never cut short under it after a power cut), anything else (the repository marker) as always, and a
+    failed export leaves neither chunks nor temporary files."""
+    target = open_target(TargetConfig(name="grouped", url=f"file://{tmp_path}/t"))
+    with target.grouped("chunks/"):
+        target.write_bytes("chunks/aa/one", b"one")
+        target.write_bytes("hotvm-repository.json", b"{}")
+        assert target.read_bytes("hotvm-repository.json") == b"{}"
+        assert not target.exists("chunks/aa/one")
+    assert target.read_bytes("chunks/aa/one") == b"one"
+    assert target.listdir("chunks/aa") == ["one"]
+    with pytest.raises(RuntimeError), target.grouped("chunks/"):
+        target.write_bytes("chunks/bb/two", b"two")
+        raise RuntimeError("export failed")
+    assert target.listdir("chunks/bb") == []
+
+
 def qemu_io(image: Path, *cmds: str) -> None:
     args = ["qemu-io", "-f", "qcow2"]
     for cmd in cmds:

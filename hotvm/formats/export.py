@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import posixpath
 import threading
 import time
 from collections import deque
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import zstandard
 
+from hotvm.allocator import tune_for_large_buffers
 from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
 from hotvm.formats.manifest import ChunkEntry, DiskRecord, Patch, utcnow
 from hotvm.formats.patchplan import by_chunk, plan_chunk
@@ -147,6 +149,7 @@ def export_image(
     The result is still the complete chunk list of the image.
     """
     started = time.monotonic()
+    tune_for_large_buffers()  # chunk-sized buffers: see hotvm/allocator.py
     frozen_at = frozen_at or utcnow()
     info = image_info(image, fmt)
     entries: dict[int, list[ChunkEntry]] = {}
@@ -187,7 +190,9 @@ def export_image(
     counters = _Counters()
     in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
     done_bytes = 0
-    with ImageReader(info) as reader, ThreadPoolExecutor(max_workers=workers) as pool:
+    # grouped(): chunks (only) become durable in groups (targets/local.py); all are in place before it returns
+    grouped = repo.target.grouped(posixpath.dirname(posixpath.dirname(repo.chunk_path("x"))) + "/")
+    with ImageReader(info) as reader, grouped, ThreadPoolExecutor(max_workers=workers) as pool:
 
         def collect(limit: int) -> None:
             nonlocal done_bytes

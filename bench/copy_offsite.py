@@ -1,7 +1,7 @@
 """Replication of a repository (`hotvm copy`) to a destination that already holds half of its chunks, vs
 the plain tool uploading exactly the missing files to the same server, in one run.
 
-    .venv/bin/python bench/copy.py [--size-mib 256] [--rounds 2] [--schemes s3,sftp]
+    .venv/bin/python bench/copy_offsite.py [--size-mib 256] [--rounds 2] [--schemes s3,sftp]
 
 Source: a local file repository with one complete image set of `size` MiB of random data (4 MiB chunks,
 nothing compresses or deduplicates), made with the real export path. Destination, per round under a fresh
