@@ -23,11 +23,8 @@ from __future__ import annotations
 import os.path
 import sys
 
-# This file is named like the standard library's `copy`: take bench/ off the front of the path before
-# anything imports `copy`, and put it (and tests/) at the end, for _common and servers.
-_BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _BENCH]
-sys.path += [_BENCH, os.path.join(os.path.dirname(_BENCH), "tests")]
+# bench/ is on the path as the script's own directory (_common); tests/ for the loopback servers
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 import argparse
 import datetime as dt

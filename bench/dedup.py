@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import copy  # noqa: F401 - the stdlib's, before bench/ (which has a copy.py) goes on sys.path
 import hashlib
 import os
 import random

@@ -20,7 +20,6 @@ restore >= 0.8x cp.
 from __future__ import annotations
 
 import argparse
-import copy  # noqa: F401 - the stdlib's, before bench/ (which has a copy.py) goes on sys.path
 import hashlib
 import os
 import random

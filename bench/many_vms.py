@@ -40,10 +40,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
-# bench/ last, never first: its copy.py must not shadow the standard library's copy module
-sys.path[:] = [str(ROOT), str(ROOT / "tests")] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
-sys.path.append(str(BENCH))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # bench/ (_common): the script's own directory
 from _common import machine_load, write_random_extents  # noqa: E402
 from qemu_helpers import DiskSpec, start_qemu  # noqa: E402
 

@@ -14,9 +14,6 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# bench/copy.py must not shadow the stdlib's `copy` (pydantic imports it): bench/ goes last on the path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.append(str(HERE))
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402
