@@ -340,7 +340,3 @@ def publish(
             results,
         )
     return results
-
-
-def artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

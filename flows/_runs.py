@@ -101,3 +101,8 @@ def _current_queue() -> str | None:
     with contextlib.suppress(Exception), get_client(sync_client=True) as client:
         return client.read_flow_run(run_id).work_queue_name
     return None
+
+
+def artifact_key(name: str) -> str:
+    """A name as Prefect artifact keys allow it (lowercase letters, digits, dashes)."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower())

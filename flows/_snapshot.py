@@ -18,15 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from prefect import Task, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows._rollback import roll_back
+from flows._runs import artifact_key, check_host_queue, tag_this_run, vm_tags
 from hotvm import backup
 from hotvm.config import TaskRetries
 from hotvm.formats.manifest import StepTiming
 from hotvm.formats.repository import new_backup_id
 from hotvm.hypervisors.base import FrozenDisk
 from hotvm.locks import BackupRunning, vm_lock
+from hotvm.policies import policy_for_vm
 from tasks.commit import commit_disk
 from tasks.redo import add_redo
 
@@ -128,3 +131,60 @@ def hot_snapshot(
         roll_back(vm, config, snap.frozen, journaled=set(snap.read))
         snap.rolled_back = True
         raise
+
+
+def per_vm_run(
+    what: str, kind: str, vm: str, config: str | None, backup_id: str | None,
+    body: Callable[[backup.Session, str, Steps], T],
+) -> T:
+    """What every per-VM backup run does around its body (backup-vm, files-vm): the session, the check
+    that it runs on its host's queue, the run's tags, its set id (stable across retries) and, when it
+    fails, the artifact that says what failed and how to resume."""
+    session = backup.open_session(vm, config)
+    check_host_queue(vm, session.host.name)
+    policy = policy_for_vm(session.config, vm)
+    tag_this_run(vm_tags(kind, vm, session.host.name, policy.name if policy else None))
+    backup_id = backup_id or run_backup_id()
+    steps = Steps(session.config.retries)
+    try:
+        return body(session, backup_id, steps)
+    except BaseException as exc:
+        failure_artifact(what, vm, backup_id, steps, exc)
+        raise
+
+
+def failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: BaseException) -> None:
+    """What failed, what was rolled back, how to resume: on the failed run's page in the UI."""
+    from prefect.runtime import flow_run
+
+    step = getattr(exc, "hotvm_step", None) or steps.failed or "before the first step"
+    tag_this_run([f"step:{step}"])  # the failure notification names the step (hotvm/notifications.py)
+    done = ", ".join(f"{t.step} {t.device}" if t.device else t.step for t in steps.timings) or "none"
+    froze = any(t.step == "add_redo" for t in steps.timings) or step.startswith("add_redo")
+    rolled_back = (
+        "Rolled back: every overlay this run put on the VM was committed back (the VM runs on its own disks "
+        "again) and this run's unused dirty bitmaps were dropped; the previous set's bitmaps stay."
+        if froze
+        else "Nothing to roll back: the run failed before it put an overlay on the VM."
+    )
+    run = f"prefect flow-run retry {flow_run.id}" if flow_run.id else f"hotvm {what} {vm} (resumes the set)"
+    text = "\n".join(
+        [
+            f"# {what.capitalize()} of {vm} FAILED at `{step}`",
+            "",
+            f"Error: `{type(exc).__name__}: {exc}`",
+            "",
+            f"Set: `{backup_id}` (unfinished: restores never see it; prune removes it if never resumed)",
+            "",
+            f"Steps that completed: {done}",
+            "",
+            rolled_back,
+            "",
+            "Resume: fix the cause, then press **Retry** on this run (or `" + run + "`). The retry keeps "
+            "the same set and does not read again the disks the target already holds.",
+        ]
+    )
+    with contextlib.suppress(Exception):  # the run's failure must stay the error reported
+        create_markdown_artifact(
+            text, key=f"{what}-{artifact_key(vm)}-failed", description=f"{what} of {vm} failed"
+        )

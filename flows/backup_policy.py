@@ -11,8 +11,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms, unlisted_rows
-from flows._runs import fleet_run_name
+from flows._fleet import MAX_PARALLEL_VMS, publish, run_vms, unlisted_rows
+from flows._runs import artifact_key, fleet_run_name
 from hotvm.config_file import load_config
 from hotvm.hypervisors.resolve import resolve_vms
 from hotvm.policies import claimed_elsewhere, vms_for_policy

@@ -13,15 +13,13 @@ disks the target already holds.
 
 from __future__ import annotations
 
-import contextlib
-
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from flows._limits import backup_slot
-from flows._runs import check_host_queue, tag_this_run, vm_run_name, vm_tags
-from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
+from flows._runs import artifact_key, vm_run_name
+from flows._snapshot import Snapshot, Steps, hot_snapshot, per_vm_run, rollback_hook
 from hotvm import backup
 from hotvm.formats.manifest import Manifest, StepTiming, utcnow
 from hotvm.hypervisors.base import FrozenDisk
@@ -58,17 +56,10 @@ def backup_vm(
         backup_id: Resume this unfinished backup set; empty: this run's own id (a retry of this run
             resumes it).
     """
-    session = backup.open_session(vm, config)
-    check_host_queue(vm, session.host.name)
-    policy = policy_for_vm(session.config, vm)
-    tag_this_run(vm_tags("image", vm, session.host.name, policy.name if policy else None))
-    backup_id = backup_id or run_backup_id()
-    steps = Steps(session.config.retries)
-    try:
-        return _backup(session, target, config, backup_id, steps)
-    except BaseException as exc:
-        _failure_artifact("backup", vm, backup_id, steps, exc)
-        raise
+    return per_vm_run(
+        "backup", "image", vm, config, backup_id,
+        lambda session, backup_id, steps: _backup(session, target, config, backup_id, steps),
+    )  # fmt: skip
 
 
 def _backup(session: backup.Session, target: str | None, config: str | None, backup_id: str, steps: Steps):
@@ -143,47 +134,10 @@ def _backup(session: backup.Session, target: str | None, config: str | None, bac
                 manifest.warnings.append(f"superseded dirty bitmaps not removed: {exc}")
     summary = summarize(manifest.model_copy(update={"steps": steps.timings}), url)
     create_markdown_artifact(
-        _summary_markdown(summary), key=f"backup-{_artifact_key(vm)}", description=f"hot backup of {vm}"
+        _summary_markdown(summary), key=f"backup-{artifact_key(vm)}", description=f"hot backup of {vm}"
     )
     log.info("backup %s of %s complete: %s", backup_id, vm, url)
     return Completed(message=f"backup {backup_id} complete: {url}", data=summary)
-
-
-def _failure_artifact(what: str, vm: str, backup_id: str, steps: Steps, exc: BaseException) -> None:
-    """What failed, what was rolled back, how to resume: on the failed run's page in the UI."""
-    from prefect.runtime import flow_run
-
-    step = getattr(exc, "hotvm_step", None) or steps.failed or "before the first step"
-    tag_this_run([f"step:{step}"])  # the failure notification names the step (hotvm/notifications.py)
-    done = ", ".join(f"{t.step} {t.device}" if t.device else t.step for t in steps.timings) or "none"
-    froze = any(t.step == "add_redo" for t in steps.timings) or step.startswith("add_redo")
-    rolled_back = (
-        "Rolled back: every overlay this run put on the VM was committed back (the VM runs on its own disks "
-        "again) and this run's unused dirty bitmaps were dropped; the previous set's bitmaps stay."
-        if froze
-        else "Nothing to roll back: the run failed before it put an overlay on the VM."
-    )
-    run = f"prefect flow-run retry {flow_run.id}" if flow_run.id else f"hotvm {what} {vm} (resumes the set)"
-    text = "\n".join(
-        [
-            f"# {what.capitalize()} of {vm} FAILED at `{step}`",
-            "",
-            f"Error: `{type(exc).__name__}: {exc}`",
-            "",
-            f"Set: `{backup_id}` (unfinished: restores never see it; prune removes it if never resumed)",
-            "",
-            f"Steps that completed: {done}",
-            "",
-            rolled_back,
-            "",
-            "Resume: fix the cause, then press **Retry** on this run (or `" + run + "`). The retry keeps "
-            "the same set and does not read again the disks the target already holds.",
-        ]
-    )
-    with contextlib.suppress(Exception):  # the run's failure must stay the error reported
-        create_markdown_artifact(
-            text, key=f"{what}-{_artifact_key(vm)}-failed", description=f"{what} of {vm} failed"
-        )
 
 
 def quiesce_for(session: backup.Session) -> bool:
@@ -255,10 +209,6 @@ def skipped_summary(
         "pivot_stall_ms": None,
         "warnings": warnings,
     }
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())
 
 
 def _mib(n: int | None) -> str:

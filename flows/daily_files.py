@@ -18,11 +18,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._fleet import MAX_PARALLEL_VMS, artifact_key, publish, run_vms, unlisted_rows
+from flows._fleet import MAX_PARALLEL_VMS, publish, run_vms, unlisted_rows
 from flows._limits import backup_slot
-from flows._runs import check_host_queue, fleet_run_name, tag_this_run, vm_run_name, vm_tags
-from flows._snapshot import Snapshot, Steps, hot_snapshot, rollback_hook, run_backup_id
-from flows.backup_vm import _failure_artifact
+from flows._runs import artifact_key, fleet_run_name, vm_run_name
+from flows._snapshot import Snapshot, Steps, hot_snapshot, per_vm_run, rollback_hook
 from hotvm import backup
 from hotvm.config_file import load_config
 from hotvm.files.backup import summary_rows
@@ -61,17 +60,12 @@ def files_vm(
         backup_id: Resume this unfinished file set; empty: this run's own id (a retry of this run resumes
             it).
     """
-    session = backup.open_session(vm, config)
-    check_host_queue(vm, session.host.name)
-    policy = policy_for_vm(session.config, vm)
-    tag_this_run(vm_tags("files", vm, session.host.name, policy.name if policy else None))
-    backup_id = backup_id or run_backup_id()
-    steps = Steps(session.config.retries)
-    try:
-        return _files(session, files_target(session, target), config, backup_id, steps)
-    except BaseException as exc:
-        _failure_artifact("files", vm, backup_id, steps, exc)
-        raise
+    return per_vm_run(
+        "files", "files", vm, config, backup_id,
+        lambda session, backup_id, steps: _files(
+            session, files_target(session, target), config, backup_id, steps
+        ),
+    )  # fmt: skip
 
 
 def _files(session: backup.Session, target: str | None, config: str | None, backup_id: str, steps: Steps):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows._runs import fleet_run_name
+from flows._runs import artifact_key, fleet_run_name
 from hotvm.config_file import load_config
 from hotvm.inventory import diff_markdown, vm_rows
 from tasks.inventory import collect_inventory, diff_inventory, store_inventory
@@ -30,7 +30,7 @@ def inventory(target: str | None = None, config: str | None = None) -> dict:
     current = collect_inventory(config)
     stored, prev_name, previous = store_inventory(current, target_name, config)
     change = diff_inventory(previous, current)
-    key = _artifact_key(target_name)
+    key = artifact_key(target_name)
     unreachable = sum(1 for vm in current.vms if vm.error)
     create_table_artifact(
         vm_rows(current),
@@ -53,7 +53,3 @@ def inventory(target: str | None = None, config: str | None = None) -> dict:
         "unreachable": unreachable,
         "diff": change.model_dump(),
     }
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

@@ -14,7 +14,7 @@ import datetime as dt
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows._runs import fleet_run_name
+from flows._runs import artifact_key, fleet_run_name
 from hotvm.prune import PruneReport, prune_policy, run_prune
 from tasks.prune import TaskSteps
 
@@ -69,7 +69,7 @@ def prune(
         chunk_grace=dt.timedelta(minutes=chunk_grace_minutes),
     )
     create_table_artifact(
-        artifact_rows(report), key=f"prune-{_artifact_key(target_cfg.name)}", description=describe(report)
+        artifact_rows(report), key=f"prune-{artifact_key(target_cfg.name)}", description=describe(report)
     )
     log.info("%s", describe(report))
     return report.summary()
@@ -111,7 +111,3 @@ def describe(report: PruneReport) -> str:
     if report.errors:
         text += f"; {len(report.errors)} error(s)"
     return text
-
-
-def _artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower())

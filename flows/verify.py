@@ -14,8 +14,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import deployment
 from prefect.states import Completed
 
-from flows._fleet import artifact_key, fan_out, publish
-from flows._runs import FLEET_QUEUE, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
+from flows._fleet import fan_out, publish
+from flows._runs import FLEET_QUEUE, artifact_key, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
 from tasks.verify import select_vms, verify_set
 
