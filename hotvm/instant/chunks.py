@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import datetime as dt
 import json
 import os
@@ -117,6 +118,9 @@ class ChunkSource:
         self._plain: OrderedDict[str, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
+        self._damaged: dict[str, ChecksumMismatch] = {}
+        """Objects that failed verification: every later read of them fails at once, not after fetching and
+        hashing the same bad chunk again for each 4 KiB the guest retries."""
         self._pool: ThreadPoolExecutor | None = None
 
     # ---- what verify_chunk needs of a repository
@@ -185,6 +189,8 @@ class ChunkSource:
         once however many readers want it."""
         while True:
             with self._lock:
+                if digest in self._damaged:
+                    raise copy.copy(self._damaged[digest])
                 data = self._plain.get(digest)
                 if data is not None:
                     self._plain.move_to_end(digest)
@@ -199,6 +205,9 @@ class ChunkSource:
         except HotvmError as exc:
             self._log("problems.jsonl", json.dumps({"device": disk.record.device, "index": index,
                                                     "chunk": digest, "error": exc.message}))
+            if isinstance(exc, ChecksumMismatch):  # damaged for good; an unreachable target may come back
+                with self._lock:
+                    self._damaged[digest] = exc
             raise
         finally:
             with self._lock:

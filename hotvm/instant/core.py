@@ -147,10 +147,18 @@ def wait_ready(state: InstantState, since: float, timeout: float | None = None) 
     spec = boot_spec(state)
     pattern = re.compile(spec.ready_pattern)
     deadline = since + (timeout or spec.timeout_s)
+    reported = Path(state.run_dir) / "problems.jsonl"  # this export's (export.start_export starts it anew)
     while True:
         text = state.serial_log.read_text(errors="replace") if state.serial_log.exists() else ""
         if pattern.search(text):
             return round(time.monotonic() - since, 3)
+        if reported.exists():
+            damaged = [p["error"] for p in problems(state) if "error" in p]
+            if damaged:  # the guest cannot read its disk: it will not get ready, whatever the timeout
+                raise NotReady(
+                    f"the instant-restored {state.vm} cannot read its disks: {damaged[-1]}",
+                    "restore another backup set (hotvm list shows them), or rerun after repairing the target",
+                )
         if runner.running_pid(state) is None:
             raise HotvmError(
                 f"the instant-restored {state.vm} stopped before '{spec.ready_pattern}'",

@@ -110,6 +110,7 @@ def start_export(run_dir: Path, payload: dict, filters: tuple[str, ...] = ()) ->
     sock, pidfile, log = run_dir / "nbd.sock", run_dir / "nbdkit.pid", run_dir / "nbdkit.log"
     sock.unlink(missing_ok=True)
     pidfile.unlink(missing_ok=True)
+    (run_dir / "problems.jsonl").unlink(missing_ok=True)  # this export's problems only (core.wait_ready)
     read_fd, write_fd = os.pipe()
     cmd = [
         nbdkit_binary(), "--unix", str(sock), "--pidfile", str(pidfile), "--readonly", "--log=stderr",
