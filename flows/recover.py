@@ -15,6 +15,7 @@ from prefect.states import Completed
 from flows._fleet import fan_out, publish
 from flows._runs import FLEET_QUEUE, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
+from hotvm.restore import check_disk_format
 from hotvm.verify import recover_tier, recovery_plan
 from hotvm.verify import recover_vm as recover_one
 
@@ -38,8 +39,7 @@ def recover(
         fmt: Format of the restored disks: qcow2 or raw.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
-    if fmt not in ("qcow2", "raw"):
-        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    check_disk_format(fmt)
     if deployment.id:  # from the UI: one recover-vm run per VM, in recovery order, on its host's worker
         vms = [p["vm"] for p in recovery_plan(config, tier, target)]
         if not vms:
@@ -105,8 +105,7 @@ def recover_vm(
         fmt: Format of the restored disks: qcow2 or raw.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
-    if fmt not in ("qcow2", "raw"):
-        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    check_disk_format(fmt)
     tag_this_run([*vm_tags("recover", vm, host_of(vm, config) or FLEET_QUEUE), f"tier:{tier}"])
     row = recover_one(config, vm, to, target, tier=tier, boot_check=boot_check, fmt=fmt)  # type: ignore[arg-type]
     if not row["ok"]:

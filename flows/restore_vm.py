@@ -11,7 +11,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows._runs import vm_run_name
 from hotvm.errors import HotvmError
-from hotvm.restore import completed_restore, mark_restored, prepare_destination
+from hotvm.restore import check_disk_format, completed_restore, mark_restored, prepare_destination
 from hotvm.standby import restore_dir_on_host, staged_on_host
 from tasks.restore import boot_check, find_backup, record_restore_test, restore_config, restore_disk
 from tasks.sync import register_vm
@@ -47,8 +47,7 @@ def restore_vm(
         name: Name of the restored VM on to_host; empty: the VM's own name.
         start: Start the VM registered on to_host.
     """
-    if fmt not in ("qcow2", "raw"):
-        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    check_disk_format(fmt)
     if to is None and to_host is None:
         raise HotvmError("restore needs a destination", "pass to (a directory) or to_host (a host)")
     manifest = find_backup(vm, target, backup_id, config)

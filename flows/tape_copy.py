@@ -14,8 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows._runs import fleet_run_name, vm_run_name
-from hotvm.errors import HotvmError
-from hotvm.restore import prepare_destination
+from hotvm.restore import check_disk_format, prepare_destination
 from tasks.tape import copy_to_tape, restore_from_tape, store_catalog, tape_catalogs
 
 
@@ -74,8 +73,7 @@ def tape_restore(
         fmt: Format of the restored disks: qcow2 or raw.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
-    if fmt not in ("qcow2", "raw"):
-        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")
+    check_disk_format(fmt)
     dest = Path(to).resolve()
     prepare_destination(dest)
     catalogs = tape_catalogs(tape, config)

@@ -89,3 +89,9 @@ def restore_config_files(
 ) -> list[str]:
     with open_repository(config, target) as repo:
         return restore_config(repo, manifest, dest)
+
+
+def check_disk_format(fmt: str) -> None:
+    """Restored disks are written as qcow2 or raw: anything else is refused before a repository is opened."""
+    if fmt not in ("qcow2", "raw"):
+        raise HotvmError(f"unknown disk format '{fmt}'", "use qcow2 or raw")

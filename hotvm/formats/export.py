@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import posixpath
 import threading
 import time
 from collections import deque
@@ -23,7 +22,7 @@ from hotvm.allocator import tune_for_large_buffers
 from hotvm.formats.imagemap import ImageReader, Segment, data_segments, image_info
 from hotvm.formats.manifest import ChunkEntry, DiskRecord, Patch, utcnow
 from hotvm.formats.patchplan import by_chunk, plan_chunk
-from hotvm.formats.repository import Repository
+from hotvm.formats.repository import CHUNKS_DIR, Repository
 
 CHUNK_SIZE = 4 * 1024 * 1024
 ZSTD_LEVEL = 1
@@ -191,7 +190,7 @@ def export_image(
     in_flight: deque[tuple[_ChunkJob, Future[str | None]]] = deque()
     done_bytes = 0
     # grouped(): chunks (only) become durable in groups (targets/local.py); all are in place before it returns
-    grouped = repo.target.grouped(posixpath.dirname(posixpath.dirname(repo.chunk_path("x"))) + "/")
+    grouped = repo.target.grouped(CHUNKS_DIR)
     with ImageReader(info) as reader, grouped, ThreadPoolExecutor(max_workers=workers) as pool:
 
         def collect(limit: int) -> None:

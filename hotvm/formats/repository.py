@@ -134,6 +134,10 @@ class ImageSets(SetStore[Manifest]):
         return refs
 
 
+CHUNKS_DIR = "chunks/"
+"""Where every set's chunks live, once per repository (content-addressed: chunks/ab/abcd...)."""
+
+
 class Repository:
     """The repository on one target, opened with the encryption key its caller resolved (`key`; None for
     an unencrypted repository). Open one with hotvm.formats.opener.open_repository, which resolves the key
@@ -344,7 +348,7 @@ class Repository:
     # ---- chunks
     @staticmethod
     def chunk_path(digest: str) -> str:
-        return f"chunks/{digest[:2]}/{digest}"
+        return f"{CHUNKS_DIR}{digest[:2]}/{digest}"
 
     def has_chunk(self, digest: str) -> bool:
         return self.target.exists(self.chunk_path(digest))
