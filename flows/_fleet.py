@@ -18,6 +18,7 @@ per-VM flow, caps how many run at once on a host. Every VM ends as one report ro
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -45,6 +46,8 @@ PER_VM = {
     "verify": ("verify-vm/verify-vm", "verify"),
     "recover": ("recover-vm/recover-vm", "recover"),
     "standby": ("sync-vm/sync-vm", "sync"),
+    "restore": ("restore-vm/restore-vm", "restore"),
+    "instant": ("instant-restore/instant-restore", "instant-restore"),
 }
 """kind -> (per-VM deployment, verb of its run names)."""
 
@@ -283,13 +286,26 @@ def _child_row(host: str, vm: str, child: Any) -> dict:
     if state.is_completed():
         if message.startswith("skipped: "):
             return {**row, "ok": True, "status": "skipped", "reason": message.removeprefix("skipped: ")}
-        # "backup <id> complete: <url>" / "file backup <id> complete" (flows/backup_vm.py, daily_files.py)
-        words = message.removeprefix("file ").split()
-        backup_id = words[1] if len(words) > 2 and words[0] == "backup" and words[2] == "complete" else None
-        return {**row, "ok": True, "status": "success", "backup_id": backup_id, "url": message}
+        return {**row, "ok": True, "status": "success", "backup_id": set_of(message), "url": message}
     error = message.removeprefix("Flow run encountered an exception: ") or state.type.value.lower()
     step = _failed_task(child.id) or "before the first step"
     return {**row, "ok": False, "status": "failed", "step": step, "error": error}
+
+
+SET_IN_MESSAGE = re.compile(
+    r"^(?:file )?backup (?P<backup>\S+) complete"  # flows/backup_vm.py, flows/daily_files.py
+    r"|^verified (?P<verified>[^\s,]+)"  # verify-vm
+    r"|^recovered (?P<recovered>\S+) in "  # recover-vm
+    r"|from backup (?P<synced>\S+)"  # sync-vm
+)
+"""The backup set a completed per-VM run names in its state message (its result may be on another
+machine: the message is what the parent can read)."""
+
+
+def set_of(message: str) -> str | None:
+    """The backup set a completed child's state message names, for the report's backup_id column."""
+    match = SET_IN_MESSAGE.search(message)
+    return next((v for v in match.groupdict().values() if v), None) if match else None
 
 
 def report_rows(results: list[dict]) -> list[dict]:

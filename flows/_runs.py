@@ -15,7 +15,6 @@ from prefect.runtime import flow_run
 
 from hotvm.config import Config
 from hotvm.config_file import load_config
-from hotvm.errors import ConfigError
 from hotvm.hypervisors.resolve import find_vm
 
 POOL = "hotvm"
@@ -80,17 +79,8 @@ def tag_this_run(tags: list[str]) -> None:
             client.update_flow_run(run_id, tags=[*current, *missing])
 
 
-def check_host_queue(vm: str, host: str) -> None:
-    """A per-VM run on another host's queue would fail later with a misleading 'socket does not exist'."""
-    queue = _current_queue()
-    if queue and queue not in (host, "default"):
-        raise ConfigError(
-            f"VM '{vm}' is on host '{host}', but this run went to work queue '{queue}' (another host)",
-            f"start it on work queue '{host}' (Custom run > Work queue, or the fleet flows do it for you)",
-        )
-
-
-def _current_queue() -> str | None:
+def current_queue() -> str | None:
+    """The work queue of this deployment run (None: not a deployment run)."""
     run_id = flow_run.id
     from prefect.runtime import deployment
 
@@ -106,3 +96,25 @@ def _current_queue() -> str | None:
 def artifact_key(name: str) -> str:
     """A name as Prefect artifact keys allow it (lowercase letters, digits, dashes)."""
     return "".join(c if c.isalnum() else "-" for c in name.lower())
+
+
+def nothing_configured(flow_name: str, add: str):  # noqa: ANN201 - a Completed state
+    """A fleet run whose section of hotvm.yaml is absent (no offsite target, no tape, no standby): it ends
+    Completed with one line and one artifact saying what to add. `prefect deploy --all` turns on every
+    schedule, so such a run comes round whether or not the feature is used; failing would notify."""
+    from prefect import get_run_logger
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.states import Completed
+
+    line = f"nothing configured: add {add} to hotvm.yaml"
+    get_run_logger().warning("%s: %s", flow_name, line)
+    with contextlib.suppress(Exception):  # the state still says it
+        create_markdown_artifact(
+            f"# {flow_name}: nothing configured\n\nNothing to do: add {add} to hotvm.yaml.\n\n"
+            "This deployment's schedule is on (`prefect deploy --all` turns every schedule on); until the "
+            "section exists each run ends here, Completed. Pause the schedule in the UI if you do not want "
+            "the runs at all.",
+            key=f"{artifact_key(flow_name)}-nothing-configured",
+            description=line,
+        )
+    return Completed(message=line, data={"nothing_configured": add})

@@ -21,8 +21,9 @@ from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows._handoff import handed_off
 from flows._rollback import roll_back
-from flows._runs import artifact_key, check_host_queue, tag_this_run, vm_tags
+from flows._runs import artifact_key, tag_this_run, vm_tags
 from hotvm import backup
 from hotvm.config import TaskRetries
 from hotvm.formats.manifest import StepTiming
@@ -137,12 +138,14 @@ def per_vm_run(
     what: str, kind: str, vm: str, config: str | None, backup_id: str | None,
     body: Callable[[backup.Session, str, Steps], T],
 ) -> T:
-    """What every per-VM backup run does around its body (backup-vm, files-vm): the session, the check
-    that it runs on its host's queue, the run's tags, its set id (stable across retries) and, when it
-    fails, the artifact that says what failed and how to resume."""
+    """What every per-VM backup run does around its body (backup-vm, files-vm): the session, the hand-off
+    to its host's queue when it runs elsewhere (flows/_handoff.py), the run's tags, its set id (stable
+    across retries) and, when it fails, the artifact that says what failed and how to resume."""
     session = backup.open_session(vm, config)
-    check_host_queue(vm, session.host.name)
     policy = policy_for_vm(session.config, vm)
+    handed = handed_off(kind, vm, session.host.name, session.config, policy=policy.name if policy else None)
+    if handed is not None:  # started on another queue (e.g. Run in the UI: fleet): ran on its host's
+        return handed
     tag_this_run(vm_tags(kind, vm, session.host.name, policy.name if policy else None))
     backup_id = backup_id or run_backup_id()
     steps = Steps(session.config.retries)

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.states import Completed
 
 from flows._limits import backup_slot
+from flows._retried import completed_hook
 from flows._runs import artifact_key, vm_run_name
 from flows._snapshot import Snapshot, Steps, hot_snapshot, per_vm_run, rollback_hook
 from hotvm import backup
@@ -42,6 +43,7 @@ CRASH_CONSISTENT = (
     name="backup-vm",
     flow_run_name=vm_run_name("backup"),
     on_crashed=[rollback_hook],
+    on_completion=[completed_hook],
     on_cancellation=[rollback_hook],
 )
 def backup_vm(

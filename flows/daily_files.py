@@ -20,7 +20,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows._fleet import MAX_PARALLEL_VMS, publish, run_vms, unlisted_rows
 from flows._limits import backup_slot
-from flows._runs import artifact_key, fleet_run_name, vm_run_name
+from flows._retried import completed_hook
+from flows._runs import artifact_key, fleet_run_name, nothing_configured, vm_run_name
 from flows._snapshot import Snapshot, Steps, hot_snapshot, per_vm_run, rollback_hook
 from hotvm import backup
 from hotvm.config_file import load_config
@@ -46,6 +47,7 @@ def files_target(session: backup.Session, target: str | None) -> str | None:
     name="files-vm",
     flow_run_name=vm_run_name("files"),
     on_crashed=[rollback_hook],
+    on_completion=[completed_hook],
     on_cancellation=[rollback_hook],
 )
 def files_vm(
@@ -190,8 +192,7 @@ def daily_files(policy: str = "default", config: str | None = None, target: str 
     cfg = load_config(config)
     chosen = cfg.find_policy(policy)
     if chosen.files is None:
-        get_run_logger().warning("policy %s has no files: section: no file-level backups to run", policy)
-        return []
+        return nothing_configured("daily-files", f"a files: section to policy '{policy}' (policies:)")
     target = target or chosen.files.target
     resolved = resolve_vms(cfg)
     pairs = [(host.name, vm.name) for host, vm in vms_for_policy(cfg, chosen, resolved)]

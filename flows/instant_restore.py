@@ -11,7 +11,8 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows._runs import vm_run_name
+from flows._handoff import handed_off
+from flows._runs import host_of, vm_run_name
 from hotvm.instant.core import result
 from hotvm.instant.state import load_state
 from tasks.instant import expose, prepare, run, start_stream, stream
@@ -40,6 +41,8 @@ def instant_restore(
         speed: Stream speed limit in bytes/s; 0: unlimited.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
+    if (handed := handed_off("instant", vm, host_of(vm, config), config, strict=False)) is not None:
+        return handed  # started on fleet from the UI: run on the VM's host (or pick a host's queue)
     prepared = prepare(vm, to, backup_id, target, start, speed, config)
     ready = None
     if prepared["status"] != "complete":

@@ -11,10 +11,15 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._runs import fleet_run_name, nothing_configured
+from hotvm.config_file import load_config
 from tasks.copy import copy_sets
 
+DEFAULT_DESTINATION = "offsite"
+"""The deployment's destination: no target of that name = no offsite copy configured (not an error)."""
 
-@flow(name="offsite-copy")
+
+@flow(name="offsite-copy", flow_run_name=fleet_run_name("offsite-copy"))
 def offsite_copy(
     destination: str, source: str | None = None, vms: list[str] | None = None, config: str | None = None
 ) -> dict:
@@ -26,6 +31,10 @@ def offsite_copy(
         vms: Only these VMs' sets; empty: every VM.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
+    if destination == DEFAULT_DESTINATION and all(t.name != destination for t in load_config(config).targets):
+        return nothing_configured(
+            "offsite-copy", f"a target named '{destination}' (targets:, the offsite copy's destination)"
+        )
     report = copy_sets(source, destination, vms or None, config)
     rows = [
         {"kind": s["kind"], "vm": s["vm"], "backup": s["backup_id"], "action": s["action"],

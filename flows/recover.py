@@ -13,6 +13,8 @@ from prefect.runtime import deployment
 from prefect.states import Completed
 
 from flows._fleet import fan_out, publish
+from flows._handoff import handed_off
+from flows._retried import completed_hook
 from flows._runs import FLEET_QUEUE, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
 from hotvm.restore import check_disk_format
@@ -84,7 +86,7 @@ def recover(
     return rows
 
 
-@flow(name="recover-vm", flow_run_name=vm_run_name("recover"))
+@flow(name="recover-vm", flow_run_name=vm_run_name("recover"), on_completion=[completed_hook])
 def recover_vm(
     vm: str,
     to: str,
@@ -106,7 +108,10 @@ def recover_vm(
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
     check_disk_format(fmt)
-    tag_this_run([*vm_tags("recover", vm, host_of(vm, config) or FLEET_QUEUE), f"tier:{tier}"])
+    host = host_of(vm, config)
+    if (handed := handed_off("recover", vm, host, config, strict=False)) is not None:
+        return handed  # started on fleet from the UI: restored by the VM's host's worker
+    tag_this_run([*vm_tags("recover", vm, host or FLEET_QUEUE), f"tier:{tier}"])
     row = recover_one(config, vm, to, target, tier=tier, boot_check=boot_check, fmt=fmt)  # type: ignore[arg-type]
     if not row["ok"]:
         tag_this_run(["step:restore" if not row.get("verified") else "step:rto"])

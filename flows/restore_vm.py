@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows._handoff import handed_off
 from flows._runs import vm_run_name
 from hotvm.errors import HotvmError
 from hotvm.restore import check_disk_format, completed_restore, mark_restored, prepare_destination
@@ -48,6 +49,8 @@ def restore_vm(
         start: Start the VM registered on to_host.
     """
     check_disk_format(fmt)
+    if (handed := handed_off("restore", vm, to_host, config)) is not None:
+        return handed  # registering on to_host: done by that host's worker
     if to is None and to_host is None:
         raise HotvmError("restore needs a destination", "pass to (a directory) or to_host (a host)")
     manifest = find_backup(vm, target, backup_id, config)

@@ -14,7 +14,17 @@ from prefect.runtime import deployment
 from prefect.states import Completed
 
 from flows._fleet import fan_out, publish
-from flows._runs import FLEET_QUEUE, artifact_key, fleet_run_name, tag_this_run, vm_run_name, vm_tags
+from flows._handoff import handed_off
+from flows._retried import completed_hook
+from flows._runs import (
+    FLEET_QUEUE,
+    artifact_key,
+    fleet_run_name,
+    nothing_configured,
+    tag_this_run,
+    vm_run_name,
+    vm_tags,
+)
 from hotvm.errors import HotvmError, RunFailed
 from hotvm.standby import standby_vms
 from tasks.sync import sync_vm_config
@@ -45,6 +55,8 @@ def sync_config(
         if standby is not None:
             raise HotvmError("--standby needs a VM", "pass the VM too, or set standby_host per VM")
         pairs = [(name, host) for name, host in standby_vms(config)]
+        if not pairs and deployment.id:
+            return nothing_configured("sync-config", "standby_host: HOST to a VM (under hosts: ... vms:)")
     if deployment.id and vm is None:  # from the UI: one sync-vm run per VM on its standby host's worker
         params = {"with_disks": with_disks, "target": target, "config": config, "start": start}
         rows = fan_out([n for n, _ in pairs], "standby", params, config, hosts=dict(pairs))
@@ -80,7 +92,7 @@ def sync_config(
     return results
 
 
-@flow(name="sync-vm", flow_run_name=vm_run_name("sync"))
+@flow(name="sync-vm", flow_run_name=vm_run_name("sync"), on_completion=[completed_hook])
 def sync_vm(
     vm: str,
     standby: str | None = None,
@@ -99,11 +111,15 @@ def sync_vm(
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
         start: Start the VM on the standby (failover).
     """
-    host = standby or dict(standby_vms(config)).get(vm) or FLEET_QUEUE
+    host = standby or dict(standby_vms(config)).get(vm)
+    if (handed := handed_off("standby", vm, host, config)) is not None:
+        return handed  # started on fleet from the UI: registered by the standby host's worker
+    host = host or FLEET_QUEUE
     tag_this_run(vm_tags("standby", vm, host))
     try:
         result = sync_vm_config(vm, standby, with_disks, target, config, start)
     except BaseException:
         tag_this_run(["step:sync_config"])
         raise
-    return Completed(message=f"standby on {result['host']} {result['action']}", data=result)
+    message = f"standby on {result['host']} {result['action']} from backup {result['backup_id']}"
+    return Completed(message=message, data=result)

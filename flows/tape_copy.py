@@ -12,8 +12,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.runtime import deployment
 
-from flows._runs import fleet_run_name, vm_run_name
+from flows._runs import fleet_run_name, nothing_configured, vm_run_name
+from hotvm.config_file import load_config
 from hotvm.restore import check_disk_format, prepare_destination
 from tasks.tape import copy_to_tape, restore_from_tape, store_catalog, tape_catalogs
 
@@ -30,6 +32,8 @@ def tape_copy(
         vms: Only these VMs' sets; empty: every VM on the target.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
+    if deployment.id and not load_config(config).tapes:  # a misnamed tape still fails (find_tape)
+        return nothing_configured("weekly-tape", f"a tape named '{tape}' (tapes:)")
     catalog = copy_to_tape(tape, target, vms or None, config)
     stored = store_catalog(catalog, config)
     rows = artifact_rows(catalog)

@@ -15,6 +15,8 @@ from prefect.runtime import deployment
 from prefect.states import Completed
 
 from flows._fleet import fan_out, publish
+from flows._handoff import handed_off
+from flows._retried import completed_hook
 from flows._runs import FLEET_QUEUE, artifact_key, fleet_run_name, host_of, tag_this_run, vm_run_name, vm_tags
 from hotvm.errors import HotvmError, RunFailed
 from tasks.verify import select_vms, verify_set
@@ -83,7 +85,7 @@ def verify(
     return results
 
 
-@flow(name="verify-vm", flow_run_name=vm_run_name("verify"))
+@flow(name="verify-vm", flow_run_name=vm_run_name("verify"), on_completion=[completed_hook])
 def verify_vm(
     vm: str,
     backup_id: str | None = None,
@@ -102,7 +104,10 @@ def verify_vm(
         keep: Keep the scratch restore (for a look); default: removed after the test.
         config: Path of hotvm.yaml on the worker; empty: $HOTVM_CONFIG of the worker, else ./hotvm.yaml.
     """
-    tag_this_run(vm_tags("verify", vm, host_of(vm, config) or FLEET_QUEUE))
+    host = host_of(vm, config)
+    if (handed := handed_off("verify", vm, host, config, strict=False)) is not None:
+        return handed  # started on fleet from the UI: restore-tested on the VM's host's worker
+    tag_this_run(vm_tags("verify", vm, host or FLEET_QUEUE))
     result = verify_set(vm, target, backup_id, boot, keep, config)
     if not result["verified"]:
         tag_this_run(["step:verify"])

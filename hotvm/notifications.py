@@ -11,6 +11,7 @@ Every hotvm deployment tags its runs `hotvm`; the automations match that tag. Th
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 
 from hotvm.config import NotificationConfig
@@ -55,6 +56,17 @@ scheduled for: {{ flow_run.expected_start_time }}
 work queue: {{ flow_run.work_queue_name or '?' }} (is its worker running? prefect worker start \
 --pool hotvm --work-queue {{ flow_run.work_queue_name }})
 {{ flow_run | ui_url }}"""
+
+
+def human(span: dt.timedelta) -> str:
+    """A duration as an operator reads it in the UI: "1 h", "30 min", "1 h 30 min", "10 s", "2 d"."""
+    seconds = round(span.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            parts.append(f"{seconds // size} {unit}")
+            seconds %= size
+    return " ".join(parts) or "0 s"
 
 
 def block_name(n: NotificationConfig) -> str:
@@ -129,7 +141,8 @@ def automation_specs(n: NotificationConfig) -> list[dict]:
         specs.append(
             {
                 "name": f"{AUTOMATION_PREFIX}{n.name}-late",
-                "description": f"hotvm: runs not started {n.late_after} after they were due, to {n.name}",
+                "description": f"hotvm: runs not started {human(n.late_after)} after they were due, "
+                f"to {n.name}",
                 "trigger": {
                     "posture": "Proactive",
                     "after": ["prefect.flow-run.Late"],
