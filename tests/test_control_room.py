@@ -169,10 +169,19 @@ def room(prefect_server: str, tmp_path_factory):  # noqa: ANN201
                 fh.write(os.urandom(4 * MiB))
             (r.tmp / name).mkdir()
             r.vms[name] = start_qemu(r.tmp / name, [DiskSpec("data", disk, format="raw")])
+        launch = r.tmp / "web01" / "launch.sh"  # web01's "VMX": what sync-config registers on its standby
+        launch.write_text(
+            f"#!/bin/sh\nexec qemu-system-x86_64 -name web01 -accel tcg -M q35 -m 64 -nodefaults "
+            f"-display none -nic none -qmp unix:{r.tmp / 'web01' / 'vm.qmp'},server=on,wait=off "
+            f"-drive if=none,id=data,file={r.tmp / 'web01.raw'},format=raw "
+            "-device virtio-blk-pci,drive=data\n"
+        )
         r.config.write_text(yaml.safe_dump({
             "hosts": [
-                {"name": "hv1", "vms": [{"name": "web01", "qmp": str(r.vms["web01"].qmp_path)}]},
-                {"name": "hv2", "vms": [{"name": "web02", "qmp": str(r.vms["web02"].qmp_path)}]},
+                {"name": "hv1", "vms": [{"name": "web01", "qmp": str(r.vms["web01"].qmp_path),
+                                         "config_files": [str(launch)], "standby_host": "hv2"}]},
+                {"name": "hv2", "vms": [{"name": "web02", "qmp": str(r.vms["web02"].qmp_path)}],
+                 "vm_dir": str(r.tmp / "hv2-vms")},
             ],
             "targets": [{"name": "nas", "url": f"file://{r.target}"}],
             "notifications": [
@@ -213,6 +222,34 @@ def children_of(client, parent_id) -> dict:  # noqa: ANN001
     return {r.parameters["vm"]: r for r in runs}
 
 
+def report_of(client, run_id, key: str) -> dict:  # noqa: ANN001
+    """The latest version of a run's report table: vm -> row."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    (latest, *_) = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), key=ArtifactFilterKey(any_=[key])
+        ),
+        sort=ArtifactSort.CREATED_DESC,
+    )
+    return {row["vm"]: row for row in json.loads(latest.data)}
+
+
+def wait_state(client, run_id, done, timeout: float = 60):  # noqa: ANN001, ANN201
+    """The run once `done(run)` holds (e.g. a state another process sets after this one's wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.read_flow_run(run_id)
+        if done(run) or time.monotonic() > deadline:
+            return run
+        time.sleep(1)
+
+
+def set_ids(target: Path, vm: str) -> list[str]:
+    return [m.parent.name for m in manifests(target, vm)]
+
+
 def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -222,6 +259,11 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) ->
     assert room.setup["queues"] == ["hv1", "hv2", "fleet"]
     automations = {r["automation"] for r in room.setup["notifications"]}
     assert automations == {"hotvm-ops-failed-crashed", "hotvm-ops-late", "hotvm-mail-failed"}
+    from prefect.client.orchestration import get_client as _client
+
+    with _client(sync_client=True) as client:  # the late rule's description reads like a person wrote it
+        (late_rule,) = client.read_automations_by_name("hotvm-ops-late")
+        assert "not started 10 s after" in late_rule.description, late_rule.description
     (target / "vms").mkdir(parents=True)
     (target / "vms" / "web02").write_text("blocked")  # web02's set directory cannot be created
 
@@ -249,6 +291,11 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) ->
             tags = {"hotvm", f"vm:{vm}", f"host:{host}", "policy:default", "kind:image"}
             assert tags <= set(child.tags)
         assert children["web01"].state.is_completed() and children["web02"].state.is_failed()
+        report = report_of(client, parent.id, "backup-policy-default")
+        assert report["web01"]["status"] == "success"
+        assert report["web01"]["backup_id"] == set_ids(target, "web01")[0]  # the set the child made
+        assert (report["web02"]["status"], report["web02"]["step"]) == ("failed", "plan")
+        assert "step:plan" in children["web02"].tags
         text = receiver.wait_for("web02", "FAILED")  # posted by the server's automation
         assert "host: hv2" in text and "step: plan" in text, text
         # the same failure by e-mail, sent by the server through hotvm's e-mail block, with the run's link
@@ -262,6 +309,19 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) ->
         prefect("flow-run", "retry", str(children["web02"].id))
         assert wait_final(client, children["web02"].id).state.is_completed()
         assert len(manifests(target, "web01")) == 1 and len(manifests(target, "web02")) == 1
+        # the retried child's hook: its stale step tag is gone, the parent's report and state tell the truth
+        untagged = lambda r: not any(t.startswith("step:") for t in r.tags)  # noqa: E731
+        retried = wait_state(client, children["web02"].id, untagged)
+        assert not [t for t in retried.tags if t.startswith("step:")], retried.tags
+        parent = wait_state(client, parent.id, lambda r: r.state.is_completed())
+        assert parent.state.is_completed(), parent.state
+        assert "web02" in parent.state.message and children["web02"].name in parent.state.message
+        report = report_of(client, parent.id, "backup-policy-default")
+        assert report["web02"]["status"] == "success" and report["web02"]["step"] is None
+        assert report["web02"]["backup_id"] == set_ids(target, "web02")[0]
+        assert report["web01"]["backup_id"] == set_ids(target, "web01")[0]
+        node = client.read_task_run(children["web02"].parent_task_run_id)
+        assert node.state.is_completed()  # the parent's graph shows web02 green now
 
         # a retried parent re-runs only VMs whose last run did not complete: none now
         prefect("flow-run", "retry", str(parent.id))
@@ -279,6 +339,101 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) ->
     restored = list(out.glob("*data*.raw")) or list(out.glob("*.raw"))
     assert len(restored) == 1
     assert restored[0].read_bytes() == (room.tmp / "web02.raw").read_bytes()
+
+
+def test_run_from_the_ui_every_deployment_is_on_a_polled_queue_and_backup_vm_hands_off(room: Room) -> None:
+    """Run on a per-VM deployment (no queue chosen): the fleet worker takes it and hands the VM's work to
+    the VM's host's queue as a linked child; the run ends in the child's state."""
+    from prefect.client.orchestration import get_client
+
+    before = set_ids(room.target, "web01")
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments() if d.work_pool_name == "hotvm"}
+        polled = {"fleet", "hv1", "hv2"}  # the documented convention: fleet + one queue per host
+        unpolled = {n: d.work_queue_name for n, d in deployments.items() if d.work_queue_name not in polled}
+        assert unpolled == {}
+        run = client.create_flow_run_from_deployment(
+            deployments["backup-vm"].id, parameters={"vm": "web01", "config": str(room.config)}
+        )
+        run = wait_final(client, run.id)
+        assert run.work_queue_name == "fleet" and run.state.is_completed(), run.state
+        assert run.name.startswith("backup web01@hv1 ")
+        (child,) = children_of(client, run.id).values()
+        assert child.work_queue_name == "hv1" and child.state.is_completed()  # on web01's host's worker
+        assert child.deployment_id == deployments["backup-vm"].id
+        assert f"done by '{child.name}' on work queue hv1" in run.state.message
+        (new_set,) = set(set_ids(room.target, "web01")) - set(before)
+        assert new_set in run.state.message
+
+
+def test_scheduled_fleet_runs_without_their_config_section_complete_and_say_what_to_add(room: Room) -> None:
+    """offsite-copy, weekly-tape, sync-config and daily-files with nothing configured for them (what
+    `deploy --all` schedules right after setup): Completed, readable names, one line and one artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    bare = yaml.safe_load(room.config.read_text())
+    for host in bare["hosts"]:
+        for vm in host["vms"]:
+            vm.pop("standby_host", None)
+    bare_config = room.tmp / "bare.yaml"  # no offsite target, no tapes, no standby, no files: policy
+    bare_config.write_text(yaml.safe_dump(bare))
+    expected = {
+        "offsite-copy": "a target named 'offsite'",
+        "weekly-tape": "a tape named 'vtl' (tapes:)",
+        "sync-config": "standby_host: HOST to a VM",
+        "daily-files": "a files: section to policy 'default'",
+    }
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        runs = {
+            name: client.create_flow_run_from_deployment(
+                deployments[name].id, parameters={"config": str(bare_config)}
+            )
+            for name in expected
+        }
+        for name, add in expected.items():
+            run = wait_final(client, runs[name].id)
+            assert run.state.is_completed(), (name, run.state)
+            day = f"{dt.datetime.now(dt.UTC):%Y-%m-%d}"
+            assert run.name.startswith(f"{name} ") and run.name.endswith(day), run.name
+            assert run.state.message.startswith(f"nothing configured: add {add}"), run.state.message
+            assert run.state.message.endswith(" to hotvm.yaml")
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+            assert [a.key for a in artifacts] == [f"{name}-nothing-configured"], name
+            assert add in artifacts[0].data
+
+
+def test_sync_config_registers_each_vm_on_its_standby_host_queue(room: Room) -> None:
+    """sync-config from its deployment: one sync-vm run on the standby host's queue (hv2) registers
+    web01's latest backed-up config there, as the report says."""
+    from prefect.client.orchestration import get_client
+
+    if not manifests(room.target, "web01"):  # alone (-k) this test makes its own backup
+        hotvm("backup", "web01", "--config", str(room.config))
+    latest = set_ids(room.target, "web01")[-1]
+    spec = room.tmp / "hv2-vms" / "web01" / "hotvm-vm.json"
+    with get_client(sync_client=True) as client:
+        deployments = {d.name: d for d in client.read_deployments()}
+        parent = client.create_flow_run_from_deployment(
+            deployments["sync-config"].id, parameters={"config": str(room.config)}
+        )
+        parent = wait_final(client, parent.id)
+        assert parent.state.is_completed(), parent.state
+        assert parent.name.startswith("sync-config ")
+        (child,) = children_of(client, parent.id).values()
+        assert child.parameters["vm"] == "web01" and child.state.is_completed(), child.state
+        assert child.work_queue_name == "hv2" and child.deployment_id == deployments["sync-vm"].id
+        assert {"hotvm", "kind:standby", "vm:web01", "host:hv2"} <= set(child.tags)
+        assert child.state.message == f"standby on hv2 created from backup {latest}"
+        row = report_of(client, parent.id, "sync-config-all")["web01"]
+        assert (row["status"], row["host"], row["backup_id"]) == ("success", "hv2", latest)
+    registered = json.loads(spec.read_text())  # registered on the standby, powered off
+    assert registered["new_identity"] is False
+    assert str(room.tmp / "web01.raw") in registered["disks"].values()  # shared storage: the VM's disk
+    assert (room.tmp / "hv2-vms" / "web01" / "launch.sh").exists()
 
 
 def test_verify_runs_one_verify_vm_per_vm_on_its_host_queue(room: Room) -> None:
@@ -352,6 +507,7 @@ def test_notifications_config_parses_yaml_on_and_refuses_bad_entries(tmp_path: P
     specs = {s["name"]: s for s in automation_specs(ops)}
     assert specs["hotvm-ops-failed"]["trigger"]["expect"] == ["prefect.flow-run.Failed"]
     assert specs["hotvm-ops-late"]["trigger"]["within"] == 1800
+    assert "not started 30 min after they were due" in specs["hotvm-ops-late"]["description"]
     with pytest.raises(ConfigError, match="OPS_HOOK"):
         webhook_url(ops)  # not set in the environment: one line naming the variable
     mail = {"name": "mail", "email": {"smtp": "mail.example.org:587", "from": "hotvm@example.org",
