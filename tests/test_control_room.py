@@ -376,6 +376,7 @@ def test_scheduled_fleet_runs_without_their_config_section_complete_and_say_what
     for host in bare["hosts"]:
         for vm in host["vms"]:
             vm.pop("standby_host", None)
+    bare["policies"] = [{"name": "default"}]  # a policy without files: (the implicit default has them)
     bare_config = room.tmp / "bare.yaml"  # no offsite target, no tapes, no standby, no files: policy
     bare_config.write_text(yaml.safe_dump(bare))
     expected = {
