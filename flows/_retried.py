@@ -30,7 +30,7 @@ def completed_hook(flow: Any, run: Any, state: Any) -> None:  # noqa: ANN401, AR
             stale = [t for t in current.tags if t.startswith(STEP_TAG)]
             if stale:
                 client.update_flow_run(run.id, tags=[t for t in current.tags if t not in stale])
-            if current.parent_task_run_id is not None:
+            if current.parent_task_run_id is not None and current.run_count > 1:  # a retried run
                 _tell_parent(client, current)
     except Exception as exc:  # noqa: BLE001 - the run completed; this only corrects what others show
         get_run_logger().warning("could not update the parent run of this retried run: %s", exc)
