@@ -53,11 +53,24 @@ def _tell_parent(client: Any, child: Any) -> None:  # noqa: ANN401
         if still_failed is None:
             return  # no report names this VM: nothing to correct
     if not still_failed:
-        client.set_flow_run_state(
-            parent.id,
-            Completed(message=f"every VM completed: {vm} after a retry of its run '{child.name}'"),
-            force=True,
-        )
+        message = f"every VM completed: {vm} after a retry of its run '{child.name}'"
+        _log_on(client, parent.id, f"{message}: this run is Completed now (its errors above are history)")
+        client.set_flow_run_state(parent.id, Completed(message=message), force=True)
+    else:
+        _log_on(client, parent.id, f"{vm} completed on a retry of its run '{child.name}' (report updated); "
+                "other VMs are still failed")  # fmt: skip
+
+
+def _log_on(client: Any, run_id: Any, message: str) -> None:  # noqa: ANN401
+    """A line at the end of the parent's log: its earlier ERROR lines are what happened before the retry."""
+    import datetime as dt
+    import logging
+
+    from prefect.client.schemas.actions import LogCreate
+
+    with contextlib.suppress(Exception):
+        client.create_logs([LogCreate(name="hotvm.retried", level=logging.INFO, message=message,
+                                      timestamp=dt.datetime.now(dt.UTC), flow_run_id=run_id)])  # fmt: skip
 
 
 def _refresh_reports(client: Any, parent: Any, vm: str, child_name: str) -> bool | None:  # noqa: ANN401

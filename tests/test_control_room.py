@@ -322,6 +322,10 @@ def test_weekly_image_per_vm_runs_on_host_queues_notify_and_retry(room: Room) ->
         assert report["web01"]["backup_id"] == set_ids(target, "web01")[0]
         node = client.read_task_run(children["web02"].parent_task_run_id)
         assert node.state.is_completed()  # the parent's graph shows web02 green now
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[parent.id])))
+        assert any("this run is Completed now" in entry.message for entry in logs)  # the last line says why
 
         # a retried parent re-runs only VMs whose last run did not complete: none now
         prefect("flow-run", "retry", str(parent.id))
