@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect.runtime import deployment
 
-from flows._runs import current_queue, tag_this_run
+from flows._runs import current_queue, tag_this_run, vm_tags
 from hotvm.config import Config
 from hotvm.config_file import load_config
 
@@ -50,6 +50,7 @@ def _run_on(kind: str, vm: str, queue: str, here: str, policy: str | None) -> An
     from flows._fleet import POLL_S, _mirror_on_parent_graph, _start_child
 
     log = get_run_logger()
+    tag_this_run(vm_tags(kind, vm, queue, policy))  # found by the same filters (vm:web01) as its child
     with get_client(sync_client=True) as client:
         child = _start_child(client, kind, queue, vm, dict(flow_run.parameters or {}), policy)
         log.info(
