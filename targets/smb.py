@@ -43,6 +43,8 @@ from hotvm.errors import ConfigError, TargetConfigError, TargetError
 from targets.base import Pool, Target, is_unreachable
 
 _Access = FilePipePrinterAccessMask
+CREDIT_MARGIN = 16
+"""Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
 _DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
            0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
@@ -58,6 +60,21 @@ def _healthy(connection: Any) -> bool:
 def _healthy_kw(kw: dict[str, Any]) -> bool:
     cache = kw["connection_cache"]
     return bool(cache) and all(_healthy(c) for c in list(cache.values()))
+
+
+def _ask_credits(session: Any, timeout: int) -> None:
+    """Ask for credits enough for the largest read or write plus a few requests (one ECHO, once).
+
+    A request of N bytes costs N / 64 KiB credits, and smbprotocol only ever asks the server to replace the
+    credits a request used, so a connection keeps what session setup granted (Samba: 64). A zstd frame of
+    incompressible 4 MiB is 4 MiB + ~100 bytes: 65 credits, one more than that. Every such chunk then took
+    the seven-round-trip general path for a write, and for a read a compound that came back full followed by
+    reading the whole blob again."""
+    connection = session.connection
+    wanted = max(connection.max_write_size, connection.max_read_size) // MAX_PAYLOAD_SIZE + CREDIT_MARGIN
+    available = connection.sequence_window["high"] - connection.sequence_window["low"]
+    if available < wanted and connection.supports_multi_credit:
+        connection.echo(sid=session.session_id, timeout=timeout, credit_request=min(wanted - available, 8192))
 
 
 def _close_connection(kw: dict[str, Any]) -> None:
@@ -107,7 +124,8 @@ class SMBTarget(Target):
 
         def logon() -> None:
             try:
-                smbclient.register_session(self.host, **self._kw, connection_cache=cache)
+                session = smbclient.register_session(self.host, **self._kw, connection_cache=cache)
+                _ask_credits(session, self._kw["connection_timeout"])
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome.append(exc)
             finally:
