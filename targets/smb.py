@@ -40,6 +40,7 @@ from smbprotocol.open import FilePipePrinterAccessMask
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
+from targets import smbwire
 from targets.base import Pool, Target, is_unreachable
 
 _Access = FilePipePrinterAccessMask
@@ -250,12 +251,8 @@ class SMBTarget(Target):
         if len(data) > min(conn.max_write_size, (available - 1) * MAX_PAYLOAD_SIZE):
             super()._put_renamed(kw, tmp, final, data)
             return
-        opened = SMBFileTransaction(raw)
-        raw.open(transaction=opened)
-        opened += raw.fd.write(data, send=False)
         try:
-            opened.commit()
-            written = opened.results[1]
+            written = self._create_and_write(raw, data)
             if written != len(data):
                 raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
             renamed = SMBFileTransaction(raw)
@@ -269,6 +266,34 @@ class SMBTarget(Target):
             if not raw.closed:
                 with suppress(Exception):  # the caller removes tmp; the original error matters
                     raw.fd.close()
+
+    @staticmethod
+    def _create_and_write(raw: SMBRawIO, data: bytes) -> int:
+        """One compound [CREATE, WRITE] on the unopened `raw`; the number of bytes the server wrote. The data
+        goes out without smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
+        fd = raw.fd
+        sid, tid = fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
+        if not smbwire.usable(fd.connection, sid, tid):
+            opened = SMBFileTransaction(raw)
+            raw.open(transaction=opened)
+            opened += fd.write(data, send=False)
+            opened.commit()
+            return opened.results[1]
+        create = SMBFileTransaction(raw)
+        raw.open(transaction=create)  # queues smbprotocol's CREATE request and its reply handler
+        (create_msg, on_created), = create._actions
+        write_msg = smbwire.write_request(fd, len(data))
+        requests = smbwire.send_compound(fd.connection, [create_msg, write_msg], sid, tid, data)
+        failures: list[SMBOSError] = []
+        results: list[Any] = []
+        for request, unpack in zip(requests, (on_created, fd._write_response), strict=True):
+            try:  # every reply is received, even after a failure (as SMBFileTransaction.commit)
+                results.append(unpack(request))
+            except SMBResponseException as exc:
+                failures.append(SMBOSError(exc.status, raw.name))
+        if failures:
+            raise failures[0]
+        return results[1]
 
     def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
         smbclient.replace(self._unc(src), self._unc(dst), **kw)
