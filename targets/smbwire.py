@@ -8,8 +8,9 @@ structures); the data is signed in place (AES-GMAC, AES-CMAC or HMAC-SHA256 take
 to the kernel with sendmsg next to them. Message ids, credits, the outstanding-request table and every
 response stay smbprotocol's: the caller receives and unpacks the replies with smbprotocol's functions.
 
-Only for what it covers: a signed or unsigned session without encryption and a share without DFS; `usable()`
-says so, and callers take smbprotocol's path otherwise.
+Replies are read by smbprotocol; verify_large_replies_in_place() only checks a large reply's signature
+without copying it. Writes only where this covers the session: signed or unsigned, not encrypted, and a share
+without DFS; `usable()` says so, and callers take smbprotocol's path otherwise.
 """
 
 from __future__ import annotations
@@ -25,10 +26,13 @@ from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from smbprotocol import Dialects
 from smbprotocol.connection import Request, SigningAlgorithms
-from smbprotocol.header import Commands, Smb2Flags, SMB2HeaderRequest
+from smbprotocol.exceptions import SMBException
+from smbprotocol.header import Commands, NtStatus, Smb2Flags, SMB2HeaderRequest
 from smbprotocol.open import SMB2WriteRequest
 
 MAX_PAYLOAD = 65536
+LARGE_REPLY = 65536
+"""Replies at least this large are verified in place (smaller ones: smbprotocol's copies cost nothing)."""
 MAX_NBSS = 0xFFFFFF
 """Direct TCP transport: one message of at most 2^24 - 1 bytes."""
 _LENGTH = struct.Struct("<I")
@@ -47,7 +51,8 @@ class _Signer:
     """The SMB2 signature of one message given in pieces, as smbprotocol's _generate_signature computes it
     for the whole message."""
 
-    def __init__(self, connection: Any, key: bytes, message_id: int, command: int) -> None:
+    def __init__(self, connection: Any, key: bytes, message_id: int, command: int,
+                 response: bool = False) -> None:
         if connection.dialect >= Dialects.SMB_3_1_1 and connection.signing_algorithm_id is not None:
             algorithm = connection.signing_algorithm_id
         elif connection.dialect >= Dialects.SMB_3_0_0:
@@ -55,7 +60,7 @@ class _Signer:
         else:
             algorithm = SigningAlgorithms.HMAC_SHA256
         if algorithm == SigningAlgorithms.AES_GMAC:
-            info = 2 if command == Commands.SMB2_CANCEL else 0  # bit 0 (a response) is never set here
+            info = (1 if response else 0) | (2 if command == Commands.SMB2_CANCEL else 0)
             nonce = message_id.to_bytes(8, "little") + info.to_bytes(4, "little")
             gcm = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
             self._update, self._final = gcm.authenticate_additional_data, lambda: (gcm.finalize(), gcm.tag)[1]
@@ -71,6 +76,35 @@ class _Signer:
 
     def signature(self) -> bytes:
         return self._final()
+
+
+def verify_large_replies_in_place(connection: Any) -> None:
+    """Check the signature of this connection's large replies (a READ's data) without smbprotocol's three
+    copies of them (Connection.verify_signature re-packs the whole header and splices a zeroed copy): the
+    64-byte header is packed alone and the data signed where it lies. Smaller replies, and every decision
+    about which replies are signed, stay smbprotocol's."""
+    original = connection.verify_signature
+
+    def verify(header: Any, session_id: int, force: bool = False) -> None:
+        data = header["data"].get_value()
+        session = connection.session_table.get(session_id)
+        if len(data) < LARGE_REPLY or session is None or force:
+            return original(header, session_id, force)
+        message_id = header["message_id"].get_value()
+        command = header["command"].get_value()
+        if (message_id == 0xFFFFFFFFFFFFFFFF or not header["flags"].has_flag(Smb2Flags.SMB2_FLAGS_SIGNED)
+                or header["status"].get_value() == NtStatus.STATUS_PENDING
+                or command == Commands.SMB2_SESSION_SETUP):
+            return None  # as smbprotocol: such replies carry no signature to check
+        fixed = b"".join(field.pack() for name, field in header.fields.items() if name != "data")
+        signer = _Signer(connection, session.signing_key, message_id, command, response=True)
+        signer.update(fixed[:48] + bytes(16) + fixed[64:])
+        signer.update(data)
+        if not hmac.compare_digest(signer.signature(), header["signature"].get_value()):
+            raise SMBException("Server message signature could not be verified")
+        return None
+
+    connection.verify_signature = verify
 
 
 def write_request(fd: Any, length: int, offset: int = 0) -> SMB2WriteRequest:
@@ -150,8 +184,6 @@ def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tre
 
 
 def _no_credits(charge: int, available: int) -> Exception:
-    from smbprotocol.exceptions import SMBException
-
     return SMBException(f"Request requires {charge} credits but only {available} credits are available")
 
 
