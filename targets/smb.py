@@ -40,9 +40,12 @@ from smbprotocol.open import FilePipePrinterAccessMask
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
+from targets import smbwire
 from targets.base import Pool, Target, is_unreachable
 
 _Access = FilePipePrinterAccessMask
+CREDIT_MARGIN = 16
+"""Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
 _DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
            0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
@@ -58,6 +61,21 @@ def _healthy(connection: Any) -> bool:
 def _healthy_kw(kw: dict[str, Any]) -> bool:
     cache = kw["connection_cache"]
     return bool(cache) and all(_healthy(c) for c in list(cache.values()))
+
+
+def _ask_credits(session: Any, timeout: int) -> None:
+    """Ask for credits enough for the largest read or write plus a few requests (one ECHO, once).
+
+    A request of N bytes costs N / 64 KiB credits, and smbprotocol only ever asks the server to replace the
+    credits a request used, so a connection keeps what session setup granted (Samba: 64). A zstd frame of
+    incompressible 4 MiB is 4 MiB + ~100 bytes: 65 credits, one more than that. Every such chunk then took
+    the seven-round-trip general path for a write, and for a read a compound that came back full followed by
+    reading the whole blob again."""
+    connection = session.connection
+    wanted = max(connection.max_write_size, connection.max_read_size) // MAX_PAYLOAD_SIZE + CREDIT_MARGIN
+    available = connection.sequence_window["high"] - connection.sequence_window["low"]
+    if available < wanted and connection.supports_multi_credit:
+        connection.echo(sid=session.session_id, timeout=timeout, credit_request=min(wanted - available, 8192))
 
 
 def _close_connection(kw: dict[str, Any]) -> None:
@@ -107,7 +125,9 @@ class SMBTarget(Target):
 
         def logon() -> None:
             try:
-                smbclient.register_session(self.host, **self._kw, connection_cache=cache)
+                session = smbclient.register_session(self.host, **self._kw, connection_cache=cache)
+                _ask_credits(session, self._kw["connection_timeout"])
+                smbwire.verify_large_replies_in_place(session.connection)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome.append(exc)
             finally:
@@ -232,12 +252,8 @@ class SMBTarget(Target):
         if len(data) > min(conn.max_write_size, (available - 1) * MAX_PAYLOAD_SIZE):
             super()._put_renamed(kw, tmp, final, data)
             return
-        opened = SMBFileTransaction(raw)
-        raw.open(transaction=opened)
-        opened += raw.fd.write(data, send=False)
         try:
-            opened.commit()
-            written = opened.results[1]
+            written = self._create_and_write(raw, data)
             if written != len(data):
                 raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
             renamed = SMBFileTransaction(raw)
@@ -251,6 +267,34 @@ class SMBTarget(Target):
             if not raw.closed:
                 with suppress(Exception):  # the caller removes tmp; the original error matters
                     raw.fd.close()
+
+    @staticmethod
+    def _create_and_write(raw: SMBRawIO, data: bytes) -> int:
+        """One compound [CREATE, WRITE] on the unopened `raw`; the number of bytes the server wrote. The data
+        goes out without smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
+        fd = raw.fd
+        sid, tid = fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
+        if not smbwire.usable(fd.connection, sid, tid):
+            opened = SMBFileTransaction(raw)
+            raw.open(transaction=opened)
+            opened += fd.write(data, send=False)
+            opened.commit()
+            return opened.results[1]
+        create = SMBFileTransaction(raw)
+        raw.open(transaction=create)  # queues smbprotocol's CREATE request and its reply handler
+        (create_msg, on_created), = create._actions
+        write_msg = smbwire.write_request(fd, len(data))
+        requests = smbwire.send_compound(fd.connection, [create_msg, write_msg], sid, tid, data)
+        failures: list[SMBOSError] = []
+        results: list[Any] = []
+        for request, unpack in zip(requests, (on_created, fd._write_response), strict=True):
+            try:  # every reply is received, even after a failure (as SMBFileTransaction.commit)
+                results.append(unpack(request))
+            except SMBResponseException as exc:
+                failures.append(SMBOSError(exc.status, raw.name))
+        if failures:
+            raise failures[0]
+        return results[1]
 
     def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
         smbclient.replace(self._unc(src), self._unc(dst), **kw)

@@ -157,9 +157,12 @@ class SambaServer(LoopbackServer):
     name = "smb"
     share = "backups"
 
-    def __init__(self, port: int | None = None, user: str = "backup", password: str = "s3cret-smb") -> None:
+    def __init__(self, port: int | None = None, user: str = "backup", password: str = "s3cret-smb",
+                 options: dict[str, str] | None = None) -> None:
+        """`options`: more [global] settings (e.g. an older `server max protocol`, to test its signing)."""
         super().__init__(port)
         self.user, self.password = user, password
+        self.options = options or {}
         self.conf = self.dir / "smb.conf"
         self.share_dir = self.dir / self.share
 
@@ -190,7 +193,7 @@ class SambaServer(LoopbackServer):
   printing = bsd
   printcap name = /dev/null
   server min protocol = SMB2_10
-
+{"".join(f"  {k} = {v}{chr(10)}" for k, v in self.options.items())}
 [{self.share}]
   path = {self.share_dir}
   read only = no
