@@ -129,7 +129,7 @@ def test_every_reader_composes_patches(chain, tmp_path: Path) -> None:
     record, expected = manifests[5].disks[0], points[5]
     # file-level browsing of image sets and the instant-restore export read the same bytes
     disk = open_backup_disk(repo, record)
-    source = ChunkSource(repo.target, None, {"vda": record})
+    source = ChunkSource(repo.target, None, {"vda": record}, chunk_hash=repo.chunk_hash)
     rng = random.Random(1)
     for _ in range(40):
         offset, length = rng.randrange(SIZE - MiB), rng.randrange(1, 3 * K64)
