@@ -108,7 +108,7 @@ def chain(tmp_path: Path) -> tuple[Repository, list[Manifest], list[bytes]]:
     parent = manifests[-1].disks[0]
     dirty = [(CHUNK, 2 * MiB)]
     record = export_image(repo, device="vda", image=str(image), fmt="raw", previous=parent, dirty=dirty)
-    whole = hashlib.sha256(data[CHUNK : 2 * CHUNK]).hexdigest()
+    whole = repo.chunk_id(data[CHUNK : 2 * CHUNK])
     assert [e for e in record.chunks if e[0] == 1] == [(1, whole)]
     manifests.append(commit(repo, "db01", 6, record))
     points.append(bytes(data))
