@@ -10,7 +10,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,6 +118,14 @@ def place(fd: int, data: bytes, where: Place) -> int:
     return sum(hi - lo for lo, hi in where.spans)
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes to disk now (on Linux, DONTNEED starts writeback of dirty pages and drops
+    only clean ones): the disk works while later chunks are fetched and hashed, so the final fsync finds
+    little left to do instead of all of the disk."""
+    with suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 HOLE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(HOLE_BLOCK)
 
@@ -196,7 +204,10 @@ def restore_disk(
             where = places[digest]
             first = where[0]
             data = _fetch_verified(repo, record, first.index, digest, first.length if first.patch else None)
-            return sum(_place_checked(fd, record, data, p) for p in where)
+            placed = sum(_place_checked(fd, record, data, p) for p in where)
+            for p in where:
+                start_writeback(fd, p.at, p.length)
+            return placed
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for n in pool.map(fetch_and_write, places):
