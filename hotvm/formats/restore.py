@@ -130,6 +130,16 @@ HOLE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(HOLE_BLOCK)
 
 
+def _is_zero(block: memoryview) -> bool:
+    """Whether a block is all zeros, at memcmp speed: a memoryview compares item by item (measured: 75 ms
+    for 4 MiB of zeros, against a few for bytes), so only a block that starts with zeros is copied to
+    bytes and compared whole; data usually differs in its first bytes and costs nothing."""
+    head = min(len(block), 64)
+    if block[:head] != _ZERO_BLOCK[:head]:
+        return False
+    return block.tobytes() == _ZERO_BLOCK[: len(block)]
+
+
 def write_sparse(fd: int, data: bytes, offset: int) -> None:
     """Write `data` at `offset` but leave all-zero 64 KiB blocks as holes (the file was truncated to size):
     a chunk holding a little data and trimmed or never-written space restores thin, and faster."""
@@ -137,7 +147,7 @@ def write_sparse(fd: int, data: bytes, offset: int) -> None:
     run_start = None
     for pos in range(0, len(data) + HOLE_BLOCK, HOLE_BLOCK):
         block = view[pos : pos + HOLE_BLOCK]
-        if block and block != _ZERO_BLOCK[: len(block)]:
+        if block and not _is_zero(block):
             if run_start is None:
                 run_start = pos
             continue
