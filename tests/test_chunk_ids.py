@@ -209,3 +209,25 @@ def test_an_unknown_chunk_id_scheme_is_refused(tmp_path: Path) -> None:
         open_repo(tmp_path / "repo", name="nas")
     assert "target 'nas'" in str(err.value) and "sha3-512" in str(err.value)
     assert "upgrade hotvm" in str(err.value.hint)
+
+
+@pytest.mark.parametrize("kind", ["keyed-blake3", "sha256"])
+def test_instant_restore_reads_chunks_by_the_repositorys_scheme(tmp_path: Path, kind: str) -> None:
+    """The instant-restore plugin gets the scheme (and for an encrypted repository its derived id key) in
+    its bundle and verifies every chunk it serves with it."""
+    from hotvm.instant.chunks import open_source
+    from hotvm.instant.export import bundle
+
+    if kind == "sha256":
+        shutil.copytree(FIXTURE, tmp_path / "repo")
+        repo = open_repo(tmp_path / "repo")
+        manifest = repo.latest("old-vm")
+        data = restored(repo, manifest.disks[0], tmp_path / "r.raw")
+    else:
+        image, data = disk(tmp_path)
+        repo = open_repo(tmp_path / "repo", KEY)
+        manifest = backup(repo, image)
+    assert repo.chunk_hash == kind
+    source = open_source(bundle(repo, manifest, None, 0, 1.0), None)
+    device = manifest.disks[0].device
+    assert bytes(source.read(device, 0, len(data))) == bytes(data)
