@@ -27,8 +27,11 @@ FILE_MODE = 0o600
 DIR_MODE = 0o700
 
 
-GROUP_BLOBS = 32
-"""Blobs (128 MiB of chunks) written before one round of fsyncs and renames, inside `grouped()`."""
+GROUP_BLOBS = 8
+"""Blobs (32 MiB of chunks) handed to the background flusher at once for fsyncs and renames, inside
+`grouped()`. Every blob gets its own fsync whatever the group size (its writeback already started when it
+was written); a small group keeps the wait at the end of an export (the last group, synced in the caller)
+short."""
 
 
 class LocalTarget(Target):
