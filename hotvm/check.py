@@ -3,8 +3,8 @@
 Always: every manifest parses; every disk's chunk list matches the disk's digest; every chunk a complete
 set references, and its config archive, exist on the target. With `read_data`: every referenced chunk is
 also read once (however many sets share it), authenticated (encrypted repository), decompressed and
-hashed, and its hash (sha256, or the repository's HMAC) compared with its name; each config archive with its
-checksum. Damage on the target (bit rot, a truncated or replaced
+hashed, and its id (the repository's chunk_hash: BLAKE3, sha256, or keyed) compared with its name; each
+config archive with its checksum. Damage on the target (bit rot, a truncated or replaced
 file, a chunk removed by hand) then shows before a restore needs that set.
 
 Problems are collected per set; one problem never stops the check. Incomplete sets are listed, not

@@ -102,7 +102,7 @@ def test_roundtrip_and_nothing_readable_on_the_target(tmp_path: Path, keyed: Tar
     root = tmp_path / "target"
     files = stored_files(root)
     marker = json.loads(files.pop(MARKER))
-    assert marker["format_version"] == 3 and marker["chunk_hash"] == "hmac-sha256"
+    assert marker["format_version"] == 4 and marker["chunk_hash"] == "keyed-blake3"
     assert marker["encryption"]["cipher"] == "aes-256-gcm" and marker["encryption"]["kdf"]["name"] == "scrypt"
     assert PASSPHRASE not in json.dumps(marker)
     for path, blob in files.items():
@@ -111,7 +111,7 @@ def test_roundtrip_and_nothing_readable_on_the_target(tmp_path: Path, keyed: Tar
         if path.endswith(".json"):
             with pytest.raises(ValueError):
                 json.loads(blob)
-    # chunk names are keyed: not the sha256 of any chunk's content
+    # chunk names are keyed: not the plain blake3 of any chunk's content
     names = {Path(p).name for p in files if p.startswith("chunks/")}
     plain_names = {Path(p).name for p in plain if p.startswith("chunks/")}
     assert len(names) == len(plain_names) == 3 and not names & plain_names
@@ -120,7 +120,7 @@ def test_roundtrip_and_nothing_readable_on_the_target(tmp_path: Path, keyed: Tar
 
     fresh = open_repo(keyed)  # a new process: only the target and the key
     loaded = fresh.latest("secret-vm")
-    assert loaded.chunk_hash == "hmac-sha256" and loaded.disks == manifest.disks
+    assert loaded.chunk_hash == "keyed-blake3" and loaded.disks == manifest.disks
     out = restore_disk(fresh, loaded.disks[0], tmp_path / "out" / "d.raw", "raw")
     assert Path(out.path).read_bytes() == image.read_bytes()
     restored = restore_config(fresh, loaded, tmp_path / "out")

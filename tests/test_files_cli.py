@@ -71,7 +71,7 @@ def test_file_contents_are_encrypted_deduplicated_and_restored(
     repo.ensure()
     first = back_up(repo, image, "20260101T000000Z-0001", None)
     stats = first.volumes[0].stats
-    assert first.chunk_hash == "hmac-sha256"
+    assert first.chunk_hash == "keyed-blake3"
     assert (stats.files_seen, stats.files_stored) == (3, 2)  # the copy shares the original's content
     for path in (tmp_path / "target").rglob("*"):
         if path.is_file():

@@ -205,6 +205,31 @@ def test_grouped_chunks_appear_only_when_durable_and_other_files_at_once(tmp_pat
     assert target.listdir("chunks/bb") == []
 
 
+def test_grouped_chunks_are_synced_in_the_background_and_all_in_place_at_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups are fsynced and renamed by a background flusher (writers never wait for it); when the block
+    ends every chunk is under its name and no temporary file is left, also after a failed export."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from targets import local
+
+    monkeypatch.setattr(local, "GROUP_BLOBS", 3)
+    target = open_target(TargetConfig(name="grouped", url=f"file://{tmp_path}/t"))
+    blobs = {f"{i:02x}{'0' * 62}": os.urandom(1000 + i) for i in range(40)}
+    with target.grouped("chunks/"), ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda n: target.write_bytes(f"chunks/{n[:2]}/{n}", blobs[n]), blobs))
+    for name, data in blobs.items():
+        assert target.read_bytes(f"chunks/{name[:2]}/{name}") == data
+    assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp-" in p.name]
+    with pytest.raises(RuntimeError), target.grouped("chunks/"):
+        for i in range(8):
+            target.write_bytes(f"chunks/ff/{i:064x}", b"x")
+        raise RuntimeError("export failed")
+    assert not [p for p in (tmp_path / "t").rglob("*") if ".tmp-" in p.name]
+    assert all(target.read_bytes(f"chunks/ff/{name}") == b"x" for name in target.listdir("chunks/ff"))
+
+
 def qemu_io(image: Path, *cmds: str) -> None:
     args = ["qemu-io", "-f", "qcow2"]
     for cmd in cmds:

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 from hotvm import __version__
 from hotvm.config import StrictModel
 from hotvm.errors import BackupSetError, ChecksumMismatch
+from hotvm.formats.chunkid import ChunkHash
 from hotvm.formats.export import decompress_bounded
 from hotvm.formats.manifest import (
     BackupId,
@@ -116,7 +117,7 @@ class FileSetManifest(Checksummed):
     host: str
     started_at: dt.datetime
     completed_at: dt.datetime
-    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
+    chunk_hash: ChunkHash = "sha256"
     incremental_from: str | None = None
     volumes: list[VolumeRecord]
     skipped_volumes: list[SkippedVolume] = []

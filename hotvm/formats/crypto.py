@@ -4,7 +4,8 @@ One secret (a passphrase, or 32 random bytes in base64) from the target's config
 (scrypt over the passphrase, or HKDF over the random key, with the repository's random salt). HKDF splits it
 into three independent keys:
   data key   AES-256-GCM for every file: nonce(12) || ciphertext || tag(16), the file's path as AAD
-  id key     HMAC-SHA256 names chunks, so a chunk's name does not reveal the hash of its content
+  id key     keyed BLAKE3 (older repositories: HMAC-SHA256) names chunks, so a chunk's name does not reveal
+             the hash of its content; each chunk id scheme derives its own id key (hotvm/formats/chunkid.py)
   check key  HMAC of a constant, stored in the marker: a wrong secret is refused before anything is read
 
 The secret and the keys never leave this process: not the target, not a log, not an error message.
@@ -22,9 +23,11 @@ import threading
 from dataclasses import dataclass
 
 from hotvm.errors import ChecksumMismatch
+from hotvm.formats.chunkid import KEYED, NEW_KEYED, id_function, id_key_info
 
 CIPHER = "aes-256-gcm"
-CHUNK_ID = "hmac-sha256"
+CHUNK_ID = NEW_KEYED
+"""The chunk id scheme of a new encrypted repository; an existing one keeps what its marker records."""
 NONCE = 12
 TAG = 16
 SCRYPT = {"name": "scrypt", "n": 2**17, "r": 8, "p": 1}
@@ -80,16 +83,17 @@ _cache: dict[str, Keys] = {}
 _cache_lock = threading.Lock()
 
 
-def derive(secret: str, kdf: dict, salt: bytes) -> Keys:
-    """The three keys for this secret and repository (scrypt runs once per process and repository)."""
-    tag = hashlib.sha256(repr((sorted(kdf.items()), salt.hex(), secret)).encode()).hexdigest()
+def derive(secret: str, kdf: dict, salt: bytes, chunk_id: str = CHUNK_ID) -> Keys:
+    """The three keys for this secret and repository (scrypt runs once per process and repository); the
+    id key is the one of the repository's chunk id scheme `chunk_id`."""
+    tag = hashlib.sha256(repr((sorted(kdf.items()), salt.hex(), secret, chunk_id)).encode()).hexdigest()
     with _cache_lock:
         if tag in _cache:
             return _cache[tag]
     master = _master(secret, kdf, salt)
     keys = Keys(
         data=_hkdf(master, None, b"hotvm data key"),
-        ids=_hkdf(master, None, b"hotvm chunk id key"),
+        ids=_hkdf(master, None, id_key_info(chunk_id)),
         check=_hkdf(master, None, b"hotvm key check"),
     )
     with _cache_lock:
@@ -101,7 +105,7 @@ def new_encryption(secret: str) -> tuple[dict, Keys]:
     """The marker's "encryption" entry for a new repository, and its keys."""
     salt = os.urandom(16)
     kdf = dict(HKDF) if _raw_key(secret) is not None else dict(SCRYPT)
-    keys = derive(secret, kdf, salt)
+    keys = derive(secret, kdf, salt, CHUNK_ID)
     entry = {
         "cipher": CIPHER,
         "chunk_id": CHUNK_ID,
@@ -114,10 +118,11 @@ def new_encryption(secret: str) -> tuple[dict, Keys]:
 
 def open_encryption(secret: str, entry: dict) -> Keys | None:
     """The keys for an existing repository; None if the secret is not the one it was created with."""
-    if entry.get("cipher") != CIPHER or entry.get("chunk_id") != CHUNK_ID:
-        raise ValueError(f"unsupported cipher {entry.get('cipher')!r} / chunk id {entry.get('chunk_id')!r}")
+    scheme = entry.get("chunk_id")
+    if entry.get("cipher") != CIPHER or scheme not in KEYED:
+        raise ValueError(f"unsupported cipher {entry.get('cipher')!r} / chunk id {scheme!r}")
     try:
-        keys = derive(secret, dict(entry["kdf"]), base64.b64decode(entry["salt"]))
+        keys = derive(secret, dict(entry["kdf"]), base64.b64decode(entry["salt"]), str(scheme))
     except ValueError as exc:
         if "not a base64 32-byte key" in str(exc):
             return None
@@ -128,17 +133,21 @@ def open_encryption(secret: str, entry: dict) -> Keys | None:
 class Sealer:
     """Encrypts and authenticates the files of one repository."""
 
-    def __init__(self, keys: Keys) -> None:
+    def __init__(self, keys: Keys, chunk_id: str) -> None:
+        """`chunk_id`: the repository's keyed chunk id scheme (its marker's encryption entry says)."""
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+        if chunk_id not in KEYED:
+            raise ValueError(f"{chunk_id!r} is not a keyed chunk id scheme")
         self._aead = AESGCM(keys.data)
-        self._ids = keys.ids
+        self._chunk_id = id_function(chunk_id, keys.ids)
+        self.chunk_hash = chunk_id
 
     def __repr__(self) -> str:
         return "<Sealer (keys hidden)>"
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
-        return hmac.new(self._ids, data, hashlib.sha256).hexdigest()
+        return self._chunk_id(data)
 
     def seal(self, path: str, plain: bytes | bytearray | memoryview) -> bytes:
         nonce = os.urandom(NONCE)

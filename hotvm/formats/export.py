@@ -111,6 +111,11 @@ class _ChunkJob:
             min(s.start + s.length, self.start + self.size) - max(s.start, self.start) for s in self.segments
         )
 
+    def prefetch(self, reader: ImageReader) -> None:
+        for seg in self.segments:
+            lo = max(seg.start, self.start)
+            reader.prefetch(lo, min(seg.start + seg.length, self.start + self.size) - lo, seg)
+
 
 def _export_chunk(
     job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters, zero: bytes
@@ -208,6 +213,7 @@ def export_image(
                     progress(done_bytes, total)
 
         for job in jobs:
+            job.prefetch(reader)  # its read starts now, not when a worker gets to it
             in_flight.append((job, pool.submit(_export_chunk, job, reader, repo, counters, zero)))
             collect(2 * workers)
         collect(0)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 
 from hotvm.child_env import child_env
@@ -106,6 +107,15 @@ class ImageReader:
                 buf[done:] = bytes(len(buf) - done)
                 return
             done += n
+
+    def prefetch(self, seg_start: int, length: int, seg: Segment) -> None:
+        """Ask the kernel to start reading `length` bytes of `seg` from guest offset seg_start now
+        (asynchronously): the reads of the next chunks are in flight while workers hash and store this one."""
+        if seg.offset is None:
+            return
+        with suppress(OSError, AttributeError):
+            os.posix_fadvise(self._fd(seg.depth), seg.offset + (seg_start - seg.start), length,
+                             os.POSIX_FADV_WILLNEED)  # fmt: skip
 
     def _read_via_qemu_img(self, start: int, length: int) -> bytes:
         opts = (

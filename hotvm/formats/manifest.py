@@ -19,6 +19,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from hotvm import __version__
 from hotvm.config import BootCheckSpec, StrictModel
+from hotvm.formats.chunkid import ChunkHash
 
 FORMAT_VERSION = 1
 """Format of an unencrypted repository marker written before repository ids existed (still read)."""
@@ -299,8 +300,9 @@ class Manifest(Checksummed):
     driver: str
     started_at: dt.datetime
     completed_at: dt.datetime
-    chunk_hash: Literal["sha256", "hmac-sha256"] = "sha256"
-    """How chunks are named: sha256 of the content, or (encrypted repository) HMAC-SHA256 under its id key."""
+    chunk_hash: ChunkHash = "sha256"
+    """How chunks are named (the repository's scheme, hotvm/formats/chunkid.py): BLAKE3 or, in older
+    repositories, sha256 of the content; keyed (encrypted repository) under its id key."""
     compression: Literal["zstd"] = "zstd"
     disks: list[DiskRecord]
     skipped_disks: list[SkippedDisk] = []

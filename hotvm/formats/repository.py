@@ -1,7 +1,9 @@
 """Layout of a hotvm repository on a target (docs/format.md):
 
     hotvm-repository.json                 format marker, version and random repository id
-    chunks/<h[:2]>/<h>                    zstd-compressed chunk, named by sha256 of its plain content
+    chunks/<h[:2]>/<h>                    zstd-compressed chunk, named by its chunk id (the marker's
+                                          chunk_hash: blake3 or, older repositories, sha256; keyed if
+                                          encrypted: hotvm/formats/chunkid.py)
     vms/<vm>/<backup_id>/disks/<dev>.json one exported disk (written when its export finished: resume journal)
     vms/<vm>/<backup_id>/config.tar.zst   the VM's config files and description
     vms/<vm>/<backup_id>/manifest.json    written last: a set without it is incomplete and never restored
@@ -9,7 +11,7 @@
 Chunks are shared by every set in the repository, so a rerun after a failure and next week's backup only
 upload what is not there yet.
 
-An encrypted repository (format 2, docs/format.md "Encryption") names chunks by HMAC-SHA256 under a key
+An encrypted repository (format 2, docs/format.md "Encryption") names chunks by a keyed hash under a key
 and stores every file but the marker AES-256-GCM encrypted; this class is the only place that reads or
 writes file contents, so the rest of hotvm sees plain bytes either way.
 
@@ -21,7 +23,6 @@ where it says it belongs, and the repository's identity is remembered per target
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import secrets
 import threading
@@ -33,6 +34,7 @@ from pydantic import ValidationError
 
 from hotvm.credentials import Credential
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
+from hotvm.formats import chunkid
 from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.formats.manifest import CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
 from hotvm.formats.setstore import (
@@ -57,10 +59,11 @@ ENCRYPTED_FORMAT = 2
 """Repository format of an encrypted repository: a hotvm that predates encryption refuses it (and so never
 writes plain chunks into it); an unencrypted repository written before format 3 is format 1. Both are
 still read and written (their marker is never rewritten: its digest is their remembered id)."""
-REPOSITORY_FORMAT = 3
+REPOSITORY_FORMAT = 4
 """The newest repository format this hotvm reads and writes: 3 = the marker has a random `id`, manifests
 and disk records carry checksums, names that need cleaning get a hash suffix (encrypted or not: the
-marker's `encryption` entry says). Older hotvm refuses it instead of mistaking new sets for damaged ones."""
+marker's `encryption` entry says); 4 = chunks may be named by BLAKE3 (the marker's `chunk_hash`). Older
+hotvm refuses it instead of mistaking new sets for damaged ones (or its chunks for rotten ones)."""
 
 __all__ = [  # the names set stores and older callers import from here
     "DamagedManifest", "ImageSets", "Repository", "SetEntry", "checked_backup_id", "location_problem",
@@ -158,6 +161,8 @@ class Repository:
         self._create_lock = threading.Lock()
         self._opened = False
         self._sealer: Sealer | None = None
+        self._chunk_hash = ""
+        self._plain_id: chunkid.IdFunction | None = None
         self._encryption: dict | None = None
         self._identity: Identity | None = None
         self.images = ImageSets(self)
@@ -223,10 +228,33 @@ class Repository:
                 "rerun the backup",
             )
 
+    def _scheme(self, meta: dict) -> str:
+        """The chunk id scheme the marker records (older markers: by their encryption); an unknown one
+        is refused before anything is read or written."""
+        name, entry = self.target.name, meta.get("encryption")
+        default = chunkid.LEGACY_PLAIN if entry is None else chunkid.LEGACY_KEYED
+        scheme = meta.get("chunk_hash", default)
+        if isinstance(entry, dict) and "chunk_hash" not in meta:
+            scheme = entry.get("chunk_id", default)
+        if scheme not in chunkid.KNOWN:
+            raise TargetError(
+                f"the hotvm repository on target '{name}' ({self.location}) names its chunks by "
+                f"{str(scheme)[:40]!r}, which this hotvm does not know",
+                "upgrade hotvm",
+            )
+        keyed = scheme in chunkid.KEYED
+        if keyed != (entry is not None) or (isinstance(entry, dict) and entry.get("chunk_id") != scheme):
+            raise BackupSetError(
+                f"{MARKER} on target '{name}' names chunks by {scheme!r}, which does not fit its "
+                f"encryption entry", "the marker is damaged; restore it from a copy",
+            )
+        return str(scheme)
+
     def _open(self, meta: dict) -> None:
         name = self.target.name
         entry = meta.get("encryption")
         secret, source = self._secret()
+        scheme = self._scheme(meta)
         if entry is None:
             if meta.get("format_version", 0) == ENCRYPTED_FORMAT:
                 raise BackupSetError(
@@ -240,6 +268,7 @@ class Repository:
                     "encryption cannot be added to an existing repository: send encrypted backups to a new "
                     "target or prefix, or remove encryption_key_env/encryption_key_secret for this one",
                 )
+            self._plain_id = chunkid.id_function(scheme)
         else:
             if secret is None:
                 raise TargetConfigError(
@@ -261,8 +290,9 @@ class Repository:
                     f"wrong encryption key for target '{name}'",
                     f"the key from {source} is not the one this repository was created with",
                 )
-            self._sealer = Sealer(keys)
+            self._sealer = Sealer(keys, scheme)
             self._encryption = dict(entry)
+        self._chunk_hash = scheme
         self._opened = True
 
     def ensure(self) -> None:
@@ -280,7 +310,7 @@ class Repository:
         self.target.check()
         secret, _ = self._secret()
         meta: dict = {"format": "hotvm", "format_version": REPOSITORY_FORMAT, "id": secrets.token_hex(16),
-                      "chunk_hash": "sha256"}
+                      "chunk_hash": chunkid.NEW_PLAIN}
         if secret is not None:
             from hotvm.formats.crypto import CHUNK_ID, new_encryption
 
@@ -301,7 +331,9 @@ class Repository:
 
     @property
     def chunk_hash(self) -> str:
-        return "hmac-sha256" if self.encrypted else "sha256"
+        """How this repository names chunks (hotvm/formats/chunkid.py), as its marker records."""
+        self._read_sealer()
+        return self._chunk_hash
 
     def _read_sealer(self) -> Sealer | None:
         """Nothing is read from a target without a repository (a planted set in an empty or unmounted
@@ -322,10 +354,14 @@ class Repository:
         return self._sealer
 
     def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
-        """A chunk's name: sha256 of its plain content, or in an encrypted repository HMAC-SHA256 under the
-        repository's id key (names do not reveal content hashes; identical chunks still share a name)."""
+        """A chunk's name under the repository's own scheme (`chunk_hash`): BLAKE3 (older: sha256) of its
+        plain content, or in an encrypted repository the keyed hash under the repository's id key (names
+        do not reveal content hashes; identical chunks still share a name)."""
         sealer = self._write_sealer()
-        return sealer.chunk_id(data) if sealer else hashlib.sha256(data).hexdigest()
+        if sealer is not None:
+            return sealer.chunk_id(data)
+        assert self._plain_id is not None
+        return self._plain_id(data)
 
     def seal(self, path: str, data: bytes | bytearray | memoryview) -> bytes:
         """What is stored at `path` for these plain bytes (encrypted, with the path as AAD, if need be)."""

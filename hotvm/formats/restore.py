@@ -10,7 +10,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -118,8 +118,26 @@ def place(fd: int, data: bytes, where: Place) -> int:
     return sum(hi - lo for lo, hi in where.spans)
 
 
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing these bytes to disk now (on Linux, DONTNEED starts writeback of dirty pages and drops
+    only clean ones): the disk works while later chunks are fetched and hashed, so the final fsync finds
+    little left to do instead of all of the disk."""
+    with suppress(OSError, AttributeError):
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
 HOLE_BLOCK = 64 * 1024
 _ZERO_BLOCK = bytes(HOLE_BLOCK)
+
+
+def _is_zero(block: memoryview) -> bool:
+    """Whether a block is all zeros, at memcmp speed: a memoryview compares item by item (measured: 75 ms
+    for 4 MiB of zeros, against a few for bytes), so only a block that starts with zeros is copied to
+    bytes and compared whole; data usually differs in its first bytes and costs nothing."""
+    head = min(len(block), 64)
+    if block[:head] != _ZERO_BLOCK[:head]:
+        return False
+    return block.tobytes() == _ZERO_BLOCK[: len(block)]
 
 
 def write_sparse(fd: int, data: bytes, offset: int) -> None:
@@ -129,7 +147,7 @@ def write_sparse(fd: int, data: bytes, offset: int) -> None:
     run_start = None
     for pos in range(0, len(data) + HOLE_BLOCK, HOLE_BLOCK):
         block = view[pos : pos + HOLE_BLOCK]
-        if block and block != _ZERO_BLOCK[: len(block)]:
+        if block and not _is_zero(block):
             if run_start is None:
                 run_start = pos
             continue
@@ -196,7 +214,10 @@ def restore_disk(
             where = places[digest]
             first = where[0]
             data = _fetch_verified(repo, record, first.index, digest, first.length if first.patch else None)
-            return sum(_place_checked(fd, record, data, p) for p in where)
+            placed = sum(_place_checked(fd, record, data, p) for p in where)
+            for p in where:
+                start_writeback(fd, p.at, p.length)
+            return placed
 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for n in pool.map(fetch_and_write, places):

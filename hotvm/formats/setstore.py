@@ -196,9 +196,7 @@ class SetStore(abc.ABC, Generic[M]):
         # The marker is read again: a target unmounted, swapped or re-created during the backup (or a
         # first backup that lost the race to create an encrypted repository) never gets a complete set.
         self.repo.recheck(f"{self.noun} {manifest.vm}/{manifest.backup_id}")  # type: ignore[attr-defined]
-        update: dict = {"format_version": self.manifest_format}
-        if self.repo.encrypted:
-            update["chunk_hash"] = "hmac-sha256"
+        update: dict = {"format_version": self.manifest_format, "chunk_hash": self.repo.chunk_hash}  # type: ignore[attr-defined]
         manifest = manifest.model_copy(update=update).with_checksum()
         set_dir = self.set_dir(manifest.vm, manifest.backup_id)  # type: ignore[attr-defined]
         self.repo.write_file(f"{set_dir}/manifest.json", manifest.model_dump_json(indent=1).encode())

@@ -109,8 +109,13 @@ class ChunkSource:
         unreachable_wait_s: float = 60.0,
         log_dir: Path | None = None,
         read_ahead: int = READ_AHEAD,
+        chunk_hash: str = "sha256",
     ) -> None:
+        """`chunk_hash`: the repository's chunk id scheme (an unencrypted one's; a sealer knows its own)."""
+        from hotvm.formats.chunkid import id_function
+
         self.target, self.sealer, self.cache = target, sealer, cache
+        self._plain_id = id_function(chunk_hash) if sealer is None else None
         self.disks = {name: Disk.of(record) for name, record in disks.items()}
         self.unreachable_wait_s = unreachable_wait_s
         self.log_dir = log_dir
@@ -125,9 +130,8 @@ class ChunkSource:
 
     # ---- what verify_chunk needs of a repository
     def chunk_id(self, data: bytes | bytearray | memoryview) -> str:
-        import hashlib
-
-        return self.sealer.chunk_id(data) if self.sealer else hashlib.sha256(data).hexdigest()  # type: ignore[attr-defined]
+        """The repository's own chunk id (the bundle says which scheme; a sealer knows its keyed one)."""
+        return self.sealer.chunk_id(data) if self.sealer else self._plain_id(data)  # type: ignore[attr-defined]
 
     def get_chunk(self, digest: str) -> bytes:
         """The chunk's zstd frame, authenticated: from the local cache, else from the target (waiting up to
@@ -301,7 +305,8 @@ def open_source(bundle: dict, log_dir: Path | None) -> ChunkSource:
         from hotvm.formats.crypto import Keys, Sealer
 
         keys = bundle["keys"]
-        sealer = Sealer(Keys(bytes.fromhex(keys["data"]), bytes.fromhex(keys["ids"]), b""))
+        sealer = Sealer(Keys(bytes.fromhex(keys["data"]), bytes.fromhex(keys["ids"]), b""),
+                        str(bundle.get("chunk_hash", "hmac-sha256")))
     cache = None
     if bundle.get("cache_dir"):
         cache = BlobCache(Path(bundle["cache_dir"]), int(bundle.get("cache_bytes", 1 << 30)))
@@ -310,4 +315,5 @@ def open_source(bundle: dict, log_dir: Path | None) -> ChunkSource:
         target, sealer, disks, cache=cache,
         unreachable_wait_s=float(bundle.get("unreachable_wait_s", 60)), log_dir=log_dir,
         read_ahead=int(bundle.get("read_ahead", READ_AHEAD)),
+        chunk_hash=str(bundle.get("chunk_hash", "sha256")),
     )  # fmt: skip

@@ -91,6 +91,7 @@ def bundle(repo: Repository, manifest: Manifest, cache_dir: Path | None, cache_b
         "target": target,
         "credentials": handed,
         "keys": _keys(repo),
+        "chunk_hash": repo.chunk_hash,
         "disks": [{"export": d.device, "record": d.model_dump(mode="json")} for d in manifest.disks],
         "cache_dir": str(cache_dir) if cache_dir else None,
         "cache_bytes": cache_bytes,
