@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,7 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
                    stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    SETUP_CPU.append(cpu_seconds()[0])
     host = load_config(config).hosts[0].name
     workers = [
         subprocess.Popen(
@@ -126,7 +129,7 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
             )
             rows = [
                 {"vm": c.parameters["vm"], "status": "success" if c.state.is_completed() else "failed",
-                 "step": None, "error": c.state.message}
+                 "step": None, "error": c.state.message, "times": _child_times(client, c)}
                 for c in children
             ]  # fmt: skip
             wall = (parent.end_time - parent.start_time).total_seconds()
@@ -145,17 +148,74 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
     return rows, wall, last_child
 
 
-def direct_baseline(vms: list[str], config: Path, limit: int) -> float:
+def _child_times(client, child) -> dict:  # noqa: ANN001 - a Prefect client and flow run
+    """When the child run was created, and entered Pending (the worker took it) and Running (its process
+    started the flow), from its state history; its end."""
+    times = {"created": child.created, "end": child.end_time}
+    for state in client.read_flow_run_states(child.id):
+        key = state.type.value.lower()
+        if key in ("pending", "running") and key not in times:
+            times[key] = state.timestamp
+    return times
+
+
+SETUP_CPU: list[float] = []
+"""CPU s of this process and its children when `hotvm prefect setup` and `prefect deploy` have ended."""
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU s of this process + its waited-for children, CPU s busy on the whole machine: others' too)."""
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return own, (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def print_timeline(results: list[dict], manifests: list, limit: int) -> None:
+    """Where a child's time goes (deployments mode): median and max of each phase over the children."""
+    by_vm = {m.vm: m for m in manifests}
+    phases: dict[str, list[float]] = {}
+    for r in results:
+        t, m = r.get("times"), by_vm.get(r["vm"])
+        if not t or m is None or "pending" not in t or "running" not in t:
+            continue
+        export = sum(s.seconds for s in m.steps if s.step == "export")
+        for name, value in (
+            ("created -> pending (worker poll, submit)", t["pending"] - t["created"]),
+            ("pending -> running (child process start)", t["running"] - t["pending"]),
+            ("running -> slot (session, reconcile, wait)", m.started_at - t["running"]),
+            ("in slot (steps + slot bookkeeping)", m.completed_at - m.started_at),
+            ("  of it export", export),
+            ("slot -> end (transfer, artifact, teardown)", t["end"] - m.completed_at),
+        ):
+            phases.setdefault(name, []).append(value if isinstance(value, float) else value.total_seconds())
+    if not phases:
+        return
+    print(f"per child (median / max of {len(next(iter(phases.values())))}):")
+    for name, values in phases.items():
+        print(f"  {name:45s} {statistics.median(values):6.2f} / {max(values):6.2f} s")
+
+
+def slot_idle(spans: list[tuple], limit: int) -> float:
+    """Slot-seconds no backup held between the first slot taken and the last one given back: ramp-up,
+    hand-off latency and tail (wall x limit - slot-held time, without the time before the first slot)."""
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    return limit * (last - first).total_seconds() - sum((e - s).total_seconds() for s, e in spans)
+
+
+def direct_baseline(vms: list[str], config: Path, limit: int) -> tuple[float, float]:
     """The same backups without Prefect, in this run: bench/prefect_overhead.py's direct path (the flow's
-    hotvm.backup calls in its order) for every VM into a fresh target, `limit` at a time. Returns wall s."""
+    hotvm.backup calls in its order) for every VM into a fresh target, `limit` at a time.
+    Returns (wall s, CPU s of this process)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prefect_overhead import direct_backup
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=limit) as pool:
         list(pool.map(lambda vm: direct_backup("direct", str(config), vm), vms))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def max_overlap(spans: list[tuple]) -> int:
@@ -211,6 +271,7 @@ def main() -> None:
                 sort_keys=False,
             )
         )
+        cpu0 = (*cpu_seconds(), time.perf_counter())
         if args.mode == "deployments":
             results, wall, last_child = run_deployments(config, work)
         else:
@@ -226,10 +287,13 @@ def main() -> None:
             except BackupsFailed as exc:
                 results = exc.results
             wall, last_child = time.perf_counter() - start, None
+        cpu = [b - a for a, b in zip(cpu0, (*cpu_seconds(), time.perf_counter()), strict=True)]
         for r in results:
             if r["status"] == "failed":
                 print(f"FAILED {r['vm']} at {r.get('step')}: {r.get('error')}")
-        direct_wall = direct_baseline(list(vms), config, args.limit) if args.baseline else None
+        direct_wall, direct_cpu = (None, 0.0)
+        if args.baseline:
+            direct_wall, direct_cpu = direct_baseline(list(vms), config, args.limit)
     finally:
         for vm in vms.values():
             vm.stop()
@@ -267,6 +331,20 @@ def main() -> None:
     per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
     print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
           f"(wall x {args.limit} - exports) / {n} = {per_vm_export:.2f} s")  # fmt: skip
+    idle = slot_idle(spans, args.limit)
+    print(f"slot-seconds idle between the first slot taken and the last given back: {idle:.1f} s "
+          f"({idle / n:.2f} s per VM)")  # fmt: skip
+    if args.mode == "deployments":
+        who, run_cpu = "workers + child run processes", cpu[0] - (SETUP_CPU[0] - cpu0[0])
+    else:
+        who, run_cpu = "this process", cpu[0]
+    print(f"CPU of the fleet run: {who} {run_cpu:.1f} s ({run_cpu / n:.2f} s per VM); whole machine busy "
+          f"{cpu[1]:.1f} s of {cpu[2] * os.cpu_count():.1f} s (setup, server, QEMUs, others)")  # fmt: skip
+    if direct_wall is not None:
+        print(f"CPU of the same backups without Prefect: {direct_cpu:.1f} s ({direct_cpu / n:.2f} s per VM): "
+              f"Prefect's CPU per VM {(run_cpu - direct_cpu) / n:.2f} s")  # fmt: skip
+    if args.mode == "deployments":
+        print_timeline(results, manifests, args.limit)
     if direct_wall is not None:
         print(f"same {n} backups without Prefect ({args.limit} at a time, same run): {direct_wall:.1f} s; "
               f"hotvm fleet run / without Prefect = {wall / direct_wall:.2f}x")  # fmt: skip
