@@ -105,6 +105,9 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     SETUP_CPU.append(cpu_seconds()[0])
     host = load_config(config).hosts[0].name
+    # as scripts/prefect-server.sh starts a worker: the checkout's bytecode compiled once, not by every run
+    compileall = [sys.executable, "-m", "compileall", "-q", "-j", "0", "flows", "tasks", "hotvm", "targets"]
+    subprocess.run(compileall, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", q],
@@ -136,6 +139,8 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
             last_child = max(
                 (c.start_time - parent.start_time).total_seconds() for c in children if c.start_time
             )
+        for q, w in zip((host, "fleet"), workers, strict=True):
+            WORKER_CPU[q] = _worker_cpu(w.pid)
     finally:
         for w in workers:
             w.terminate()
@@ -146,6 +151,22 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
                 w.kill()
                 w.wait(10)
     return rows, wall, last_child
+
+
+WORKER_CPU: dict[str, tuple[float, float]] = {}
+"""queue -> (CPU s of its worker process, CPU s of the flow-run processes it started and reaped)."""
+
+
+def _worker_cpu(pid: int, wait_s: float = 20) -> tuple[float, float]:
+    """A worker's own CPU and its reaped children's, once its flow-run processes have exited."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(
+        Path(f"/proc/{pid}/task/{t}/children").read_text().strip() for t in os.listdir(f"/proc/{pid}/task")
+    ):  # a child run still in its teardown
+        time.sleep(0.5)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) / os.sysconf("SC_CLK_TCK") for x in fields[11:15])
+    return utime + stime, cutime + cstime
 
 
 def _child_times(client, child) -> dict:  # noqa: ANN001 - a Prefect client and flow run
@@ -192,6 +213,8 @@ def print_timeline(results: list[dict], manifests: list, limit: int) -> None:
             phases.setdefault(name, []).append(value if isinstance(value, float) else value.total_seconds())
     if not phases:
         return
+    alive = [(r["times"]["pending"], r["times"]["end"]) for r in results if r.get("times", {}).get("pending")]
+    print(f"child run processes alive at once (pending .. end): at most {max_overlap(alive)}")
     print(f"per child (median / max of {len(next(iter(phases.values())))}):")
     for name, values in phases.items():
         print(f"  {name:45s} {statistics.median(values):6.2f} / {max(values):6.2f} s")
@@ -343,6 +366,10 @@ def main() -> None:
     if direct_wall is not None:
         print(f"CPU of the same backups without Prefect: {direct_cpu:.1f} s ({direct_cpu / n:.2f} s per VM): "
               f"Prefect's CPU per VM {(run_cpu - direct_cpu) / n:.2f} s")  # fmt: skip
+    for q, (own, runs) in WORKER_CPU.items():
+        what = "the weekly-image parent run" if q == "fleet" else f"its {n} backup-vm runs"
+        print(f"  worker {q}: {own:.1f} CPU s itself, {runs:.1f} CPU s in {what}"
+              + ("" if q == "fleet" else f" ({runs / n:.2f} s per VM)"))  # fmt: skip
     if args.mode == "deployments":
         print_timeline(results, manifests, args.limit)
     if direct_wall is not None:
