@@ -15,13 +15,41 @@ on loopback (or PREFECT_API_URL if set, e.g. the PostgreSQL one of scripts/prefe
 From the manifests (started_at / completed_at are taken inside the host's slot) and their step timings it
 prints:
   - the maximum number of backups of the host that overlapped (target: never > LIMIT);
-  - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.1x);
+  - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.2x, issue #14);
   - Prefect overhead per VM: (wall x LIMIT - sum of all step times) / N, i.e. slot time per VM that no
     step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work;
-  - deployments mode: the time from the parent's start to its last child's start;
+  - slot-seconds idle between the first slot taken and the last given back (ramp-up, hand-off, tail);
+  - CPU seconds: of the fleet run (deployments: the workers and every flow-run process they started, per
+    worker; in-process: this process), of the whole machine, and of the same backups without Prefect;
+  - deployments mode: the time from the parent's start to its last child's start, how many child-run
+    processes were alive at once, and per child the median / max of each phase: created -> pending (the
+    worker's poll), pending -> running (a new Python process importing Prefect + the flow), running ->
+    slot (session, reconcile, waiting), in the slot (export of it), after the slot (transfer, teardown);
   - the baseline measured in the same run (unless --no-baseline): the same N backups without Prefect
     (bench/prefect_overhead.py's direct path, LIMIT threads) into a second target, and the ratio of the
     fleet run's wall time to it.
+The Prefect server's own CPU is not in these figures (it may be another machine); for the PostgreSQL one
+of scripts/prefect-server.sh read it from /proc before and after (docs/scale-out.md "Fan-out cost").
+
+Measured (2 cores shared with other work, PostgreSQL server of scripts/prefect-server.sh, limit 2,
+--disk-mib 256 --data-mib 128: 128 MiB random per VM, an export ~1 s on an idle machine):
+  50 VMs, deployments: 6.57x the ideal before, 6.15x after (load average 11-25 from other work); the same
+    backups without Prefect ran 6.5x / 6.2x faster. Per VM: 5.1-5.4 CPU s of workers + flow-run processes
+    above the backup's own 0.5-0.6 CPU s, plus ~2.8 CPU s in the Prefect server and PostgreSQL; a child
+    process spent 22-26 s (median) from pending to running because 4 of them started at once on CPUs that
+    were already saturated. At most 4 child processes alive at once; concurrency never above 2.
+  50 VMs, in-process (the CLI): 1.88x the ideal, 0.49 CPU s of Prefect per VM.
+  20 VMs x 1 GiB random (--disk-mib 2048 --data-mib 1024, an export 15 s, load average 13): 1.63x the
+    ideal, 6.7 idle slot-seconds per VM: a new child needed ~26 s from its creation to its slot, longer
+    than the 16 s its waiting predecessor held the slot, so the one waiting child per slot
+    (HOTVM_CHILDREN_PER_SLOT=2) could not hide it.
+A backup-vm run started by a worker costs ~2.2 CPU s before its first step (Prefect's import and settings
+~1.5 s, the engine's API calls; hotvm's own modules ~0.2 s, none of the driver/target libraries), ~3 CPU s
+in all with a 128 MiB export; with the workers' and the server's share ~8 CPU s per VM, whatever the disk
+size. 50 VMs need ~400 CPU s, >= 200 s on 2 cores, against an ideal of 25-90 s: <= 1.2x is out of reach at
+128 MiB. It needs (a) slot time per VM >= ~6 s so that CPU fits beside the exports, and (b) a child's
+creation -> slot latency (~4 s idle, ~26 s on a saturated machine) below (HOTVM_CHILDREN_PER_SLOT - 1) x
+its predecessor's slot time.
 """
 
 from __future__ import annotations
@@ -349,7 +377,7 @@ def main() -> None:
     verdict = "met" if peak <= args.limit else "MISSED"
     print(f"max concurrency observed: {peak} (target: never > {args.limit}: {verdict})")
     print(f"wall {wall:.1f} s; ideal (sum of exports {export:.1f} s / {args.limit}) {ideal:.1f} s: "
-          f"{wall / ideal:.2f}x (target <= 1.1x: {'met' if wall <= 1.1 * ideal else 'MISSED'})")  # fmt: skip
+          f"{wall / ideal:.2f}x (target <= 1.2x: {'met' if wall <= 1.2 * ideal else 'MISSED'})")  # fmt: skip
     print(f"all steps {steps:.1f} s (exports {export / steps:.0%}); slot-held time {in_slot:.1f} s")
     per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
     print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
