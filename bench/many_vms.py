@@ -407,8 +407,10 @@ def main() -> None:
         print(f"same {n} backups without Prefect ({args.limit} at a time, same run): {direct_wall:.1f} s; "
               f"hotvm fleet run / without Prefect = {wall / direct_wall:.2f}x")  # fmt: skip
     if last_child is not None:
+        from flows._fleet import in_flight_per_host
+
         print(f"parent start -> last child start: {last_child:.1f} s (children start as slots free: at most "
-              f"{2 * args.limit} unfinished per host)")  # fmt: skip
+              f"{in_flight_per_host(args.limit)} unfinished per host)")  # fmt: skip
     print(f"mode: {args.mode}; server: {os.environ.get('PREFECT_API_URL')}")
     print(machine_load())
     if not args.keep:
