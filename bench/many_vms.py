@@ -46,6 +46,9 @@ Measured (2 cores shared with other work, PostgreSQL server of scripts/prefect-s
     ideal, 6.7 idle slot-seconds per VM: a new child needed ~26 s from its creation to its slot, longer
     than the 16 s its waiting predecessor held the slot, so the one waiting child per slot
     (HOTVM_CHILDREN_PER_SLOT=2) could not hide it.
+  16 VMs x 512 MiB random (--vms 16 --disk-mib 1024 --data-mib 512 --no-baseline, load ~5), same session:
+    HOTVM_CHILDREN_PER_SLOT=2: 2.45x the ideal (102.6 s), 4.96 idle slot-seconds per VM, 4 processes;
+    =3: 1.86x (81.5 s), 2.05 idle slot-seconds per VM, 6 processes. 3 is the default since.
 A backup-vm run started by a worker costs ~2.2 CPU s before its first step (Prefect's import and settings
 ~1.5 s, the engine's API calls; hotvm's own modules ~0.2 s, none of the driver/target libraries), ~3 CPU s
 in all with a 128 MiB export; with the workers' and the server's share ~8 CPU s per VM, whatever the disk
