@@ -15,21 +15,57 @@ on loopback (or PREFECT_API_URL if set, e.g. the PostgreSQL one of scripts/prefe
 From the manifests (started_at / completed_at are taken inside the host's slot) and their step timings it
 prints:
   - the maximum number of backups of the host that overlapped (target: never > LIMIT);
-  - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.1x);
+  - wall time of the flow run vs the ideal, sum of export step times / LIMIT (target: <= 1.2x, issue #14);
   - Prefect overhead per VM: (wall x LIMIT - sum of all step times) / N, i.e. slot time per VM that no
     step used (flow/task bookkeeping, slot handoffs), and the same with only export counted as work;
-  - deployments mode: the time from the parent's start to its last child's start;
+  - slot-seconds idle between the first slot taken and the last given back (ramp-up, hand-off, tail);
+  - CPU seconds: of the fleet run (deployments: the workers and every flow-run process they started, per
+    worker; in-process: this process), of the whole machine, and of the same backups without Prefect;
+  - deployments mode: the time from the parent's start to its last child's start, how many child-run
+    processes were alive at once, and per child the median / max of each phase: created -> pending (the
+    worker's poll), pending -> running (a new Python process importing Prefect + the flow), running ->
+    slot (session, reconcile, waiting), in the slot (export of it), after the slot (transfer, teardown);
   - the baseline measured in the same run (unless --no-baseline): the same N backups without Prefect
     (bench/prefect_overhead.py's direct path, LIMIT threads) into a second target, and the ratio of the
     fleet run's wall time to it.
+The Prefect server's own CPU is not in these figures (it may be another machine); for the PostgreSQL one
+of scripts/prefect-server.sh read it from /proc before and after (docs/scale-out.md "Fan-out cost").
+
+Measured (2 cores shared with other work, PostgreSQL server of scripts/prefect-server.sh, limit 2,
+--disk-mib 256 --data-mib 128: 128 MiB random per VM, an export ~1 s on an idle machine):
+  50 VMs, deployments: 6.57x the ideal before, 6.15x after (load average 11-25 from other work); the same
+    backups without Prefect ran 6.5x / 6.2x faster. Per VM: 5.1-5.4 CPU s of workers + flow-run processes
+    above the backup's own 0.5-0.6 CPU s, plus ~2.8 CPU s in the Prefect server and PostgreSQL; a child
+    process spent 22-26 s (median) from pending to running because 4 of them started at once on CPUs that
+    were already saturated. At most 4 child processes alive at once; concurrency never above 2.
+  50 VMs, in-process (the CLI): 1.88x the ideal, 0.49 CPU s of Prefect per VM.
+  50 VMs, deployments, machine nearly to itself (load 5-8, mostly this run): 5.24x the ideal, 4.77x the
+    same backups without Prefect; 4.76 CPU s per VM above the backup's own, server + PostgreSQL 1.9 CPU s
+    per VM; pending -> running 9.9 s median; 503 of the 525 CPU-seconds available used: CPU-bound.
+  20 VMs x 1 GiB random (--disk-mib 2048 --data-mib 1024, an export 15 s, load average 13): 1.63x the
+    ideal, 6.7 idle slot-seconds per VM: a new child needed ~26 s from its creation to its slot, longer
+    than the 16 s its waiting predecessor held the slot, so the one waiting child per slot
+    (HOTVM_CHILDREN_PER_SLOT=2) could not hide it.
+  16 VMs x 512 MiB random (--vms 16 --disk-mib 1024 --data-mib 512 --no-baseline, load ~5), same session:
+    HOTVM_CHILDREN_PER_SLOT=2: 2.45x the ideal (102.6 s), 4.96 idle slot-seconds per VM, 4 processes;
+    =3: 1.86x (81.5 s), 2.05 idle slot-seconds per VM, 6 processes. 3 is the default since.
+A backup-vm run started by a worker costs ~2.2 CPU s before its first step (Prefect's import and settings
+~1.5 s, the engine's API calls; hotvm's own modules ~0.2 s, none of the driver/target libraries), ~3 CPU s
+in all with a 128 MiB export; with the workers' and the server's share ~8 CPU s per VM, whatever the disk
+size. 50 VMs need ~400 CPU s, >= 200 s on 2 cores, against an ideal of 25-90 s: <= 1.2x is out of reach at
+128 MiB. It needs (a) slot time per VM >= ~6 s so that CPU fits beside the exports, and (b) a child's
+creation -> slot latency (~4 s idle, ~26 s on a saturated machine) below (HOTVM_CHILDREN_PER_SLOT - 1) x
+its predecessor's slot time.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,7 +137,11 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
                    stdout=subprocess.DEVNULL)  # fmt: skip
     subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], env=env, cwd=ROOT,
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    SETUP_CPU.append(cpu_seconds()[0])
     host = load_config(config).hosts[0].name
+    # as scripts/prefect-server.sh starts a worker: the checkout's bytecode compiled once, not by every run
+    compileall = [sys.executable, "-m", "compileall", "-q", "-j", "0", "flows", "tasks", "hotvm", "targets"]
+    subprocess.run(compileall, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     workers = [
         subprocess.Popen(
             [sys.executable, "-m", "prefect", "worker", "start", "--pool", "hotvm", "--work-queue", q],
@@ -126,13 +166,15 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
             )
             rows = [
                 {"vm": c.parameters["vm"], "status": "success" if c.state.is_completed() else "failed",
-                 "step": None, "error": c.state.message}
+                 "step": None, "error": c.state.message, "times": _child_times(client, c)}
                 for c in children
             ]  # fmt: skip
             wall = (parent.end_time - parent.start_time).total_seconds()
             last_child = max(
                 (c.start_time - parent.start_time).total_seconds() for c in children if c.start_time
             )
+        for q, w in zip((host, "fleet"), workers, strict=True):
+            WORKER_CPU[q] = _worker_cpu(w.pid)
     finally:
         for w in workers:
             w.terminate()
@@ -145,17 +187,92 @@ def run_deployments(config: Path, work: Path) -> tuple[list[dict], float, float]
     return rows, wall, last_child
 
 
-def direct_baseline(vms: list[str], config: Path, limit: int) -> float:
+WORKER_CPU: dict[str, tuple[float, float]] = {}
+"""queue -> (CPU s of its worker process, CPU s of the flow-run processes it started and reaped)."""
+
+
+def _worker_cpu(pid: int, wait_s: float = 20) -> tuple[float, float]:
+    """A worker's own CPU and its reaped children's, once its flow-run processes have exited."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(
+        Path(f"/proc/{pid}/task/{t}/children").read_text().strip() for t in os.listdir(f"/proc/{pid}/task")
+    ):  # a child run still in its teardown
+        time.sleep(0.5)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) / os.sysconf("SC_CLK_TCK") for x in fields[11:15])
+    return utime + stime, cutime + cstime
+
+
+def _child_times(client, child) -> dict:  # noqa: ANN001 - a Prefect client and flow run
+    """When the child run was created, and entered Pending (the worker took it) and Running (its process
+    started the flow), from its state history; its end."""
+    times = {"created": child.created, "end": child.end_time}
+    for state in client.read_flow_run_states(child.id):
+        key = state.type.value.lower()
+        if key in ("pending", "running") and key not in times:
+            times[key] = state.timestamp
+    return times
+
+
+SETUP_CPU: list[float] = []
+"""CPU s of this process and its children when `hotvm prefect setup` and `prefect deploy` have ended."""
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU s of this process + its waited-for children, CPU s busy on the whole machine: others' too)."""
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))  # fmt: skip
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return own, (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def print_timeline(results: list[dict], manifests: list, limit: int) -> None:
+    """Where a child's time goes (deployments mode): median and max of each phase over the children."""
+    by_vm = {m.vm: m for m in manifests}
+    phases: dict[str, list[float]] = {}
+    for r in results:
+        t, m = r.get("times"), by_vm.get(r["vm"])
+        if not t or m is None or "pending" not in t or "running" not in t:
+            continue
+        export = sum(s.seconds for s in m.steps if s.step == "export")
+        for name, value in (
+            ("created -> pending (worker poll, submit)", t["pending"] - t["created"]),
+            ("pending -> running (child process start)", t["running"] - t["pending"]),
+            ("running -> slot (session, reconcile, wait)", m.started_at - t["running"]),
+            ("in slot (steps + slot bookkeeping)", m.completed_at - m.started_at),
+            ("  of it export", export),
+            ("slot -> end (transfer, artifact, teardown)", t["end"] - m.completed_at),
+        ):
+            phases.setdefault(name, []).append(value if isinstance(value, float) else value.total_seconds())
+    if not phases:
+        return
+    alive = [(r["times"]["pending"], r["times"]["end"]) for r in results if r.get("times", {}).get("pending")]
+    print(f"child run processes alive at once (pending .. end): at most {max_overlap(alive)}")
+    print(f"per child (median / max of {len(next(iter(phases.values())))}):")
+    for name, values in phases.items():
+        print(f"  {name:45s} {statistics.median(values):6.2f} / {max(values):6.2f} s")
+
+
+def slot_idle(spans: list[tuple], limit: int) -> float:
+    """Slot-seconds no backup held between the first slot taken and the last one given back: ramp-up,
+    hand-off latency and tail (wall x limit - slot-held time, without the time before the first slot)."""
+    first, last = min(s for s, _ in spans), max(e for _, e in spans)
+    return limit * (last - first).total_seconds() - sum((e - s).total_seconds() for s, e in spans)
+
+
+def direct_baseline(vms: list[str], config: Path, limit: int) -> tuple[float, float]:
     """The same backups without Prefect, in this run: bench/prefect_overhead.py's direct path (the flow's
-    hotvm.backup calls in its order) for every VM into a fresh target, `limit` at a time. Returns wall s."""
+    hotvm.backup calls in its order) for every VM into a fresh target, `limit` at a time.
+    Returns (wall s, CPU s of this process)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from prefect_overhead import direct_backup
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(max_workers=limit) as pool:
         list(pool.map(lambda vm: direct_backup("direct", str(config), vm), vms))
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def max_overlap(spans: list[tuple]) -> int:
@@ -211,6 +328,7 @@ def main() -> None:
                 sort_keys=False,
             )
         )
+        cpu0 = (*cpu_seconds(), time.perf_counter())
         if args.mode == "deployments":
             results, wall, last_child = run_deployments(config, work)
         else:
@@ -226,10 +344,13 @@ def main() -> None:
             except BackupsFailed as exc:
                 results = exc.results
             wall, last_child = time.perf_counter() - start, None
+        cpu = [b - a for a, b in zip(cpu0, (*cpu_seconds(), time.perf_counter()), strict=True)]
         for r in results:
             if r["status"] == "failed":
                 print(f"FAILED {r['vm']} at {r.get('step')}: {r.get('error')}")
-        direct_wall = direct_baseline(list(vms), config, args.limit) if args.baseline else None
+        direct_wall, direct_cpu = (None, 0.0)
+        if args.baseline:
+            direct_wall, direct_cpu = direct_baseline(list(vms), config, args.limit)
     finally:
         for vm in vms.values():
             vm.stop()
@@ -262,17 +383,37 @@ def main() -> None:
     verdict = "met" if peak <= args.limit else "MISSED"
     print(f"max concurrency observed: {peak} (target: never > {args.limit}: {verdict})")
     print(f"wall {wall:.1f} s; ideal (sum of exports {export:.1f} s / {args.limit}) {ideal:.1f} s: "
-          f"{wall / ideal:.2f}x (target <= 1.1x: {'met' if wall <= 1.1 * ideal else 'MISSED'})")  # fmt: skip
+          f"{wall / ideal:.2f}x (target <= 1.2x: {'met' if wall <= 1.2 * ideal else 'MISSED'})")  # fmt: skip
     print(f"all steps {steps:.1f} s (exports {export / steps:.0%}); slot-held time {in_slot:.1f} s")
     per_vm, per_vm_export = (wall * args.limit - steps) / n, (wall * args.limit - export) / n
     print(f"Prefect overhead per VM: (wall x {args.limit} - all steps) / {n} = {per_vm:.2f} s; "
           f"(wall x {args.limit} - exports) / {n} = {per_vm_export:.2f} s")  # fmt: skip
+    idle = slot_idle(spans, args.limit)
+    print(f"slot-seconds idle between the first slot taken and the last given back: {idle:.1f} s "
+          f"({idle / n:.2f} s per VM)")  # fmt: skip
+    if args.mode == "deployments":
+        who, run_cpu = "workers + child run processes", cpu[0] - (SETUP_CPU[0] - cpu0[0])
+    else:
+        who, run_cpu = "this process", cpu[0]
+    print(f"CPU of the fleet run: {who} {run_cpu:.1f} s ({run_cpu / n:.2f} s per VM); whole machine busy "
+          f"{cpu[1]:.1f} s of {cpu[2] * os.cpu_count():.1f} s (setup, server, QEMUs, others)")  # fmt: skip
+    if direct_wall is not None:
+        print(f"CPU of the same backups without Prefect: {direct_cpu:.1f} s ({direct_cpu / n:.2f} s per VM): "
+              f"Prefect's CPU per VM {(run_cpu - direct_cpu) / n:.2f} s")  # fmt: skip
+    for q, (own, runs) in WORKER_CPU.items():
+        what = "the weekly-image parent run" if q == "fleet" else f"its {n} backup-vm runs"
+        print(f"  worker {q}: {own:.1f} CPU s itself, {runs:.1f} CPU s in {what}"
+              + ("" if q == "fleet" else f" ({runs / n:.2f} s per VM)"))  # fmt: skip
+    if args.mode == "deployments":
+        print_timeline(results, manifests, args.limit)
     if direct_wall is not None:
         print(f"same {n} backups without Prefect ({args.limit} at a time, same run): {direct_wall:.1f} s; "
               f"hotvm fleet run / without Prefect = {wall / direct_wall:.2f}x")  # fmt: skip
     if last_child is not None:
+        from flows._fleet import in_flight_per_host
+
         print(f"parent start -> last child start: {last_child:.1f} s (children start as slots free: at most "
-              f"{2 * args.limit} unfinished per host)")  # fmt: skip
+              f"{in_flight_per_host(args.limit)} unfinished per host)")  # fmt: skip
     print(f"mode: {args.mode}; server: {os.environ.get('PREFECT_API_URL')}")
     print(machine_load())
     if not args.keep:

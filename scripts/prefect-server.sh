@@ -153,6 +153,9 @@ start_worker() {  # a background worker for one work queue (a hypervisor host, o
   mkdir -p "$STATE"
   if pid_alive "$pidfile"; then log "worker for $host already running (pid $(cat "$pidfile"))"; return; fi
   cd "$REPO"
+  # Every flow run is a new Python process importing hotvm from this checkout: compile it once here, so no
+  # run compiles it again (a read-only checkout or PYTHONDONTWRITEBYTECODE=1 would make each one do it).
+  "$PYTHON" -m compileall -q -j 0 flows tasks hotvm targets >/dev/null || log "compileall failed (runs compile at import)"
   # Poll every 2 s (Prefect's default 10 s): a fleet run's per-VM children start within ~2 s of the parent
   HOTVM_CONFIG=$HOTVM_CONFIG PREFECT_WORKER_QUERY_SECONDS=$WORKER_QUERY_SECONDS \
     setsid "$PREFECT" worker start --pool "$POOL" --work-queue "$host" \
