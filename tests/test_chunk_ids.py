@@ -16,6 +16,7 @@ from pathlib import Path
 import blake3
 import pytest
 import zstandard
+from repo_helpers import commit, restored
 
 from hotvm.check import check_repository
 from hotvm.config import TargetConfig
@@ -23,9 +24,8 @@ from hotvm.copy import copy_repository
 from hotvm.errors import HotvmError
 from hotvm.formats import crypto
 from hotvm.formats.export import export_image
-from hotvm.formats.manifest import DiskRecord, Manifest
+from hotvm.formats.manifest import Manifest
 from hotvm.formats.repository import MARKER, Repository
-from hotvm.formats.restore import restore_disk
 from hotvm.tape.copy import catalogs_from_scan, copy_to_tape, restore_from_tape, scan_library
 from hotvm.tape.drive import VirtualLibrary
 from targets import open_target
@@ -43,16 +43,7 @@ def open_repo(path: Path, key: str | None = None, name: str = "t") -> Repository
 
 
 def backup(repo: Repository, image: Path, vm: str = "web01", n: int = 0, **incremental) -> Manifest:
-    record = export_image(repo, device="vda", image=str(image), fmt="raw", **incremental)
-    when = dt.datetime(2026, 12, 1, tzinfo=dt.UTC) + dt.timedelta(days=n)
-    manifest = Manifest(backup_id=f"{when:%Y%m%dT%H%M%SZ}-{n:04d}", vm=vm, host="h", driver="qemu",
-                        disks=[record], started_at=when, completed_at=when)  # fmt: skip
-    repo.commit_manifest(manifest)
-    return repo.load_manifest(vm, manifest.backup_id)
-
-
-def restored(repo: Repository, record: DiskRecord, dest: Path) -> bytes:
-    return Path(restore_disk(repo, record, dest, "raw", workers=2).path).read_bytes()
+    return commit(repo, vm, n, export_image(repo, device="vda", image=str(image), fmt="raw", **incremental))
 
 
 def stored_chunks(root: Path) -> dict[str, Path]:

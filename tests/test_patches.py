@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from repo_helpers import commit, restored
 
 from hotvm import prune
 from hotvm.check import check_repository
@@ -27,7 +28,6 @@ from hotvm.formats.export import export_image
 from hotvm.formats.manifest import MANIFEST_FORMAT, DiskRecord, Manifest, Patch, Piece
 from hotvm.formats.patchplan import MAX_PATCHES_PER_CHUNK, plan_chunk
 from hotvm.formats.repository import Repository
-from hotvm.formats.restore import restore_disk
 from hotvm.instant.chunks import ChunkSource
 from hotvm.tape.copy import catalogs_from_scan, copy_to_tape, restore_from_tape, scan_library
 from hotvm.tape.drive import VirtualLibrary
@@ -44,18 +44,6 @@ def open_repo(path: Path, name: str = "t") -> Repository:
     repo = Repository(open_target(TargetConfig(name=name, url=f"file://{path}")), remember=False)
     repo.ensure()
     return repo
-
-
-def commit(repo: Repository, vm: str, n: int, record: DiskRecord) -> Manifest:
-    when = dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(days=n)
-    manifest = Manifest(backup_id=f"{when:%Y%m%dT%H%M%SZ}-{n:04d}", vm=vm, host="h", driver="qemu",
-                        disks=[record], started_at=when, completed_at=when)  # fmt: skip
-    repo.commit_manifest(manifest)
-    return repo.load_manifest(vm, manifest.backup_id)
-
-
-def restored(repo: Repository, record: DiskRecord, dest: Path) -> bytes:
-    return Path(restore_disk(repo, record, dest, "raw", workers=2).path).read_bytes()
 
 
 def spread_writes(
