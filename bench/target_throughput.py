@@ -3,6 +3,7 @@ server, in one run.
 
     .venv/bin/python bench/target_throughput.py [--size-mib 1024] [--rounds 1]
                                                 [--schemes file,smb,sftp,ftp,ftps,s3] [--library]
+                                                [--before-target OLD_MODULE.py]
 
 hotvm: `export_image` of a raw image full of random data (nothing compresses, nothing is zero) into a fresh
 repository (`repo.ensure()` first, not timed), under a fresh prefix every round so no chunk is deduplicated.
@@ -10,7 +11,10 @@ Plain: the standard tool copies the same file to the same loopback server (tests
   file  `cp` into a directory, then `sync` (hotvm's file target fsyncs every chunk: `sync` after it too)
   smb   `smbclient put` (Debian package smbclient, in scripts/install-system-deps.sh)
   sftp  OpenSSH `sftp -b` (batch mode) with the test key
-  ftp   `curl -T`;  ftps: `curl --ssl-reqd --cacert` (explicit TLS, like hotvm's ftps://)
+  ftp   `curl -T`;  ftps: `curl --ssl-reqd --cacert` (explicit TLS, like hotvm's ftps://). Also, like
+        with like, `lftp mput` of the image cut into 4 MiB files (what hotvm stores: one file per chunk)
+        over one connection, when lftp is installed: FTP opens a data connection per file, so many files
+        cost the server more than one stream, whoever sends them.
   s3    s3fs `put` (fsspec; multipart upload) to moto
 The image is read from the page cache by both. A `sync` (not timed) precedes every copy; the order of plain
 and hotvm alternates between rounds.
@@ -20,6 +24,11 @@ both write to local disk and a timed `sync` follows both (restore_disk fsyncs it
 --library adds a line per direction for the scheme's Python library alone (smbprotocol, paramiko, ftplib)
 copying the whole image in one stream over the target's own connection: no hashing, compression or chunking.
 It is the floor hotvm cannot go under while it keeps that library.
+--before-target FILE times a second hotvm, `open_<scheme>()` of FILE (a targets/<scheme>.py from another
+commit: `git show main:targets/ftp.py > /tmp/ftp_main.py`) in the same rounds: before -> after from one run.
+Every round runs each contender once, the order reversed every other round; the figures are medians.
+CPU per GiB (client + server, user + sys) is printed next to each: on this shared machine it moves far less
+than wall time.
 Targets (issues #4, #15): hotvm >= 0.8x the plain tool's throughput, both ways, and never below 1 GbE line
 rate (118 MiB/s).
 """
@@ -27,6 +36,7 @@ rate (118 MiB/s).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -34,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -46,7 +57,7 @@ from hotvm.formats.export import export_image  # noqa: E402
 from hotvm.formats.manifest import DiskRecord  # noqa: E402
 from hotvm.formats.repository import Repository  # noqa: E402
 from hotvm.formats.restore import restore_disk  # noqa: E402
-from targets import open_target  # noqa: E402
+from targets import Target, open_target  # noqa: E402
 
 SCHEMES = ["file", "smb", "sftp", "ftp", "ftps", "s3"]
 BUCKET = "hotvm-bench"
@@ -100,6 +111,10 @@ class Scheme:
     def plain_get(self, tag: str, dest: Path) -> None:
         """Fetch the plain copy of round `tag` back into the local file `dest`."""
         raise NotImplementedError
+
+    def more_plain(self, image: Path) -> dict[str, Callable[[str], None]]:
+        """Other plain copies of the same bytes to time alongside (label -> copy(tag)); prepared here."""
+        return {}
 
     def cleanup(self, tag: str) -> None:
         raise NotImplementedError
@@ -231,8 +246,32 @@ class FtpScheme(ServerScheme):
     def plain_get(self, tag: str, dest: Path) -> None:
         self._curl(tag, "-o", str(dest))
 
+    def more_plain(self, image: Path) -> dict[str, Callable[[str], None]]:
+        """lftp `mput` of the image cut into 4 MiB files (not timed), one connection: one file per chunk, as
+        hotvm stores it (the chunks' zstd frames are ~100 bytes longer)."""
+        if not shutil.which("lftp"):
+            print("  (no lftp: the like-with-like line is skipped; apt-get install lftp)", flush=True)
+            return {}
+        pieces = self.work / "pieces"
+        if not pieces.exists():
+            pieces.mkdir()
+            with open(image, "rb") as fh:
+                for i, block in enumerate(iter(lambda: fh.read(4 << 20), b"")):
+                    (pieces / f"{i:05d}").write_bytes(block)
+        self.pieces = sorted(str(p) for p in pieces.iterdir())
+        return {f"lftp mput {len(self.pieces)} x 4 MiB": self._lftp_mput}
+
+    def _lftp_mput(self, tag: str) -> None:
+        s = self.server
+        tls = (f"set ftp:ssl-force true; set ftp:ssl-protect-data true; set ssl:ca-file {s.cert}; "
+               if self.tls else "set ftp:ssl-allow false; ")
+        script = (f"{tls}set net:max-retries 1; open -u {s.user},{s.password} -p {s.port} 127.0.0.1; "
+                  f"mkdir plain-{tag}.d; cd plain-{tag}.d; mput {' '.join(self.pieces)}")
+        sh("lftp", "-c", script)
+
     def cleanup(self, tag: str) -> None:
         shutil.rmtree(self.server.root_dir / f"hotvm-{tag}", ignore_errors=True)
+        shutil.rmtree(self.server.root_dir / f"plain-{tag}.d", ignore_errors=True)
         (self.server.root_dir / f"plain-{tag}.raw").unlink(missing_ok=True)
 
 
@@ -302,6 +341,13 @@ class Measured:
         self.server = self.scheme.server_cpu() - self.server0
 
 
+def run_copy(scheme: Scheme, copy: Callable[[str], None], tag: str) -> Measured:
+    with Measured(scheme) as m:
+        copy(tag)
+        m.stop_clock()
+    return m
+
+
 def run_plain(scheme: Scheme, image: Path, tag: str) -> Measured:
     with Measured(scheme) as m:
         scheme.plain(image, tag)
@@ -309,8 +355,9 @@ def run_plain(scheme: Scheme, image: Path, tag: str) -> Measured:
     return m
 
 
-def run_hotvm(scheme: Scheme, image: Path, tag: str) -> tuple[Measured, DiskRecord]:
-    target = open_target(scheme.config(tag))
+def run_hotvm(scheme: Scheme, image: Path, tag: str,
+              opener: Callable[[TargetConfig], Target] = open_target) -> tuple[Measured, DiskRecord]:
+    target = opener(scheme.config(tag))
     try:
         repo = Repository(target)
         repo.ensure()
@@ -387,7 +434,17 @@ def run_library(scheme: Scheme, image: Path, tag: str, get: bool) -> Measured:
     return m
 
 
-def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: bool, library: bool) -> bool:
+def load_opener(path: str, scheme: str) -> Callable[[TargetConfig], Target]:
+    """open_<scheme>() of another version of a target module (--before-target)."""
+    spec = importlib.util.spec_from_file_location(f"targets._before_{scheme}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, f"open_{'ftp' if scheme == 'ftps' else scheme}")
+
+
+def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: bool, library: bool,
+                 before: str | None = None) -> bool:
     plain: list[Measured] = []
     hotvm: list[Measured] = []
     plain_get: list[Measured] = []
@@ -395,6 +452,11 @@ def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: b
     lib: list[Measured] = []
     lib_get: list[Measured] = []
     library = library and scheme.name in LIBRARY
+    more = scheme.more_plain(image)
+    more_runs: dict[str, list[Measured]] = {label: [] for label in more}
+    old: list[Measured] = []
+    records: list[DiskRecord] = []
+    old_opener = load_opener(before, scheme.name) if before else None
     for i in range(rounds):
         tag = uuid.uuid4().hex[:8]
         try:
@@ -402,13 +464,27 @@ def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: b
                 lib.append(run_library(scheme, image, tag, get=False))
                 if restore:
                     lib_get.append(run_library(scheme, image, tag, get=True))
-            if i % 2 == 0:
-                plain.append(run_plain(scheme, image, tag))
+            def hotvm_put(tag: str) -> None:
                 m, record = run_hotvm(scheme, image, tag)
-            else:
-                m, record = run_hotvm(scheme, image, tag)
-                plain.append(run_plain(scheme, image, tag))
-            hotvm.append(m)
+                hotvm.append(m)
+                records.append(record)
+
+            def old_put(tag: str) -> None:
+                assert old_opener is not None
+                old.append(run_hotvm(scheme, image, f"{tag}-before", old_opener)[0])
+                scheme.cleanup(f"{tag}-before")
+
+            contenders: list[Callable[[str], None]] = [
+                lambda tag: plain.append(run_plain(scheme, image, tag))]
+            for label, copy in more.items():
+                contenders.append(lambda tag, label=label, copy=copy:
+                                  more_runs[label].append(run_copy(scheme, copy, tag)))
+            contenders.append(hotvm_put)
+            if old_opener is not None:
+                contenders.append(old_put)
+            for run in contenders if i % 2 == 0 else reversed(contenders):
+                run(tag)
+            record = records[-1]
             if restore:
                 if i % 2 == 0:
                     plain_get.append(run_plain_get(scheme, tag))
@@ -419,6 +495,10 @@ def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: b
         finally:
             scheme.cleanup(tag)
     met = report(f"{scheme.name:<5} put", plain, hotvm, size)
+    for label, runs in more_runs.items():
+        report(f"{scheme.name:<5} put", runs, hotvm, size, plain_name=label)
+    if old:
+        report(f"{scheme.name:<5} put", plain, old, size, library="before")
     if library:
         report(f"{scheme.name:<5} put", plain, lib, size, LIBRARY[scheme.name])
     if restore:
@@ -428,14 +508,18 @@ def bench_scheme(scheme: Scheme, image: Path, rounds: int, size: int, restore: b
     return met
 
 
-def report(label: str, plain: list[Measured], hotvm: list[Measured], size: int, library: str = "") -> bool:
+def report(label: str, plain: list[Measured], hotvm: list[Measured], size: int, library: str = "",
+           plain_name: str = "plain") -> bool:
     """One line: both contenders' medians, the ratio and whether the goal (ratio and line rate) is met.
-    With `library`, the second contender is that library's bulk copy (--library), not hotvm."""
+    With `library`, the second contender is that library's bulk copy (--library) or the hotvm of
+    --before-target ("before"), not hotvm; `plain_name` names another plain copy than the scheme's tool."""
 
     def summary(runs: list[Measured]) -> tuple[float, str]:
         wall = median([r.wall for r in runs])
+        per_gib = median([r.client + r.server for r in runs]) / (size / (1 << 30))
         return wall, (f"{wall:6.2f} s {size / (1 << 20) / wall:6.0f} MiB/s  cpu "
-                      f"{median([r.client for r in runs]):4.1f} + {median([r.server for r in runs]):4.1f} s")
+                      f"{median([r.client for r in runs]):4.2f} + {median([r.server for r in runs]):4.2f} s "
+                      f"({per_gib:4.2f} s/GiB)")
 
     def cpu(runs: list[Measured]) -> float:
         return median([r.client + r.server for r in runs])
@@ -446,11 +530,12 @@ def report(label: str, plain: list[Measured], hotvm: list[Measured], size: int, 
     line_rate = size / (1 << 20) / hotvm_s >= LINE_RATE_MIB_S
     met = ratio >= TARGET_RATIO and line_rate
     if library:
-        print(f"{label}  plain {plain_text}   {library:<11} {hotvm_text}   {ratio:5.2f}x  "
-              f"cpu {cpu(plain) / cpu(hotvm):4.2f}x  (the library alone, one stream: hotvm's floor with it)",
-              flush=True)
+        what = ("hotvm of --before-target" if library == "before"
+                else "the library alone, one stream: hotvm's floor with it")
+        print(f"{label}  {plain_name} {plain_text}   {library:<11} {hotvm_text}   {ratio:5.2f}x  "
+              f"cpu {cpu(plain) / cpu(hotvm):4.2f}x  ({what})", flush=True)
         return met
-    print(f"{label}  plain {plain_text}   hotvm       {hotvm_text}   {ratio:5.2f}x  "
+    print(f"{label}  {plain_name} {plain_text}   hotvm       {hotvm_text}   {ratio:5.2f}x  "
           f"cpu {cpu(plain) / cpu(hotvm):4.2f}x  {'met' if met else 'MISSED'}"
           f"{'' if line_rate else ' (below 1 GbE)'}", flush=True)
     return met
@@ -465,6 +550,8 @@ def main() -> None:
     parser.add_argument("--no-restore", action="store_true", help="measure backups only")
     parser.add_argument("--library", action="store_true",
                         help="also time the scheme's Python library alone (smbprotocol, paramiko, ftplib)")
+    parser.add_argument("--before-target", default=None, metavar="FILE",
+                        help="also time hotvm with open_<scheme>() of this older targets/<scheme>.py")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /var/tmp)")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.schemes.split(",") if s.strip()]
@@ -494,7 +581,7 @@ def main() -> None:
                 started.append(scheme)
                 scheme.start()
                 bench_scheme(scheme, image, args.rounds, size, restore=not args.no_restore,
-                             library=args.library)
+                             library=args.library, before=args.before_target)
                 scheme.stop()
         finally:
             for scheme in started:

@@ -7,7 +7,7 @@ packages=(
   linux-image-amd64 busybox-static cpio   # the tiny demo guest
   zstd python3-venv
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
-  smbclient curl                      # the plain tools bench/target_throughput.py compares hotvm with
+  smbclient curl lftp                 # the plain tools bench/target_throughput.py compares hotvm with
   postgresql                          # the Prefect server's database (scripts/prefect-server.sh)
   fdisk dosfstools ntfs-3g e2fsprogs  # partition and format guest file systems (file-level tests, hybrid restore)
   mtools fusefat                      # FAT without a kernel vfat module: test images (mtools), hybrid restore (fusefat)
