@@ -5,10 +5,15 @@
                                      certificate is verified (options: ca_file: PATH, verify: false)
 
 The path is as the server shows it to that user (with a chroot, relative to the user's home).
-An FTP connection carries one transfer at a time, so each thread leases its own from a small pool. A blob is
-stored with one STOR under a temporary name and renamed with RNFR/RNTO; a server that refuses to rename over
-an existing file gets DELE + rename. fsspec's own FTP writes re-STOR every 64 KiB block and its listings are
-cached per connection, so those paths are done here with plain commands.
+An FTP connection carries one transfer at a time, so each thread leases its own from a small pool (export's
+workers: one control connection each, several chunks in flight). A blob is stored with one STOR under a
+temporary name (one sendall of the whole blob) and renamed with RNFR and RNTO sent together (one round trip;
+a server that does not take them pipelined is asked one at a time from then on); a server that refuses to
+rename over an existing file gets DELE + rename. Per chunk that is PASV, STOR, RNFR+RNTO, and MLST only where
+the chunk may already be there (see grouped()). A pooled connection the server dropped (a restart, an idle
+timeout) is replaced and the operation run again once: every operation here can be repeated.
+fsspec's own FTP writes re-STOR every 64 KiB block and its listings are cached per connection, so those paths
+are done here with plain commands.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from __future__ import annotations
 import ftplib
 import posixpath
 import ssl
-from collections.abc import Iterator
+import threading
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from fsspec.implementations.ftp import FTPFileSystem
@@ -29,6 +36,9 @@ from hotvm.errors import ConfigError, TargetConfigError, TargetError
 from targets.base import Pool, Target, is_unreachable
 
 BLOCK = 1024 * 1024
+R = TypeVar("R")
+_DROPPED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
+"""What a pooled connection the server closed meanwhile raises on its next use (ftplib: EOFError)."""
 
 
 class _TypeKept:
@@ -92,6 +102,7 @@ class _FTPFS(FTPFileSystem):
     """One logged-in connection; TLS with a verifying context (fsspec's FTP_TLS would not verify)."""
 
     cachable = False  # one instance per connection, always (FTPFileSystem says so too)
+    used = False  # leased before: the server may have dropped it since
 
     def __init__(self, host: str, port: int, username: str, password: str, timeout: float,
                  context: ssl.SSLContext | None, passive: bool) -> None:
@@ -151,7 +162,13 @@ class FTPTarget(Target):
             lambda fs: fs.ftp.close(), keep_on=(FileNotFoundError, ftplib.error_perm),
             alive=lambda fs: fs.ftp.voidcmd("NOOP") is not None, check_after_s=1.0)
         self._dirs: set[str] = set()
+        """Directories known to exist (made or seen by this target): no MKD for them."""
+        self._fresh: set[str] = set()
+        """Directories this target made (MKD succeeded) during the grouped() block: they held nothing then."""
+        self._grouped: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._mlst = True
+        self._pipeline = True
 
     @property
     def where(self) -> str:
@@ -160,7 +177,24 @@ class FTPTarget(Target):
     @contextmanager
     def _session(self) -> Iterator[Any]:
         with self._pool.lease() as fs:
+            fs.used = True
             yield fs.ftp
+
+    def _call(self, fn: Callable[[Any], R]) -> R:
+        """fn(ftp) on a pooled connection, again on another if that one turns out dropped by the server
+        (restarted, idle timeout; the pool's NOOP probe only runs after 1 s idle). Only a connection used
+        before is given another chance: a new one failing is an answer. Each failed one is closed, so this
+        ends once the idle connections of before the drop are used up."""
+        while True:
+            reused = False
+            try:
+                with self._pool.lease() as fs:
+                    reused, fs.used = fs.used, True
+                    return fn(fs.ftp)
+            except (*_DROPPED, ftplib.error_temp) as exc:
+                # 421: the server is closing this connection (shutting down, idle timeout)
+                if not reused or (isinstance(exc, ftplib.error_temp) and _code(exc) != "421"):
+                    raise
 
     def connect(self) -> None:
         with self._errors("connecting to", ""), self._session():
@@ -241,29 +275,128 @@ class FTPTarget(Target):
 
     # -- operations
     def exists(self, path: str) -> bool:
-        with self._errors("checking", path), self._session() as ftp:
-            return self._stat_exists(ftp, self.full(path))
+        full = self.full(path)
+        if self._surely_new(path, full):
+            return False
+        with self._errors("checking", path):
+            return self._call(lambda ftp: self._stat_exists(ftp, full))
+
+    def _surely_new(self, path: str, full: str) -> bool:
+        """A blob of a grouped() block in a directory this target made during it: nothing was there then,
+        so no round trip is needed to say it is missing. Another writer may have stored the same
+        content-addressed blob there meanwhile: then it is written again, identical (time, not safety)."""
+        with self._lock:
+            return (posixpath.dirname(full) in self._fresh
+                    and any(path.startswith(under) for under in self._grouped))
 
     def read_bytes(self, path: str) -> bytes:
-        with self._errors("reading", path), self._session() as ftp:
+        full = self.full(path)
+
+        def read(ftp: _FTP | _FTPS) -> bytes:
             try:
-                return _retrieve(ftp, f"RETR {self.full(path)}")
+                return _retrieve(ftp, f"RETR {full}")
             except ftplib.error_perm as exc:
-                if _code(exc) == "550" and not self._stat_exists(ftp, self.full(path)):
+                if _code(exc) == "550" and not self._stat_exists(ftp, full):
                     raise FileNotFoundError(2, "No such file", self.display(path)) from None
                 raise
+
+        with self._errors("reading", path):
+            return self._call(read)
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """STOR under a temporary name, then RNFR+RNTO: a blob appears whole under its name or not at all."""
+        final = self.full(path)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+
+        def write(ftp: _FTP | _FTPS) -> None:
+            try:
+                _store(ftp, f"STOR {tmp}", data)
+                self._rename(ftp, tmp, final)
+            except BaseException:
+                with suppress(Exception):  # best-effort cleanup: the original error matters
+                    self._remove(ftp, tmp)
+                raise
+
+        with self._errors("writing", path):
+            self._makedirs(posixpath.dirname(final))
+            self._call(write)
+
+    @contextmanager
+    def grouped(self, under: str) -> Iterator[None]:
+        """Export's chunks: the directories under `under` are listed once (no MKD, or MKD + CWD, per
+        directory per run), and a chunk in a directory made during the block is not looked for (MLST)
+        before it is written (_surely_new). Blobs are durable once written, as always."""
+        with self._lock:
+            first = not self._grouped
+            self._grouped[under] = self._grouped.get(under, 0) + 1
+        if first:
+            with suppress(TargetError, FileNotFoundError):
+                self._learn_dirs(under)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._grouped[under] -= 1
+                if not self._grouped[under]:
+                    del self._grouped[under]
+                if not self._grouped:
+                    self._fresh.clear()
+
+    def _learn_dirs(self, under: str) -> None:
+        full = self.full(under.rstrip("/"))
+
+        def dirs(ftp: _FTP | _FTPS) -> list[str]:
+            return [posixpath.join(full, n) for n, facts in ftp.mlsd(full, facts=["type"])
+                    if facts.get("type") == "dir" and "/" not in n]
+
+        try:
+            with self._errors("listing", under):
+                found = self._call(dirs)
+        except TargetError:
+            return  # no MLSD here, or no such directory yet: directories are made as today
+        with self._lock:
+            self._dirs.update(found)
+            self._dirs.add(full)
 
     def _put(self, ftp: _FTP | _FTPS, full_path: str, data: bytes) -> None:
         _store(ftp, f"STOR {full_path}", data)
 
     def _rename(self, ftp: ftplib.FTP, src: str, dst: str) -> None:
         try:
-            ftp.rename(src, dst)
+            self._rnfr_rnto(ftp, src, dst)
         except ftplib.error_perm:
             if not self._stat_exists(ftp, dst):
                 raise
             ftp.delete(dst)  # a server that will not rename over a file (IIS, some NAS)
+            self._rnfr_rnto(ftp, src, dst)
+
+    def _rnfr_rnto(self, ftp: ftplib.FTP, src: str, dst: str) -> None:
+        """RNFR and RNTO in one send, then both replies: one round trip instead of two. A server that
+        does not take the pipelined RNTO (503 after RNFR's 350) gets them one at a time from then on."""
+        if not self._pipeline:
             ftp.rename(src, dst)
+            return
+        for line in (src, dst):
+            if "\r" in line or "\n" in line:
+                raise ValueError("an illegal newline character should not be contained")
+        ftp.sock.sendall(f"RNFR {src}\r\nRNTO {dst}\r\n".encode(ftp.encoding))
+        first: ftplib.Error | None = None
+        try:
+            reply = ftp.getresp()
+            if reply[:1] != "3":
+                raise ftplib.error_reply(reply)
+        except ftplib.Error as exc:
+            first = exc
+        try:
+            ftp.voidresp()
+        except ftplib.Error as exc:
+            if first is None and isinstance(exc, ftplib.error_perm) and _code(exc) == "503":
+                self._pipeline = False
+                ftp.rename(src, dst)
+                return
+            raise (first or exc) from None
+        if first is not None:
+            raise first
 
     def _remove(self, ftp: ftplib.FTP, full_path: str) -> None:
         try:
@@ -273,11 +406,14 @@ class FTPTarget(Target):
                 raise FileNotFoundError(2, "No such file", full_path) from None
             raise
 
+    def delete(self, path: str) -> None:
+        with self._errors("deleting", path), suppress(FileNotFoundError):
+            self._call(lambda ftp: self._remove(ftp, self.full(path)))
+
     def _makedirs(self, full_path: str) -> None:
         if full_path in self._dirs or full_path in ("", "/"):
             return
-        with self._session() as ftp:
-            self._mkdirs(ftp, full_path)
+        self._call(lambda ftp: self._mkdirs(ftp, full_path))
 
     def _mkdirs(self, ftp: ftplib.FTP, full_path: str) -> None:
         if full_path in self._dirs or full_path in ("", "/"):
@@ -294,21 +430,35 @@ class FTPTarget(Target):
                 except ftplib.error_perm:
                     if not self._is_dir(ftp, full_path):
                         raise  # the parent is there, yet MKD fails: permissions
-        self._dirs.add(full_path)
+                    self._dirs.add(full_path)
+                    return
+            else:
+                self._dirs.add(full_path)  # someone else made it: not fresh
+                return
+        with self._lock:
+            self._dirs.add(full_path)
+            if self._grouped:
+                self._fresh.add(full_path)
 
     def listdir(self, path: str) -> list[str]:
-        with self._errors("listing", path), self._session() as ftp:
+        def names(ftp: _FTP | _FTPS) -> list[str]:
             try:
                 return sorted(self._names(ftp, self.full(path)))
             except FileNotFoundError:
                 return []
 
+        with self._errors("listing", path):
+            return self._call(names)
+
     def delete_tree(self, path: str) -> None:
         full = self.full(path)
-        with self._errors("deleting", path), self._session() as ftp:
-            self._dirs = {d for d in self._dirs if not (d == full or d.startswith(full.rstrip("/") + "/"))}
-            with suppress(FileNotFoundError):
-                self._rmtree(ftp, full)
+        with self._lock:
+            inside = {d for d in self._dirs | self._fresh
+                      if d == full or d.startswith(full.rstrip("/") + "/")}
+            self._dirs -= inside
+            self._fresh -= inside
+        with self._errors("deleting", path), suppress(FileNotFoundError):
+            self._call(lambda ftp: self._rmtree(ftp, full))
 
     def _rmtree(self, ftp: ftplib.FTP, full: str) -> None:
         if not self._is_dir(ftp, full):
