@@ -248,14 +248,16 @@ class FtpServer(LoopbackServer):
     """pyftpdlib in a child process; with tls=True it is FTPS (explicit AUTH TLS) with a self-signed cert.
 
     `cert` is that certificate (give it to the client as its CA file); `root_dir` is the user's home.
+    With pipelining=False it answers a command that came in the same read as the one before it with 503
+    (as a server that takes one command per read would), to test clients that pipeline commands.
     """
 
     name = "ftp"
 
     def __init__(self, port: int | None = None, user: str = "ftpuser", password: str = "s3cret-ftp",
-                 tls: bool = False) -> None:
+                 tls: bool = False, pipelining: bool = True) -> None:
         super().__init__(port)
-        self.user, self.password, self.tls = user, password, tls
+        self.user, self.password, self.tls, self.pipelining = user, password, tls, pipelining
         self.root_dir = self.dir / "home"
         self.cert = self.dir / "cert.pem"
 
@@ -270,6 +272,9 @@ class FtpServer(LoopbackServer):
         cmd = [sys.executable, str(Path(__file__).resolve()), "ftp", str(self.port), str(self.root_dir),
                self.user, self.password]
         return [*cmd, str(self.cert)] if self.tls else cmd
+
+    def env(self) -> dict[str, str] | None:
+        return None if self.pipelining else {**os.environ, "HOTVM_TEST_FTP_NO_PIPELINING": "1"}
 
 
 class MotoServer(LoopbackServer):
@@ -312,6 +317,29 @@ class MotoServer(LoopbackServer):
         return access, secret
 
 
+def _one_command_per_read(base: type) -> type:
+    """A handler that refuses (503) every command after the first of one read from the client."""
+
+    class OneCommandPerRead(base):
+        _reads = 0
+        _last_read = -1
+
+        def handle_read(self) -> None:
+            self._reads += 1
+            super().handle_read()
+
+        def found_terminator(self) -> None:
+            if self._last_read == self._reads:
+                self._in_buffer = []
+                self._in_buffer_len = 0
+                self.respond("503 Bad sequence of commands: one command at a time, please.")
+                return
+            self._last_read = self._reads
+            super().found_terminator()
+
+    return OneCommandPerRead
+
+
 def _ftp_main(port: str, root: str, user: str, password: str, cert: str | None = None) -> None:
     from pyftpdlib.authorizers import DummyAuthorizer
     from pyftpdlib.handlers import FTPHandler, TLS_FTPHandler
@@ -320,6 +348,8 @@ def _ftp_main(port: str, root: str, user: str, password: str, cert: str | None =
     authorizer = DummyAuthorizer()
     authorizer.add_user(user, password, root, perm="elradfmwMT")
     handler = TLS_FTPHandler if cert else FTPHandler
+    if os.environ.get("HOTVM_TEST_FTP_NO_PIPELINING"):
+        handler = _one_command_per_read(handler)
     if cert:
         handler.certfile = cert
         handler.tls_control_required = True

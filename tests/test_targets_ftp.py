@@ -1,0 +1,148 @@
+"""FTP(S) target behaviour that the issue #15 changes rely on, against real pyftpdlib servers on loopback.
+
+- Many chunks written in parallel (export's workers, one control connection each) into directories made
+  during the run land whole under their names, with no temporary file left, including a chunk another
+  writer stored meanwhile in a directory this run made (it is written again, identical).
+- A later run into the existing chunk directories finds every chunk (nothing written twice).
+- A server that refuses pipelined commands still gets every blob renamed into place.
+- A server restarted in the middle of a run: the next operations reconnect at once, without a pause.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from servers import FtpServer
+from test_targets import env, ftp_server, ftps_server, make_config  # noqa: F401 - fixtures
+
+from hotvm.config import TargetConfig
+from hotvm.formats.export import export_image
+from hotvm.formats.repository import Repository
+from hotvm.formats.restore import restore_disk
+from targets import open_target
+
+MiB = 1 << 20
+
+
+def _files_on_server(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "ftps"])
+def test_parallel_chunks_into_new_directories_land_whole(scheme: str, request, tmp_path: Path,
+                                                         env) -> None:  # noqa: F811
+    made = env(make_config(scheme, request, tmp_path))
+    target, other = made.open(), made.open()
+    try:
+        blobs = {f"chunks/{i % 6:02x}/{i:064x}": os.urandom(MiB + i) for i in range(30)}
+        raced = "chunks/05/" + "f" * 64  # stored by another writer inside a directory this run makes
+        blobs[raced] = os.urandom(3000)
+        with target.grouped("chunks/"), ThreadPoolExecutor(6) as pool:
+            assert not target.exists("chunks/00/" + "0" * 64)
+            list(pool.map(lambda p: target.write_bytes(p, blobs[p]), [p for p in blobs if p != raced]))
+            other.write_bytes(raced, blobs[raced])
+            if not target.exists(raced):  # may not look (a directory it made): then it writes it again
+                target.write_bytes(raced, blobs[raced])
+        for path, data in blobs.items():
+            assert target.exists(path)
+            assert target.read_bytes(path) == data
+        root = made.server.root_dir / target.root.lstrip("/")
+        assert _files_on_server(root) == sorted(blobs)  # nothing else: no temporary names left
+    finally:
+        target.close()
+        other.close()
+
+
+def test_a_later_run_finds_every_chunk_in_existing_directories(request, tmp_path: Path,
+                                                              env) -> None:  # noqa: F811
+    """Each run lists the chunk directories once instead of making them again; the chunks in them are
+    still looked for one by one, so a second backup of the same disk stores nothing new."""
+    made = env(make_config("ftp", request, tmp_path))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(12 * MiB))
+    first_target = made.open()
+    try:
+        repo = Repository(first_target)
+        repo.ensure()
+        first = export_image(repo, device="vda", image=str(image))
+    finally:
+        first_target.close()
+    assert first.bytes_new > 12 * MiB
+    with open(image, "r+b") as fh:  # one chunk changes
+        fh.seek(5 * MiB)
+        fh.write(os.urandom(4096))
+    second_target = made.open()  # a new run: nothing remembered from the first
+    try:
+        repo = Repository(second_target)
+        second = export_image(repo, device="vda", image=str(image))
+        assert 0 < second.bytes_new < 4 * MiB + 4096  # only the changed chunk
+        restored = restore_disk(repo, second, tmp_path / "out.raw", "raw")
+        assert Path(restored.path).read_bytes() == image.read_bytes()
+    finally:
+        second_target.close()
+
+
+def test_server_that_refuses_pipelined_commands_still_gets_every_rename(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with FtpServer(pipelining=False) as server:
+        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
+        target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
+                                          password_env="HOTVM_TEST_FTP_PASSWORD"))
+        try:
+            blobs = {f"chunks/{i:02x}/{i:064x}": os.urandom(100_000 + i) for i in range(8)}
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda p: target.write_bytes(p, blobs[p]), blobs))
+            target.write_bytes("marker", b"one")
+            target.write_bytes("marker", b"two")  # over an existing file
+            assert target.read_bytes("marker") == b"two"
+            assert all(target.read_bytes(p) == d for p, d in blobs.items())
+            assert _files_on_server(server.root_dir / "b") == sorted([*blobs, "marker"])
+        finally:
+            target.close()
+
+
+@pytest.mark.parametrize("scheme", ["ftp", "ftps"])
+def test_server_restarted_mid_run_is_reconnected_at_once(scheme: str, request, tmp_path: Path,
+                                                         env) -> None:  # noqa: F811
+    """Every pooled connection died with the server; the next writes and reads (in parallel, right after
+    the restart: no idle probe has run) replace them and succeed."""
+    made = env(make_config(scheme, request, tmp_path))
+    target = made.open()
+    try:
+        before = {f"chunks/aa/{i:064x}": os.urandom(200_000) for i in range(8)}
+        after = {f"chunks/bb/{i:064x}": os.urandom(200_000) for i in range(8)}
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: target.write_bytes(p, before[p]), before))
+            made.server.stop()
+            made.server.start()
+            list(pool.map(lambda p: target.write_bytes(p, after[p]), after))
+            got = dict(zip(before, pool.map(target.read_bytes, before), strict=True))
+        assert got == before
+        assert all(target.read_bytes(p) == d for p, d in after.items())
+    finally:
+        target.close()
+
+
+def test_export_over_ftps_restores_byte_identical(request, tmp_path: Path, env) -> None:  # noqa: F811
+    """The whole chunk path (grouped listing, no MLST in new directories, pipelined renames) over TLS."""
+    made = env(make_config("ftps", request, tmp_path))
+    image = tmp_path / "disk.raw"
+    subprocess.run(["truncate", "-s", "20M", str(image)], check=True)
+    with open(image, "r+b") as fh:
+        fh.write(os.urandom(6 * MiB))
+        fh.seek(13 * MiB)
+        fh.write(os.urandom(MiB))
+    target = made.open()
+    try:
+        repo = Repository(target)
+        repo.ensure()
+        record = export_image(repo, device="vda", image=str(image))
+        restored = restore_disk(repo, record, tmp_path / "out.raw", "raw")
+        assert Path(restored.path).read_bytes() == image.read_bytes()
+    finally:
+        target.close()
