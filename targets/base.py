@@ -200,6 +200,12 @@ class Target:
         with self._errors("checking", path), self._session() as fs:
             return fs.exists(self.full(path))
 
+    def exists_for_write(self, path: str) -> bool:
+        """exists(), asked only to decide whether to write `path`: a scheme may answer False without asking
+        the server where the answer cannot be True (SMB: its directory was created by this export), at the
+        worst cost of writing a blob again whole."""
+        return self.exists(path)
+
     def read_bytes(self, path: str) -> bytes:
         with self._errors("reading", path), self._session() as fs:
             return fs.cat_file(self.full(path))

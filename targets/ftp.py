@@ -164,8 +164,10 @@ class FTPTarget(Target):
         self._dirs: set[str] = set()
         """Directories known to exist (made or seen by this target): no MKD for them."""
         self._fresh: set[str] = set()
-        """Directories this target made (MKD succeeded) during the grouped() block: they held nothing then."""
-        self._grouped: dict[str, int] = {}
+        """Directories this target made (MKD succeeded) inside grouped(): they held nothing then."""
+        self._fresh_written: set[int] = set()
+        """hash() of the blobs written into them since (a collision only costs an MLST: 1 TiB is 16 MB)."""
+        self._grouping = 0
         self._lock = threading.Lock()
         self._mlst = True
         self._pipeline = True
@@ -275,19 +277,17 @@ class FTPTarget(Target):
 
     # -- operations
     def exists(self, path: str) -> bool:
-        full = self.full(path)
-        if self._surely_new(path, full):
-            return False
         with self._errors("checking", path):
-            return self._call(lambda ftp: self._stat_exists(ftp, full))
+            return self._call(lambda ftp: self._stat_exists(ftp, self.full(path)))
 
-    def _surely_new(self, path: str, full: str) -> bool:
-        """A blob of a grouped() block in a directory this target made during it: nothing was there then,
-        so no round trip is needed to say it is missing. Another writer may have stored the same
-        content-addressed blob there meanwhile: then it is written again, identical (time, not safety)."""
+    def exists_for_write(self, path: str) -> bool:
+        """No MLST for a blob whose directory this export made (MKD succeeded inside grouped()): nothing
+        was in it then, and what this target wrote there since is asked for as usual. Another backup
+        storing the same chunk there meanwhile costs at most a second, identical write."""
+        full = self.full(path)
         with self._lock:
-            return (posixpath.dirname(full) in self._fresh
-                    and any(path.startswith(under) for under in self._grouped))
+            surely_new = posixpath.dirname(full) in self._fresh and hash(full) not in self._fresh_written
+        return False if surely_new else self.exists(path)
 
     def read_bytes(self, path: str) -> bytes:
         full = self.full(path)
@@ -320,27 +320,28 @@ class FTPTarget(Target):
         with self._errors("writing", path):
             self._makedirs(posixpath.dirname(final))
             self._call(write)
+        with self._lock:
+            if posixpath.dirname(final) in self._fresh:
+                self._fresh_written.add(hash(final))
 
     @contextmanager
     def grouped(self, under: str) -> Iterator[None]:
-        """Export's chunks: the directories under `under` are listed once (no MKD, or MKD + CWD, per
-        directory per run), and a chunk in a directory made during the block is not looked for (MLST)
-        before it is written (_surely_new). Blobs are durable once written, as always."""
+        """Export's chunks: the directories under `under` are listed once (instead of MKD, or MKD + CWD,
+        for each directory in each run), and those made inside the block count as fresh (exists_for_write)
+        until the outermost block ends. Blobs are durable once written: nothing else to group."""
         with self._lock:
-            first = not self._grouped
-            self._grouped[under] = self._grouped.get(under, 0) + 1
+            first = not self._grouping
+            self._grouping += 1
         if first:
-            with suppress(TargetError, FileNotFoundError):
-                self._learn_dirs(under)
+            self._learn_dirs(under)
         try:
             yield
         finally:
             with self._lock:
-                self._grouped[under] -= 1
-                if not self._grouped[under]:
-                    del self._grouped[under]
-                if not self._grouped:
+                self._grouping -= 1
+                if not self._grouping:
                     self._fresh.clear()
+                    self._fresh_written.clear()
 
     def _learn_dirs(self, under: str) -> None:
         full = self.full(under.rstrip("/"))
@@ -437,7 +438,7 @@ class FTPTarget(Target):
                 return
         with self._lock:
             self._dirs.add(full_path)
-            if self._grouped:
+            if self._grouping:
                 self._fresh.add(full_path)
 
     def listdir(self, path: str) -> list[str]:

@@ -42,11 +42,17 @@ def test_parallel_chunks_into_new_directories_land_whole(scheme: str, request, t
         raced = "chunks/05/" + "f" * 64  # stored by another writer inside a directory this run makes
         blobs[raced] = os.urandom(3000)
         with target.grouped("chunks/"), ThreadPoolExecutor(6) as pool:
-            assert not target.exists("chunks/00/" + "0" * 64)
-            list(pool.map(lambda p: target.write_bytes(p, blobs[p]), [p for p in blobs if p != raced]))
+            assert not target.exists_for_write("chunks/00/" + "0" * 64)
+
+            def store(path: str) -> None:  # as export does
+                if not target.exists_for_write(path):
+                    target.write_bytes(path, blobs[path])
+
+            list(pool.map(store, [p for p in blobs if p != raced]))
+            assert all(target.exists_for_write(p) for p in blobs if p != raced)  # written: asked for
             other.write_bytes(raced, blobs[raced])
-            if not target.exists(raced):  # may not look (a directory it made): then it writes it again
-                target.write_bytes(raced, blobs[raced])
+            assert target.exists(raced)  # a plain check always asks the server
+            store(raced)  # exists_for_write need not look (a directory it made): then it is written again
         for path, data in blobs.items():
             assert target.exists(path)
             assert target.read_bytes(path) == data
