@@ -184,10 +184,10 @@ class FTPTarget(Target):
 
     def _call(self, fn: Callable[[Any], R]) -> R:
         """fn(ftp) on a pooled connection, again on another if that one turns out dropped by the server
-        (restarted, idle timeout; the pool's NOOP probe only runs after 1 s idle). Only a connection used
-        before is given another chance: a new one failing is an answer. Each failed one is closed, so this
-        ends once the idle connections of before the drop are used up."""
-        while True:
+        (restarted, idle timeout; the pool's NOOP probe only runs after 1 s idle). The other idle
+        connections of before the drop are closed with it, so the next one is new (or was just used). A new
+        connection failing is an answer, not a reason to try again."""
+        for attempt in range(3):
             reused = False
             try:
                 with self._pool.lease() as fs:
@@ -195,8 +195,11 @@ class FTPTarget(Target):
                     return fn(fs.ftp)
             except (*_DROPPED, ftplib.error_temp) as exc:
                 # 421: the server is closing this connection (shutting down, idle timeout)
-                if not reused or (isinstance(exc, ftplib.error_temp) and _code(exc) != "421"):
+                if (not reused or attempt == 2
+                        or (isinstance(exc, ftplib.error_temp) and _code(exc) != "421")):
                     raise
+                self._pool.close()  # the idle ones: they went with the same server
+        raise AssertionError("unreachable")
 
     def connect(self) -> None:
         with self._errors("connecting to", ""), self._session():
