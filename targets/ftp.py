@@ -354,10 +354,9 @@ class FTPTarget(Target):
                     if facts.get("type") == "dir" and "/" not in n]
 
         try:
-            with self._errors("listing", under):
-                found = self._call(dirs)
-        except TargetError:
-            return  # no MLSD here, or no such directory yet: directories are made as today
+            found = self._call(dirs)
+        except (ftplib.Error, OSError, EOFError):
+            return  # no MLSD here, no such directory yet, or no server: directories are made as before
         with self._lock:
             self._dirs.update(found)
             self._dirs.add(full)
