@@ -10,8 +10,9 @@ workers: one control connection each, several chunks in flight). A blob is store
 temporary name (one sendall of the whole blob) and renamed with RNFR and RNTO sent together (one round trip;
 a server that does not take them pipelined is asked one at a time from then on); a server that refuses to
 rename over an existing file gets DELE + rename. Per chunk that is PASV, STOR, RNFR+RNTO, and MLST only where
-the chunk may already be there (see grouped()). A pooled connection the server dropped (a restart, an idle
-timeout) is replaced and the operation run again once: every operation here can be repeated.
+the chunk may already be there (exists_for_write, grouped()). A pooled connection the server dropped (a
+restart, an idle timeout) is replaced and the operation run again (_call): every operation here can be
+repeated, a STOR under its temporary name included.
 fsspec's own FTP writes re-STOR every 64 KiB block and its listings are cached per connection, so those paths
 are done here with plain commands.
 """
@@ -436,7 +437,7 @@ class FTPTarget(Target):
                     self._dirs.add(full_path)
                     return
             else:
-                self._dirs.add(full_path)  # someone else made it: not fresh
+                self._dirs.add(full_path)  # there already (from before, or another writer's): not fresh
                 return
         with self._lock:
             self._dirs.add(full_path)
