@@ -1,5 +1,5 @@
-"""SFTP clients compared with OpenSSH's `sftp` to the same loopback sshd (issue #15: how hotvm's sftp:// target
-should move its bytes).
+"""SFTP clients compared with OpenSSH's `sftp` to the same loopback sshd (issue #15: how hotvm's sftp://
+target should move its bytes).
 
     .venv/bin/python bench/sftp_clients.py [--size-mib 256] [--rounds 3] [--workers 4]
                                            [--clients sftp,hotvm,paramiko,paramiko-conns,paramiko-procs,...]
@@ -305,8 +305,9 @@ def run_asyncssh(b: Bench):
     names = b.names(d)
 
     async def main():
-        conn = await asyncssh.connect("127.0.0.1", b.s.port, username="root", client_keys=[str(b.s.client_key)],
-                                      known_hosts=str(b.s.known_hosts), agent_path=None)
+        conn = await asyncssh.connect("127.0.0.1", b.s.port, username="root",
+                                      client_keys=[str(b.s.client_key)], known_hosts=str(b.s.known_hosts),
+                                      agent_path=None)
         sftp = await conn.start_sftp_client()
         sem = asyncio.Semaphore(b.workers)
 
@@ -317,9 +318,8 @@ def run_asyncssh(b: Bench):
                 await sftp.posix_rename(name + ".tmp", name)
 
         async def get(name: str, size: int) -> None:
-            async with sem:
-                async with sftp.open(name, "rb") as fh:
-                    assert len(await fh.read(size)) == size
+            async with sem, sftp.open(name, "rb") as fh:
+                assert len(await fh.read(size)) == size
 
         async def puts() -> None:
             await asyncio.gather(*(put(n, x) for n, x in zip(names, b.blobs, strict=True)))
@@ -339,9 +339,9 @@ def run_asyncssh(b: Bench):
     return asyncio.run(main())
 
 
-CLIENTS = {"sftp": run_sftp, "hotvm": run_hotvm, "paramiko": run_paramiko, "paramiko-conns": run_paramiko_conns,
-           "paramiko-procs": run_paramiko_procs, "ssh2-python": run_ssh2, "ssh-python": run_libssh,
-           "asyncssh": run_asyncssh}
+CLIENTS = {"sftp": run_sftp, "hotvm": run_hotvm, "paramiko": run_paramiko,
+           "paramiko-conns": run_paramiko_conns, "paramiko-procs": run_paramiko_procs,
+           "ssh2-python": run_ssh2, "ssh-python": run_libssh, "asyncssh": run_asyncssh}
 NEEDS = {"ssh2-python": "ssh2", "ssh-python": "ssh", "asyncssh": "asyncssh"}
 
 
@@ -376,7 +376,8 @@ def main() -> None:
                     subprocess.run(["rm", "-rf", str(d)], check=True)
         print(f"{args.size_mib} MiB as 4 MiB blobs, {args.workers} workers, {args.rounds} rounds (medians); "
               f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; cpu = client + server s per GiB")
-        base = {i: statistics.median(m[i][0] for m in results["sftp"]) for i in (0, 1)} if "sftp" in results else {}
+        base = {i: statistics.median(m[i][0] for m in results["sftp"]) for i in (0, 1)} \
+            if "sftp" in results else {}
         for name in chosen:
             line = f"{name:<15}"
             for i, what in ((0, "put"), (1, "get")):

@@ -63,7 +63,7 @@ class Askpass:
         self._thread.start()
 
     def env(self) -> dict[str, str]:
-        return {"SSH_ASKPASS": str(self.program), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+        return {"SSH_ASKPASS": str(self.program), "SSH_ASKPASS_REQUIRE": "force"}
 
     def allow(self, pid: int) -> None:
         with self._lock:

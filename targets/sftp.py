@@ -49,7 +49,7 @@ CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 def ssh_argv(host: str, port: int, user: str, *, known_hosts: list[Path], key_file: str | None,
              password: bool, allow_agent: bool, timeout: float) -> list[str]:
     """The ssh command line of one SFTP session. Every option that decides trust is on it: no config file."""
-    files = " ".join(f'"{p}"' for p in known_hosts)
+    files = " ".join(f'"{_literal(p)}"' for p in known_hosts)
     auth = ["publickey"] + (["keyboard-interactive", "password"] if password else [])
     argv = [
         SSH, "-F", "none", "-v", "-T", "-x", "-a", "-p", str(port), "-l", user,
@@ -63,8 +63,13 @@ def ssh_argv(host: str, port: int, user: str, *, known_hosts: list[Path], key_fi
         "-o", f"IdentityAgent={'SSH_AUTH_SOCK' if allow_agent else 'none'}",
     ]
     if key_file:
-        argv += ["-o", "IdentitiesOnly=yes", "-i", key_file]
+        argv += ["-o", "IdentitiesOnly=yes", "-i", _literal(key_file)]
     return [*argv, "-s", "--", host, "sftp"]
+
+
+def _literal(path: Path | str) -> str:
+    """A path as ssh reads it literally: it expands %-tokens in key and known_hosts file names."""
+    return str(path).replace("%", "%%")
 
 
 _FINGERPRINT = re.compile(r"Server host key: (\S+) (SHA256:\S+)")
@@ -99,6 +104,7 @@ class SFTPTarget(Target):
         self._argv = ssh_argv(host, port, user, known_hosts=self.known_hosts, key_file=self.key_file,
                               password=cred.value is not None, allow_agent=self.allow_agent,
                               timeout=self.timeout)
+        self._own_secret = {config.password_env} - {None}  # withheld even before a loaded config names it
         self._askpass: Askpass | None = None
         self._lock = threading.Lock()
         self._pool: Pool[Session] = Pool(self._new_session, self._end_session,
@@ -113,13 +119,13 @@ class SFTPTarget(Target):
 
     # -- connection
     def _new_session(self) -> Session:
-        env = child_env()
+        env = {k: v for k, v in child_env().items() if k not in self._own_secret}
         if self.cred.value is not None:
             with self._lock:
                 if self._askpass is None:
                     self._askpass = Askpass(self.cred.value)
                 env.update(self._askpass.env())
-        session = Session(self._argv, env, IO_TIMEOUT, tempfile.TemporaryFile())
+        session = Session(self._argv, env, IO_TIMEOUT, tempfile.TemporaryFile())  # noqa: SIM115 - it owns it
         if self._askpass is not None:
             self._askpass.allow(session.proc.pid)
         try:
@@ -163,7 +169,8 @@ class SFTPTarget(Target):
         """One line from what ssh printed before it ended (its exit status alone says nothing)."""
         said, known = _said(exc.stderr), ", ".join(str(p) for p in self.known_hosts)
         text = "\n".join(said)
-        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for .* has changed", text):
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for .* has changed",
+                                                                             text):
             return TargetConfigError(
                 f"target '{self.name}': the host key of {self.where} does NOT match known_hosts ({known}): "
                 f"someone may be intercepting the connection, or the server was reinstalled",
@@ -196,7 +203,7 @@ class SFTPTarget(Target):
         reason = next((m[1] for m in map(_CONNECT.search, said) if m), None) or \
             next((m[1] for m in map(_RESOLVE.search, said) if m), None)
         if reason is None:
-            last = [line for line in said if not line.startswith(("Warning:", "Authenticated", "Transferred"))]
+            last = [line for line in said if not line.startswith(("Warning:", "Authenticated"))]
             reason = last[-1][:300] if last else "the server closed the connection"
         return TargetError(
             f"target '{self.name}' cannot reach {self.where} ({reason})",

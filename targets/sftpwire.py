@@ -69,7 +69,8 @@ class StatusError(OSError):
     """A STATUS reply other than OK. `code` is the SFTP status; OSError's errno is set where one fits."""
 
     def __init__(self, code: int, message: str, path: str) -> None:
-        eno = {NO_SUCH_FILE: errno.ENOENT, PERMISSION_DENIED: errno.EACCES, OP_UNSUPPORTED: errno.ENOTSUP}.get(code)
+        eno = {NO_SUCH_FILE: errno.ENOENT, PERMISSION_DENIED: errno.EACCES,
+               OP_UNSUPPORTED: errno.ENOTSUP}.get(code)
         super().__init__(eno, message or f"SFTP status {code}", path)
         self.code = code
 
@@ -355,7 +356,8 @@ class Session:
                     reply.buf.string()  # the long name (ls -l style): not used
                     yield Name(name, reply.buf.attrs())
         finally:
-            self._close(handle, path)
+            if self._outstanding == 0:  # else the session is out of step and will be thrown away
+                self._close(handle, path)
 
     def write_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
         """Create or truncate `path` and write `data` with up to IN_FLIGHT requests outstanding; every
@@ -419,7 +421,8 @@ class Session:
                     todo.append((offset + reply.size, length - reply.size))
             return bytes(out)
         finally:
-            self._close(handle, path)
+            if self._outstanding == 0:
+                self._close(handle, path)
 
     # -- end
     def alive(self) -> bool:
