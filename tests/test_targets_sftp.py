@@ -93,7 +93,8 @@ def test_host_key_checking_ignores_ssh_config_and_never_writes_known_hosts(
     """A user's ~/.ssh/config saying "accept anything" changes nothing: no config file is read."""
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
-    (home / ".ssh" / "config").write_text("Host *\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n")
+    (home / ".ssh" / "config").write_text("Host *\n  StrictHostKeyChecking no\n"
+                                          "  UserKnownHostsFile /dev/null\n")
     monkeypatch.setenv("HOME", str(home))
     made = make_config("sftp", request, tmp_path)
     empty = tmp_path / "known_hosts"
