@@ -2,10 +2,11 @@
 
     sftp://user@host[:port]/path    key_file:, and/or password_env / password_secret (password or passphrase)
 
-Each worker thread gets its own `ssh -s sftp` child from a pool, and targets/sftpwire.py speaks SFTP over its
-pipes (as OpenSSH's `sftp` does): the transport is OpenSSH's C, not Python, which is what held this target to
-half of `sftp put`/`get` with paramiko (docs/benchmarks.md, bench/sftp_clients.py). A child whose connection
-died (server restart) is noticed and replaced by the next call.
+Each worker thread takes an `ssh -s sftp` child from a pool (at most `connections`), and
+targets/sftpwire.py speaks SFTP over its pipes (as OpenSSH's `sftp` does): the transport is OpenSSH's C, not
+Python, whose per-packet work held this target to half of `sftp put`/`get` with paramiko (docs/benchmarks.md,
+bench/sftp_clients.py). A child whose connection died (server restart) is noticed and replaced by the next
+call.
 
 Host keys are checked by ssh itself with StrictHostKeyChecking=yes against known_hosts (`known_hosts:` in the
 config, else ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts) and never added or updated; no ssh_config file
@@ -42,6 +43,11 @@ SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ss
 IO_TIMEOUT = 120.0
 """Seconds without any progress on a request before the connection is given up (a hung server)."""
 SSH = "ssh"
+CONNECTIONS = 2
+"""ssh connections per target at most; more threads wait for one. On loopback each connection beyond one
+cost client and server CPU (4 connections: ~1.5x the CPU per GiB of one) for little wall time; two overlap
+one blob's round trips (open, close, rename) with another's data, and on a link with latency two windows
+carry twice what one does (bench/target_throughput.py; docs/benchmarks.md)."""
 CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 """AES-GCM first (one AES-NI pass per packet), then OpenSSH's defaults: nothing weaker is added."""
 
@@ -95,9 +101,14 @@ class SFTPTarget(Target):
         opts = dict(config.options)
         self.timeout = float(opts.pop("timeout", 15))
         self.allow_agent = bool(opts.pop("allow_agent", False))
+        self.connections = opts.pop("connections", CONNECTIONS)
         if opts:
             raise ConfigError(f"target '{config.name}': unknown sftp option(s): {', '.join(sorted(opts))}",
-                              "sftp targets take the options: timeout, allow_agent")
+                              "sftp targets take the options: timeout, allow_agent, connections")
+        if not isinstance(self.connections, int) or isinstance(self.connections, bool) \
+                or not 1 <= self.connections <= 16:
+            raise ConfigError(f"target '{config.name}': sftp option connections must be from 1 to 16",
+                              f"leave it out for the default ({CONNECTIONS})")
         if shutil.which(SSH) is None:
             raise TargetConfigError(f"target '{config.name}': sftp:// needs OpenSSH's ssh client, not found "
                                     "on PATH", "install it (Debian: apt-get install openssh-client)")
@@ -112,6 +123,7 @@ class SFTPTarget(Target):
                                                   StatusError),
                                          alive=Session.alive)
         self._dirs: set[str] = set()
+        self._slots = threading.BoundedSemaphore(self.connections)
 
     @property
     def where(self) -> str:
@@ -143,7 +155,7 @@ class SFTPTarget(Target):
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
-        with self._pool.lease() as session:
+        with self._slots, self._pool.lease() as session:
             yield session
 
     def connect(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_targets import env, make_config, ssh_server  # noqa: F401 - fixtures
 
-from hotvm.errors import TargetError
+from hotvm.errors import ConfigError, TargetError
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
@@ -108,9 +108,10 @@ def test_host_key_checking_ignores_ssh_config_and_never_writes_known_hosts(
 
 
 def test_parallel_connections_recover_after_server_restart(request, tmp_path: Path, env) -> None:  # noqa: F811
-    """Export's workers each hold a connection; after a restart every one of them is dead. The next export
-    must replace them all (none may fail with the old connection's error) and restore byte-identical."""
-    made = env(make_config("sftp", request, tmp_path))
+    """Export's workers each hold a connection (here up to 4); after a restart every one of them is dead. The
+    next writes and export must replace them all (none may fail with the old connection's error), and the
+    set restores byte-identical."""
+    made = env(make_config("sftp", request, tmp_path, options={"connections": 4}))
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(32 * MiB))
     target = made.open()
@@ -124,6 +125,7 @@ def test_parallel_connections_recover_after_server_restart(request, tmp_path: Pa
             target.write_bytes(f"warm/{i}", b"x")
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(hold, range(4)))
+        assert 2 <= len(_ssh_children()) <= 4
         made.server.stop()
         made.server.start()
         with ThreadPoolExecutor(4) as pool:
@@ -157,3 +159,17 @@ def test_no_ssh_client_is_a_clear_error(request, tmp_path: Path, env, monkeypatc
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(TargetConfigError, match="needs OpenSSH's ssh client"):
         made.open()
+
+
+def test_connections_option_bounds_the_ssh_children(request, tmp_path: Path, env) -> None:  # noqa: F811
+    made = env(make_config("sftp", request, tmp_path, options={"connections": 1}))
+    target = made.open()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: target.write_bytes(f"c/{i}", os.urandom(MiB)), range(12)))
+            assert len(_ssh_children()) == 1
+        assert len(target.listdir("c")) == 12
+    finally:
+        target.close()
+    with pytest.raises(ConfigError, match="connections must be from 1 to 16"):
+        open_target(made.config.model_copy(update={"options": {"connections": 0}}))
