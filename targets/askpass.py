@@ -58,7 +58,8 @@ class Askpass:
         self._sock.bind(self._path)
         self._sock.listen(8)
         self._ssh: set[int] = set()
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()
+        """Held while an ssh child is started and allowed: its askpass request waits for allow()."""
         self._thread = threading.Thread(target=self._serve, name="hotvm-askpass", daemon=True)
         self._thread.start()
 
@@ -66,11 +67,11 @@ class Askpass:
         return {"SSH_ASKPASS": str(self.program), "SSH_ASKPASS_REQUIRE": "force"}
 
     def allow(self, pid: int) -> None:
-        with self._lock:
+        with self.lock:
             self._ssh.add(pid)
 
     def forget(self, pid: int) -> None:
-        with self._lock:
+        with self.lock:
             self._ssh.discard(pid)
 
     def _serve(self) -> None:
@@ -84,7 +85,7 @@ class Askpass:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
                 pid, uid, _gid = struct.unpack("3i", creds)
                 prompt = conn.recv(1024).decode("utf-8", "replace").lower()
-                with self._lock:
+                with self.lock:
                     ours = _parent_of(pid) in self._ssh
                 if ours and uid == os.getuid() and any(word in prompt for word in _ANSWERED):
                     conn.sendall(b"+" + self._secret)

@@ -27,7 +27,7 @@ import stat
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -137,9 +137,10 @@ class SFTPTarget(Target):
                 if self._askpass is None:
                     self._askpass = Askpass(self.cred.value)
                 env.update(self._askpass.env())
-        session = Session(self._argv, env, IO_TIMEOUT, tempfile.TemporaryFile())  # noqa: SIM115 - it owns it
-        if self._askpass is not None:
-            self._askpass.allow(session.proc.pid)
+        with self._askpass.lock if self._askpass is not None else nullcontext():
+            session = Session(self._argv, env, IO_TIMEOUT, tempfile.TemporaryFile())  # noqa: SIM115 - it owns it
+            if self._askpass is not None:
+                self._askpass.allow(session.proc.pid)
         try:
             session.start(connect_timeout=self.timeout + 30)  # + key exchange, authentication
         except BaseException:
@@ -215,7 +216,8 @@ class SFTPTarget(Target):
         reason = next((m[1] for m in map(_CONNECT.search, said) if m), None) or \
             next((m[1] for m in map(_RESOLVE.search, said) if m), None)
         if reason is None:
-            last = [line for line in said if not line.startswith(("Warning:", "Authenticated"))]
+            chatter = ("Warning:", "Authenticated", "Transferred:", "Bytes per second:")
+            last = [line for line in said if not line.startswith(chatter)]
             reason = last[-1][:300] if last else "the server closed the connection"
         return TargetError(
             f"target '{self.name}' cannot reach {self.where} ({reason})",
