@@ -362,30 +362,32 @@ def run_library(scheme: Scheme, image: Path, tag: str, get: bool) -> Measured:
     try:
         target._makedirs(target.root)  # noqa: SLF001 - a bench reaching into the target on purpose
         remote = target.full("lib.raw")
-        with Measured(scheme, sync_after=get) as m, target._session() as session:  # noqa: SLF001
-            if scheme.name == "smb":
-                import smbclient
+        with Measured(scheme, sync_after=get) as m:
+            with target._session() as session:  # noqa: SLF001
+                if scheme.name == "smb":
+                    import smbclient
 
-                unc = target._unc(remote)  # type: ignore[attr-defined]  # noqa: SLF001
-                with smbclient.open_file(unc, "rb" if get else "wb", buffering=0, **session) as fh, \
-                        open(local if get else image, "wb" if get else "rb") as fl:
-                    shutil.copyfileobj(fh if get else fl, fl if get else fh, block)
-            elif scheme.name == "sftp":  # one ssh session; the image as 4 MiB files (Session has no offsets)
-                if get:
-                    with open(local, "wb") as fl:
-                        for i in range(image.stat().st_size // block):
-                            fl.write(session.read_file(f"{remote}.{i}"))
-                else:
-                    with open(image, "rb") as fl:
-                        for i, piece in enumerate(iter(lambda: fl.read(block), b"")):
-                            session.write_file(f"{remote}.{i}", piece)
-            else:
-                with open(local if get else image, "wb" if get else "rb") as fl:
+                    unc = target._unc(remote)  # type: ignore[attr-defined]  # noqa: SLF001
+                    with smbclient.open_file(unc, "rb" if get else "wb", buffering=0, **session) as fh, \
+                            open(local if get else image, "wb" if get else "rb") as fl:
+                        shutil.copyfileobj(fh if get else fl, fl if get else fh, block)
+                elif scheme.name == "sftp":  # one ssh session; the image as 4 MiB files (no offsets)
                     if get:
-                        session.retrbinary(f"RETR {remote}", fl.write, blocksize=1 << 20)
+                        with open(local, "wb") as fl:
+                            for i in range(image.stat().st_size // block):
+                                fl.write(session.read_file(f"{remote}.{i}"))
                     else:
-                        session.storbinary(f"STOR {remote}", fl, blocksize=1 << 20)
-            m.stop_clock()
+                        with open(image, "rb") as fl:
+                            for i, piece in enumerate(iter(lambda: fl.read(block), b"")):
+                                session.write_file(f"{remote}.{i}", piece)
+                else:
+                    with open(local if get else image, "wb" if get else "rb") as fl:
+                        if get:
+                            session.retrbinary(f"RETR {remote}", fl.write, blocksize=1 << 20)
+                        else:
+                            session.storbinary(f"STOR {remote}", fl, blocksize=1 << 20)
+                m.stop_clock()
+            target.close()  # in the CPU window: a child process (ssh) is reaped in it
     finally:
         target.close()
         local.unlink(missing_ok=True)
