@@ -301,7 +301,7 @@ class SFTPTarget(Target):
     def scan(self, path: str) -> list[Entry]:
         with self._errors("listing", path), self._session() as session:
             try:
-                names = list(session.listdir(self.full(path)))
+                names = session.listdir(self.full(path))
             except FileNotFoundError:
                 return []
         return sorted((Entry(n.filename, stat.S_ISDIR(n.attrs.mode) if n.attrs.mode is not None else None,
@@ -320,7 +320,7 @@ class SFTPTarget(Target):
         if not stat.S_ISDIR(session.lstat(full).mode or 0):
             session.remove(full)
             return
-        for entry in list(session.listdir(full)):
+        for entry in session.listdir(full):
             if entry.filename in (".", "..") or "/" in entry.filename:
                 continue
             child = posixpath.join(full, entry.filename)

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import select
 import struct
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, TypeVar
+
+T = TypeVar("T")
 
 # message types (draft-ietf-secsh-filexfer-02)
 INIT, VERSION, OPEN, CLOSE, READ, WRITE, LSTAT, FSTAT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -146,6 +149,19 @@ def _string(value: bytes | str) -> bytes:
 NO_ATTRS = _U32.pack(0)
 
 
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """A request that failed in the transport or broke the protocol leaves the session unusable: say so."""
+
+    @functools.wraps(method)
+    def run(self: Session, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (ProtocolError, SessionClosed, TimeoutError):
+            self._broken = True
+            raise
+    return run
+
+
 class Session:
     """One `ssh -s sftp` child and the SFTP session over its pipes."""
 
@@ -164,10 +180,12 @@ class Session:
         self._buf = bytearray()
         self._next_id = 1
         self._outstanding = 0  # requests sent and not yet answered: not 0 after an error = out of step
+        self._broken = False
         self.extensions: dict[str, bytes] = {}
         self.max_read = self.max_write = DEFAULT_IO
 
     # -- start
+    @_guarded
     def start(self, connect_timeout: float) -> None:
         """INIT/VERSION: the first reply only comes once ssh has connected and authenticated, so an ssh
         that fails (refused, unknown host key, wrong password) ends here as SessionClosed."""
@@ -299,24 +317,31 @@ class Session:
         return _check(self._reply(self._request(body, kind)), path)
 
     # -- operations
+    @_guarded
     def stat(self, path: str) -> Attrs:
         return _attrs(self._call(_string(path), STAT, path), path)
 
+    @_guarded
     def lstat(self, path: str) -> Attrs:
         return _attrs(self._call(_string(path), LSTAT, path), path)
 
+    @_guarded
     def mkdir(self, path: str) -> None:
         _status(self._call(_string(path) + NO_ATTRS, MKDIR, path), path)
 
+    @_guarded
     def rmdir(self, path: str) -> None:
         _status(self._call(_string(path), RMDIR, path), path)
 
+    @_guarded
     def remove(self, path: str) -> None:
         _status(self._call(_string(path), REMOVE, path), path)
 
+    @_guarded
     def rename(self, src: str, dst: str) -> None:
         _status(self._call(_string(src) + _string(dst), RENAME, src), src)
 
+    @_guarded
     def posix_rename(self, src: str, dst: str) -> None:
         """Atomic replace (posix-rename@openssh.com); StatusError OP_UNSUPPORTED where the server has none."""
         if "posix-rename@openssh.com" not in self.extensions:
@@ -324,6 +349,7 @@ class Session:
         body = _string("posix-rename@openssh.com") + _string(src) + _string(dst)
         _status(self._call(body, EXTENDED, src), src)
 
+    @_guarded
     def free_bytes(self, path: str) -> int | None:
         """Bytes free to an unprivileged user on the file system of `path` (statvfs@openssh.com), or None."""
         if "statvfs@openssh.com" not in self.extensions:
@@ -341,24 +367,27 @@ class Session:
     def _close(self, handle: bytes, path: str) -> None:
         _status(self._call(_string(handle), CLOSE, path), path)
 
-    def listdir(self, path: str) -> Iterator[Name]:
+    @_guarded
+    def listdir(self, path: str) -> list[Name]:
         handle = _handle(self._call(_string(path), OPENDIR, path), path)
+        names: list[Name] = []
         try:
             while True:
                 reply = self._reply(self._request(_string(handle), READDIR))
                 if reply.type == STATUS and _status_code(reply) == EOF:
-                    return
+                    return names
                 _check(reply, path)
                 if reply.type != NAME:
                     raise ProtocolError(f"SFTP READDIR answered with message type {reply.type}")
                 for _ in range(reply.buf.u32()):
                     name = reply.buf.text()
                     reply.buf.string()  # the long name (ls -l style): not used
-                    yield Name(name, reply.buf.attrs())
+                    names.append(Name(name, reply.buf.attrs()))
         finally:
             if self._outstanding == 0:  # else the session is out of step and will be thrown away
                 self._close(handle, path)
 
+    @_guarded
     def write_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
         """Create or truncate `path` and write `data` with up to IN_FLIGHT requests outstanding; every
         WRITE must be acknowledged OK, and the size the server then reports must be len(data): only then
@@ -388,6 +417,7 @@ class Session:
         if size is not None and size != len(view):
             raise OSError(errno.ENOSPC, f"the server kept {size} of {len(view)} bytes", path)
 
+    @_guarded
     def read_file(self, path: str) -> bytes:
         """The whole file, as big as it is when opened: READs of max_read bytes, IN_FLIGHT outstanding,
         each reply read straight into its place; a short reply gets a follow-up request for the rest."""
@@ -427,7 +457,7 @@ class Session:
     # -- end
     def alive(self) -> bool:
         """ssh still runs, and no request of an operation that failed midway is still unanswered."""
-        return self.proc.poll() is None and self._outstanding == 0
+        return not self._broken and self._outstanding == 0 and self.proc.poll() is None
 
     def close(self) -> None:
         """End ssh: EOF on its stdin ends the session cleanly; a child that lingers is killed."""

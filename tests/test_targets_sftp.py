@@ -3,7 +3,8 @@
 What a user relies on: a password or a key's passphrase from the environment works and is never visible to
 other processes (not in ssh's arguments or environment); a wrong one is one clear line; host-key checking
 stays strict whatever ~/.ssh/config says, and known_hosts is never written; the parallel connections that
-export opens all come back after the server restarts; a refused request leaves the connection usable.
+export opens all come back after the server restarts; a refused request leaves the connection usable; a
+hostile server's replies (a child speaking bogus SFTP on the pipes) are refused, not trusted.
 """
 
 from __future__ import annotations
@@ -173,3 +174,59 @@ def test_connections_option_bounds_the_ssh_children(request, tmp_path: Path, env
         target.close()
     with pytest.raises(ConfigError, match="connections must be from 1 to 16"):
         open_target(made.config.model_copy(update={"options": {"connections": 0}}))
+
+
+HOSTILE_SERVER = r'''
+import struct, sys
+mode = sys.argv[1]
+r, w = sys.stdin.buffer, sys.stdout.buffer
+def msg():
+    n = struct.unpack(">I", r.read(4))[0]
+    body = r.read(n)
+    return body[0], struct.unpack(">I", body[1:5])[0] if len(body) >= 5 else 0
+def send(kind, rid, payload=b"", length=None):
+    body = bytes([kind]) + struct.pack(">I", rid) + payload
+    w.write(struct.pack(">I", len(body) if length is None else length) + body)
+    w.flush()
+r.read(9)
+w.write(struct.pack(">IBI", 5, 2, 3)); w.flush()
+while True:
+    kind, rid = msg()
+    if kind == 3:  # OPEN
+        send(102, rid, struct.pack(">I", 1) + b"h")
+    elif kind == 17:  # STAT: a file of 100 bytes
+        send(105, rid, struct.pack(">IQ", 1, 100))
+    elif kind == 5:  # READ
+        if mode == "huge":
+            send(103, rid, b"", length=0xFFFFFFF0)
+        elif mode == "wrong-id":
+            send(103, rid + 7, struct.pack(">I", 100) + b"x" * 100)
+        elif mode == "too-much-data":
+            send(103, rid, struct.pack(">I", 5000) + b"x" * 5000)
+        else:  # "short-fields": a STATUS without its code
+            send(101, rid, b"")
+    else:
+        send(101, rid, struct.pack(">I", 0) + struct.pack(">I", 0) + struct.pack(">I", 0))
+'''
+
+
+@pytest.mark.parametrize("mode", ["huge", "wrong-id", "too-much-data", "short-fields"])
+def test_hostile_sftp_replies_are_refused_not_trusted(mode: str, tmp_path: Path) -> None:
+    """Whatever the server sends is checked before it is used: a length of 4 GiB is refused before any
+    allocation, a reply to a request never sent or more data than asked for is a protocol error, and the
+    session is then not reused."""
+    import sys
+    import tempfile
+
+    from targets.sftpwire import ProtocolError, Session
+
+    script = tmp_path / "server.py"
+    script.write_text(HOSTILE_SERVER)
+    session = Session([sys.executable, str(script), mode], {}, 10, tempfile.TemporaryFile())  # noqa: SIM115
+    try:
+        session.start(10)
+        with pytest.raises(ProtocolError):
+            session.read_file("/x")
+        assert not session.alive()
+    finally:
+        session.close()
