@@ -50,6 +50,9 @@ IN_FLIGHT = 64
 """Requests outstanding at once (OpenSSH sftp's -R default). It also bounds what the server has to queue:
 the replies to 64 WRITEs are a few KiB, so the pipes never fill in both directions at once."""
 PIPE_SIZE = 1 << 20
+MAX_FILE = 1 << 30
+"""Largest file read whole (a chunk is at most 256 MiB): a bigger size from the server is refused before
+the buffer is allocated."""
 
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">IBI")  # length, type, request id
@@ -430,6 +433,8 @@ class Session:
             size = _attrs(_check(attrs, path), path).size
             if size is None:
                 raise ProtocolError("the server did not say how big the file is")
+            if size > MAX_FILE:
+                raise OSError(errno.EFBIG, f"the server says the file has {size} bytes: too big", path)
             out = bytearray(size)
             view = memoryview(out)
             prefix = _string(handle)
@@ -447,6 +452,8 @@ class Session:
                         raise OSError(errno.EIO, f"the file ended at {offset} of {size} bytes", path)
                     _check(reply, path)
                     raise ProtocolError(f"SFTP READ answered with message type {reply.type}")
+                if reply.size == 0:
+                    raise ProtocolError("SFTP READ answered with no data and no end of file")
                 if reply.size < length:
                     todo.append((offset + reply.size, length - reply.size))
             return bytes(out)
