@@ -37,6 +37,13 @@ _ANSWERED = ("password", "passphrase")
 for key ...". Anything else (a confirmation, a PIN) gets a refusal."""
 
 
+def _python() -> str:
+    """This interpreter, or python3 from PATH where hotvm runs embedded (nbdkit's plugin for instant restore)."""
+    if Path(sys.executable).name.startswith("python"):
+        return sys.executable
+    return shutil.which("python3") or "/usr/bin/python3"
+
+
 def _parent_of(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -52,7 +59,7 @@ class Askpass:
         self._dir = Path(tempfile.mkdtemp(prefix="hotvm-askpass-"))  # mkdtemp: 0700, ours
         self._path = str(self._dir / "s")
         self.program = self._dir / "askpass"
-        self.program.write_text(_PROGRAM.format(python=sys.executable, socket=self._path))
+        self.program.write_text(_PROGRAM.format(python=_python(), socket=self._path))
         self.program.chmod(0o700)
         self._sock = socket.socket(socket.AF_UNIX)
         self._sock.bind(self._path)
