@@ -38,7 +38,7 @@ for key ...". Anything else (a confirmation, a PIN) gets a refusal."""
 
 
 def _python() -> str:
-    """This interpreter, or python3 from PATH where hotvm runs embedded (nbdkit's plugin for instant restore)."""
+    """This interpreter, or python3 from PATH where hotvm runs embedded (instant restore's nbdkit plugin)."""
     if Path(sys.executable).name.startswith("python"):
         return sys.executable
     return shutil.which("python3") or "/usr/bin/python3"
