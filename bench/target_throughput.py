@@ -21,8 +21,9 @@ and hotvm alternates between rounds.
 Restore (the `get` lines; --no-restore skips them): hotvm `restore_disk` of the set just written, as a raw
 file, vs the plain tool fetching its own copy back (`cp`, `smbclient get`, `sftp get`, `curl -o`, s3fs `get`);
 both write to local disk and a timed `sync` follows both (restore_disk fsyncs its output).
---library adds a line per direction for the scheme's Python library alone (smbprotocol, paramiko, ftplib)
-copying the whole image in one stream over the target's own connection: no hashing, compression or chunking.
+--library adds a line per direction for the scheme's Python library alone (smbprotocol, ftplib; for sftp the
+ssh child with targets/sftpwire.py, 4 MiB files one after the other) copying the whole image in one stream
+over the target's own connection: no hashing, compression or chunking.
 It is the floor hotvm cannot go under while it keeps that library.
 --before-target FILE times a second hotvm, `open_<scheme>()` of FILE (a targets/<scheme>.py from another
 commit: `git show main:targets/ftp.py > /tmp/ftp_main.py`) in the same rounds: before -> after from one run.
@@ -395,7 +396,7 @@ def run_hotvm_get(scheme: Scheme, tag: str, record: DiskRecord) -> Measured:
     return m
 
 
-LIBRARY = {"smb": "smbprotocol", "sftp": "paramiko", "ftp": "ftplib", "ftps": "ftplib"}
+LIBRARY = {"smb": "smbprotocol", "sftp": "ssh+sftpwire", "ftp": "ftplib", "ftps": "ftplib"}
 
 
 def run_library(scheme: Scheme, image: Path, tag: str, get: bool) -> Measured:
@@ -408,26 +409,32 @@ def run_library(scheme: Scheme, image: Path, tag: str, get: bool) -> Measured:
     try:
         target._makedirs(target.root)  # noqa: SLF001 - a bench reaching into the target on purpose
         remote = target.full("lib.raw")
-        with Measured(scheme, sync_after=get) as m, target._session() as session:  # noqa: SLF001
-            if scheme.name == "smb":
-                import smbclient
+        with Measured(scheme, sync_after=get) as m:
+            with target._session() as session:  # noqa: SLF001
+                if scheme.name == "smb":
+                    import smbclient
 
-                unc = target._unc(remote)  # type: ignore[attr-defined]  # noqa: SLF001
-                with smbclient.open_file(unc, "rb" if get else "wb", buffering=0, **session) as fh, \
-                        open(local if get else image, "wb" if get else "rb") as fl:
-                    shutil.copyfileobj(fh if get else fl, fl if get else fh, block)
-            elif scheme.name == "sftp":
-                if get:
-                    session.ftp.get(remote, str(local))
-                else:
-                    session.ftp.put(str(image), remote)
-            else:
-                with open(local if get else image, "wb" if get else "rb") as fl:
+                    unc = target._unc(remote)  # type: ignore[attr-defined]  # noqa: SLF001
+                    with smbclient.open_file(unc, "rb" if get else "wb", buffering=0, **session) as fh, \
+                            open(local if get else image, "wb" if get else "rb") as fl:
+                        shutil.copyfileobj(fh if get else fl, fl if get else fh, block)
+                elif scheme.name == "sftp":  # one ssh session; the image as 4 MiB files (no offsets)
                     if get:
-                        session.retrbinary(f"RETR {remote}", fl.write, blocksize=1 << 20)
+                        with open(local, "wb") as fl:
+                            for i in range(image.stat().st_size // block):
+                                fl.write(session.read_file(f"{remote}.{i}"))
                     else:
-                        session.storbinary(f"STOR {remote}", fl, blocksize=1 << 20)
-            m.stop_clock()
+                        with open(image, "rb") as fl:
+                            for i, piece in enumerate(iter(lambda: fl.read(block), b"")):
+                                session.write_file(f"{remote}.{i}", piece)
+                else:
+                    with open(local if get else image, "wb" if get else "rb") as fl:
+                        if get:
+                            session.retrbinary(f"RETR {remote}", fl.write, blocksize=1 << 20)
+                        else:
+                            session.storbinary(f"STOR {remote}", fl, blocksize=1 << 20)
+                m.stop_clock()
+            target.close()  # in the CPU window: a child process (ssh) is reaped in it
     finally:
         target.close()
         local.unlink(missing_ok=True)
@@ -549,7 +556,7 @@ def main() -> None:
                         + ", ".join(SCHEMES))
     parser.add_argument("--no-restore", action="store_true", help="measure backups only")
     parser.add_argument("--library", action="store_true",
-                        help="also time the scheme's Python library alone (smbprotocol, paramiko, ftplib)")
+                        help="also time the scheme's library alone (smbprotocol, ssh+sftpwire, ftplib)")
     parser.add_argument("--before-target", default=None, metavar="FILE",
                         help="also time hotvm with open_<scheme>() of this older targets/<scheme>.py")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir under /var/tmp)")

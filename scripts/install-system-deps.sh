@@ -6,6 +6,7 @@ packages=(
   qemu-system-x86 qemu-utils          # the hypervisor and qemu-img
   linux-image-amd64 busybox-static cpio   # the tiny demo guest
   zstd python3-venv
+  openssh-client                      # ssh: the transport of sftp:// targets (targets/sftp.py)
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
   smbclient curl lftp                 # the plain tools bench/target_throughput.py compares hotvm with
   postgresql                          # the Prefect server's database (scripts/prefect-server.sh)

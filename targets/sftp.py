@@ -1,100 +1,92 @@
-"""sftp:// targets: the seed's "copy over ssh to another host", through paramiko (fsspec's SFTPFileSystem).
+"""sftp:// targets: the seed's "copy over ssh to another host", through OpenSSH's own client.
 
     sftp://user@host[:port]/path    key_file:, and/or password_env / password_secret (password or passphrase)
 
-Host keys are checked: the server's key must be in known_hosts (`known_hosts:` in the config, else
-~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts); an unknown or changed key is a clear error, never accepted.
-One SSH connection per target; each thread gets its own SFTP channel from a small pool (a paramiko SFTP
-client must not serve two threads at once). Blobs are written pipelined under a temporary name, then renamed
-with posix-rename@openssh.com (atomic replace); servers without that extension get remove + rename.
+Each worker thread takes an `ssh -s sftp` child from a pool (at most `connections`), and
+targets/sftpwire.py speaks SFTP over its pipes (as OpenSSH's `sftp` does): the transport is OpenSSH's C, not
+Python, whose per-packet work held this target to half of `sftp put`/`get` with paramiko (docs/benchmarks.md,
+bench/sftp_clients.py). A child whose connection died (server restart) is noticed and replaced by the next
+call.
+
+Host keys are checked by ssh itself with StrictHostKeyChecking=yes against known_hosts (`known_hosts:` in the
+config, else ~/.ssh/known_hosts and /etc/ssh/ssh_known_hosts) and never added or updated; no ssh_config file
+is read (`-F none`), so nothing in ~/.ssh/config can loosen that. A password reaches ssh only through
+targets/askpass.py. Blobs are written under a temporary name, every write acknowledged, then renamed with
+posix-rename@openssh.com (atomic replace); servers without that extension get remove + rename.
 """
 
 from __future__ import annotations
 
-import base64
+import datetime as dt
 import errno
-import hashlib
 import os
 import posixpath
+import re
+import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import paramiko
-from fsspec.implementations.sftp import SFTPFileSystem
-
 from hotvm import credentials
+from hotvm.child_env import child_env
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets.base import Pool, Target, is_unreachable
+from targets.askpass import Askpass
+from targets.base import Entry, Pool, Target
+from targets.sftpwire import FAILURE, OP_UNSUPPORTED, ProtocolError, Session, SessionClosed, StatusError
 
-READ_SIZE = 64 * 1024
-"""Bytes per SFTP read request: OpenSSH answers up to 255 KiB, and 64 KiB is what servers commonly accept
-(a server answering less is still read whole, by paramiko's follow-up reads, only slower)."""
 SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
+IO_TIMEOUT = 120.0
+"""Seconds without any progress on a request before the connection is given up (a hung server)."""
+SSH = "ssh"
+CONNECTIONS = 2
+"""ssh connections per target at most; more threads wait for one. On loopback each connection beyond one
+cost client and server CPU (4 connections: ~1.5x the CPU per GiB of one) for little wall time; two overlap
+one blob's round trips (open, close, rename) with another's data, and on a link with latency two windows
+carry twice what one does (bench/target_throughput.py; docs/benchmarks.md)."""
+CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+"""AES-GCM first (one AES-NI pass per packet), then OpenSSH's defaults: nothing weaker is added."""
 
 
-class UnknownHostKey(paramiko.SSHException):
-    def __init__(self, host: str, key: paramiko.PKey) -> None:
-        digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
-        super().__init__(f"host key of {host} is not in known_hosts")
-        self.key_type, self.fingerprint = key.get_name(), f"SHA256:{digest}"
+def ssh_argv(host: str, port: int, user: str, *, known_hosts: list[Path], key_file: str | None,
+             password: bool, allow_agent: bool, timeout: float) -> list[str]:
+    """The ssh command line of one SFTP session. Every option that decides trust is on it: no config file."""
+    files = " ".join(f'"{_literal(p)}"' for p in known_hosts)
+    auth = ["publickey"] + (["keyboard-interactive", "password"] if password else [])
+    argv = [
+        SSH, "-F", "none", "-v", "-T", "-x", "-a", "-p", str(port), "-l", user,
+        "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={files}",
+        "-o", "GlobalKnownHostsFile=none", "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no",
+        "-o", f"PreferredAuthentications={','.join(auth)}", "-o", "NumberOfPasswordPrompts=1",
+        "-o", f"BatchMode={'no' if password else 'yes'}",
+        "-o", f"ConnectTimeout={max(1, round(timeout))}",
+        "-o", "ServerAliveInterval=15", "-o", f"ServerAliveCountMax={max(1, round(IO_TIMEOUT / 15))}",
+        "-o", f"Ciphers={CIPHERS}", "-o", "Compression=no", "-o", "ClearAllForwardings=yes",
+        "-o", f"IdentityAgent={'SSH_AUTH_SOCK' if allow_agent else 'none'}",
+    ]
+    if key_file:
+        argv += ["-o", "IdentitiesOnly=yes", "-i", _literal(key_file)]
+    return [*argv, "-s", "--", host, "sftp"]
 
 
-def _gcm_first(sock: object, **kw: object) -> paramiko.Transport:
-    """A transport preferring AES-GCM: one AEAD pass per packet instead of AES-CTR plus an HMAC that paramiko
-    computes in Python for every 32 KiB packet (5 % of an upload's samples in py-spy). Servers without it
-    still get the usual list; nothing weaker is added."""
-    transport = paramiko.Transport(sock, **kw)  # type: ignore[arg-type]
-    options = transport.get_security_options()
-    gcm = tuple(c for c in options.ciphers if c.endswith("-gcm@openssh.com"))
-    options.ciphers = gcm + tuple(c for c in options.ciphers if c not in gcm)
-    return transport
+def _literal(path: Path | str) -> str:
+    """A path as ssh reads it literally: it expands %-tokens in key and known_hosts file names."""
+    return str(path).replace("%", "%%")
 
 
-class _RejectUnknown(paramiko.MissingHostKeyPolicy):
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
-        raise UnknownHostKey(hostname, key)
+_FINGERPRINT = re.compile(r"Server host key: (\S+) (SHA256:\S+)")
+_CONNECT = re.compile(r"connect to (?:host|address) .* port \d+: (.+)")
+_RESOLVE = re.compile(r"Could not resolve hostname .*?: (.+)")
+_LOAD_KEY = re.compile(r'Load key "[^"]*": (.+)')
 
 
-class _ChannelFS(SFTPFileSystem):
-    """fsspec's SFTP filesystem on one SFTP channel of an already authenticated SSH connection.
-
-    Never cached: fsspec would otherwise hand out one instance (one channel) per (host, client, thread id),
-    and thread ids are reused, so two threads could end up reading each other's replies on one channel."""
-
-    cachable = False
-
-    def __init__(self, host: str, client: paramiko.SSHClient) -> None:
-        self._shared_client = client
-        super().__init__(host)
-
-    def _connect(self) -> None:
-        self.client = self._shared_client
-        self.ftp = self.client.open_sftp()
-        self.ftp.get_channel().settimeout(120)
-
-    def __del__(self) -> None:  # the SSH connection belongs to the target, not to this channel
-        pass
-
-
-def _channel_alive(fs: _ChannelFS) -> bool:
-    transport = fs.client.get_transport()
-    return bool(transport and transport.is_active() and not fs.ftp.get_channel().closed)
-
-
-def _write_size(fh: paramiko.SFTPFile) -> int:
-    """The largest SFTP write whose message fits in one SSH packet of the channel.
-
-    paramiko writes 32 KiB per request; with its header (29 bytes + the handle) that is just over the
-    channel's packet limit (OpenSSH: 32 KiB, less the 64 bytes paramiko keeps back), so every write went out
-    as a full packet plus a tiny one. Each packet costs about the same in paramiko: one packet per write
-    uploads ~1.7x faster on one channel."""
-    header = 4 + 1 + 4 + 4 + len(fh.handle) + 8 + 4  # length, type, request id, handle, offset, data length
-    return max(4096, min(fh.MAX_REQUEST_SIZE, fh.sftp.sock.out_max_packet_size - 64 - header))
+def _said(stderr: str) -> list[str]:
+    """What ssh said, without its debug lines (kept for the host key's fingerprint) and banners."""
+    return [line.strip() for line in stderr.splitlines() if line.strip() and not line.startswith("debug")]
 
 
 class SFTPTarget(Target):
@@ -109,51 +101,63 @@ class SFTPTarget(Target):
         opts = dict(config.options)
         self.timeout = float(opts.pop("timeout", 15))
         self.allow_agent = bool(opts.pop("allow_agent", False))
+        self.connections = opts.pop("connections", CONNECTIONS)
         if opts:
             raise ConfigError(f"target '{config.name}': unknown sftp option(s): {', '.join(sorted(opts))}",
-                              "sftp targets take the options: timeout, allow_agent")
-        self._client: paramiko.SSHClient | None = None
+                              "sftp targets take the options: timeout, allow_agent, connections")
+        if not isinstance(self.connections, int) or isinstance(self.connections, bool) \
+                or not 1 <= self.connections <= 16:
+            raise ConfigError(f"target '{config.name}': sftp option connections must be from 1 to 16",
+                              f"leave it out for the default ({CONNECTIONS})")
+        if shutil.which(SSH) is None:
+            raise TargetConfigError(f"target '{config.name}': sftp:// needs OpenSSH's ssh client, not found "
+                                    "on PATH", "install it (Debian: apt-get install openssh-client)")
+        self._argv = ssh_argv(host, port, user, known_hosts=self.known_hosts, key_file=self.key_file,
+                              password=cred.value is not None, allow_agent=self.allow_agent,
+                              timeout=self.timeout)
+        self._own_secret = {config.password_env} - {None}  # withheld even before a loaded config names it
+        self._askpass: Askpass | None = None
         self._lock = threading.Lock()
-        self._pool: Pool[_ChannelFS] = Pool(self._new_channel, lambda fs: fs.ftp.close(),
-                                            keep_on=(FileNotFoundError, PermissionError, FileExistsError),
-                                            alive=_channel_alive)
+        self._pool: Pool[Session] = Pool(self._new_session, self._end_session,
+                                         keep_on=(FileNotFoundError, PermissionError, FileExistsError,
+                                                  StatusError),
+                                         alive=Session.alive)
         self._dirs: set[str] = set()
+        self._slots = threading.BoundedSemaphore(self.connections)
 
     @property
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
     # -- connection
-    def _ssh(self) -> paramiko.SSHClient:
-        with self._lock:
-            client = self._client
-            transport = client.get_transport() if client else None
-            if client is None or transport is None or not transport.is_active():
-                if client is not None:
-                    client.close()
-                self._client = None
-                client = paramiko.SSHClient()
-                for path in self.known_hosts:
-                    if path.exists():
-                        client.load_host_keys(str(path))
-                client.set_missing_host_key_policy(_RejectUnknown())
-                client.connect(
-                    self.host, port=self.port, username=self.user, password=self.cred.value,
-                    key_filename=self.key_file, allow_agent=self.allow_agent,
-                    look_for_keys=self.key_file is None and self.cred.value is None,
-                    timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                    channel_timeout=self.timeout, transport_factory=_gcm_first,
-                )
-                self._client = client
-            return client
+    def _new_session(self) -> Session:
+        env = {k: v for k, v in child_env().items() if k not in self._own_secret}
+        if self.cred.value is not None:
+            with self._lock:
+                if self._askpass is None:
+                    self._askpass = Askpass(self.cred.value)
+                env.update(self._askpass.env())
+        with self._askpass.lock if self._askpass is not None else nullcontext():
+            session = Session(self._argv, env, IO_TIMEOUT, tempfile.TemporaryFile())  # noqa: SIM115 - it owns it
+            if self._askpass is not None:
+                self._askpass.allow(session.proc.pid)
+        try:
+            session.start(connect_timeout=self.timeout + 30)  # + key exchange, authentication
+        except BaseException:
+            self._end_session(session)
+            raise
+        finally:
+            if self._askpass is not None:
+                self._askpass.forget(session.proc.pid)
+        return session
 
-    def _new_channel(self) -> _ChannelFS:
-        return _ChannelFS(self.host, self._ssh())
+    def _end_session(self, session: Session) -> None:
+        session.close()
 
     @contextmanager
-    def _session(self) -> Iterator[_ChannelFS]:
-        with self._pool.lease() as fs:
-            yield fs
+    def _session(self) -> Iterator[Session]:
+        with self._slots, self._pool.lease() as session:
+            yield session
 
     def connect(self) -> None:
         with self._errors("connecting to", ""), self._session():
@@ -161,157 +165,177 @@ class SFTPTarget(Target):
 
     # -- errors
     def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
-        known = ", ".join(str(p) for p in self.known_hosts)
-        if isinstance(exc, UnknownHostKey):
-            keyscan = f"ssh-keyscan -p {self.port} {self.host}" if self.port != 22 else \
-                f"ssh-keyscan {self.host}"
-            return TargetConfigError(
-                f"target '{self.name}': the host key of {self.where} ({exc.key_type} {exc.fingerprint}) "
-                f"is not in known_hosts ({known})",
-                f"check that fingerprint with the server's admin, then add the key: {keyscan} >> "
-                f"{self.known_hosts[0]} (or point known_hosts: at a file that has it)",
+        if isinstance(exc, SessionClosed):
+            return self._ssh_error(exc)
+        if isinstance(exc, ProtocolError):
+            return TargetError(f"target '{self.name}': {self.where} broke the SFTP protocol while {what} "
+                               f"{self.display(path)}: {exc}", "check the server; the connection was dropped")
+        if isinstance(exc, StatusError) and exc.code == FAILURE:
+            # SFTP v3 has no "no space" status: OpenSSH answers a full disk with a bare "Failure"
+            return TargetError(
+                f"target '{self.name}' failed {what} {self.display(path)}: the server said '{exc.strerror}'",
+                "the disk on the server may be full, or the path not writable: check both",
             )
-        if isinstance(exc, paramiko.BadHostKeyException):
+        return super()._translate(exc, what, path)
+
+    def _ssh_error(self, exc: SessionClosed) -> TargetError:
+        """One line from what ssh printed before it ended (its exit status alone says nothing)."""
+        said, known = _said(exc.stderr), ", ".join(str(p) for p in self.known_hosts)
+        text = "\n".join(said)
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text or re.search(r"Host key for .* has changed",
+                                                                             text):
             return TargetConfigError(
                 f"target '{self.name}': the host key of {self.where} does NOT match known_hosts ({known}): "
                 f"someone may be intercepting the connection, or the server was reinstalled",
                 "verify the server's new key out of band, then replace its line in known_hosts",
             )
-        if isinstance(exc, paramiko.hostkeys.InvalidHostKey):
+        if "Host key verification failed" in text or "host key is known for" in text:
+            found = _FINGERPRINT.search(exc.stderr)
+            key = f" ({found[1]} {found[2]})" if found else ""
+            keyscan = f"ssh-keyscan -p {self.port} {self.host}" if self.port != 22 else \
+                f"ssh-keyscan {self.host}"
             return TargetConfigError(
-                f"target '{self.name}': a line of known_hosts ({known}) is not a valid host key",
-                "fix or remove that line (the file must be in OpenSSH known_hosts format)",
+                f"target '{self.name}': the host key of {self.where}{key} is not in known_hosts ({known})",
+                f"check that fingerprint with the server's admin, then add the key: {keyscan} >> "
+                f"{self.known_hosts[0]} (or point known_hosts: at a file that has it)",
             )
-        if isinstance(exc, paramiko.AuthenticationException):
+        if "Permission denied" in text or "Too many authentication failures" in text:
             how = " and ".join(x for x in (
                 f"key {self.key_file}" if self.key_file else "",
                 f"the password from {self.cred.source}" if self.cred.value is not None else "",
             ) if x) or "the default keys in ~/.ssh"
+            bad_key = _LOAD_KEY.search(text)
             return TargetConfigError(
-                f"target '{self.name}': {self.where} rejected user '{self.user}' with {how}",
+                f"target '{self.name}': {self.where} rejected user '{self.user}' with {how}"
+                + (f" (the key could not be used: {bad_key[1]})" if bad_key else ""),
                 "check the user in the URL, key_file and the server's authorized_keys (or the password)",
             )
-        if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
-            reason = "; ".join(sorted({e.strerror or str(e) for e in exc.errors.values()})) or str(exc)
-            return TargetError(
-                f"target '{self.name}' cannot reach {self.where} ({reason})",
-                "check that the ssh server is running and that the URL's host and port are right",
-            )
-        if isinstance(exc, (paramiko.SSHException, EOFError)) or is_unreachable(exc):
-            return self.unreachable_error(exc)
-        if isinstance(exc, OSError) and exc.errno is None and str(exc).startswith("Failure"):
-            # SFTP v3 has no "no space" status: OpenSSH answers a full disk with a bare "Failure"
-            return TargetError(
-                f"target '{self.name}' failed {what} {self.display(path)}: the server said '{exc}'",
-                "the disk on the server may be full, or the path not writable: check both",
-            )
-        return super()._translate(exc, what, path)
+        if "subsystem request failed" in text:
+            return TargetConfigError(f"target '{self.name}': {self.where} offers no SFTP subsystem",
+                                     "enable it in the server's sshd_config (Subsystem sftp ...)")
+        reason = next((m[1] for m in map(_CONNECT.search, said) if m), None) or \
+            next((m[1] for m in map(_RESOLVE.search, said) if m), None)
+        if reason is None:
+            chatter = ("Warning:", "Authenticated", "Transferred:", "Bytes per second:")
+            last = [line for line in said if not line.startswith(chatter)]
+            reason = last[-1][:300] if last else "the server closed the connection"
+        return TargetError(
+            f"target '{self.name}' cannot reach {self.where} ({reason})",
+            "check that the ssh server is running and that the URL's host and port are right",
+        )
 
     # -- operations
     def exists(self, path: str) -> bool:
-        with self._errors("checking", path), self._session() as fs:
+        with self._errors("checking", path), self._session() as session:
             try:
-                fs.ftp.stat(self.full(path))
+                session.stat(self.full(path))
                 return True
             except FileNotFoundError:
                 return False
 
     def read_bytes(self, path: str) -> bytes:
-        """All READ_SIZE requests sent at once (readv), each reply taken as it is and joined once.
-        A single read(size) of the prefetched blob appends every 64 KiB reply to one bytes object (paramiko's
-        BufferedFile.read: `_rbuffer += new_data`), copying 4 MiB blobs ~32 times: 60 % of a restore's
-        client CPU in py-spy."""
-        with self._errors("reading", path), self._session() as fs, fs.ftp.open(self.full(path), "rb") as fh:
-            fh.MAX_REQUEST_SIZE = READ_SIZE
-            size = fh.stat().st_size
-            if size == 0:
-                return b""
-            pieces = list(fh.readv([(offset, min(READ_SIZE, size - offset))
-                                    for offset in range(0, size, READ_SIZE)]))
-            data = b"".join(pieces)
-            if len(data) != size:  # a reply shorter than asked (paramiko's follow-up reads fill a gap)
-                raise OSError(errno.EIO, f"read {len(data)} of {size} bytes", self.full(path))
-            return data
+        with self._errors("reading", path), self._session() as session:
+            return session.read_file(self.full(path))
 
-    def _put(self, fs: _ChannelFS, full_path: str, data: bytes) -> None:
-        with fs.ftp.open(full_path, "wb") as fh:
-            fh.MAX_REQUEST_SIZE = _write_size(fh)
-            fh.set_pipelined(True)
-            fh.write(data)
-        # Pipelined writes are not all acknowledged before close returns, and a write refused by a full disk
-        # can go unreported: the file would be renamed into place cut short. Its size says.
-        size = fs.ftp.stat(full_path).st_size
-        if size != len(data):
-            raise OSError(errno.ENOSPC, f"the server kept {size} of {len(data)} bytes", full_path)
-
-    def _rename(self, fs: _ChannelFS, src: str, dst: str) -> None:
+    def _put(self, session: Session, full_path: str, data: bytes) -> None:
         try:
-            fs.ftp.posix_rename(src, dst)
-        except OSError as exc:
-            if isinstance(exc, (FileNotFoundError, PermissionError)):
+            session.write_file(full_path, data)
+        except StatusError as exc:
+            if exc.code == FAILURE and self._short_of_space(session, full_path, len(data)):
+                raise OSError(errno.ENOSPC, "no space left on the server", full_path) from None
+            raise
+
+    @staticmethod
+    def _short_of_space(session: Session, full_path: str, size: int) -> bool:
+        """After a refused write: is the server's disk what refused it? (SFTP v3 cannot say.)"""
+        try:
+            free = session.free_bytes(posixpath.dirname(full_path))
+        except OSError:
+            return False
+        return free is not None and free < size
+
+    def _rename(self, session: Session, src: str, dst: str) -> None:
+        try:
+            session.posix_rename(src, dst)
+        except StatusError as exc:
+            if exc.code != OP_UNSUPPORTED:
                 raise
             # no posix-rename extension: plain SFTP rename refuses to overwrite
             with suppress(FileNotFoundError):
-                fs.ftp.remove(dst)
-            fs.ftp.rename(src, dst)
+                session.remove(dst)
+            session.rename(src, dst)
 
-    def _remove(self, fs: _ChannelFS, full_path: str) -> None:
-        fs.ftp.remove(full_path)
+    def _remove(self, session: Session, full_path: str) -> None:
+        session.remove(full_path)
 
     def _makedirs(self, full_path: str) -> None:
         if full_path in self._dirs or full_path in ("", "/"):
             return
-        with self._session() as fs:
-            self._mkdirs(fs, full_path)
+        with self._session() as session:
+            self._mkdirs(session, full_path)
 
-    def _mkdirs(self, fs: _ChannelFS, full_path: str) -> None:
+    def _mkdirs(self, session: Session, full_path: str) -> None:
         if full_path in self._dirs or full_path in ("", "/", "."):
             return
         try:
-            if not stat.S_ISDIR(fs.ftp.stat(full_path).st_mode or 0):
+            if not stat.S_ISDIR(session.stat(full_path).mode or 0):
                 raise TargetError(
                     f"target '{self.name}': {full_path} on {self.where} is a file, not a directory",
                     "point the URL at a directory")
         except FileNotFoundError:
-            self._mkdirs(fs, posixpath.dirname(full_path))
+            self._mkdirs(session, posixpath.dirname(full_path))
             try:
-                fs.ftp.mkdir(full_path)
+                session.mkdir(full_path)
             except OSError:
-                fs.ftp.stat(full_path)  # another thread made it: fine; else raise what stat says
+                session.stat(full_path)  # another thread made it: fine; else raise what stat says
         self._dirs.add(full_path)
 
     def listdir(self, path: str) -> list[str]:
-        with self._errors("listing", path), self._session() as fs:
+        with self._errors("listing", path), self._session() as session:
             try:
-                return sorted(fs.ftp.listdir(self.full(path)))
+                return sorted(n.filename for n in session.listdir(self.full(path))
+                              if n.filename not in (".", ".."))
             except FileNotFoundError:
                 return []
 
+    def scan(self, path: str) -> list[Entry]:
+        with self._errors("listing", path), self._session() as session:
+            try:
+                names = session.listdir(self.full(path))
+            except FileNotFoundError:
+                return []
+        return sorted((Entry(n.filename, stat.S_ISDIR(n.attrs.mode) if n.attrs.mode is not None else None,
+                             n.attrs.size, dt.datetime.fromtimestamp(n.attrs.mtime, dt.UTC)
+                             if n.attrs.mtime is not None else None)
+                       for n in names if n.filename not in (".", "..")), key=lambda e: e.name)
+
     def delete_tree(self, path: str) -> None:
         full = self.full(path)
-        with self._errors("deleting", path), self._session() as fs:
+        with self._errors("deleting", path), self._session() as session:
             self._dirs = {d for d in self._dirs if not (d == full or d.startswith(full.rstrip("/") + "/"))}
             with suppress(FileNotFoundError):
-                self._rmtree(fs, full)
+                self._rmtree(session, full)
 
-    def _rmtree(self, fs: _ChannelFS, full: str) -> None:
-        if not stat.S_ISDIR(fs.ftp.lstat(full).st_mode or 0):
-            fs.ftp.remove(full)
+    def _rmtree(self, session: Session, full: str) -> None:
+        if not stat.S_ISDIR(session.lstat(full).mode or 0):
+            session.remove(full)
             return
-        for entry in fs.ftp.listdir_attr(full):
+        for entry in session.listdir(full):
+            if entry.filename in (".", "..") or "/" in entry.filename:
+                continue
             child = posixpath.join(full, entry.filename)
-            if stat.S_ISDIR(entry.st_mode or 0):
-                self._rmtree(fs, child)
+            if stat.S_ISDIR(entry.attrs.mode or 0):
+                self._rmtree(session, child)
             else:
-                fs.ftp.remove(child)
-        fs.ftp.rmdir(full)
+                session.remove(child)
+        session.rmdir(full)
 
     def close(self) -> None:
         self._pool.close()
         with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+            if self._askpass is not None:
+                self._askpass.close()
+                self._askpass = None
 
 
 def open_sftp(config: TargetConfig) -> SFTPTarget:
@@ -328,7 +352,15 @@ def open_sftp(config: TargetConfig) -> SFTPTarget:
                                 "run hotvm as a user that can read the key")
     cred = credentials.password(config, "password or key passphrase")
     root = unquote(parts.path) or "/"
-    target = SFTPTarget(config, parts.hostname, parts.port or 22, unquote(parts.username), cred, root)
-    target.connect()
+    user = unquote(parts.username)
+    if parts.hostname.startswith("-") or user.startswith("-") or not root.startswith("/"):
+        raise ConfigError(f"target '{config.name}': sftp URL has an unusable user, host or path: "
+                          f"{parts.geturl()}", "write it as sftp://user@host[:port]/absolute/path")
+    target = SFTPTarget(config, parts.hostname, parts.port or 22, user, cred, root)
+    try:
+        target.connect()
+    except BaseException:
+        target.close()
+        raise
     return target
 

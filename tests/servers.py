@@ -207,7 +207,9 @@ class SambaServer(LoopbackServer):
 
 
 class SshServer(LoopbackServer):
-    """`sshd -D` with its own host key; root logs in with `client_key`; `known_hosts` lists the host."""
+    """`sshd -D` with its own host key; root logs in with `client_key` or with `locked_key` (whose passphrase
+    is `passphrase`); `known_hosts` lists the host. `password_user` logs in with `password` and owns
+    `password_dir`."""
 
     name = "ssh"
 
@@ -215,25 +217,36 @@ class SshServer(LoopbackServer):
         super().__init__(port)
         self.host_key = self.dir / "ssh_host_ed25519_key"
         self.client_key = self.dir / "id_ed25519"
+        self.locked_key = self.dir / "id_locked"
+        self.passphrase = "s3cret-passphrase"
         self.known_hosts = self.dir / "known_hosts"
         self.root_dir = self.dir / "srv"
         self.user = "root"
+        self.password_user, self.password = "hotvmsftp", "s3cret-ssh"
+        self.password_dir = self.dir / "pw"
 
     def prepare(self) -> None:
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.host_key))
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.client_key))
-        shutil.copy(self.client_key.with_suffix(".pub"), self.dir / "authorized_keys")
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", self.passphrase, "-f", str(self.locked_key))
+        (self.dir / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text()
+                                                  + self.locked_key.with_suffix(".pub").read_text())
         host_pub = self.host_key.with_suffix(".pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_pub[0]} {host_pub[1]}\n")
         self.root_dir.mkdir()
+        if subprocess.run(["id", self.password_user], capture_output=True).returncode != 0:
+            _run("useradd", "-M", "-s", "/usr/sbin/nologin", self.password_user)
+        _run("chpasswd", input=f"{self.password_user}:{self.password}\n")
+        self.password_dir.mkdir()
+        shutil.chown(self.password_dir, self.password_user)
         (self.dir / "sshd_config").write_text(f"""Port {self.port}
 ListenAddress 127.0.0.1
 HostKey {self.host_key}
 PidFile {self.dir}/sshd.pid
 AuthorizedKeysFile {self.dir}/authorized_keys
 PermitRootLogin prohibit-password
-PasswordAuthentication no
+PasswordAuthentication yes
 KbdInteractiveAuthentication no
 StrictModes no
 UsePAM no
