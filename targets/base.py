@@ -204,6 +204,11 @@ class Target:
         with self._errors("reading", path), self._session() as fs:
             return fs.cat_file(self.full(path))
 
+    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
+        """A blob's bytes, read into `buf` where the target can (a view of it, valid until `buf` is reused:
+        no new chunk-sized object per read), otherwise as a new object. This default reads a new object."""
+        return self.read_bytes(path)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a blob so it appears whole or not at all (temporary name then rename, or one atomic PUT)."""
         final = self.full(path)

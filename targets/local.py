@@ -169,6 +169,27 @@ class LocalTarget(Target):
             with suppress(OSError):
                 os.unlink(tmp)
 
+    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
+        """readinto `buf` (see Target.read_into); a file larger than `buf` is read whole as a new object."""
+        with self._errors("reading", path):
+            fd = os.open(self.full(path), os.O_RDONLY)
+            try:
+                view, done = memoryview(buf), 0
+                while done < len(view):
+                    n = os.readv(fd, [view[done:]])
+                    if not n:
+                        return view[:done]
+                    done += n
+                rest = os.read(fd, 1 << 20)
+                if not rest:
+                    return view
+                chunks = [bytes(view), rest]
+                while more := os.read(fd, 1 << 20):
+                    chunks.append(more)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+
     def _makedirs(self, full_path: str) -> None:
         if self.root_known and not os.path.isdir(self.root):
             raise TargetError(

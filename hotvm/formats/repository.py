@@ -368,7 +368,7 @@ class Repository:
         sealer = self._write_sealer()
         return sealer.seal(path, data) if sealer else bytes(data)
 
-    def open_blob(self, path: str, blob: bytes, what: str) -> bytes:
+    def open_blob(self, path: str, blob: bytes | memoryview, what: str) -> bytes | memoryview:
         """The plain bytes of the file at `path` read as `blob`; ChecksumMismatch naming `what` if it
         fails authentication (an encrypted repository never hands out unauthenticated bytes)."""
         sealer = self._read_sealer()
@@ -396,11 +396,12 @@ class Repository:
         self.target.write_bytes(path, blob)
         return len(blob)
 
-    def get_chunk(self, digest: str) -> bytes:
-        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository."""
+    def get_chunk(self, digest: str, into: bytearray | None = None) -> bytes | memoryview:
+        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository. With `into`, the
+        target may read it into that buffer (Target.read_into): the frame is then a view of it."""
         path = self.chunk_path(digest)
         try:
-            blob = self.target.read_bytes(path)
+            blob = self.target.read_bytes(path) if into is None else self.target.read_into(path, into)
         except FileNotFoundError:
             raise BackupSetError(
                 f"chunk {digest[:16]}… is missing from target '{self.target.name}'",
