@@ -182,3 +182,86 @@ def test_an_oversized_manifest_is_refused_before_it_is_parsed(
         repo.load_manifest("web01", backup_id)
     with pytest.raises(BackupSetError, match="no complete backup of VM 'web01'"):
         repo.latest("web01")
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def restore_dir(request: pytest.FixtureRequest, tmp_path: Path):
+    """Where a disk is restored: a file system that takes O_DIRECT (the restore writes past the page
+    cache) or a tmpfs, which refuses it (every write goes through the page cache)."""
+    if request.param == "direct":
+        probe = tmp_path / "probe"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+        except OSError:
+            pytest.skip("tmp_path's file system refuses O_DIRECT")
+        probe.unlink()
+        yield tmp_path / "out"
+        return
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The file's allocated ranges (SEEK_DATA/SEEK_HOLE): where it is not a hole."""
+    out, fd, pos = [], os.open(path, os.O_RDONLY), 0
+    try:
+        size = os.fstat(fd).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    finally:
+        os.close(fd)
+    return out
+
+
+def test_restore_is_identical_and_thin_whichever_way_it_writes(
+    tmp_path: Path, repo: Repository, restore_dir: Path
+) -> None:
+    """Zero chunks and zero 64 KiB blocks come back as holes and every byte as it was, whether the restore
+    writes O_DIRECT or through the page cache, with an odd-sized last chunk (not block-aligned) and a
+    chunk stored twice (one object, two places)."""
+    image = tmp_path / "disk.raw"
+    same = os.urandom(4 * MiB)
+    with open(image, "wb") as fh:
+        fh.truncate(20 * MiB + 1536)  # a 4 MiB + 1536 byte last chunk
+        fh.write(same)  # chunk 0; chunk 1 stays a hole
+        fh.seek(8 * MiB)
+        fh.write(os.urandom(MiB) + bytes(64 * 1024) + os.urandom(3 * MiB - 64 * 1024))  # chunk 2
+        fh.seek(12 * MiB)
+        fh.write(bytes(4 * MiB))  # chunk 3: written zeros (allocated, all zero)
+        fh.write(same[: 2 * MiB])  # chunk 4 starts like chunk 0
+        fh.seek(20 * MiB)
+        fh.write(os.urandom(1536))  # the odd tail
+    record = export_image(repo, device="d", image=str(image))
+    assert sorted(i for i, _ in record.chunks) == [0, 2, 4, 5]
+    restored = Path(restore_disk(repo, record, restore_dir / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+    ranges = data_ranges(restored)
+    holes = [(4 * MiB, 8 * MiB), (9 * MiB, 9 * MiB + 64 * 1024), (12 * MiB, 16 * MiB), (18 * MiB, 20 * MiB)]
+    for lo, hi in holes:
+        assert all(end <= lo or start >= hi for start, end in ranges), (lo, hi, ranges)
+    assert restored.stat().st_blocks * 512 <= 12 * MiB + 64 * 1024
+
+
+def test_a_restore_with_an_identical_chunk_in_two_places_writes_both(
+    tmp_path: Path, repo: Repository, restore_dir: Path
+) -> None:
+    image = tmp_path / "disk.raw"
+    block = os.urandom(4 * MiB)
+    with open(image, "wb") as fh:
+        fh.truncate(16 * MiB)
+        fh.write(block)
+        fh.seek(12 * MiB)
+        fh.write(block)
+    record = export_image(repo, device="d", image=str(image))
+    assert len(record.chunks) == 2 and len({d for _, d in record.chunks}) == 1
+    restored = Path(restore_disk(repo, record, restore_dir / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
