@@ -265,3 +265,24 @@ def test_a_restore_with_an_identical_chunk_in_two_places_writes_both(
     assert len(record.chunks) == 2 and len({d for _, d in record.chunks}) == 1
     restored = Path(restore_disk(repo, record, restore_dir / "r.raw", "raw").path)
     assert restored.read_bytes() == image.read_bytes()
+
+
+def test_a_raw_image_exports_as_qemu_img_maps_it(tmp_path: Path, repo: Repository) -> None:
+    """A raw image with its format given is mapped by the file system (SEEK_DATA/SEEK_HOLE, no qemu-img
+    process): the same chunks and image digest as the same disk exported through qemu-img (as qcow2), and
+    only its data read."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as fh:
+        fh.truncate(24 * MiB + 4096 + 512)
+        for offset in (0, 5 * MiB + 12345, 17 * MiB, 24 * MiB):
+            fh.seek(offset)
+            fh.write(os.urandom(300 * 1024 if offset < 24 * MiB else 4608))
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(qcow2)], check=True)
+    raw = export_image(repo, device="d", image=str(image), fmt="raw")
+    mapped = export_image(repo, device="d", image=str(qcow2), fmt="qcow2")
+    assert raw.virtual_size == mapped.virtual_size == image.stat().st_size
+    assert raw.chunks == mapped.chunks and raw.digest == mapped.digest
+    assert raw.bytes_read <= 4 * 320 * 1024
+    restored = Path(restore_disk(repo, raw, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
