@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import queue
+import re
 import subprocess
 import threading
 from collections import deque
@@ -186,12 +187,14 @@ class DirectWriter:
     where buffered writes plus the final fsync took 0.6-3.3 s; a restore of a whole disk also no longer
     pushes the host's working set out of the page cache. Runs it cannot take (unaligned patch or tail, a
     buffer not page-aligned) go through the buffered descriptor; both write disjoint pages of one file, and
-    the final fsync covers both. A file system that refuses O_DIRECT (tmpfs) gets no writer at all."""
+    the final fsync covers both. Only local disk file systems get a writer (DIRECT_FS): on NFS or CIFS
+    every direct write would be a synchronous round trip (and commit) to the server, where buffered
+    writeback sends many at once; tmpfs refuses O_DIRECT."""
 
     def __init__(self, path: Path) -> None:
         flag = getattr(os, "O_DIRECT", 0)
         self.fd: int | None = None
-        if flag:
+        if flag and file_system_type(path) in DIRECT_FS:
             with suppress(OSError):
                 self.fd = os.open(path, os.O_WRONLY | flag)
 
@@ -218,6 +221,30 @@ class DirectWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+DIRECT_FS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs"})
+"""File systems on a local block device, where O_DIRECT writes go straight to the device."""
+
+
+def file_system_type(path: Path) -> str | None:
+    """The type of the file system holding `path` (Linux: the longest mount point above it in
+    /proc/self/mountinfo); None where it cannot be told."""
+    try:
+        real = os.path.realpath(path)
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best, kind = "", None
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, line.split(" - ", 1)[1].split()[0]
+    return kind
 
 
 def _page_aligned(view: memoryview) -> bool:
