@@ -189,7 +189,7 @@ def restore_dir(request: pytest.FixtureRequest, tmp_path: Path):
     """Where a disk is restored: a file system that takes O_DIRECT (the restore writes past the page
     cache) or a tmpfs, which refuses it (every write goes through the page cache)."""
     if request.param == "direct":
-        from hotvm.formats.restore import DIRECT_FS, file_system_type
+        from hotvm.formats.directio import DIRECT_FS, file_system_type
 
         if file_system_type(tmp_path) not in DIRECT_FS:
             pytest.skip("tmp_path is not on a local disk file system (ext4, xfs, ...)")
