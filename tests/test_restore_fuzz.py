@@ -279,3 +279,30 @@ def test_decompressing_garbage_into_a_buffer_fails_cleanly(garbage: bytes, limit
     except zstandard.ZstdError:
         return
     assert len(view) <= limit
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=600_000), st.booleans(), st.data())
+def test_a_raw_block_layout_is_the_frame_content_or_nothing(length: int, checksum: bool, data) -> None:
+    """rawframe: for a frame of raw blocks, the planned scatter gives exactly the content; any byte of
+    its headers changed makes the layout refuse (then the usual decompression decides)."""
+    from hotvm.formats.rawframe import raw_layout
+
+    content = os.urandom(length)
+    frame = bytearray(zstandard.ZstdCompressor(level=1, write_checksum=checksum).compress(content))
+    layout = raw_layout(bytes(frame[:32]), len(frame), length)
+    assert layout is not None
+    out, scratch = bytearray(length), bytearray(64 + 3 * (length // 131072 + 1))
+    views = layout.views(memoryview(out), memoryview(scratch))
+    pos = 0
+    for view in views:
+        view[:] = frame[pos : pos + len(view)]
+        pos += len(view)
+    assert pos == len(frame) and bytes(out) == content
+    assert layout.check(bytes(frame[:32]), memoryview(scratch))
+    at = data.draw(st.integers(min_value=0, max_value=layout.header + 3 * layout.blocks - 1))
+    forged = bytearray(scratch)
+    forged[at] ^= 0x10
+    assert not layout.check(bytes(frame[:32]), memoryview(forged))
+    assert raw_layout(bytes(frame[:32]), len(frame) + 1, length) is None
+    assert raw_layout(bytes(frame[:32]), len(frame), length + 1) is None

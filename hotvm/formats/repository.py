@@ -37,6 +37,7 @@ from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, Ta
 from hotvm.formats import chunkid
 from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.formats.manifest import CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
+from hotvm.formats.rawframe import BLOCK_MAX, HEAD_MAX, MAX_SCATTER_BLOCKS, RawLayout, raw_layout
 from hotvm.formats.setstore import (
     TMP_MARK,
     DamagedManifest,
@@ -408,6 +409,31 @@ class Repository:
                 "the repository is damaged; restore from another backup or copy",
             ) from None
         return self.open_blob(path, blob, f"chunk {digest[:16]}… on target '{self.target.name}'")
+
+    def read_raw_chunk(self, digest: str, out: memoryview, length: int) -> memoryview | None:
+        """The content of a chunk stored as raw zstd blocks only (incompressible data), read straight into
+        out[:length] (formats/rawframe.py); None where that does not apply (encrypted repository, a target
+        without scatter reads, a compressed or unexpected frame): then read it with get_chunk. The bytes
+        are NOT verified here: the caller checks them against the chunk's name like any other."""
+        if self._read_sealer() is not None or length > len(out):
+            return None
+        scratch = memoryview(bytearray(HEAD_MAX + 3 * (length // BLOCK_MAX + 1) + 4))
+        seen: list[tuple[bytes, RawLayout]] = []
+
+        def plan(head: bytes, size: int) -> list[memoryview] | None:
+            layout = raw_layout(head, size, length)
+            if layout is None or layout.blocks > MAX_SCATTER_BLOCKS:
+                return None
+            seen.append((head, layout))
+            return layout.views(out, scratch)
+
+        try:
+            if not self.target.read_scatter(self.chunk_path(digest), plan):
+                return None
+        except FileNotFoundError:
+            return None  # get_chunk says it is missing
+        head, layout = seen[0]
+        return out[:length] if layout.check(head, scratch) else None
 
     # ---- image sets (repo.images; these keep the older call sites working)
     @staticmethod

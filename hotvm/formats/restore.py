@@ -242,6 +242,10 @@ def restore_disk(
             frames.buf = bytearray(frame_bound(record.chunk_size))
         out = spare.get()
         try:
+            length = first.length if first.patch else record.chunk_length(first.index)
+            raw = repo.read_raw_chunk(digest, memoryview(out), length)
+            if raw is not None and repo.chunk_id(raw) == digest:
+                return raw, out  # incompressible: read straight into `out`, and verified
             data = verify_chunk(repo, record, first.index, digest,
                                 lambda: repo.get_chunk(digest, into=frames.buf),
                                 first.length if first.patch else None, out=out)  # fmt: skip
