@@ -50,7 +50,7 @@ def bench_image(work: Path, label: str, image: Path, rounds: int) -> tuple[float
         export_times.append(
             timed(
                 lambda repo=repo: (
-                    export_image(repo, device="d", image=str(image)),
+                    export_image(repo, device="d", image=str(image), fmt="raw"),
                     subprocess.run(["sync"], check=True),
                 )
             )

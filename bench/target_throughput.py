@@ -20,7 +20,8 @@ The image is read from the page cache by both. A `sync` (not timed) precedes eve
 and hotvm alternates between rounds.
 Restore (the `get` lines; --no-restore skips them): hotvm `restore_disk` of the set just written, as a raw
 file, vs the plain tool fetching its own copy back (`cp`, `smbclient get`, `sftp get`, `curl -o`, s3fs `get`);
-both write to local disk and a timed `sync` follows both (restore_disk fsyncs its output).
+both write to local disk and a timed `sync` follows both (restore_disk fsyncs its output; on a local disk
+file system it writes O_DIRECT, past the page cache).
 --library adds a line per direction for the scheme's Python library alone (smbprotocol, ftplib; for sftp the
 ssh child with targets/sftpwire.py, 4 MiB files one after the other) copying the whole image in one stream
 over the target's own connection: no hashing, compression or chunking.

@@ -210,6 +210,19 @@ class Target:
         with self._errors("reading", path), self._session() as fs:
             return fs.cat_file(self.full(path))
 
+    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
+        """A blob's bytes, read into `buf` where the target can (a view of it, valid until `buf` is reused:
+        no new chunk-sized object per read), otherwise as a new object. This default reads a new object."""
+        return self.read_bytes(path)
+
+    def read_scatter(
+        self, path: str, plan: Callable[[bytes, int], list[memoryview] | None]
+    ) -> bool:
+        """Read a blob straight into several buffers: `plan(first bytes, blob size)` gives them (None: not
+        this blob); True once they are filled with the whole blob. False where the target cannot (this
+        default), the plan declined, or the blob changed size: the caller reads it the usual way."""
+        return False
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a blob so it appears whole or not at all (temporary name then rename, or one atomic PUT)."""
         final = self.full(path)

@@ -11,7 +11,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -26,6 +26,9 @@ from targets.base import Target
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
+
+HEAD_BYTES = 32
+"""What read_scatter reads first for its plan (a zstd frame header is at most 18 bytes)."""
 
 GROUP_BLOBS = 8
 """Blobs (32 MiB of chunks) handed to the background flusher at once for fsyncs and renames, inside
@@ -168,6 +171,50 @@ class LocalTarget(Target):
         for tmp, _ in batch:
             with suppress(OSError):
                 os.unlink(tmp)
+
+    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
+        """readinto `buf` (see Target.read_into); a file larger than `buf` is read whole as a new object."""
+        with self._errors("reading", path):
+            fd = os.open(self.full(path), os.O_RDONLY)
+            try:
+                view, done = memoryview(buf), 0
+                while done < len(view):
+                    n = os.readv(fd, [view[done:]])
+                    if not n:
+                        return view[:done]
+                    done += n
+                rest = os.read(fd, 1 << 20)
+                if not rest:
+                    return view
+                chunks = [bytes(view), rest]
+                while more := os.read(fd, 1 << 20):
+                    chunks.append(more)
+                return b"".join(chunks)
+            finally:
+                os.close(fd)
+
+    def read_scatter(self, path: str, plan: Callable[[bytes, int], list[memoryview] | None]) -> bool:
+        """One pread of the head, then one preadv of the whole file into the planned buffers."""
+        with self._errors("reading", path):
+            fd = os.open(self.full(path), os.O_RDONLY)
+            try:
+                size = os.fstat(fd).st_size
+                views = plan(os.pread(fd, HEAD_BYTES, 0), size)
+                if views is None:
+                    return False
+                done, at = 0, 0
+                while views and done < size:
+                    n = os.preadv(fd, views, at)
+                    if not n:
+                        return False  # shorter than it was a moment ago
+                    done, at = done + n, at + n
+                    while views and n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    if views and n:
+                        views[0] = views[0][n:]
+                return not views and done == size
+            finally:
+                os.close(fd)
 
     def _makedirs(self, full_path: str) -> None:
         if self.root_known and not os.path.isdir(self.root):

@@ -146,7 +146,7 @@ def test_restore_reads_each_distinct_chunk_once(tmp_path: Path, repo: Repository
     assert len(record.chunks) == 8 and len({d for _, d in record.chunks}) == 1
     reads = []
     original = repo.get_chunk
-    repo.get_chunk = lambda digest: reads.append(digest) or original(digest)  # count, do not fake
+    repo.get_chunk = lambda digest, **kw: reads.append(digest) or original(digest, **kw)  # count, do not fake
     restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
     assert len(reads) == 1 and restored.read_bytes() == image.read_bytes()
 
@@ -182,3 +182,137 @@ def test_an_oversized_manifest_is_refused_before_it_is_parsed(
         repo.load_manifest("web01", backup_id)
     with pytest.raises(BackupSetError, match="no complete backup of VM 'web01'"):
         repo.latest("web01")
+
+
+@pytest.fixture(params=["direct", "buffered"])
+def restore_dir(request: pytest.FixtureRequest, tmp_path: Path):
+    """Where a disk is restored: a file system that takes O_DIRECT (the restore writes past the page
+    cache) or a tmpfs, which refuses it (every write goes through the page cache)."""
+    if request.param == "direct":
+        from hotvm.formats.directio import DIRECT_FS, file_system_type
+
+        if file_system_type(tmp_path) not in DIRECT_FS:
+            pytest.skip("tmp_path is not on a local disk file system (ext4, xfs, ...)")
+        yield tmp_path / "out"
+        return
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """The file's allocated ranges (SEEK_DATA/SEEK_HOLE): where it is not a hole."""
+    out, fd, pos = [], os.open(path, os.O_RDONLY), 0
+    try:
+        size = os.fstat(fd).st_size
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, pos))
+    finally:
+        os.close(fd)
+    return out
+
+
+def test_restore_is_identical_and_thin_whichever_way_it_writes(
+    tmp_path: Path, repo: Repository, restore_dir: Path
+) -> None:
+    """Zero chunks and zero 64 KiB blocks come back as holes and every byte as it was, whether the restore
+    writes O_DIRECT or through the page cache, with an odd-sized last chunk (not block-aligned) and a
+    chunk stored twice (one object, two places)."""
+    image = tmp_path / "disk.raw"
+    same = os.urandom(4 * MiB)
+    with open(image, "wb") as fh:
+        fh.truncate(20 * MiB + 1536)  # a 4 MiB + 1536 byte last chunk
+        fh.write(same)  # chunk 0; chunk 1 stays a hole
+        fh.seek(8 * MiB)
+        fh.write(os.urandom(MiB) + bytes(64 * 1024) + os.urandom(3 * MiB - 64 * 1024))  # chunk 2
+        fh.seek(12 * MiB)
+        fh.write(bytes(4 * MiB))  # chunk 3: written zeros (allocated, all zero)
+        fh.write(same[: 2 * MiB])  # chunk 4 starts like chunk 0
+        fh.seek(20 * MiB)
+        fh.write(os.urandom(1536))  # the odd tail
+    record = export_image(repo, device="d", image=str(image))
+    assert sorted(i for i, _ in record.chunks) == [0, 2, 4, 5]
+    restored = Path(restore_disk(repo, record, restore_dir / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+    ranges = data_ranges(restored)
+    holes = [(4 * MiB, 8 * MiB), (9 * MiB, 9 * MiB + 64 * 1024), (12 * MiB, 16 * MiB), (18 * MiB, 20 * MiB)]
+    for lo, hi in holes:
+        assert all(end <= lo or start >= hi for start, end in ranges), (lo, hi, ranges)
+    assert restored.stat().st_blocks * 512 <= 12 * MiB + 64 * 1024
+
+
+def test_a_restore_with_an_identical_chunk_in_two_places_writes_both(
+    tmp_path: Path, repo: Repository, restore_dir: Path
+) -> None:
+    image = tmp_path / "disk.raw"
+    block = os.urandom(4 * MiB)
+    with open(image, "wb") as fh:
+        fh.truncate(16 * MiB)
+        fh.write(block)
+        fh.seek(12 * MiB)
+        fh.write(block)
+    record = export_image(repo, device="d", image=str(image))
+    assert len(record.chunks) == 2 and len({d for _, d in record.chunks}) == 1
+    restored = Path(restore_disk(repo, record, restore_dir / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+
+
+def test_a_raw_image_exports_as_qemu_img_maps_it(tmp_path: Path, repo: Repository) -> None:
+    """A raw image with its format given is mapped by the file system (SEEK_DATA/SEEK_HOLE, no qemu-img
+    process): the same chunks and image digest as the same disk exported through qemu-img (as qcow2), and
+    only its data read."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as fh:
+        fh.truncate(24 * MiB + 4096 + 512)
+        for offset in (0, 5 * MiB + 12345, 17 * MiB, 24 * MiB):
+            fh.seek(offset)
+            fh.write(os.urandom(300 * 1024 if offset < 24 * MiB else 4608))
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(image), str(qcow2)], check=True)
+    raw = export_image(repo, device="d", image=str(image), fmt="raw")
+    mapped = export_image(repo, device="d", image=str(qcow2), fmt="qcow2")
+    assert raw.virtual_size == mapped.virtual_size == image.stat().st_size
+    assert raw.chunks == mapped.chunks and raw.digest == mapped.digest
+    assert raw.bytes_read <= 4 * 320 * 1024
+    restored = Path(restore_disk(repo, raw, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+
+
+def test_incompressible_chunks_are_still_verified_and_damage_is_caught(
+    tmp_path: Path, repo: Repository
+) -> None:
+    """Random data is stored as raw zstd blocks, which a restore reads straight into its buffer: the bytes
+    still come back exact, a flipped payload byte is still a ChecksumMismatch (and no file is left), and
+    a frame laid out differently (a content checksum, here) is read the usual way."""
+    import zstandard
+
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as fh:
+        fh.write(os.urandom(8 * MiB + 300 * 1024))
+    record = export_image(repo, device="d", image=str(image))
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+    restored.unlink()
+
+    last = Path(repo.target.full(repo.chunk_path(record.chunks[-1][1])))
+    plain = zstandard.ZstdDecompressor().decompress(last.read_bytes())
+    last.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(plain))
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+    restored.unlink()
+
+    first = Path(repo.target.full(repo.chunk_path(record.chunks[0][1])))
+    frame = bytearray(first.read_bytes())
+    frame[len(frame) // 2] ^= 0x01  # inside a raw block's payload: the layout stays valid
+    first.write_bytes(bytes(frame))
+    with pytest.raises(ChecksumMismatch, match="chunk 0 of disk 'd'"):
+        restore_disk(repo, record, tmp_path / "r.raw", "raw")
+    assert not (tmp_path / "r.raw").exists() and not (tmp_path / "r.raw.partial").exists()

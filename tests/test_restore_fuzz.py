@@ -238,3 +238,71 @@ def test_a_frame_claiming_more_than_the_bound_is_refused_before_allocation() -> 
         assert decompress_bounded(frame, len(data)) == data
         with pytest.raises(zstandard.ZstdError):
             decompress_bounded(frame, 1000)
+
+
+def test_decompressing_into_a_buffer_keeps_the_same_bounds() -> None:
+    """decompress_into (the restore's path into reused buffers) accepts what decompress_bounded accepts
+    and refuses what it refuses, whatever the frame says about its size or window."""
+    import pytest
+
+    from hotvm.formats.export import decompress_into
+
+    data = os.urandom(50_000) + b"x" * 50_000
+    for frame in (
+        zstandard.ZstdCompressor(write_content_size=True).compress(data),
+        zstandard.ZstdCompressor(write_content_size=False).compress(data),
+        zstandard.ZstdCompressor(level=19, write_content_size=False).compress(data),
+    ):
+        out = bytearray(len(data) + 7)
+        assert bytes(decompress_into(frame, memoryview(out))) == data
+        assert bytes(decompress_into(memoryview(frame), memoryview(out)[: len(data)])) == data
+        with pytest.raises(zstandard.ZstdError):
+            decompress_into(frame, memoryview(bytearray(1000)))
+    # a 16 MiB window (a stream compressed without a known size), wider than the streaming cap: decoded
+    # all the same (through decompress_bounded)
+    streaming = zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters(window_log=24, write_content_size=False)
+    ).compressobj()
+    wide = streaming.compress(data) + streaming.flush()
+    assert zstandard.get_frame_parameters(wide).window_size == 16 << 20
+    assert bytes(decompress_into(wide, memoryview(bytearray(len(data))))) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096), st.integers(min_value=1, max_value=8192))
+def test_decompressing_garbage_into_a_buffer_fails_cleanly(garbage: bytes, limit: int) -> None:
+    """Hostile bytes give at most `limit` bytes or ZstdError, nothing else."""
+    from hotvm.formats.export import decompress_into
+
+    try:
+        view = decompress_into(b"\x28\xb5\x2f\xfd" + garbage, memoryview(bytearray(limit)))
+    except zstandard.ZstdError:
+        return
+    assert len(view) <= limit
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=600_000), st.booleans(), st.data())
+def test_a_raw_block_layout_is_the_frame_content_or_nothing(length: int, checksum: bool, data) -> None:
+    """rawframe: for a frame of raw blocks, the planned scatter gives exactly the content; any byte of
+    its headers changed makes the layout refuse (then the usual decompression decides)."""
+    from hotvm.formats.rawframe import raw_layout
+
+    content = os.urandom(length)
+    frame = bytearray(zstandard.ZstdCompressor(level=1, write_checksum=checksum).compress(content))
+    layout = raw_layout(bytes(frame[:32]), len(frame), length)
+    assert layout is not None
+    out, scratch = bytearray(length), bytearray(64 + 3 * (length // 131072 + 1))
+    views = layout.views(memoryview(out), memoryview(scratch))
+    pos = 0
+    for view in views:
+        view[:] = frame[pos : pos + len(view)]
+        pos += len(view)
+    assert pos == len(frame) and bytes(out) == content
+    assert layout.check(bytes(frame[:32]), memoryview(scratch))
+    at = data.draw(st.integers(min_value=0, max_value=layout.header + 3 * layout.blocks - 1))
+    forged = bytearray(scratch)
+    forged[at] ^= 0x10
+    assert not layout.check(bytes(frame[:32]), memoryview(forged))
+    assert raw_layout(bytes(frame[:32]), len(frame) + 1, length) is None
+    assert raw_layout(bytes(frame[:32]), len(frame), length + 1) is None

@@ -187,6 +187,18 @@ def test_blobs_larger_than_one_request_round_trip_whole(target: Target) -> None:
     assert target.listdir("b") == sorted(blobs)
 
 
+def test_read_into_gives_the_blob_whatever_the_buffer(target: Target) -> None:
+    """read_into (a restore's read into a reused buffer) gives exactly the blob: shorter than the buffer,
+    exactly its size, or larger (then read whole, never cut); a missing blob is FileNotFoundError."""
+    buf = bytearray(64 * 1024)
+    for size in (1, 1000, len(buf), len(buf) + 1, 3 * len(buf)):
+        data = os.urandom(size)
+        target.write_bytes(f"r/{size}", data)
+        assert bytes(target.read_into(f"r/{size}", buf)) == data
+    with pytest.raises(FileNotFoundError):
+        target.read_into("r/missing", buf)
+
+
 def test_grouped_chunks_appear_only_when_durable_and_other_files_at_once(tmp_path: Path) -> None:
     """export groups the fsyncs of a file target's chunks: a chunk shows under its name only once synced
     (never cut short under it after a power cut), anything else (the repository marker) as always, and a

@@ -39,6 +39,42 @@ def decompress_bounded(frame: bytes, limit: int) -> bytes:
         raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
     return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
 
+
+_local = threading.local()
+
+
+def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
+    """A zstd frame's content written into `out` (a preallocated buffer: no new chunk-sized object, so a
+    restore touches the same memory chunk after chunk), as the view of `out` it fills; refused (ZstdError)
+    when it is or claims to be larger than `out`. The streaming window is capped at `out`'s size (a forged
+    header cannot make zstd allocate its 128 MiB default); a frame the cap refuses goes through
+    decompress_bounded instead. A truncated frame gives fewer bytes: the caller's length and hash checks
+    catch it."""
+    limit = len(out)
+    if zstandard.frame_content_size(frame) > limit:
+        raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
+    window = max(1 << 20, 1 << max(limit - 1, 1).bit_length())
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None or _local.window != window:
+        dctx = _local.dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        _local.window = window
+    try:
+        reader = dctx.stream_reader(frame, read_size=max(len(frame), 1))
+        done = 0
+        while done < limit:
+            n = reader.readinto(out[done:])
+            if not n:
+                break
+            done += n
+        if done == limit and reader.readinto(bytearray(1)):
+            raise zstandard.ZstdError(f"the frame holds more than {limit} bytes")
+    except zstandard.ZstdError:
+        data = decompress_bounded(bytes(frame), limit)  # e.g. a valid frame with a wider window
+        out[: len(data)] = data
+        return out[: len(data)]
+    return out[:done]
+
+
 def chunk_digest(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -7,6 +7,7 @@ file (compressed or encrypted clusters) is read through qemu-img itself, a windo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -47,6 +48,10 @@ class ImageInfo:
 
 
 def image_info(path: str, fmt: str | None = None) -> ImageInfo:
+    """The image's format, size and backing chain. A raw image (its format given: never probed from its
+    guest-written content) is its own file, so nothing needs qemu-img (see raw_segments)."""
+    if fmt == "raw":
+        return ImageInfo(path, "raw", _raw_size(path), ((path, "raw"),))
     args = ["info", "--backing-chain"] + (["-f", fmt] if fmt else []) + [path]
     layers = _qemu_img_json(*args)
     assert isinstance(layers, list)
@@ -65,8 +70,49 @@ class Segment:
     offset: int | None
 
 
+def _raw_size(path: str) -> int:
+    """A raw image's size: its file's, or its block device's (whose st_size is 0)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise ImageError(f"cannot open {path}: {exc.strerror}", "is the image readable?") from None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def raw_segments(info: ImageInfo) -> list[Segment]:
+    """A raw image's data extents from the file system itself (SEEK_DATA/SEEK_HOLE), which is what
+    qemu-img map asks it for a raw file: the same segments without a qemu-img process. With cold caches
+    (a backup's usual case) starting qemu-img twice cost 40-190 ms here, against ~0.35 s for all of a
+    1 GiB image at 10 % data. A block device, or a file system without SEEK_DATA, is all data."""
+    path, size = info.chain[0][0], info.virtual_size
+    segments = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos
+                    break
+                start, end = pos, size  # SEEK_DATA not supported here: read it all
+            if start >= size:
+                break
+            segments.append(Segment(start, end - start, 0, start))
+            pos = end
+    finally:
+        os.close(fd)
+    return segments
+
+
 def data_segments(info: ImageInfo) -> list[Segment]:
     """Every extent that may hold non-zero data; zero and unallocated extents are left out."""
+    if info.format == "raw" and len(info.chain) == 1 and info.chain[0][1] == "raw":
+        return raw_segments(info)
     extents = _qemu_img_json("map", "-f", info.format, info.path)
     assert isinstance(extents, list)
     segments = []

@@ -37,6 +37,7 @@ from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, Ta
 from hotvm.formats import chunkid
 from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.formats.manifest import CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
+from hotvm.formats.rawframe import BLOCK_MAX, HEAD_MAX, MAX_SCATTER_BLOCKS, RawLayout, raw_layout
 from hotvm.formats.setstore import (
     TMP_MARK,
     DamagedManifest,
@@ -368,7 +369,7 @@ class Repository:
         sealer = self._write_sealer()
         return sealer.seal(path, data) if sealer else bytes(data)
 
-    def open_blob(self, path: str, blob: bytes, what: str) -> bytes:
+    def open_blob(self, path: str, blob: bytes | memoryview, what: str) -> bytes | memoryview:
         """The plain bytes of the file at `path` read as `blob`; ChecksumMismatch naming `what` if it
         fails authentication (an encrypted repository never hands out unauthenticated bytes)."""
         sealer = self._read_sealer()
@@ -399,17 +400,43 @@ class Repository:
         self.target.write_bytes(path, blob)
         return len(blob)
 
-    def get_chunk(self, digest: str) -> bytes:
-        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository."""
+    def get_chunk(self, digest: str, into: bytearray | None = None) -> bytes | memoryview:
+        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository. With `into`, the
+        target may read it into that buffer (Target.read_into): the frame is then a view of it."""
         path = self.chunk_path(digest)
         try:
-            blob = self.target.read_bytes(path)
+            blob = self.target.read_bytes(path) if into is None else self.target.read_into(path, into)
         except FileNotFoundError:
             raise BackupSetError(
                 f"chunk {digest[:16]}… is missing from target '{self.target.name}'",
                 "the repository is damaged; restore from another backup or copy",
             ) from None
         return self.open_blob(path, blob, f"chunk {digest[:16]}… on target '{self.target.name}'")
+
+    def read_raw_chunk(self, digest: str, out: memoryview, length: int) -> memoryview | None:
+        """The content of a chunk stored as raw zstd blocks only (incompressible data), read straight into
+        out[:length] (formats/rawframe.py); None where that does not apply (encrypted repository, a target
+        without scatter reads, a compressed or unexpected frame): then read it with get_chunk. The bytes
+        are NOT verified here: the caller checks them against the chunk's name like any other."""
+        if self._read_sealer() is not None or length > len(out):
+            return None
+        scratch = memoryview(bytearray(HEAD_MAX + 3 * (length // BLOCK_MAX + 1) + 4))
+        seen: list[tuple[bytes, RawLayout]] = []
+
+        def plan(head: bytes, size: int) -> list[memoryview] | None:
+            layout = raw_layout(head, size, length)
+            if layout is None or layout.blocks > MAX_SCATTER_BLOCKS:
+                return None
+            seen.append((head, layout))
+            return layout.views(out, scratch)
+
+        try:
+            if not self.target.read_scatter(self.chunk_path(digest), plan):
+                return None
+        except FileNotFoundError:
+            return None  # get_chunk says it is missing
+        head, layout = seen[0]
+        return out[:length] if layout.check(head, scratch) else None
 
     # ---- image sets (repo.images; these keep the older call sites working)
     @staticmethod
