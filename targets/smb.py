@@ -33,9 +33,17 @@ from smbprotocol.exceptions import (
     SMBOSError,
     SMBResponseException,
 )
-from smbprotocol.file_info import FileRenameInformation
+from smbprotocol.file_info import FileAttributes, FileRenameInformation
 from smbprotocol.header import NtStatus
-from smbprotocol.open import FilePipePrinterAccessMask
+from smbprotocol.open import (
+    CreateAction,
+    CreateDisposition,
+    CreateOptions,
+    FilePipePrinterAccessMask,
+    ImpersonationLevel,
+    Open,
+    ShareAccess,
+)
 
 from hotvm import credentials
 from hotvm.config import TargetConfig
@@ -47,6 +55,9 @@ _Access = FilePipePrinterAccessMask
 CREDIT_MARGIN = 16
 """Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
+_SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
+_NO_PATH = {NtStatus.STATUS_OBJECT_PATH_NOT_FOUND, NtStatus.STATUS_OBJECT_NAME_NOT_FOUND}
+_NOT_DIR = {NtStatus.STATUS_NOT_A_DIRECTORY, NtStatus.STATUS_OBJECT_NAME_COLLISION}
 _DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
            0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
 
@@ -88,8 +99,17 @@ def _close_connection(kw: dict[str, Any]) -> None:
     kw["connection_cache"].clear()
 
 
+def _dir_create(folder: Open) -> tuple[Any, Any]:
+    """CREATE of a directory, opened if it exists, created if not (the reply's create_action says which)."""
+    return folder.create(ImpersonationLevel.Impersonation, _Access.FILE_READ_ATTRIBUTES,
+                         FileAttributes.FILE_ATTRIBUTE_DIRECTORY,
+                         _SHARE_ALL,
+                         CreateDisposition.FILE_OPEN_IF, CreateOptions.FILE_DIRECTORY_FILE, send=False)
+
+
 class SMBTarget(Target):
     scheme = "smb"
+    makes_parents = True
 
     def __init__(self, config: TargetConfig, host: str, port: int, user: str | None,
                  cred: credentials.Credential, root: str) -> None:
@@ -108,6 +128,13 @@ class SMBTarget(Target):
             raise ConfigError(f"target '{config.name}': unknown smb option(s): {', '.join(sorted(opts))}",
                               "smb targets take the options: timeout, encrypt")
         self._dirs: set[str] = set()
+        """Directories known to exist (full paths): a write into one sends no directory CREATE."""
+        self._fresh: set[str] = set()
+        """Directories this target created inside the current grouped() block: nothing in them or below them
+        can exist but what was written since (exists_for_write)."""
+        self._fresh_written: set[str] = set()
+        self._grouping = 0
+        self._lock = threading.Lock()
         self._pool: Pool[dict[str, Any]] = Pool(
             self._new_connection, _close_connection,
             keep_on=(FileNotFoundError, SMBOSError, SMBResponseException), alive=_healthy_kw)
@@ -205,6 +232,43 @@ class SMBTarget(Target):
                     return False
                 raise
 
+    def exists_for_write(self, path: str) -> bool:
+        """No round trip for a blob whose directory (or one above it) this export created: it can hold only
+        what was written since, and what this target wrote there is asked for as usual. Another backup
+        writing the same chunk meanwhile costs at most a second, identical write."""
+        full = self.full(path)
+        if full not in self._fresh_written and self._in_fresh_dir(full):
+            return False
+        return self.exists(path)
+
+    def _in_fresh_dir(self, full: str) -> bool:
+        folder = posixpath.dirname(full)
+        while self._fresh and folder.strip("/"):
+            if folder in self._fresh:
+                return True
+            folder = posixpath.dirname(folder)
+        return False
+
+    @contextmanager
+    def grouped(self, under: str) -> Iterator[None]:
+        """The directories created inside it count as fresh (exists_for_write) until the outermost block
+        ends; a remote blob is durable once written, so there is nothing else to group."""
+        with self._lock:
+            self._grouping += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._grouping -= 1
+                if not self._grouping:
+                    self._fresh.clear()
+                    self._fresh_written.clear()
+
+    def _note_dir(self, full_path: str, created: bool) -> None:
+        self._dirs.add(full_path)
+        if created and self._grouping:
+            self._fresh.add(full_path)
+
     def read_bytes(self, path: str) -> bytes:
         """One [CREATE, READ, CLOSE] compound where the blob fits in one read (open_file + readall take three
         round trips and four copies); a read that fills the whole request may have more behind it, and takes
@@ -243,35 +307,57 @@ class SMBTarget(Target):
         [SET_INFO rename over final, CLOSE] on the same handle. open_file/write/close and smbclient.replace
         (opens dst, then src, renames, closes) took seven, each some ms of smbprotocol's Python.
         The rename is not in the first compound: a short write is no error, and a server need not fail the
-        related requests after a failed WRITE, so a cut blob could be renamed into place. Blobs larger than
-        one write (or than the credits granted so far) take the general path."""
+        related requests after a failed WRITE, so a cut blob could be renamed into place. A parent directory
+        not known to exist is opened-or-created in the first compound too ([CREATE dir, CLOSE] before the
+        file's chain), so a fresh chunk directory costs no round trip of its own; one that is missing
+        after all (never made, or removed behind our back) is made and the write sent again. Blobs larger
+        than one write (or than the credits granted so far) take the general path."""
+        parent = posixpath.dirname(final)
         access = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
-        raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=access, **kw)
-        conn = raw.fd.connection
-        available = conn.sequence_window["high"] - conn.sequence_window["low"]
-        if len(data) > min(conn.max_write_size, (available - 1) * MAX_PAYLOAD_SIZE):
-            super()._put_renamed(kw, tmp, final, data)
+        for attempt in (1, 2):
+            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=access, **kw)
+            fd = raw.fd
+            conn = fd.connection
+            available = conn.sequence_window["high"] - conn.sequence_window["low"]
+            fits = len(data) <= min(conn.max_write_size, (available - 3) * MAX_PAYLOAD_SIZE)
+            folded = fits and smbwire.usable(conn, fd.tree_connect.session.session_id,
+                                            fd.tree_connect.tree_connect_id)
+            if not folded and parent not in self._dirs:
+                self._make_dirs(kw, parent)
+            if not fits:
+                super()._put_renamed(kw, tmp, final, data)
+                return
+            try:
+                try:
+                    known = parent in self._dirs or parent.strip("/").count("/") < 1  # the share is there
+                    written = self._create_and_write(raw, data, None if known else parent)
+                except SMBOSError as exc:
+                    if attempt == 1 and exc.ntstatus in _NO_PATH and raw.closed:
+                        self._dirs.discard(parent)
+                        self._make_dirs(kw, parent)
+                        continue
+                    raise
+                if written != len(data):
+                    raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
+                renamed = SMBFileTransaction(raw)
+                rename = FileRenameInformation()
+                rename["replace_if_exists"] = True
+                rename["file_name"] = ntpath.join(ntpath.dirname(fd.file_name), posixpath.basename(final))
+                set_info(renamed, rename)
+                raw.close(transaction=renamed)
+                renamed.commit()
+            finally:
+                if not raw.closed:
+                    with suppress(Exception):  # the caller removes tmp; the original error matters
+                        fd.close()
+            if self._fresh and self._in_fresh_dir(final):
+                self._fresh_written.add(final)
             return
-        try:
-            written = self._create_and_write(raw, data)
-            if written != len(data):
-                raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
-            renamed = SMBFileTransaction(raw)
-            rename = FileRenameInformation()
-            rename["replace_if_exists"] = True
-            rename["file_name"] = ntpath.join(ntpath.dirname(raw.fd.file_name), posixpath.basename(final))
-            set_info(renamed, rename)
-            raw.close(transaction=renamed)
-            renamed.commit()
-        finally:
-            if not raw.closed:
-                with suppress(Exception):  # the caller removes tmp; the original error matters
-                    raw.fd.close()
 
-    @staticmethod
-    def _create_and_write(raw: SMBRawIO, data: bytes) -> int:
-        """One compound [CREATE, WRITE] on the unopened `raw`; the number of bytes the server wrote. The data
-        goes out without smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
+    def _create_and_write(self, raw: SMBRawIO, data: bytes, folder: str | None = None) -> int:
+        """One compound [CREATE, WRITE] on the unopened `raw`, after [CREATE folder, CLOSE] when `folder` (the
+        parent's full path) is given; the number of bytes the server wrote. The data goes out without
+        smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
         fd = raw.fd
         sid, tid = fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
         if not smbwire.usable(fd.connection, sid, tid):
@@ -280,21 +366,34 @@ class SMBTarget(Target):
             opened += fd.write(data, send=False)
             opened.commit()
             return opened.results[1]
+        actions: list[tuple[Any, Any]] = []
+        related: list[bool] = []
+        parent = None
+        if folder is not None:
+            parent = Open(fd.tree_connect, ntpath.dirname(fd.file_name))
+            actions += [_dir_create(parent), parent.close(send=False)]
+            related += [False, True]
         create = SMBFileTransaction(raw)
         raw.open(transaction=create)  # queues smbprotocol's CREATE request and its reply handler
-        (create_msg, on_created), = create._actions
-        write_msg = smbwire.write_request(fd, len(data))
-        requests = smbwire.send_compound(fd.connection, [create_msg, write_msg], sid, tid, data)
-        failures: list[SMBOSError] = []
-        results: list[Any] = []
-        for request, unpack in zip(requests, (on_created, fd._write_response), strict=True):
+        actions += [*create._actions, (smbwire.write_request(fd, len(data)), fd._write_response)]
+        related += [False, True]
+        requests = smbwire.send_compound(fd.connection, [m for m, _ in actions], sid, tid, data, related)
+        outcomes: list[Any] = []
+        for request, (_, unpack) in zip(requests, actions, strict=True):
             try:  # every reply is received, even after a failure (as SMBFileTransaction.commit)
-                results.append(unpack(request))
+                outcomes.append(unpack(request))
             except SMBResponseException as exc:
-                failures.append(SMBOSError(exc.status, raw.name))
+                outcomes.append(exc)
+        if folder is not None and parent is not None:
+            made, outcomes = outcomes[0], outcomes[2:]
+            if not isinstance(made, SMBResponseException):
+                self._note_dir(folder, parent.create_action == CreateAction.FILE_CREATED)
+            elif made.status in _NOT_DIR:
+                raise self._in_the_way(folder)
+        failures = [o for o in outcomes if isinstance(o, SMBResponseException)]
         if failures:
-            raise failures[0]
-        return results[1]
+            raise SMBOSError(failures[0].status, raw.name)
+        return outcomes[1]
 
     def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
         smbclient.replace(self._unc(src), self._unc(dst), **kw)
@@ -308,12 +407,50 @@ class SMBTarget(Target):
             raise
 
     def _makedirs(self, full_path: str) -> None:
-        # the share itself ("/share") cannot be created
+        """Each missing level one [CREATE dir (open if it exists), CLOSE] compound, asked top-down only from
+        where the server says the parent is missing. The share itself ("/share") cannot be created."""
         if full_path in self._dirs or full_path.strip("/").count("/") < 1:
             return
         with self._session() as kw:
-            smbclient.makedirs(self._unc(full_path), exist_ok=True, **kw)
-        self._dirs.add(full_path)
+            self._make_dirs(kw, full_path)
+
+    def _make_dirs(self, kw: dict[str, Any], full_path: str) -> None:
+        """_makedirs on the connection the caller holds."""
+        missing = [full_path] if full_path.strip("/").count("/") >= 1 else []
+        while missing:
+            path = missing[-1]
+            try:
+                created = self._mkdir(kw, path)
+            except SMBOSError as exc:
+                parent = posixpath.dirname(path)
+                creatable = parent.strip("/").count("/") >= 1 and parent not in missing
+                if exc.ntstatus in _NO_PATH and creatable:
+                    missing.append(parent)
+                    continue
+                raise
+            self._note_dir(path, created)
+            missing.pop()
+
+    def _mkdir(self, kw: dict[str, Any], full_path: str) -> bool:
+        """Open or create one directory; True if this call created it."""
+        raw = SMBRawIO(self._unc(full_path), mode="a", **kw)  # for its tree and Open; never opened itself
+        compound = SMBFileTransaction(raw)
+        compound += _dir_create(raw.fd)
+        compound += raw.fd.close(send=False)
+        try:
+            compound.commit()
+        except SMBOSError as exc:
+            if exc.ntstatus in _NOT_DIR:
+                raise self._in_the_way(full_path) from None
+            raise
+        return raw.fd.create_action == CreateAction.FILE_CREATED
+
+    def _in_the_way(self, full_path: str) -> TargetError:
+        inside = full_path[len(self.root):].lstrip("/") if full_path.startswith(self.root) else full_path
+        return TargetError(
+            f"target '{self.name}': {self.display(inside)} is a file where hotvm needs a directory",
+            "move that file out of the way (hotvm keeps its repository in directories there)",
+        )
 
     def listdir(self, path: str) -> list[str]:
         with self._errors("listing", path), self._session() as kw:
@@ -327,7 +464,10 @@ class SMBTarget(Target):
     def delete_tree(self, path: str) -> None:
         full = self.full(path)
         with self._errors("deleting", path), self._session() as kw:
-            self._dirs = {d for d in self._dirs if not (d == full or d.startswith(full.rstrip("/") + "/"))}
+            inside = lambda d: d == full or d.startswith(full.rstrip("/") + "/")  # noqa: E731
+            self._dirs = {d for d in self._dirs if not inside(d)}
+            self._fresh = {d for d in self._fresh if not inside(d)}
+            self._fresh_written = {p for p in self._fresh_written if not inside(p)}
             try:
                 smbclient.shutil.rmtree(self._unc(full), **kw)
             except SMBOSError as exc:

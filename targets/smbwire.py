@@ -115,10 +115,15 @@ def write_request(fd: Any, length: int, offset: int = 0) -> SMB2WriteRequest:
 
 
 def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tree_id: int,
-                  payload: bytes | bytearray | memoryview) -> list[Request]:
-    """smbprotocol's Connection.send_compound(messages, sid, tid, related=True), where the last message is
-    write_request(fd, len(payload)) and `payload` is its data; returns smbprotocol's Request objects."""
-    payload = memoryview(payload).cast("B")
+                  payload: bytes | bytearray | memoryview | None = None,
+                  related: Sequence[bool] | None = None) -> list[Request]:
+    """smbprotocol's Connection.send_compound(messages, sid, tid, related=True); returns smbprotocol's Request
+    objects. With `payload`, the last message is write_request(fd, len(payload)) and `payload` its data.
+    `related[i]` says message i works on the handle of message i - 1 (default: every message after the first),
+    so one compound can carry several chains, e.g. [CREATE dir, CLOSE] then [CREATE file, WRITE]."""
+    view = memoryview(payload).cast("B") if payload is not None else None
+    if related is None:
+        related = [i > 0 for i in range(len(messages))]
     session = connection.session_table[session_id]
     sign = bool(session.signing_required and session.signing_key)
     wire: list[bytes | memoryview] = []
@@ -127,13 +132,13 @@ def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tre
         last = i == len(messages) - 1
         body = message.pack()
         extra = 0
-        if last and getattr(message, "hotvm_length", None) is not None:
-            extra = message.hotvm_length
-            if extra != len(payload) or message.COMMAND != Commands.SMB2_WRITE:
-                raise ValueError("the payload must be the last WRITE request's data")
+        if last and view is not None:
+            extra = getattr(message, "hotvm_length", None)
+            if extra != len(view) or message.COMMAND != Commands.SMB2_WRITE:
+                raise ValueError("the payload must be the last WRITE request's data (write_request())")
             body = body[:_WRITE_LENGTH_AT] + _LENGTH.pack(extra) + body[_WRITE_LENGTH_AT + 4:]
-        elif last:
-            raise ValueError("the last message must come from write_request()")
+        elif getattr(message, "hotvm_length", None) is not None:
+            raise ValueError("a write_request() must be the last message, with its payload")
         padding = b"" if last else b"\x00" * (-(64 + len(body)) % 8)
         with connection.sequence_lock:  # as Connection._send: ids and credits under its lock
             charge = 0
@@ -153,7 +158,7 @@ def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tre
         header["session_id"] = session_id
         header["data"] = body
         header["next_command"] = 0 if last else 64 + len(body) + len(padding)
-        if i:
+        if i and related[i]:
             header["flags"].set_flag(Smb2Flags.SMB2_FLAGS_RELATED_OPERATIONS)
         if sign:
             header["flags"].set_flag(Smb2Flags.SMB2_FLAGS_SIGNED)
@@ -162,17 +167,21 @@ def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tre
             signer = _Signer(connection, session.signing_key, message_id, message.COMMAND)
             signer.update(packed)
             if extra:
-                signer.update(payload)
+                signer.update(view)
             signature = signer.signature()
             packed = packed[:48] + signature + packed[64:]
             header["signature"] = signature
         wire.append(packed)
         if extra:
-            wire.append(payload)
+            wire.append(view)
         request = Request(header, type(message), connection, session_id=session_id)
         connection.outstanding_requests[message_id] = request
         requests.append(request)
-    requests[0].related_ids = [r.message["message_id"].get_value() for r in requests[1:]]
+    head = 0
+    for i in range(1, len(requests) + 1):  # each chain's first request knows the ids of the rest
+        if i == len(requests) or not related[i]:
+            requests[head].related_ids = [r.message["message_id"].get_value() for r in requests[head + 1:i]]
+            head = i
     total = sum(len(part) for part in wire)
     if total > MAX_NBSS:
         raise ValueError(f"an SMB message of {total} bytes exceeds the transport's {MAX_NBSS}")

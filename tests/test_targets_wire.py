@@ -95,7 +95,7 @@ def test_smb_write_cut_short_never_appears_under_its_name(monkeypatch: pytest.Mo
         target = _smb_target(server, monkeypatch, "cut")
         real = smb.SMBTarget._create_and_write
         monkeypatch.setattr(smb.SMBTarget, "_create_and_write",
-                            staticmethod(lambda raw, data: real(raw, data) - 1))
+                            lambda self, raw, data, *a: real(self, raw, data, *a) - 1)
         from hotvm.errors import TargetFull
 
         with pytest.raises(TargetFull):
@@ -138,5 +138,75 @@ def test_sftp_reads_of_every_size_come_back_whole(request, tmp_path: Path, env) 
             assert target.read_bytes(name) == data
         with pytest.raises(FileNotFoundError):
             target.read_bytes("b/missing")
+    finally:
+        target.close()
+
+
+@pytest.fixture(scope="module")
+def smb_server():
+    if not (shutil.which("smbd") and shutil.which("smbpasswd")):
+        pytest.skip("samba is not installed (scripts/install-system-deps.sh)")
+    server = SambaServer().start()
+    yield server
+    server.close()
+
+
+def _give(server: SambaServer, sub: str) -> None:
+    """Hand what the test made on the share to the share's user, as if the server had made it."""
+    for path in [server.share_dir / sub, *(server.share_dir / sub).rglob("*")]:
+        shutil.chown(path, server.user)
+
+
+def test_smb_directory_removed_behind_the_targets_back_is_made_again(smb_server, monkeypatch) -> None:
+    """The target remembers which directories exist (a write into one sends no directory CREATE): when one
+    is removed by someone else, the next write there makes it again and lands whole."""
+    target = _smb_target(smb_server, monkeypatch, "gone")
+    try:
+        target.write_bytes("chunks/ab/one", b"one")
+        shutil.rmtree(smb_server.share_dir / "gone" / "chunks" / "ab")
+        target.write_bytes("chunks/ab/two", b"two")
+        shutil.rmtree(smb_server.share_dir / "gone" / "chunks")
+        data = os.urandom(4 * MiB + 106)
+        target.write_bytes("chunks/ab/three", data)
+        assert (smb_server.share_dir / "gone" / "chunks" / "ab" / "three").read_bytes() == data
+        assert target.listdir("chunks/ab") == ["three"]
+    finally:
+        target.close()
+
+
+def test_smb_file_where_a_directory_should_be_is_a_clear_error(smb_server, monkeypatch) -> None:
+    from hotvm.errors import TargetError
+
+    (smb_server.share_dir / "blocked" / "chunks").mkdir(parents=True)
+    (smb_server.share_dir / "blocked" / "chunks" / "cd").write_bytes(b"not a directory")
+    _give(smb_server, "blocked")
+    target = _smb_target(smb_server, monkeypatch, "blocked")
+    try:
+        for path in ("chunks/cd/x", "chunks/cd/deeper/x"):
+            with pytest.raises(TargetError, match="chunks/cd is a file where hotvm needs a directory"):
+                target.write_bytes(path, b"x")
+        assert (smb_server.share_dir / "blocked" / "chunks" / "cd").read_bytes() == b"not a directory"
+    finally:
+        target.close()
+
+
+def test_smb_export_skips_lookups_only_in_directories_it_created(smb_server, monkeypatch) -> None:
+    """Inside an export (grouped), a chunk whose directory this export created cannot be on the share yet,
+    so exists_for_write answers without asking; a chunk the export wrote there, or one in a directory that
+    was there before, is looked up as always. Outside an export, it is exists()."""
+    (smb_server.share_dir / "fresh" / "chunks" / "aa").mkdir(parents=True)
+    (smb_server.share_dir / "fresh" / "chunks" / "aa" / "old").write_bytes(b"old")
+    _give(smb_server, "fresh")
+    target = _smb_target(smb_server, monkeypatch, "fresh")
+    try:
+        with target.grouped("chunks/"):
+            assert target.exists_for_write("chunks/aa/old")  # a directory that was there
+            target.write_bytes("chunks/bb/new", b"new")  # creates chunks/bb
+            assert target.exists_for_write("chunks/bb/new")  # written by this export: looked up
+            assert not target.exists_for_write("chunks/bb/other")
+            (smb_server.share_dir / "fresh" / "chunks" / "bb" / "other").write_bytes(b"x")
+            assert not target.exists_for_write("chunks/bb/other")  # written by someone else: rewritten
+        assert target.exists_for_write("chunks/bb/other")  # outside an export: always asked
+        assert not target.exists_for_write("chunks/bb/missing")
     finally:
         target.close()

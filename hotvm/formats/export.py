@@ -85,7 +85,7 @@ def _store_chunk(repo: Repository, data: bytearray, counters: _Counters) -> str:
         if digest in counters.claimed:
             return digest
         counters.claimed.add(digest)
-    if not repo.has_chunk(digest):
+    if not repo.has_chunk(digest, for_write=True):
         compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
         stored = repo.put_chunk(digest, compressed)
         with counters.lock:

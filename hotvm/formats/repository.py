@@ -386,8 +386,11 @@ class Repository:
     def chunk_path(digest: str) -> str:
         return f"{CHUNKS_DIR}{digest[:2]}/{digest}"
 
-    def has_chunk(self, digest: str) -> bool:
-        return self.target.exists(self.chunk_path(digest))
+    def has_chunk(self, digest: str, for_write: bool = False) -> bool:
+        """`for_write`: asked only to decide whether to put_chunk it (the target may skip the lookup where the
+        chunk cannot be there yet: Target.exists_for_write)."""
+        path = self.chunk_path(digest)
+        return self.target.exists_for_write(path) if for_write else self.target.exists(path)
 
     def put_chunk(self, digest: str, compressed: bytes) -> int:
         """Store a chunk's zstd frame (encrypted in an encrypted repository); returns the bytes stored."""
