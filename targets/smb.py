@@ -16,6 +16,7 @@ from __future__ import annotations
 import ntpath
 import posixpath
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
@@ -25,6 +26,7 @@ import smbclient
 import smbclient.shutil
 from smbclient._io import SMBFileTransaction, SMBRawIO, set_info
 from smbprotocol import MAX_PAYLOAD_SIZE
+from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
     BadNetworkName,
     LogonFailure,
@@ -152,6 +154,15 @@ class SMBTarget(Target):
 
         def logon() -> None:
             try:
+                # A client GUID of its own: Samba hands a new connection bearing a GUID it knows to the
+                # smbd process that serves the first one (multi-channel's connection passing). smbclient
+                # gives every connection of the process the same GUID, so all of a target's connections
+                # shared one smbd process (one core), and about one logon in 40 that overlapped another
+                # hung: the passed connection lost its NEGOTIATE's credit grant ("client used more credits
+                # than granted, mid 1") and the session setup never got a reply.
+                connection = Connection(uuid.uuid4(), self.host, self.port, require_signing=True)
+                cache[f"{self.host.lower()}:{self.port}"] = connection
+                connection.connect(timeout=self._kw["connection_timeout"])
                 session = smbclient.register_session(self.host, **self._kw, connection_cache=cache)
                 _ask_credits(session, self._kw["connection_timeout"])
                 smbwire.verify_large_replies_in_place(session.connection)
