@@ -13,18 +13,19 @@ replace-if-exists (SMB2 SET_INFO rename).
 
 from __future__ import annotations
 
-import ntpath
 import posixpath
 import threading
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import smbclient
 import smbclient.shutil
-from smbclient._io import SMBFileTransaction, SMBRawIO, set_info
+from smbclient._io import SMBFileTransaction, SMBRawIO
 from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
@@ -35,31 +36,28 @@ from smbprotocol.exceptions import (
     SMBOSError,
     SMBResponseException,
 )
-from smbprotocol.file_info import FileAttributes, FileRenameInformation
 from smbprotocol.header import NtStatus
 from smbprotocol.open import (
     CreateAction,
-    CreateDisposition,
-    CreateOptions,
     FilePipePrinterAccessMask,
-    ImpersonationLevel,
-    Open,
-    ShareAccess,
 )
 
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import smbwire
+from targets import smbblob, smbwire
 from targets.base import Pool, Target, is_unreachable
 
 _Access = FilePipePrinterAccessMask
 CREDIT_MARGIN = 16
 """Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
-_SHARE_ALL = ShareAccess.FILE_SHARE_READ | ShareAccess.FILE_SHARE_WRITE | ShareAccess.FILE_SHARE_DELETE
 _NO_PATH = {NtStatus.STATUS_OBJECT_PATH_NOT_FOUND, NtStatus.STATUS_OBJECT_NAME_NOT_FOUND}
-_NOT_DIR = {NtStatus.STATUS_NOT_A_DIRECTORY, NtStatus.STATUS_OBJECT_NAME_COLLISION}
+_WRITE_ACCESS = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
+PIPELINE_DEPTH = 8
+"""Chunk writes (and as many renames) of an export left unchecked at once. A writer sends its chunk and goes
+on; the oldest replies, long answered by then, are checked by whichever writer is over the limit. The
+connection's credits bound it too (each writer's connection holds about two 4 MiB writes)."""
 _DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
            0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
 
@@ -101,12 +99,18 @@ def _close_connection(kw: dict[str, Any]) -> None:
     kw["connection_cache"].clear()
 
 
-def _dir_create(folder: Open) -> tuple[Any, Any]:
-    """CREATE of a directory, opened if it exists, created if not (the reply's create_action says which)."""
-    return folder.create(ImpersonationLevel.Impersonation, _Access.FILE_READ_ATTRIBUTES,
-                         FileAttributes.FILE_ATTRIBUTE_DIRECTORY,
-                         _SHARE_ALL,
-                         CreateDisposition.FILE_OPEN_IF, CreateOptions.FILE_DIRECTORY_FILE, send=False)
+@dataclass
+class _InFlight:
+    """A chunk write of an export whose writer went on before its replies came."""
+
+    kw: dict[str, Any]
+    raw: SMBRawIO
+    tmp: str
+    final: str
+    data: bytes | None
+    """Kept until the write's reply is checked: a missing directory means sending the blob again."""
+    sent: smbblob.Sent
+    renaming: bool = False
 
 
 class SMBTarget(Target):
@@ -136,6 +140,12 @@ class SMBTarget(Target):
         can exist but what was written since (exists_for_write)."""
         self._fresh_written: set[str] = set()
         self._grouping = 0
+        self._grouped_under: list[str] = []
+        self._writing: deque[_InFlight] = deque()
+        """Chunk writes sent whose reply is not checked yet (oldest first)."""
+        self._renaming: deque[_InFlight] = deque()
+        """Chunk writes whose rename is sent and not checked yet."""
+        self._failure: BaseException | None = None
         self._lock = threading.Lock()
         self._pool: Pool[dict[str, Any]] = Pool(
             self._new_connection, _close_connection,
@@ -262,18 +272,33 @@ class SMBTarget(Target):
 
     @contextmanager
     def grouped(self, under: str) -> Iterator[None]:
-        """The directories created inside it count as fresh (exists_for_write) until the outermost block
-        ends; a remote blob is durable once written, so there is nothing else to group."""
+        """Chunk writes (paths under `under`) return once sent, up to PIPELINE_DEPTH of them unchecked, and
+        are all checked and renamed into place when the block ends (their first error is raised there).
+        Directories created inside count as fresh (exists_for_write) until the outermost block ends."""
         with self._lock:
             self._grouping += 1
+            self._grouped_under.append(self.full(under))
+        completed = False
         try:
+            if under.endswith("/"):  # its first chunks would otherwise all find it missing, and be sent again
+                with self._errors("writing", under):
+                    self._makedirs(self.full(under.rstrip("/")))
             yield
+            completed = True
         finally:
-            with self._lock:
-                self._grouping -= 1
-                if not self._grouping:
-                    self._fresh.clear()
-                    self._fresh_written.clear()
+            try:
+                self._advance(0)
+            finally:
+                with self._lock:
+                    self._grouping -= 1
+                    self._grouped_under.remove(self.full(under))
+                    failure = self._failure
+                    if not self._grouping:
+                        self._failure = None
+                        self._fresh.clear()
+                        self._fresh_written.clear()
+            if failure is not None and completed:
+                raise failure
 
     def _note_dir(self, full_path: str, created: bool) -> None:
         self._dirs.add(full_path)
@@ -313,35 +338,49 @@ class SMBTarget(Target):
             while view:
                 view = view[fh.write(view):]
 
+    def write_bytes(self, path: str, data: bytes) -> None:
+        if self._failure is not None and self._pipelined(self.full(path)):
+            raise self._failure  # an earlier chunk of this export failed: stop now, not after every chunk
+        super().write_bytes(path, data)
+
     def _put_renamed(self, kw: dict[str, Any], tmp: str, final: str, data: bytes) -> None:
-        """Two round trips per blob: [CREATE tmp, WRITE] then, once the reply says every byte was written,
-        [SET_INFO rename over final, CLOSE] on the same handle. open_file/write/close and smbclient.replace
-        (opens dst, then src, renames, closes) took seven, each some ms of smbprotocol's Python.
-        The rename is not in the first compound: a short write is no error, and a server need not fail the
-        related requests after a failed WRITE, so a cut blob could be renamed into place. A parent directory
-        not known to exist is opened-or-created in the first compound too ([CREATE dir, CLOSE] before the
-        file's chain), so a fresh chunk directory costs no round trip of its own; one that is missing
-        after all (never made, or removed behind our back) is made and the write sent again. Blobs larger
-        than one write (or than the credits granted so far) take the general path."""
+        """Two compounds per blob (targets/smbblob.py): [CREATE tmp, WRITE] then, once the reply says every
+        byte was written, [SET_INFO rename over final, CLOSE] on the same handle (open_file/write/close and
+        smbclient.replace took seven round trips, each some ms of smbprotocol's Python). A parent directory
+        not known to exist is opened-or-created in the first compound ([CREATE dir, CLOSE] before the file's
+        chain): a fresh chunk directory costs no round trip of its own; one missing after all (never made,
+        or removed behind our back) is made and the write sent again. Inside grouped(), chunk writes return
+        once sent (see _advance). Blobs larger than one write (or than the credits granted) take the
+        general path."""
+        self._write_blob(kw, tmp, final, data, self._pipelined(final))
+
+    def _write_blob(self, kw: dict[str, Any], tmp: str, final: str, data: bytes, pipelined: bool) -> None:
         parent = posixpath.dirname(final)
-        access = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
         for attempt in (1, 2):
-            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=access, **kw)
-            fd = raw.fd
-            conn = fd.connection
-            available = conn.sequence_window["high"] - conn.sequence_window["low"]
-            fits = len(data) <= min(conn.max_write_size, (available - 3) * MAX_PAYLOAD_SIZE)
-            folded = fits and smbwire.usable(conn, fd.tree_connect.session.session_id,
-                                            fd.tree_connect.tree_connect_id)
-            if not folded and parent not in self._dirs:
+            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=_WRITE_ACCESS, **kw)
+            conn = raw.fd.connection
+            wire = smbblob.usable(raw)
+            folder = parent not in self._dirs and parent.strip("/").count("/") >= 1  # the share is there
+            need = smbblob.charge(len(data), folder and wire)
+            if pipelined and wire:
+                self._await_credits(conn, need)
+            fits = len(data) <= conn.max_write_size and smbblob.available(conn) >= need
+            if folder and not (wire and fits):
                 self._make_dirs(kw, parent)
+                folder = False
             if not fits:
                 super()._put_renamed(kw, tmp, final, data)
                 return
+            if pipelined and wire:
+                sent = smbblob.send_write(raw, data, folder)
+                with self._lock:
+                    self._writing.append(_InFlight(kw, raw, tmp, final, data, sent))
+                self._advance(PIPELINE_DEPTH)
+                return
             try:
                 try:
-                    known = parent in self._dirs or parent.strip("/").count("/") < 1  # the share is there
-                    written = self._create_and_write(raw, data, None if known else parent)
+                    written = self._written(raw, smbblob.send_write(raw, data, folder), parent) if wire \
+                        else smbblob.write_now(raw, data)
                 except SMBOSError as exc:
                     if attempt == 1 and exc.ntstatus in _NO_PATH and raw.closed:
                         self._dirs.discard(parent)
@@ -350,61 +389,96 @@ class SMBTarget(Target):
                     raise
                 if written != len(data):
                     raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
-                renamed = SMBFileTransaction(raw)
-                rename = FileRenameInformation()
-                rename["replace_if_exists"] = True
-                rename["file_name"] = ntpath.join(ntpath.dirname(fd.file_name), posixpath.basename(final))
-                set_info(renamed, rename)
-                raw.close(transaction=renamed)
-                renamed.commit()
+                smbblob.await_rename(raw, smbblob.send_rename(raw, posixpath.basename(final)))
             finally:
                 if not raw.closed:
                     with suppress(Exception):  # the caller removes tmp; the original error matters
-                        fd.close()
-            if self._fresh and self._in_fresh_dir(final):
-                self._fresh_written.add(final)
+                        raw.fd.close()
+            self._wrote(final)
             return
 
-    def _create_and_write(self, raw: SMBRawIO, data: bytes, folder: str | None = None) -> int:
-        """One compound [CREATE, WRITE] on the unopened `raw`, after [CREATE folder, CLOSE] when `folder` (the
-        parent's full path) is given; the number of bytes the server wrote. The data goes out without
-        smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
-        fd = raw.fd
-        sid, tid = fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
-        if not smbwire.usable(fd.connection, sid, tid):
-            opened = SMBFileTransaction(raw)
-            raw.open(transaction=opened)
-            opened += fd.write(data, send=False)
-            opened.commit()
-            return opened.results[1]
-        actions: list[tuple[Any, Any]] = []
-        related: list[bool] = []
-        parent = None
-        if folder is not None:
-            parent = Open(fd.tree_connect, ntpath.dirname(fd.file_name))
-            actions += [_dir_create(parent), parent.close(send=False)]
-            related += [False, True]
-        create = SMBFileTransaction(raw)
-        raw.open(transaction=create)  # queues smbprotocol's CREATE request and its reply handler
-        actions += [*create._actions, (smbwire.write_request(fd, len(data)), fd._write_response)]
-        related += [False, True]
-        requests = smbwire.send_compound(fd.connection, [m for m, _ in actions], sid, tid, data, related)
-        outcomes: list[Any] = []
-        for request, (_, unpack) in zip(requests, actions, strict=True):
-            try:  # every reply is received, even after a failure (as SMBFileTransaction.commit)
-                outcomes.append(unpack(request))
-            except SMBResponseException as exc:
-                outcomes.append(exc)
-        if folder is not None and parent is not None:
-            made, outcomes = outcomes[0], outcomes[2:]
-            if not isinstance(made, SMBResponseException):
-                self._note_dir(folder, parent.create_action == CreateAction.FILE_CREATED)
-            elif made.status in _NOT_DIR:
-                raise self._in_the_way(folder)
-        failures = [o for o in outcomes if isinstance(o, SMBResponseException)]
-        if failures:
-            raise SMBOSError(failures[0].status, raw.name)
-        return outcomes[1]
+    def _written(self, raw: SMBRawIO, sent: smbblob.Sent, parent: str) -> int:
+        """The bytes a sent write stored; notes its directory as existing (created here or not)."""
+        try:
+            written, made = smbblob.await_write(raw, sent)
+        except smbblob.NotADirectory:
+            raise self._in_the_way(parent) from None
+        if made is not None:
+            self._note_dir(parent, made)
+        return written
+
+    def _wrote(self, final: str) -> None:
+        if self._fresh and self._in_fresh_dir(final):
+            self._fresh_written.add(final)
+
+    # -- chunk writes in flight (inside grouped())
+    def _pipelined(self, final: str) -> bool:
+        return bool(self._grouping) and any(final.startswith(under) for under in self._grouped_under)
+
+    def _await_credits(self, conn: Any, need: int) -> None:
+        """Until `conn` has `need` credits, or none of our writes on it is still unanswered (the caller then
+        takes the general path, which asks for credits itself)."""
+        while smbblob.available(conn) < need:
+            with self._lock:
+                waiting = next((i for i in (*self._writing, *self._renaming)
+                                if i.raw.fd.connection is conn and not i.sent.answered()), None)
+            if waiting is None or not waiting.sent.wait(self._kw["connection_timeout"]):
+                return
+
+    def _advance(self, depth: int) -> None:
+        """Finish the oldest chunk writes in flight while more than `depth` writes (or renames) are unchecked:
+        check a write's reply and send its rename; check a rename's reply. Whichever writer is over the limit
+        does it, so nobody waits for a round trip that has not long been answered. A failure is kept for
+        the end of the block (and stops the next chunk write at once)."""
+        while True:
+            with self._lock:
+                if len(self._writing) > depth:
+                    item = self._writing.popleft()
+                elif len(self._renaming) > depth:
+                    item = self._renaming.popleft()
+                else:
+                    return
+            try:
+                self._finish(item)
+            except BaseException as exc:  # noqa: BLE001 - kept and raised at the end of the block
+                self._abandon(item, exc)
+
+    def _finish(self, item: _InFlight) -> None:
+        if item.renaming:
+            smbblob.await_rename(item.raw, item.sent)
+            self._wrote(item.final)
+            return
+        parent = posixpath.dirname(item.final)
+        assert item.data is not None
+        try:
+            written = self._written(item.raw, item.sent, parent)
+        except SMBOSError as exc:
+            if exc.ntstatus not in _NO_PATH or not item.raw.closed:
+                raise
+            self._dirs.discard(parent)  # the directory is gone: make it, and write this blob again now
+            self._make_dirs(item.kw, parent)
+            self._write_blob(item.kw, item.tmp, item.final, item.data, pipelined=False)
+            return
+        if written != len(item.data):
+            raise SMBOSError(NtStatus.STATUS_DISK_FULL, item.tmp)
+        item.data = None
+        item.sent, item.renaming = smbblob.send_rename(item.raw, posixpath.basename(item.final)), True
+        with self._lock:
+            self._renaming.append(item)
+
+    def _abandon(self, item: _InFlight, exc: BaseException) -> None:
+        """A chunk write failed after its writer went on: close it, remove its temporary file, keep the
+        error."""
+        if not item.raw.closed:
+            with suppress(Exception):
+                item.raw.fd.close()
+        with suppress(Exception):
+            self._remove(item.kw, item.tmp)
+        inside = item.final[len(self.root):].lstrip("/")
+        error = exc if isinstance(exc, TargetError) else self._translate(exc, "writing", inside) or exc
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
 
     def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
         smbclient.replace(self._unc(src), self._unc(dst), **kw)
@@ -446,12 +520,12 @@ class SMBTarget(Target):
         """Open or create one directory; True if this call created it."""
         raw = SMBRawIO(self._unc(full_path), mode="a", **kw)  # for its tree and Open; never opened itself
         compound = SMBFileTransaction(raw)
-        compound += _dir_create(raw.fd)
+        compound += smbblob.dir_create(raw.fd)
         compound += raw.fd.close(send=False)
         try:
             compound.commit()
         except SMBOSError as exc:
-            if exc.ntstatus in _NOT_DIR:
+            if exc.ntstatus in smbblob.NOT_A_DIRECTORY:
                 raise self._in_the_way(full_path) from None
             raise
         return raw.fd.create_action == CreateAction.FILE_CREATED
