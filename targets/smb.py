@@ -492,8 +492,8 @@ class SMBTarget(Target):
             raise
 
     def _makedirs(self, full_path: str) -> None:
-        """Each missing level one [CREATE dir (open if it exists), CLOSE] compound, asked top-down only from
-        where the server says the parent is missing. The share itself ("/share") cannot be created."""
+        """One [CREATE dir (open if it exists), CLOSE] compound per level, from the leaf up only as far as the
+        server says a parent is missing. The share itself ("/share") cannot be created."""
         if full_path in self._dirs or full_path.strip("/").count("/") < 1:
             return
         with self._session() as kw:
