@@ -176,6 +176,7 @@ class SMBTarget(Target):
                 session = smbclient.register_session(self.host, **self._kw, connection_cache=cache)
                 _ask_credits(session, self._kw["connection_timeout"])
                 smbwire.verify_large_replies_in_place(session.connection)
+                smbwire.receive_large_replies_in_place(session.connection)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome.append(exc)
             finally:

@@ -15,10 +15,13 @@ without DFS; `usable()` says so, and callers take smbprotocol's path otherwise.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
+import select
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,6 +108,53 @@ def verify_large_replies_in_place(connection: Any) -> None:
         return None
 
     connection.verify_signature = verify
+
+
+def receive_large_replies_in_place(connection: Any) -> None:
+    """Receive a large message (a READ reply) into one buffer and hand smbprotocol a view of it.
+
+    smbprotocol's Tcp._recv collects a message in recv() pieces, copies each into a bytearray and that into
+    bytes; its receive loop then slices a compound reply per response (a copy of each, and of the rest),
+    before the reply's data field is copied out once more: six copies of a 4 MiB READ, 19 % of a restore's
+    client CPU. With a view, slicing copies nothing and two copies are left (the data field, the READ's
+    buffer). Smaller messages (everything but READ replies: directory listings ask for 64 KiB) stay bytes,
+    as smbprotocol's parsers of names and security buffers expect."""
+    transport = connection.transport
+    original = transport.recv
+
+    def recv(timeout: float) -> Any:
+        prefix, timeout = transport._recv(4, timeout)  # noqa: SLF001
+        if not prefix:
+            return b""
+        size = struct.unpack(">L", prefix)[0]
+        if size < LARGE_REPLY:
+            return transport._recv(size, timeout)[0]  # noqa: SLF001
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        done = 0
+        while done < size:
+            started = time.monotonic()
+            with transport._close_lock:  # noqa: SLF001 - as Tcp._recv: close() must not race the read
+                if not transport.connected:
+                    return None
+                if not select.select([transport._sock], [], [], max(timeout, 1))[0]:  # noqa: SLF001
+                    idle = time.monotonic() - started
+                    raise TimeoutError(f"recv idle for {idle:.1f}s ({done}/{size} bytes)")
+                try:
+                    got = transport._sock.recv_into(view[done:])  # noqa: SLF001
+                except OSError as exc:
+                    if exc.errno not in (errno.ESHUTDOWN, errno.ECONNRESET, errno.ECONNABORTED):
+                        raise
+                    got = 0
+            timeout -= time.monotonic() - started
+            if not got:
+                transport.close()
+                return None
+            done += got
+        return view
+
+    transport.recv = recv
+    transport.hotvm_original_recv = original
 
 
 def write_request(fd: Any, length: int, offset: int = 0) -> SMB2WriteRequest:
