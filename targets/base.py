@@ -103,6 +103,9 @@ class Target:
     config: TargetConfig | None = None
     """The configuration it was opened from (open_target sets it): where the repository is (its location)
     and what the instant-restore plugin reopens; its key is resolved by the caller (hotvm.credentials)."""
+    makes_parents = False
+    """True where _put_renamed creates a missing parent directory itself (SMB folds it into the write's
+    compound request); write_bytes otherwise creates it first."""
     root_known = False
     """Set once a repository was opened here: from then on the root must already exist (a scheme whose root
     is a directory refuses to create it again: a vanished root is an unmounted share, not a new target)."""
@@ -231,7 +234,8 @@ class Target:
                 with self._session() as fs:
                     self._put(fs, final, data)
                 return
-            self._makedirs(posixpath.dirname(final))
+            if not self.makes_parents:
+                self._makedirs(posixpath.dirname(final))
             tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
             with self._session() as fs:
                 try:

@@ -13,18 +13,21 @@ replace-if-exists (SMB2 SET_INFO rename).
 
 from __future__ import annotations
 
-import ntpath
 import posixpath
 import threading
+import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import smbclient
 import smbclient.shutil
-from smbclient._io import SMBFileTransaction, SMBRawIO, set_info
+from smbclient._io import SMBFileTransaction, SMBRawIO
 from smbprotocol import MAX_PAYLOAD_SIZE
+from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
     BadNetworkName,
     LogonFailure,
@@ -33,20 +36,28 @@ from smbprotocol.exceptions import (
     SMBOSError,
     SMBResponseException,
 )
-from smbprotocol.file_info import FileRenameInformation
 from smbprotocol.header import NtStatus
-from smbprotocol.open import FilePipePrinterAccessMask
+from smbprotocol.open import (
+    CreateAction,
+    FilePipePrinterAccessMask,
+)
 
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import smbwire
+from targets import smbblob, smbwire
 from targets.base import Pool, Target, is_unreachable
 
 _Access = FilePipePrinterAccessMask
 CREDIT_MARGIN = 16
 """Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
+_NO_PATH = {NtStatus.STATUS_OBJECT_PATH_NOT_FOUND, NtStatus.STATUS_OBJECT_NAME_NOT_FOUND}
+_WRITE_ACCESS = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
+PIPELINE_DEPTH = 8
+"""Chunk writes (and as many renames) of an export left unchecked at once. A writer sends its chunk and goes
+on; the oldest replies, long answered by then, are checked by whichever writer is over the limit. The
+connection's credits bound it too (each writer's connection holds about two 4 MiB writes)."""
 _DENIED = {NtStatus.STATUS_ACCESS_DENIED, NtStatus.STATUS_PRIVILEGE_NOT_HELD,
            0xC00000A2}  # STATUS_MEDIA_WRITE_PROTECTED
 
@@ -88,8 +99,23 @@ def _close_connection(kw: dict[str, Any]) -> None:
     kw["connection_cache"].clear()
 
 
+@dataclass
+class _InFlight:
+    """A chunk write of an export whose writer went on before its replies came."""
+
+    kw: dict[str, Any]
+    raw: SMBRawIO
+    tmp: str
+    final: str
+    data: bytes | None
+    """Kept until the write's reply is checked: a missing directory means sending the blob again."""
+    sent: smbblob.Sent
+    renaming: bool = False
+
+
 class SMBTarget(Target):
     scheme = "smb"
+    makes_parents = True
 
     def __init__(self, config: TargetConfig, host: str, port: int, user: str | None,
                  cred: credentials.Credential, root: str) -> None:
@@ -108,6 +134,19 @@ class SMBTarget(Target):
             raise ConfigError(f"target '{config.name}': unknown smb option(s): {', '.join(sorted(opts))}",
                               "smb targets take the options: timeout, encrypt")
         self._dirs: set[str] = set()
+        """Directories known to exist (full paths): a write into one sends no directory CREATE."""
+        self._fresh: set[str] = set()
+        """Directories this target created inside the current grouped() block: nothing in them or below them
+        can exist but what was written since (exists_for_write)."""
+        self._fresh_written: set[str] = set()
+        self._grouping = 0
+        self._grouped_under: list[str] = []
+        self._writing: deque[_InFlight] = deque()
+        """Chunk writes sent whose reply is not checked yet (oldest first)."""
+        self._renaming: deque[_InFlight] = deque()
+        """Chunk writes whose rename is sent and not checked yet."""
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
         self._pool: Pool[dict[str, Any]] = Pool(
             self._new_connection, _close_connection,
             keep_on=(FileNotFoundError, SMBOSError, SMBResponseException), alive=_healthy_kw)
@@ -125,9 +164,19 @@ class SMBTarget(Target):
 
         def logon() -> None:
             try:
+                # A client GUID of its own: Samba hands a new connection bearing a GUID it knows to the
+                # smbd process that serves the first one (multi-channel's connection passing). smbclient
+                # gives every connection of the process the same GUID, so all of a target's connections
+                # shared one smbd process (one core), and about one logon in 40 that overlapped another
+                # hung: the passed connection lost its NEGOTIATE's credit grant ("client used more credits
+                # than granted, mid 1") and the session setup never got a reply.
+                connection = Connection(uuid.uuid4(), self.host, self.port, require_signing=True)
+                cache[f"{self.host.lower()}:{self.port}"] = connection
+                connection.connect(timeout=self._kw["connection_timeout"])
                 session = smbclient.register_session(self.host, **self._kw, connection_cache=cache)
                 _ask_credits(session, self._kw["connection_timeout"])
                 smbwire.verify_large_replies_in_place(session.connection)
+                smbwire.receive_large_replies_in_place(session.connection)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome.append(exc)
             finally:
@@ -205,6 +254,58 @@ class SMBTarget(Target):
                     return False
                 raise
 
+    def exists_for_write(self, path: str) -> bool:
+        """No round trip for a blob whose directory (or one above it) this export created: it can hold only
+        what was written since, and what this target wrote there is asked for as usual. Another backup
+        writing the same chunk meanwhile costs at most a second, identical write."""
+        full = self.full(path)
+        if full not in self._fresh_written and self._in_fresh_dir(full):
+            return False
+        return self.exists(path)
+
+    def _in_fresh_dir(self, full: str) -> bool:
+        folder = posixpath.dirname(full)
+        while self._fresh and folder.strip("/"):
+            if folder in self._fresh:
+                return True
+            folder = posixpath.dirname(folder)
+        return False
+
+    @contextmanager
+    def grouped(self, under: str) -> Iterator[None]:
+        """Chunk writes (paths under `under`) return once sent, up to PIPELINE_DEPTH of them unchecked, and
+        are all checked and renamed into place when the block ends (their first error is raised there).
+        Directories created inside count as fresh (exists_for_write) until the outermost block ends."""
+        with self._lock:
+            self._grouping += 1
+            self._grouped_under.append(self.full(under))
+        completed = False
+        try:
+            if under.endswith("/"):  # its first chunks would otherwise all find it missing, and be sent again
+                with self._errors("writing", under):
+                    self._makedirs(self.full(under.rstrip("/")))
+            yield
+            completed = True
+        finally:
+            try:
+                self._advance(0)
+            finally:
+                with self._lock:
+                    self._grouping -= 1
+                    self._grouped_under.remove(self.full(under))
+                    failure = self._failure
+                    if not self._grouping:
+                        self._failure = None
+                        self._fresh.clear()
+                        self._fresh_written.clear()
+            if failure is not None and completed:
+                raise failure
+
+    def _note_dir(self, full_path: str, created: bool) -> None:
+        self._dirs.add(full_path)
+        if created and self._grouping:
+            self._fresh.add(full_path)
+
     def read_bytes(self, path: str) -> bytes:
         """One [CREATE, READ, CLOSE] compound where the blob fits in one read (open_file + readall take three
         round trips and four copies); a read that fills the whole request may have more behind it, and takes
@@ -238,63 +339,147 @@ class SMBTarget(Target):
             while view:
                 view = view[fh.write(view):]
 
-    def _put_renamed(self, kw: dict[str, Any], tmp: str, final: str, data: bytes) -> None:
-        """Two round trips per blob: [CREATE tmp, WRITE] then, once the reply says every byte was written,
-        [SET_INFO rename over final, CLOSE] on the same handle. open_file/write/close and smbclient.replace
-        (opens dst, then src, renames, closes) took seven, each some ms of smbprotocol's Python.
-        The rename is not in the first compound: a short write is no error, and a server need not fail the
-        related requests after a failed WRITE, so a cut blob could be renamed into place. Blobs larger than
-        one write (or than the credits granted so far) take the general path."""
-        access = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
-        raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=access, **kw)
-        conn = raw.fd.connection
-        available = conn.sequence_window["high"] - conn.sequence_window["low"]
-        if len(data) > min(conn.max_write_size, (available - 1) * MAX_PAYLOAD_SIZE):
-            super()._put_renamed(kw, tmp, final, data)
-            return
-        try:
-            written = self._create_and_write(raw, data)
-            if written != len(data):
-                raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
-            renamed = SMBFileTransaction(raw)
-            rename = FileRenameInformation()
-            rename["replace_if_exists"] = True
-            rename["file_name"] = ntpath.join(ntpath.dirname(raw.fd.file_name), posixpath.basename(final))
-            set_info(renamed, rename)
-            raw.close(transaction=renamed)
-            renamed.commit()
-        finally:
-            if not raw.closed:
-                with suppress(Exception):  # the caller removes tmp; the original error matters
-                    raw.fd.close()
+    def write_bytes(self, path: str, data: bytes) -> None:
+        if self._failure is not None and self._pipelined(self.full(path)):
+            raise self._failure  # an earlier chunk of this export failed: stop now, not after every chunk
+        super().write_bytes(path, data)
 
-    @staticmethod
-    def _create_and_write(raw: SMBRawIO, data: bytes) -> int:
-        """One compound [CREATE, WRITE] on the unopened `raw`; the number of bytes the server wrote. The data
-        goes out without smbprotocol's copies (targets/smbwire.py) where that path covers the session."""
-        fd = raw.fd
-        sid, tid = fd.tree_connect.session.session_id, fd.tree_connect.tree_connect_id
-        if not smbwire.usable(fd.connection, sid, tid):
-            opened = SMBFileTransaction(raw)
-            raw.open(transaction=opened)
-            opened += fd.write(data, send=False)
-            opened.commit()
-            return opened.results[1]
-        create = SMBFileTransaction(raw)
-        raw.open(transaction=create)  # queues smbprotocol's CREATE request and its reply handler
-        (create_msg, on_created), = create._actions
-        write_msg = smbwire.write_request(fd, len(data))
-        requests = smbwire.send_compound(fd.connection, [create_msg, write_msg], sid, tid, data)
-        failures: list[SMBOSError] = []
-        results: list[Any] = []
-        for request, unpack in zip(requests, (on_created, fd._write_response), strict=True):
-            try:  # every reply is received, even after a failure (as SMBFileTransaction.commit)
-                results.append(unpack(request))
-            except SMBResponseException as exc:
-                failures.append(SMBOSError(exc.status, raw.name))
-        if failures:
-            raise failures[0]
-        return results[1]
+    def _put_renamed(self, kw: dict[str, Any], tmp: str, final: str, data: bytes) -> None:
+        """Two compounds per blob (targets/smbblob.py): [CREATE tmp, WRITE] then, once the reply says every
+        byte was written, [SET_INFO rename over final, CLOSE] on the same handle (open_file/write/close and
+        smbclient.replace took seven round trips, each some ms of smbprotocol's Python). A parent directory
+        not known to exist is opened-or-created in the first compound ([CREATE dir, CLOSE] before the file's
+        chain): a fresh chunk directory costs no round trip of its own; one missing after all (never made,
+        or removed behind our back) is made and the write sent again. Inside grouped(), chunk writes return
+        once sent (see _advance). Blobs larger than one write (or than the credits granted) take the
+        general path."""
+        self._write_blob(kw, tmp, final, data, self._pipelined(final))
+
+    def _write_blob(self, kw: dict[str, Any], tmp: str, final: str, data: bytes, pipelined: bool) -> None:
+        parent = posixpath.dirname(final)
+        for attempt in (1, 2):
+            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=_WRITE_ACCESS, **kw)
+            conn = raw.fd.connection
+            wire = smbblob.usable(raw)
+            folder = parent not in self._dirs and parent.strip("/").count("/") >= 1  # the share is there
+            need = smbblob.charge(len(data), folder and wire)
+            if pipelined and wire:
+                self._await_credits(conn, need)
+            fits = len(data) <= conn.max_write_size and smbblob.available(conn) >= need
+            if folder and not (wire and fits):
+                self._make_dirs(kw, parent)
+                folder = False
+            if not fits:
+                super()._put_renamed(kw, tmp, final, data)
+                return
+            if pipelined and wire:
+                sent = smbblob.send_write(raw, data, folder)
+                with self._lock:
+                    self._writing.append(_InFlight(kw, raw, tmp, final, data, sent))
+                self._advance(PIPELINE_DEPTH)
+                return
+            try:
+                try:
+                    written = self._written(raw, smbblob.send_write(raw, data, folder), parent) if wire \
+                        else smbblob.write_now(raw, data)
+                except SMBOSError as exc:
+                    if attempt == 1 and exc.ntstatus in _NO_PATH and raw.closed:
+                        self._dirs.discard(parent)
+                        self._make_dirs(kw, parent)
+                        continue
+                    raise
+                if written != len(data):
+                    raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
+                smbblob.await_rename(raw, smbblob.send_rename(raw, posixpath.basename(final)))
+            finally:
+                if not raw.closed:
+                    with suppress(Exception):  # the caller removes tmp; the original error matters
+                        raw.fd.close()
+            self._wrote(final)
+            return
+
+    def _written(self, raw: SMBRawIO, sent: smbblob.Sent, parent: str) -> int:
+        """The bytes a sent write stored; notes its directory as existing (created here or not)."""
+        try:
+            written, made = smbblob.await_write(raw, sent)
+        except smbblob.NotADirectory:
+            raise self._in_the_way(parent) from None
+        if made is not None:
+            self._note_dir(parent, made)
+        return written
+
+    def _wrote(self, final: str) -> None:
+        if self._fresh and self._in_fresh_dir(final):
+            self._fresh_written.add(final)
+
+    # -- chunk writes in flight (inside grouped())
+    def _pipelined(self, final: str) -> bool:
+        return bool(self._grouping) and any(final.startswith(under) for under in self._grouped_under)
+
+    def _await_credits(self, conn: Any, need: int) -> None:
+        """Until `conn` has `need` credits, or none of our writes on it is still unanswered (the caller then
+        takes the general path, which asks for credits itself)."""
+        while smbblob.available(conn) < need:
+            with self._lock:
+                waiting = next((i for i in (*self._writing, *self._renaming)
+                                if i.raw.fd.connection is conn and not i.sent.answered()), None)
+            if waiting is None or not waiting.sent.wait(self._kw["connection_timeout"]):
+                return
+
+    def _advance(self, depth: int) -> None:
+        """Finish the oldest chunk writes in flight while more than `depth` writes (or renames) are unchecked:
+        check a write's reply and send its rename; check a rename's reply. Whichever writer is over the limit
+        does it, so nobody waits for a round trip that has not long been answered. A failure is kept for
+        the end of the block (and stops the next chunk write at once)."""
+        while True:
+            with self._lock:
+                if len(self._writing) > depth:
+                    item = self._writing.popleft()
+                elif len(self._renaming) > depth:
+                    item = self._renaming.popleft()
+                else:
+                    return
+            try:
+                self._finish(item)
+            except BaseException as exc:  # noqa: BLE001 - kept and raised at the end of the block
+                self._abandon(item, exc)
+
+    def _finish(self, item: _InFlight) -> None:
+        if item.renaming:
+            smbblob.await_rename(item.raw, item.sent)
+            self._wrote(item.final)
+            return
+        parent = posixpath.dirname(item.final)
+        assert item.data is not None
+        try:
+            written = self._written(item.raw, item.sent, parent)
+        except SMBOSError as exc:
+            if exc.ntstatus not in _NO_PATH or not item.raw.closed:
+                raise
+            self._dirs.discard(parent)  # the directory is gone: make it, and write this blob again now
+            self._make_dirs(item.kw, parent)
+            self._write_blob(item.kw, item.tmp, item.final, item.data, pipelined=False)
+            return
+        if written != len(item.data):
+            raise SMBOSError(NtStatus.STATUS_DISK_FULL, item.tmp)
+        item.data = None
+        item.sent, item.renaming = smbblob.send_rename(item.raw, posixpath.basename(item.final)), True
+        with self._lock:
+            self._renaming.append(item)
+
+    def _abandon(self, item: _InFlight, exc: BaseException) -> None:
+        """A chunk write failed after its writer went on: close it, remove its temporary file, keep the
+        error."""
+        if not item.raw.closed:
+            with suppress(Exception):
+                item.raw.fd.close()
+        with suppress(Exception):
+            self._remove(item.kw, item.tmp)
+        inside = item.final[len(self.root):].lstrip("/")
+        error = exc if isinstance(exc, TargetError) else self._translate(exc, "writing", inside) or exc
+        with self._lock:
+            if self._failure is None:
+                self._failure = error
 
     def _rename(self, kw: dict[str, Any], src: str, dst: str) -> None:
         smbclient.replace(self._unc(src), self._unc(dst), **kw)
@@ -308,12 +493,50 @@ class SMBTarget(Target):
             raise
 
     def _makedirs(self, full_path: str) -> None:
-        # the share itself ("/share") cannot be created
+        """One [CREATE dir (open if it exists), CLOSE] compound per level, from the leaf up only as far as the
+        server says a parent is missing. The share itself ("/share") cannot be created."""
         if full_path in self._dirs or full_path.strip("/").count("/") < 1:
             return
         with self._session() as kw:
-            smbclient.makedirs(self._unc(full_path), exist_ok=True, **kw)
-        self._dirs.add(full_path)
+            self._make_dirs(kw, full_path)
+
+    def _make_dirs(self, kw: dict[str, Any], full_path: str) -> None:
+        """_makedirs on the connection the caller holds."""
+        missing = [full_path] if full_path.strip("/").count("/") >= 1 else []
+        while missing:
+            path = missing[-1]
+            try:
+                created = self._mkdir(kw, path)
+            except SMBOSError as exc:
+                parent = posixpath.dirname(path)
+                creatable = parent.strip("/").count("/") >= 1 and parent not in missing
+                if exc.ntstatus in _NO_PATH and creatable:
+                    missing.append(parent)
+                    continue
+                raise
+            self._note_dir(path, created)
+            missing.pop()
+
+    def _mkdir(self, kw: dict[str, Any], full_path: str) -> bool:
+        """Open or create one directory; True if this call created it."""
+        raw = SMBRawIO(self._unc(full_path), mode="a", **kw)  # for its tree and Open; never opened itself
+        compound = SMBFileTransaction(raw)
+        compound += smbblob.dir_create(raw.fd)
+        compound += raw.fd.close(send=False)
+        try:
+            compound.commit()
+        except SMBOSError as exc:
+            if exc.ntstatus in smbblob.NOT_A_DIRECTORY:
+                raise self._in_the_way(full_path) from None
+            raise
+        return raw.fd.create_action == CreateAction.FILE_CREATED
+
+    def _in_the_way(self, full_path: str) -> TargetError:
+        inside = full_path[len(self.root):].lstrip("/") if full_path.startswith(self.root) else full_path
+        return TargetError(
+            f"target '{self.name}': {self.display(inside)} is a file where hotvm needs a directory",
+            "move that file out of the way (hotvm keeps its repository in directories there)",
+        )
 
     def listdir(self, path: str) -> list[str]:
         with self._errors("listing", path), self._session() as kw:
@@ -327,7 +550,10 @@ class SMBTarget(Target):
     def delete_tree(self, path: str) -> None:
         full = self.full(path)
         with self._errors("deleting", path), self._session() as kw:
-            self._dirs = {d for d in self._dirs if not (d == full or d.startswith(full.rstrip("/") + "/"))}
+            inside = lambda d: d == full or d.startswith(full.rstrip("/") + "/")  # noqa: E731
+            self._dirs = {d for d in self._dirs if not inside(d)}
+            self._fresh = {d for d in self._fresh if not inside(d)}
+            self._fresh_written = {p for p in self._fresh_written if not inside(p)}
             try:
                 smbclient.shutil.rmtree(self._unc(full), **kw)
             except SMBOSError as exc:

@@ -206,7 +206,6 @@ def test_copy_file_to_s3_then_s3_to_file_restores_without_the_primary(primary: P
         shutil.move(p.tmp / "nas.away", p.tmp / "nas")
 
 
-@pytest.mark.flaky(reruns=1)  # smbd on 2 loaded cores once gave no session-setup reply in 30 s (noted, #15)
 def test_copy_sftp_to_smb_and_check_the_copy(primary: Primary) -> None:
     p = primary
     sftp, _ = p.sftp("archive")

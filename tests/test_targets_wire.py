@@ -82,27 +82,40 @@ def test_smb_chunks_land_byte_exact_under_every_signing_algorithm(signing_server
         shutil.rmtree(server.share_dir / sub, ignore_errors=True)
 
 
-def test_smb_write_cut_short_never_appears_under_its_name(monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "in-an-export"])
+def test_smb_write_cut_short_never_appears_under_its_name(grouped: bool, monkeypatch: pytest.MonkeyPatch,
                                                           tmp_path: Path) -> None:
     """The server keeps fewer bytes than sent (it says so in the WRITE reply, as a full disk does): the blob
-    must not be renamed into place."""
+    must not be renamed into place. Inside an export (grouped) the write returned before its reply was
+    checked: the failure comes when the block ends, and stops the export's next chunk write at once."""
     if not (shutil.which("smbd") and shutil.which("smbpasswd")):
         pytest.skip("samba is not installed (scripts/install-system-deps.sh)")
-    import targets.smb as smb
+    from contextlib import nullcontext
+
+    from hotvm.errors import TargetFull
+    from targets import smbblob
 
     server = SambaServer().start()
     try:
         target = _smb_target(server, monkeypatch, "cut")
-        real = smb.SMBTarget._create_and_write
-        monkeypatch.setattr(smb.SMBTarget, "_create_and_write",
-                            staticmethod(lambda raw, data: real(raw, data) - 1))
-        from hotvm.errors import TargetFull
+        target.write_bytes("chunks/ab/whole", b"whole")
+        real = smbblob.await_write
 
-        with pytest.raises(TargetFull):
+        def cut(raw, sent):
+            written, made = real(raw, sent)
+            return written - 1, made
+
+        monkeypatch.setattr(smbblob, "await_write", cut)
+        with pytest.raises(TargetFull), target.grouped("chunks/") if grouped else nullcontext():
             target.write_bytes("chunks/ab/cut", os.urandom(4 * MiB + 106))
+            if grouped:
+                with pytest.raises(TargetFull):
+                    for i in range(20):
+                        target.write_bytes(f"chunks/ab/next-{i}", b"x")
         monkeypatch.undo()
         assert not target.exists("chunks/ab/cut")
-        assert [p.name for p in (server.share_dir / "cut" / "chunks" / "ab").iterdir()] == []  # no temp left
+        left = [p.name for p in (server.share_dir / "cut" / "chunks" / "ab").iterdir()]
+        assert "whole" in left and "cut" not in left and not [n for n in left if ".tmp-" in n]
         target.close()
     finally:
         server.close()
@@ -140,3 +153,94 @@ def test_sftp_reads_of_every_size_come_back_whole(request, tmp_path: Path, env) 
             target.read_bytes("b/missing")
     finally:
         target.close()
+
+
+@pytest.fixture(scope="module")
+def smb_server():
+    if not (shutil.which("smbd") and shutil.which("smbpasswd")):
+        pytest.skip("samba is not installed (scripts/install-system-deps.sh)")
+    server = SambaServer().start()
+    yield server
+    server.close()
+
+
+def _give(server: SambaServer, sub: str) -> None:
+    """Hand what the test made on the share to the share's user, as if the server had made it."""
+    for path in [server.share_dir / sub, *(server.share_dir / sub).rglob("*")]:
+        shutil.chown(path, server.user)
+
+
+def test_smb_directory_removed_behind_the_targets_back_is_made_again(smb_server, monkeypatch) -> None:
+    """The target remembers which directories exist (a write into one sends no directory CREATE): when one
+    is removed by someone else, the next write there makes it again and lands whole."""
+    target = _smb_target(smb_server, monkeypatch, "gone")
+    try:
+        target.write_bytes("chunks/ab/one", b"one")
+        shutil.rmtree(smb_server.share_dir / "gone" / "chunks" / "ab")
+        target.write_bytes("chunks/ab/two", b"two")
+        shutil.rmtree(smb_server.share_dir / "gone" / "chunks")
+        data = os.urandom(4 * MiB + 106)
+        target.write_bytes("chunks/ab/three", data)
+        assert (smb_server.share_dir / "gone" / "chunks" / "ab" / "three").read_bytes() == data
+        assert target.listdir("chunks/ab") == ["three"]
+    finally:
+        target.close()
+
+
+def test_smb_file_where_a_directory_should_be_is_a_clear_error(smb_server, monkeypatch) -> None:
+    from hotvm.errors import TargetError
+
+    (smb_server.share_dir / "blocked" / "chunks").mkdir(parents=True)
+    (smb_server.share_dir / "blocked" / "chunks" / "cd").write_bytes(b"not a directory")
+    _give(smb_server, "blocked")
+    target = _smb_target(smb_server, monkeypatch, "blocked")
+    try:
+        for path in ("chunks/cd/x", "chunks/cd/deeper/x"):
+            with pytest.raises(TargetError, match="chunks/cd is a file where hotvm needs a directory"):
+                target.write_bytes(path, b"x")
+        assert (smb_server.share_dir / "blocked" / "chunks" / "cd").read_bytes() == b"not a directory"
+    finally:
+        target.close()
+
+
+def test_smb_export_skips_lookups_only_in_directories_it_created(smb_server, monkeypatch) -> None:
+    """Inside an export (grouped), a chunk whose directory this export created cannot be on the share yet,
+    so exists_for_write answers without asking (someone else writing it meanwhile costs a second, identical
+    write); a chunk in a directory that was there before is looked up as always. Outside an export, it is
+    exists()."""
+    (smb_server.share_dir / "old" / "chunks" / "aa").mkdir(parents=True)
+    (smb_server.share_dir / "old" / "chunks" / "aa" / "old").write_bytes(b"old")
+    _give(smb_server, "old")
+    for sub, fresh in (("old", False), ("new", True)):
+        target = _smb_target(smb_server, monkeypatch, sub)
+        someone = _smb_target(smb_server, monkeypatch, sub)  # another backup writing to the repository
+        try:
+            with target.grouped("chunks/"):  # makes chunks/ where it is missing: all below it is fresh
+                assert target.exists_for_write("chunks/aa/old") is (sub == "old")
+                target.write_bytes("chunks/bb/new", b"new")
+                assert not target.exists_for_write("chunks/bb/other")
+                someone.write_bytes("chunks/bb/other", b"x")
+                assert target.exists_for_write("chunks/bb/other") is not fresh  # asked only if not fresh
+            assert target.read_bytes("chunks/bb/new") == b"new"
+            assert target.exists_for_write("chunks/bb/other")  # outside an export: always asked
+            assert not target.exists_for_write("chunks/bb/missing")
+        finally:
+            target.close()
+            someone.close()
+
+
+def test_smb_concurrent_logons_never_hang(smb_server, monkeypatch) -> None:
+    """Export's writers open their connections at once. With one client GUID for all of them (smbclient's
+    default) Samba passed each new connection to the smbd process of the first, and now and then such a
+    logon got no session-setup reply ("client used more credits than granted, mid 1" in smbd's log): before
+    the fix, 60 waves of eight logons failed in the first few, 12 waves passed once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for wave in range(30):
+        target = _smb_target(smb_server, monkeypatch, f"logon-{wave}", timeout=5)
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                assert not any(pool.map(target.exists, [f"nothing-{i}" for i in range(8)]))
+        finally:
+            target.close()
+    assert "more credits than granted" not in smb_server.log()

@@ -98,7 +98,7 @@ class _Store:
         return digest
 
     def _upload(self, digest: str, data: bytes) -> int:
-        if self.repo.has_chunk(digest):
+        if self.repo.has_chunk(digest, for_write=True):
             return 0
         return self.repo.put_chunk(digest, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data))
 

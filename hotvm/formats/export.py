@@ -75,6 +75,18 @@ def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
     return out[:done]
 
 
+_compressors = threading.local()
+
+
+def compress_chunk(data: bytes | bytearray | memoryview) -> bytes:
+    """zstd -1 with this thread's compressor: a new ZstdCompressor per chunk cost 0.2-0.3 ms of a 4 MiB
+    chunk's ~0.8 ms (compressors are not thread-safe, hence one per thread)."""
+    compressor = getattr(_compressors, "zstd", None)
+    if compressor is None:
+        compressor = _compressors.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return compressor.compress(data)
+
+
 def chunk_digest(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -122,8 +134,7 @@ def _store_chunk(repo: Repository, data: bytearray, counters: _Counters) -> str:
             return digest
         counters.claimed.add(digest)
     if not repo.has_chunk(digest, for_write=True):
-        compressed = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
-        stored = repo.put_chunk(digest, compressed)
+        stored = repo.put_chunk(digest, compress_chunk(data))
         with counters.lock:
             counters.bytes_new += stored
     return digest
