@@ -32,6 +32,10 @@ os.environ.update(
         "PREFECT_SERVER_UI_ENABLED": "false",
         # Repository identities this test session remembers (hotvm/formats/identity.py), never the host's.
         "HOTVM_SECURITY_DIR": tempfile.mkdtemp(prefix="hotvm-security-"),
+        # Backup locks and host slots (hotvm/locks.py) of this session only: pytest-xdist's workers run
+        # tests whose hosts and VMs share names at the same time; in the machine-wide /run/hotvm they would
+        # take each other's slots (and a slot's record of a lease on another worker's Prefect server).
+        "HOTVM_LOCK_DIR": tempfile.mkdtemp(prefix="hotvm-locks-"),
     }
 )
 
