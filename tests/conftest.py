@@ -32,6 +32,10 @@ os.environ.update(
         "PREFECT_SERVER_UI_ENABLED": "false",
         # Repository identities this test session remembers (hotvm/formats/identity.py), never the host's.
         "HOTVM_SECURITY_DIR": tempfile.mkdtemp(prefix="hotvm-security-"),
+        # Backup locks and host slots (hotvm/locks.py) of this session only: pytest-xdist's workers run
+        # tests whose hosts and VMs share names at the same time; in the machine-wide /run/hotvm they would
+        # take each other's slots (and a slot's record of a lease on another worker's Prefect server).
+        "HOTVM_LOCK_DIR": tempfile.mkdtemp(prefix="hotvm-locks-"),
     }
 )
 
@@ -114,3 +118,18 @@ def prefect_server() -> str:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+# The longest modules first (from a full run on 3 workers): with one module per worker (--dist loadfile,
+# --no-loadscope-reorder) a long module started last would run alone at the end while the others idle.
+SLOWEST_FIRST = (
+    "test_libvirt.py", "test_hostile_target.py", "test_targets.py", "test_control_room.py",
+    "test_hostile_run.py", "test_instant.py", "test_vsphere.py", "test_scale_out.py", "test_copy.py",
+    "test_encryption.py", "test_policies.py", "test_hostile_guest.py", "test_files_backup.py",
+    "test_backup_flow.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's order is kept

@@ -18,6 +18,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -429,11 +430,14 @@ def test_raw_vm_and_boot_check_of_a_broken_disk(state_dir, tmp_path):
 
 @pytest.mark.guest
 @pytest.mark.skipif(not os.path.exists("/dev/kvm") or not HAVE_QEMU, reason="no /dev/kvm")
-def test_kvm_probe_gives_a_verdict_and_leaves_nothing_running(state_dir):
+def test_kvm_probe_gives_a_verdict_and_leaves_nothing_running(state_dir, tmp_path, monkeypatch):
+    # the probe's scratch dir under this test's own temp dir: a probe another xdist worker runs meanwhile
+    # (any guest start without a cached verdict) is not this one's leftover
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     usable, why = kvm_usable()
     ok, reason = probe_kvm(state_dir, timeout=2)
     assert isinstance(ok, bool) and "KVM" in reason
-    assert _qemu_pids_under(Path("/tmp/hotvm-kvm-probe-")) == []
+    assert _qemu_pids_under(tmp_path / "hotvm-kvm-probe-") == []
     print(f"\nkvm_usable: {usable} ({why}); probe: {ok} ({reason})")
 
 

@@ -103,7 +103,18 @@ def boot_files(lvdir):
 
 
 @pytest.fixture(scope="module")
+def module_domains(conn):
+    """Domains of the module's shared fixtures, removed after its last test."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        destroy_and_undefine(conn, name)
+
+
+@pytest.fixture
 def domains(conn):
+    """Domains one test starts, removed right after it: an idle TCG guest still costs CPU, which the tests
+    running beside this module (pytest-xdist) need."""
     names: list[str] = []
     yield names
     for name in names:
@@ -119,7 +130,7 @@ def start_domain(conn, dom: GuestDomain, boot_files, domains: list[str]):
 
 
 @pytest.fixture(scope="module")
-def guest(conn, lvdir, boot_files, domains):
+def guest(conn, lvdir, boot_files, module_domains):
     """A running domain: data disk (the ring writer) + one disk of every kind hotvm must skip."""
     name = unique_name()
     d = lvdir / name
@@ -140,7 +151,7 @@ def guest(conn, lvdir, boot_files, domains):
         ],
     )
     static = make_images(spec)
-    dom = start_domain(conn, spec, boot_files, domains)
+    dom = start_domain(conn, spec, boot_files, module_domains)
     return spec, dom, static
 
 

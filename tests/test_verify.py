@@ -8,7 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from helpers import hotvm, write_config
 from qemu_helpers import DiskSpec, qemu_img
@@ -138,37 +137,6 @@ def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path
     for name in expected:
         assert (tmp_path / "dr" / name / "data.qcow2").exists()
     assert not (tmp_path / "dr" / "other").exists()
-
-
-@pytest.mark.guest
-def test_verify_boots_the_demo_guest_and_records_its_time(prefect_server, tmp_path: Path) -> None:
-    from flows.backup_vm import backup_vm
-    from flows.verify import verify
-    from hotvm import guest
-
-    state = tmp_path / "vms"
-    guest.create_vm("dg", data_size="64M", fmt="qcow2", state_dir=state)
-    try:
-        guest.start_vm("dg", state_dir=state)
-        guest.wait_ready("dg", timeout=180, state_dir=state)
-        config = tmp_path / "hotvm.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "hosts": [{"name": "h-dg", "vms": [guest.vm_config_entry("dg", state_dir=state)]}],
-                    "targets": [{"name": "nas", "url": f"file://{tmp_path}/target"}],
-                }
-            )
-        )
-        backup = backup_vm(vm="dg", config=str(config))
-    finally:
-        guest.stop_vm("dg", state_dir=state)
-    [result] = verify(vm="dg", boot=True, config=str(config))
-    assert result["verified"] and result["mode"] == "instant-boot"  # booted from the set (docs/instant.md)
-    assert result["boot_check"]["ok"] and result["boot_check"]["seconds"] > 0
-    assert result["seconds_to_ready"] > result["boot_check"]["seconds"]
-    [record] = _records(tmp_path / "target", "dg", backup["backup_id"])
-    assert record["verified"] and record["boot_check"]["seconds"] == result["boot_check"]["seconds"]
 
 
 def test_recover_goes_on_when_a_discovering_host_is_down(prefect_server, qemu, tmp_path: Path) -> None:
