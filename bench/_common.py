@@ -7,6 +7,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def drop_caches() -> bool:
@@ -58,3 +59,19 @@ def write_random_extents(path: str, size: int, fraction: float, block: int = 4 <
             fh.write(os.urandom(min(block, size - offset)))
             written += min(block, size - offset)
     return written
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of one process (reaped children included), in seconds: a server's CPU
+    moves far less than wall time on this shared machine."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def client_cpu() -> float:
+    """This process and the tools it ran and reaped (cp, smbclient, sftp, curl, qemu-img), in seconds."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system

@@ -25,8 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
+from _common import process_cpu  # noqa: E402
 from servers import FtpServer  # noqa: E402
-from target_throughput import _stat_cpu  # noqa: E402
 
 from hotvm.config import TargetConfig  # noqa: E402
 from targets.base import Target  # noqa: E402
@@ -85,11 +85,11 @@ def main() -> None:
         for r in range(args.rounds):
             for setting, kind in order if r % 2 == 0 else reversed(order):
                 prefix = f"fresh-{uuid.uuid4().hex[:8]}" if setting == "fresh" else "existing"
-                t, s0, w0 = os.times(), _stat_cpu(server.proc.pid), time.perf_counter()
+                t, s0, w0 = os.times(), process_cpu(server.proc.pid), time.perf_counter()
                 store_chunks(openers[kind], server, prefix, blobs, args.chunks, args.workers)
                 wall, t1 = time.perf_counter() - w0, os.times()
                 client = t1.user + t1.system - t.user - t.system
-                runs.setdefault((setting, kind), []).append((wall, client, _stat_cpu(server.proc.pid) - s0))
+                runs.setdefault((setting, kind), []).append((wall, client, process_cpu(server.proc.pid) - s0))
     print(f"{args.chunks} chunks of {args.size_kib} KiB, {args.workers} workers, medians of {args.rounds}; "
           "per chunk:")
     for (setting, kind), values in sorted(runs.items()):

@@ -40,23 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
+from _common import client_cpu, process_cpu  # noqa: E402
 from servers import SshServer, _descendants  # noqa: E402
 
 BLOB = 4 << 20
-
-
-def _cpu_of(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def client_cpu() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 class Bench:
@@ -67,7 +55,7 @@ class Bench:
         deadline = time.monotonic() + 5  # per-connection children fold into the parent once reaped
         while len(_descendants(self.s.proc.pid)) > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        return sum(_cpu_of(p) for p in (self.s.proc.pid, *_descendants(self.s.proc.pid)))
+        return sum(process_cpu(p) for p in (self.s.proc.pid, *_descendants(self.s.proc.pid)))
 
     def measure(self, run: Callable[[], None]) -> tuple[float, float, float]:
         subprocess.run(["sync"], check=True)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
-from _common import machine_load, median, write_random_extents  # noqa: E402
+from _common import client_cpu, machine_load, median, process_cpu, write_random_extents  # noqa: E402
 from servers import FtpServer, MotoServer, SambaServer, SshServer, _descendants  # noqa: E402
 
 from hotvm.config import TargetConfig  # noqa: E402
@@ -71,21 +71,6 @@ LINE_RATE_MIB_S = 118  # 1 GbE
 
 def sh(*args: str, input: str | None = None) -> None:
     subprocess.run(args, check=True, capture_output=True, text=True, input=input)
-
-
-def _stat_cpu(pid: int) -> float:
-    """utime + stime + cutime + cstime of one process (reaped children included), in seconds."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def client_cpu() -> float:
-    """This process (hotvm, s3fs) and the tools it ran and reaped (cp, smbclient, sftp, curl, qemu-img)."""
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 class Scheme:
@@ -156,7 +141,7 @@ class ServerScheme(Scheme):
         deadline = time.monotonic() + 5
         while settle and len(_descendants(proc.pid)) > self.idle_children and time.monotonic() < deadline:
             time.sleep(0.05)
-        return sum(_stat_cpu(pid) for pid in (proc.pid, *_descendants(proc.pid)))
+        return sum(process_cpu(pid) for pid in (proc.pid, *_descendants(proc.pid)))
 
     def stop(self) -> None:
         if getattr(self, "server", None) is not None:

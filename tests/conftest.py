@@ -69,12 +69,10 @@ def qemu(tmp_path: Path):
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     """A 12 MiB tmpfs: a target that fills up for real (remount it larger to 'free space')."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
+    from helpers import mounted_tmpfs
+
+    with mounted_tmpfs(tmp_path / "tmpfs", "12m") as mount:
+        yield mount
 
 
 @pytest.fixture(scope="session")

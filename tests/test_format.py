@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import mounted_tmpfs
 
 from hotvm.config import TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch
@@ -195,12 +196,8 @@ def restore_dir(request: pytest.FixtureRequest, tmp_path: Path):
             pytest.skip("tmp_path is not on a local disk file system (ext4, xfs, ...)")
         yield tmp_path / "out"
         return
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)])
+    with mounted_tmpfs(tmp_path / "tmpfs", "64m") as mount:
+        yield mount
 
 
 def data_ranges(path: Path) -> list[tuple[int, int]]:
