@@ -226,10 +226,7 @@ class Session:
 
     def _wait(self, fd: int, write: bool, deadline: float) -> None:
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(errno.ETIMEDOUT, f"no answer from the server for {self.io_timeout:.0f} s")
-        r, w, _ = select.select([] if write else [fd], [fd] if write else [], [], left)
-        if not (r or w):
+        if left <= 0 or not any(select.select([] if write else [fd], [fd] if write else [], [], left)[:2]):
             raise TimeoutError(errno.ETIMEDOUT, f"no answer from the server for {self.io_timeout:.0f} s")
 
     def _send(self, parts: list[bytes | memoryview]) -> None:

@@ -16,17 +16,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import zstandard
-
 from hotvm.errors import HotvmError
 from hotvm.files.filesets import VolumeStats
+from hotvm.formats.export import compress_chunk
 from hotvm.formats.repository import Repository
 
 CHUNK = 4 * 1024 * 1024
 PACK_TARGET = 4 * 1024 * 1024
 SMALL_FILE = 1024 * 1024
 """Files below this size go into packs; larger ones get chunks of their own."""
-ZSTD_LEVEL = 1
 UPLOADERS = 2
 
 Piece = list  # [chunk digest, offset, length]; the digest of a pack is filled in when the pack is stored
@@ -100,7 +98,7 @@ class _Store:
     def _upload(self, digest: str, data: bytes) -> int:
         if self.repo.has_chunk(digest, for_write=True):
             return 0
-        return self.repo.put_chunk(digest, zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data))
+        return self.repo.put_chunk(digest, compress_chunk(data))
 
     def _drain(self, keep: int = 0) -> None:
         while len(self.futures) > keep:

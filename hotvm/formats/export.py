@@ -40,7 +40,8 @@ def decompress_bounded(frame: bytes, limit: int) -> bytes:
     return zstandard.ZstdDecompressor().decompress(frame, max_output_size=limit)
 
 
-_local = threading.local()
+_zstd = threading.local()
+"""This thread's zstd contexts (they are not thread-safe; making one per chunk costs 0.2-0.3 ms of 4 MiB)."""
 
 
 def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
@@ -54,10 +55,10 @@ def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
     if zstandard.frame_content_size(frame) > limit:
         raise zstandard.ZstdError(f"the frame claims more than {limit} bytes")
     window = max(1 << 20, 1 << max(limit - 1, 1).bit_length())
-    dctx = getattr(_local, "dctx", None)
-    if dctx is None or _local.window != window:
-        dctx = _local.dctx = zstandard.ZstdDecompressor(max_window_size=window)
-        _local.window = window
+    dctx = getattr(_zstd, "dctx", None)
+    if dctx is None or _zstd.window != window:
+        dctx = _zstd.dctx = zstandard.ZstdDecompressor(max_window_size=window)
+        _zstd.window = window
     try:
         reader = dctx.stream_reader(frame, read_size=max(len(frame), 1))
         done = 0
@@ -75,15 +76,11 @@ def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
     return out[:done]
 
 
-_compressors = threading.local()
-
-
 def compress_chunk(data: bytes | bytearray | memoryview) -> bytes:
-    """zstd -1 with this thread's compressor: a new ZstdCompressor per chunk cost 0.2-0.3 ms of a 4 MiB
-    chunk's ~0.8 ms (compressors are not thread-safe, hence one per thread)."""
-    compressor = getattr(_compressors, "zstd", None)
+    """A chunk's stored zstd frame (level ZSTD_LEVEL), made with this thread's compressor."""
+    compressor = getattr(_zstd, "cctx", None)
     if compressor is None:
-        compressor = _compressors.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        compressor = _zstd.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return compressor.compress(data)
 
 
