@@ -83,3 +83,26 @@ def raw_layout(head: bytes, file_size: int, length: int) -> RawLayout | None:
 MAX_SCATTER_BLOCKS = 500
 """Blocks of one scatter read at most (two buffers each: below the kernel's 1024 per preadv); a 4 MiB
 chunk has 32."""
+
+
+_LAST = 1
+_FULL_BLOCK = (BLOCK_MAX << 3).to_bytes(3, "little")
+"""A raw block header (type 0) of a full block that is not the last."""
+
+
+def raw_frame(data: bytes | bytearray | memoryview) -> bytes:
+    """A standard zstd frame holding `data` as raw (stored) blocks, built without the compressor: a
+    single-segment frame header with the content size (4 bytes, 8 from 4 GiB), then 128 KiB blocks, the
+    last one marked, no checksum. Every zstd decoder reads it (it is what zstd itself writes for data it
+    cannot shrink, bar the window byte), raw_layout recognises it, and building it is one copy of the
+    data (0.1 ms per 4 MiB here, against 0.5-1.4 ms for zstd level 1 on the same random bytes)."""
+    view = memoryview(data).cast("B")
+    n = len(view)
+    head = MAGIC + (b"\xa0" + n.to_bytes(4, "little") if n < 1 << 32 else b"\xe0" + n.to_bytes(8, "little"))
+    blocks = max(1, -(-n // BLOCK_MAX))
+    parts: list[bytes | memoryview] = [head]
+    for i in range(blocks - 1):
+        parts += [_FULL_BLOCK, view[i * BLOCK_MAX : (i + 1) * BLOCK_MAX]]
+    at = (blocks - 1) * BLOCK_MAX
+    parts += [((n - at) << 3 | _LAST).to_bytes(3, "little"), view[at:]]
+    return b"".join(parts)
