@@ -77,28 +77,35 @@ def decompress_into(frame: bytes | memoryview, out: memoryview) -> memoryview:
     return out[:done]
 
 
-SAMPLES = 32
-SAMPLE_SIZE = 4096
+SAMPLES = 16
+SAMPLE_SIZE = 8192
 MIN_GAIN = 0.03
-"""compress_chunk's test: 32 samples of 4 KiB, one per 1/32 of the chunk, are compressed on their own; a
-chunk is compressed only if they shrink by MIN_GAIN (borg's "auto" compression uses the same 3 %)."""
+"""worth_compressing's test: 16 samples of 8 KiB, one in the middle of each 1/16 of the chunk, compressed
+one by one at ZSTD_LEVEL, must shrink by MIN_GAIN (borg's "auto" compression uses the same 3 %). Chosen
+with bench/compression.py's numbers (docs/benchmarks.md): 8 x 16 KiB missed a third of chunks with 6-9 % of
+text in random data; 32 x 4 KiB costs 35 % more and, as one sample is only 1/32, needs two samples hit."""
 SAMPLED_FROM = 4 * SAMPLES * SAMPLE_SIZE
-"""Smaller objects (patches, small packs) are simply compressed: 512 KiB costs zstd at most 0.2 ms."""
+"""Smaller objects (patches, small packs) are simply compressed: 512 KiB costs zstd at most 0.1 ms."""
 _SAMPLE_OVERHEAD = 16
 """What zstd adds to a sample it cannot shrink (frame and block headers): at most this many bytes."""
 
 
 def worth_compressing(data: memoryview) -> bool:
-    """Whether zstd would shrink this chunk by MIN_GAIN or more, judged from SAMPLES spread samples.
+    """Whether zstd would shrink this chunk by MIN_GAIN or more, judged from SAMPLES spread samples: a
+    chunk of random bytes (encrypted or already compressed guest data) is then stored without running the
+    compressor over it, which costs 4-10x what building the raw frame does.
 
-    Costs 0.1 ms per incompressible 4 MiB chunk (zstd on the whole chunk: 0.5-1.4 ms) and about 0.02 ms
-    for a compressible one (it stops once two or three samples have shrunk enough).
-    What it can miss: compressible data that no sample lands in. A run of compressible bytes longer than
-    1/32 of the chunk (128 KiB of 4 MiB) always contains a sample, so what is missed is one shorter run
-    between two samples plus less than MIN_GAIN spread evenly: at most about 3 % + 3 % of that chunk's
-    size stored uncompressed (a chunk that is compressible everywhere except at the 32 sampled places would
-    lose more; disk data is not laid out that way by chance). The other way round (samples compressible,
-    chunk not) costs only the CPU of compressing it, as before: zstd then writes raw blocks itself."""
+    Cost: 0.08 ms per incompressible 4 MiB chunk (zstd -1 on all of it: 0.55-1.4 ms), 0.02-0.04 ms for a
+    compressible one (it stops once the samples so far have shrunk enough).
+    What it can miss, and what that costs at worst: one sample fully inside compressible data that
+    shrinks to half or less already passes the test, and a run longer than 1/16 of the chunk + 8 KiB
+    (264 KiB of 4 MiB) always holds a whole sample; so what is stored raw although zstd would have shrunk
+    it is a shorter run between two samples (under 6.4 % of the chunk, saving zstd less than that: 3.8 % of
+    the chunk was the worst measured for Python source placed at random in random data), or data that
+    shrinks by less than 3 % everywhere (less than 3 % of the chunk, by design). Only a chunk compressible
+    everywhere except at the 16 sampled places would lose more; disk data is not laid out that way by
+    chance. The other way round (samples compressible, the chunk not) costs only the CPU of compressing
+    it, as before: zstd then writes raw blocks itself."""
     size = len(data)
     if size < SAMPLED_FROM:
         return True
@@ -170,7 +177,7 @@ class _Counters:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _store_chunk(repo: Repository, data: bytearray, counters: _Counters) -> str:
+def _store_chunk(repo: Repository, data: memoryview, counters: _Counters) -> str:
     digest = repo.chunk_id(data)  # sha256, or the keyed HMAC of an encrypted repository
     with counters.lock:
         if digest in counters.claimed:
@@ -207,19 +214,42 @@ class _ChunkJob:
             reader.prefetch(lo, min(seg.start + seg.length, self.start + self.size) - lo, seg)
 
 
+_reads = threading.local()
+"""This worker's read buffer, reused chunk after chunk: a fresh 4 MiB bytearray per chunk cost a memset
+and its page faults (2.3 % of an SMB export's client CPU). Safe because nothing keeps the buffer once
+_export_chunk returns: ImageReader.read_into is synchronous, chunk_id hashes it there and then, the zero
+check compares it, and compress_chunk always returns a new object (zstd's output or raw_frame's join), which
+is all put_chunk and the targets (SMB keeps what it sends until the server confirms) ever see."""
+
+
+def _read_buffer(size: int) -> bytearray:
+    buf = getattr(_reads, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _reads.buf = bytearray(size)
+    return buf
+
+
 def _export_chunk(
     job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters, zero: bytes
 ) -> str | None:
-    """Runs in a worker thread, so several reads are in flight at once (deep queues read faster)."""
-    buf = bytearray(job.size)
-    view = memoryview(buf)
-    for seg in job.segments:
-        lo = max(seg.start, job.start)
-        hi = min(seg.start + seg.length, job.start + job.size)
-        reader.read_into(view[lo - job.start : hi - job.start], lo, seg)
-    if not job.keep_zero and buf == (zero if job.size == len(zero) else bytes(job.size)):
+    """Runs in a worker thread, so several reads are in flight at once (deep queues read faster). The
+    buffer is this worker's own (_reads): what no segment covers is zeroed, as a new buffer would be."""
+    buf = _read_buffer(job.size)
+    view = memoryview(buf)[: job.size]
+    zeros = memoryview(zero)
+    at = 0
+    for seg in sorted(job.segments, key=lambda s: s.start):
+        lo = max(seg.start, job.start) - job.start
+        hi = min(seg.start + seg.length, job.start + job.size) - job.start
+        if lo > at:
+            view[at:lo] = zeros[: lo - at]
+        reader.read_into(view[lo:hi], lo + job.start, seg)
+        at = max(at, hi)
+    if at < job.size:
+        view[at:] = zeros[: job.size - at]
+    if not job.keep_zero and buf.startswith(zeros[: job.size]):
         return None  # allocated but all zeros: costs nothing, restores as a hole
-    return _store_chunk(repo, buf, counters)
+    return _store_chunk(repo, view, counters)
 
 
 def export_image(
