@@ -362,3 +362,25 @@ def test_cli_hot_backup_of_a_running_vm_into_an_encrypted_target(prefect_server,
     monkeypatch.delenv(KEY_ENV)
     bad = hotvm("restore", "web01", "--to", str(tmp_path / "r2"), "--config", str(cfg), check=False)
     assert bad.returncode != 0 and f"environment variable {KEY_ENV}" in bad.stderr + bad.stdout
+
+
+def test_incompressible_chunks_are_sealed_like_any_other(tmp_path: Path, keyed: TargetConfig) -> None:
+    """A random chunk's raw-block frame (built without zstd) is encrypted like a compressed one: nothing on
+    the target is a zstd frame, and a restore through the decrypting path gives the bytes back."""
+    from hotvm.formats.rawframe import MAGIC, raw_layout
+
+    text = b"".join(p.read_bytes() for p in sorted(Path(os.__file__).parent.glob("*.py"))[:200])[:MiB]
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(2 * MiB) + text)
+    repo = open_repo(keyed)
+    manifest = backup(repo, image)
+    frames = []
+    for _, digest in manifest.disks[0].chunks:
+        path = repo.chunk_path(digest)
+        blob = (tmp_path / "target" / path).read_bytes()
+        assert not blob.startswith(MAGIC)
+        frames.append(bytes(repo.open_blob(path, blob, "chunk")))
+    assert [raw_layout(f[:32], len(f), MiB) is not None for f in frames] == [True, True, False]
+    fresh = open_repo(keyed)
+    out = restore_disk(fresh, fresh.latest("secret-vm").disks[0], tmp_path / "out" / "d.raw", "raw")
+    assert Path(out.path).read_bytes() == image.read_bytes()

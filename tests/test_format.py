@@ -313,3 +313,88 @@ def test_incompressible_chunks_are_still_verified_and_damage_is_caught(
     with pytest.raises(ChecksumMismatch, match="chunk 0 of disk 'd'"):
         restore_disk(repo, record, tmp_path / "r.raw", "raw")
     assert not (tmp_path / "r.raw").exists() and not (tmp_path / "r.raw.partial").exists()
+
+
+def python_source(size: int) -> bytes:
+    """Real text (the standard library's own source): compresses to about a quarter with zstd -1."""
+    out = bytearray()
+    for path in sorted(Path(os.__file__).parent.glob("*.py")):
+        out += path.read_bytes()
+        if len(out) >= size:
+            return bytes(out[:size])
+    raise AssertionError("not enough source")
+
+
+def stored_frame(repo: Repository, digest: str) -> bytes:
+    return Path(repo.target.full(repo.chunk_path(digest))).read_bytes()
+
+
+def test_incompressible_chunks_are_stored_without_compression_and_read_by_any_zstd(
+    tmp_path: Path, repo: Repository
+) -> None:
+    """Random chunks are stored as raw-block zstd frames (no compressor run over them): a restore reads
+    them with one scatter read straight into its buffer, plain zstandard and the zstd tool decode them,
+    and they are no larger than what zstd itself would have written."""
+    import zstandard
+
+    from hotvm.formats.rawframe import raw_layout
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(8 * MiB + 300 * 1024))
+    record = export_image(repo, device="d", image=str(image))
+    content = image.read_bytes()
+    for index, digest in record.chunks:
+        plain = content[index * 4 * MiB : (index + 1) * 4 * MiB]
+        frame = stored_frame(repo, digest)
+        assert raw_layout(frame[:32], len(frame), len(plain)) is not None
+        assert len(frame) <= len(zstandard.ZstdCompressor(level=1).compress(plain))
+        assert zstandard.ZstdDecompressor().decompress(frame) == plain
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(frame) == plain  # no size needed
+        tool = subprocess.run(["zstd", "-d", "-c"], input=frame, capture_output=True, check=True)
+        assert tool.stdout == plain
+        out = memoryview(bytearray(4 * MiB))
+        assert repo.read_raw_chunk(digest, out, len(plain)) == plain  # the preadv path applies
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == content
+
+
+def test_compressible_and_partly_compressible_chunks_are_compressed(tmp_path: Path, repo: Repository) -> None:
+    """Text is compressed; so is a chunk of 3.5 MiB random bytes and 0.5 MiB text (zstd saves 9 % of it),
+    and one with its text in the middle; a chunk with a few bytes of text in random data is not worth it."""
+    from hotvm.formats.rawframe import raw_layout
+
+    text = python_source(2 * MiB)
+    chunks = [
+        text[: 4 * MiB] + text[: 2 * MiB],
+        os.urandom(3 * MiB + MiB // 2) + text[: MiB // 2],
+        os.urandom(MiB + MiB // 2) + text[: MiB // 2] + os.urandom(2 * MiB),
+        os.urandom(2 * MiB) + text[:4096] + os.urandom(2 * MiB - 4096),
+    ]
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"".join(chunks))
+    record = export_image(repo, device="d", image=str(image))
+    frames = [stored_frame(repo, digest) for _, digest in record.chunks]
+    assert len(frames[0]) < 2 * MiB
+    for frame in frames[1:3]:
+        assert raw_layout(frame[:32], len(frame), 4 * MiB) is None and len(frame) < 0.95 * 4 * MiB
+    assert raw_layout(frames[3][:32], len(frames[3]), 4 * MiB) is not None
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()
+
+
+def test_holes_inside_a_chunk_read_as_zeros_whatever_the_worker_read_before(
+    tmp_path: Path, repo: Repository
+) -> None:
+    """Workers reuse their read buffer: the unallocated parts of a chunk must still come back as zeros
+    after a chunk of random data went through the same buffer (one worker: every chunk in one buffer)."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as fh:
+        fh.write(os.urandom(8 * MiB))
+        fh.seek(8 * MiB + MiB)
+        fh.write(os.urandom(MiB))
+        fh.seek(16 * MiB - 4096)
+        fh.write(os.urandom(4096))
+    record = export_image(repo, device="d", image=str(image), workers=1)
+    assert [i for i, _ in record.chunks] == [0, 1, 2, 3]
+    restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
+    assert restored.read_bytes() == image.read_bytes()

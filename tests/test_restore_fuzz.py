@@ -306,3 +306,21 @@ def test_a_raw_block_layout_is_the_frame_content_or_nothing(length: int, checksu
     assert not layout.check(bytes(frame[:32]), memoryview(forged))
     assert raw_layout(bytes(frame[:32]), len(frame) + 1, length) is None
     assert raw_layout(bytes(frame[:32]), len(frame), length + 1) is None
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=0, max_value=600_000))
+def test_a_raw_frame_built_without_zstd_is_a_zstd_frame_of_its_content(length: int) -> None:
+    """rawframe.raw_frame: plain zstandard (one-shot, streaming, and hotvm's bounded decompress_into)
+    gives back exactly the content, and raw_layout recognises the frame, so restores scatter-read it."""
+    from hotvm.formats.export import decompress_into
+    from hotvm.formats.rawframe import raw_frame, raw_layout
+
+    content = os.urandom(length)
+    frame = raw_frame(memoryview(content))
+    assert zstandard.frame_content_size(frame) == length
+    assert zstandard.ZstdDecompressor().decompress(frame) == content
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(frame) == content
+    assert bytes(decompress_into(frame, memoryview(bytearray(max(length, 1))))) == content
+    layout = raw_layout(frame[:32], len(frame), length)
+    assert layout is not None and layout.size == len(frame) and not layout.checksum
