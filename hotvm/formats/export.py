@@ -82,8 +82,8 @@ SAMPLE_SIZE = 8192
 MIN_GAIN = 0.03
 """worth_compressing's test: 16 samples of 8 KiB, one in the middle of each 1/16 of the chunk, compressed
 one by one at ZSTD_LEVEL, must shrink by MIN_GAIN (borg's "auto" compression uses the same 3 %). Chosen
-with bench/compression.py's numbers (docs/benchmarks.md): 8 x 16 KiB missed a third of chunks with 6-9 % of
-text in random data; 32 x 4 KiB costs 35 % more and, as one sample is only 1/32, needs two samples hit."""
+with bench/compression.py's numbers (docs/benchmarks.md): 8 x 16 KiB stored 5 of 12 random chunks with 6 %
+of text raw (3 of 12 with 9 %); 32 x 4 KiB costs 35 % more and, a sample being 1/32, needs two hit."""
 SAMPLED_FROM = 4 * SAMPLES * SAMPLE_SIZE
 """Smaller objects (patches, small packs) are simply compressed: 512 KiB costs zstd at most 0.1 ms."""
 _SAMPLE_OVERHEAD = 16
@@ -95,7 +95,7 @@ def worth_compressing(data: memoryview) -> bool:
     chunk of random bytes (encrypted or already compressed guest data) is then stored without running the
     compressor over it, which costs 4-10x what building the raw frame does.
 
-    Cost: 0.08 ms per incompressible 4 MiB chunk (zstd -1 on all of it: 0.55-1.4 ms), 0.02-0.04 ms for a
+    Cost: 0.08 ms per incompressible 4 MiB chunk (zstd -1 on all of it: 0.55-1.4 ms), 0.02-0.05 ms for a
     compressible one (it stops once the samples so far have shrunk enough).
     What it can miss, and what that costs at worst: one sample fully inside compressible data that
     shrinks to half or less already passes the test, and a run longer than 1/16 of the chunk + 8 KiB
@@ -215,11 +215,12 @@ class _ChunkJob:
 
 
 _reads = threading.local()
-"""This worker's read buffer, reused chunk after chunk: a fresh 4 MiB bytearray per chunk cost a memset
-and its page faults (2.3 % of an SMB export's client CPU). Safe because nothing keeps the buffer once
-_export_chunk returns: ImageReader.read_into is synchronous, chunk_id hashes it there and then, the zero
-check compares it, and compress_chunk always returns a new object (zstd's output or raw_frame's join), which
-is all put_chunk and the targets (SMB keeps what it sends until the server confirms) ever see."""
+"""This worker's read buffer, reused chunk after chunk: a fresh 4 MiB bytearray per chunk costs a memset
+(2.3 % of an SMB export's client samples in perf; within noise in an A/B, docs/benchmarks.md).
+Safe because nothing keeps the buffer once _export_chunk returns: ImageReader.read_into is synchronous,
+chunk_id hashes it there and then, the zero check compares it, and compress_chunk always returns a new
+object (zstd's output or raw_frame's join), which is all put_chunk and the targets (SMB keeps what it
+sends until the server confirms) ever see."""
 
 
 def _read_buffer(size: int) -> bytearray:
