@@ -385,8 +385,8 @@ def test_compressible_and_partly_compressible_chunks_are_compressed(tmp_path: Pa
 def test_holes_inside_a_chunk_read_as_zeros_whatever_the_worker_read_before(
     tmp_path: Path, repo: Repository
 ) -> None:
-    """Workers reuse their read buffer: the unallocated parts of a chunk must still come back as zeros
-    after a chunk of random data went through the same buffer (one worker: every chunk in one buffer)."""
+    """The unallocated parts of a chunk come back as zeros even after a chunk of random data went through
+    the same worker (one worker: every chunk in turn), whatever buffer it reads into."""
     image = tmp_path / "disk.raw"
     with open(image, "wb") as fh:
         fh.write(os.urandom(8 * MiB))

@@ -214,41 +214,17 @@ class _ChunkJob:
             reader.prefetch(lo, min(seg.start + seg.length, self.start + self.size) - lo, seg)
 
 
-_reads = threading.local()
-"""This worker's read buffer, reused chunk after chunk: a fresh 4 MiB bytearray per chunk costs a memset
-(2.3 % of an SMB export's client samples in perf; within noise in an A/B, docs/benchmarks.md).
-Safe because nothing keeps the buffer once _export_chunk returns: ImageReader.read_into is synchronous,
-chunk_id hashes it there and then, the zero check compares it, and compress_chunk always returns a new
-object (zstd's output or raw_frame's join), which is all put_chunk and the targets (SMB keeps what it
-sends until the server confirms) ever see."""
-
-
-def _read_buffer(size: int) -> bytearray:
-    buf = getattr(_reads, "buf", None)
-    if buf is None or len(buf) < size:
-        buf = _reads.buf = bytearray(size)
-    return buf
-
-
 def _export_chunk(
     job: _ChunkJob, reader: ImageReader, repo: Repository, counters: _Counters, zero: bytes
 ) -> str | None:
-    """Runs in a worker thread, so several reads are in flight at once (deep queues read faster). The
-    buffer is this worker's own (_reads): what no segment covers is zeroed, as a new buffer would be."""
-    buf = _read_buffer(job.size)
-    view = memoryview(buf)[: job.size]
-    zeros = memoryview(zero)
-    at = 0
-    for seg in sorted(job.segments, key=lambda s: s.start):
-        lo = max(seg.start, job.start) - job.start
-        hi = min(seg.start + seg.length, job.start + job.size) - job.start
-        if lo > at:
-            view[at:lo] = zeros[: lo - at]
-        reader.read_into(view[lo:hi], lo + job.start, seg)
-        at = max(at, hi)
-    if at < job.size:
-        view[at:] = zeros[: job.size - at]
-    if not job.keep_zero and buf.startswith(zeros[: job.size]):
+    """Runs in a worker thread, so several reads are in flight at once (deep queues read faster)."""
+    buf = bytearray(job.size)
+    view = memoryview(buf)
+    for seg in job.segments:
+        lo = max(seg.start, job.start)
+        hi = min(seg.start + seg.length, job.start + job.size)
+        reader.read_into(view[lo - job.start : hi - job.start], lo, seg)
+    if not job.keep_zero and buf == (zero if job.size == len(zero) else bytes(job.size)):
         return None  # allocated but all zeros: costs nothing, restores as a hole
     return _store_chunk(repo, view, counters)
 
