@@ -73,7 +73,16 @@ class _FTP(_TypeKept, ftplib.FTP):
 
 
 class _FTPS(_TypeKept, ftplib.FTP_TLS):
-    pass
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[Any, int | None]:
+        """FTP_TLS's, resuming the control connection's TLS session on each data connection (ftplib starts
+        a new one): vsftpd by default (require_ssl_reuse=YES), and other servers configured alike, refuse a
+        data connection that does not with "522 SSL connection failed: session reuse required" (the
+        proof that the data connection comes from the logged-in client). It also saves a full handshake
+        per chunk."""
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
 
 
 def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -288,6 +289,102 @@ class FtpServer(LoopbackServer):
 
     def env(self) -> dict[str, str] | None:
         return None if self.pipelining else {**os.environ, "HOTVM_TEST_FTP_NO_PIPELINING": "1"}
+
+
+PAM_SERVICE = "hotvm-test-ftp"
+PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): Debian's vsftpd service without pam_shells, so that a
+# user with a nologin shell can log in over FTP only
+@include common-auth
+@include common-account
+@include common-session-noninteractive
+"""
+
+
+def _retry_locked(*args: str, input: str | None = None) -> None:
+    """useradd/chpasswd/userdel, again while another test worker holds the lock on /etc/passwd."""
+    for attempt in range(50):
+        try:
+            _run(*args, input=input)
+            return
+        except subprocess.CalledProcessError as exc:
+            if "lock" not in (exc.stderr or "") or attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
+class VsftpdServer(LoopbackServer):
+    """vsftpd (Debian package) with its own config; with tls=True it is FTPS (explicit AUTH TLS, PROT P required
+    for logins and data) with a self-signed cert and vsftpd's default require_ssl_reuse=YES: every data
+    connection must resume the control connection's TLS session.
+
+    vsftpd logs in real unix users: each server makes its own (`hotvmftp-<random>`, a random password, a
+    nologin shell, home = `root_dir` in the temp dir, chrooted there) and removes it in close(). Its PAM
+    service is `/etc/pam.d/hotvm-test-ftp` (Debian's vsftpd one refuses shells not in /etc/shells), written
+    here once. Same attributes as FtpServer: user, password, root_dir, cert, port.
+    """
+
+    name = "vsftpd"
+    binary = "/usr/sbin/vsftpd"
+
+    def __init__(self, port: int | None = None, tls: bool = False, options: dict[str, str] | None = None) -> None:
+        """`options`: more vsftpd.conf settings (e.g. require_ssl_reuse=NO)."""
+        super().__init__(port)
+        self.tls, self.options = tls, options or {}
+        self.user = f"hotvmftp-{secrets.token_hex(4)}"
+        self.password = secrets.token_urlsafe(12)
+        self.root_dir = self.dir / "home"
+        self.cert = self.dir / "cert.pem"
+        self.conf = self.dir / "vsftpd.conf"
+        self._user_made = False
+
+    @staticmethod
+    def available() -> bool:
+        return Path(VsftpdServer.binary).exists()
+
+    def prepare(self) -> None:
+        pam = Path("/etc/pam.d") / PAM_SERVICE
+        if not pam.exists() or pam.read_text() != PAM_CONFIG:
+            tmp = pam.with_name(f".{PAM_SERVICE}.{os.getpid()}")
+            tmp.write_text(PAM_CONFIG)
+            tmp.replace(pam)
+        self.root_dir.mkdir()
+        (self.dir / "empty").mkdir()  # secure_chroot_dir: root's, empty
+        _retry_locked("useradd", "-M", "-d", str(self.root_dir), "-s", "/usr/sbin/nologin", self.user)
+        self._user_made = True
+        _retry_locked("chpasswd", input=f"{self.user}:{self.password}\n")
+        shutil.chown(self.root_dir, self.user)
+        self.root_dir.chmod(0o700)
+        pasv = free_port()
+        settings = {
+            "listen": "YES", "listen_ipv6": "NO", "listen_address": "127.0.0.1", "listen_port": str(self.port),
+            "background": "NO", "anonymous_enable": "NO", "local_enable": "YES", "write_enable": "YES",
+            "local_umask": "077", "chroot_local_user": "YES", "allow_writeable_chroot": "YES",
+            "secure_chroot_dir": str(self.dir / "empty"), "pam_service_name": PAM_SERVICE,
+            "pasv_enable": "YES", "pasv_address": "127.0.0.1", "pasv_min_port": str(pasv),
+            "pasv_max_port": str(min(pasv + 200, 65535)), "connect_from_port_20": "NO",
+            "max_clients": "64", "max_per_ip": "64", "seccomp_sandbox": "NO",
+            "xferlog_enable": "NO", "vsftpd_log_file": str(self.dir / "vsftpd.log"),
+            "delay_failed_login": "0", "ftpd_banner": "hotvm test vsftpd",
+        }
+        if self.tls:
+            _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                 "-keyout", str(self.cert), "-out", str(self.cert))
+            settings.update({"ssl_enable": "YES", "rsa_cert_file": str(self.cert),
+                             "rsa_private_key_file": str(self.cert), "force_local_logins_ssl": "YES",
+                             "force_local_data_ssl": "YES", "ssl_tlsv1": "YES"})
+        settings.update(self.options)
+        self.conf.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+
+    def command(self) -> list[str]:
+        return [self.binary, str(self.conf)]
+
+    def close(self) -> None:
+        super().close()
+        if self._user_made:
+            self._user_made = False
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _retry_locked("userdel", self.user)
 
 
 class MotoServer(LoopbackServer):
