@@ -86,12 +86,24 @@ class _FTPS(_TypeKept, ftplib.FTP_TLS):
 
 
 def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:
-    """storbinary without its TYPE I and its 1 MiB copies of the blob (BytesIO reads): one sendall."""
+    """storbinary without its TYPE I and its 1 MiB copies of the blob (BytesIO reads): one sendall.
+
+    A server that cannot write the file ends the data connection early and says why on the control
+    connection (vsftpd: "451 Failure writing to local file.", a full disk). That reply is the error, not the
+    broken data connection (over TLS: "EOF occurred in violation of protocol", which read as "cannot
+    reach"), and reading it keeps the control connection's replies in step."""
     ftp.binary()
-    with ftp.transfercmd(cmd) as conn:
-        conn.sendall(memoryview(data))
-        if isinstance(conn, ssl.SSLSocket):
-            conn.unwrap()  # a TLS close_notify, so the server knows the data is complete (as storbinary)
+    try:
+        with ftp.transfercmd(cmd) as conn:
+            conn.sendall(memoryview(data))
+            if isinstance(conn, ssl.SSLSocket):
+                conn.unwrap()  # a TLS close_notify, so the server knows the data is complete (as storbinary)
+    except OSError as exc:  # ssl.SSLError, a reset or broken pipe of the data connection
+        try:
+            ftp.voidresp()
+        except ftplib.Error as reply:
+            raise reply from exc
+        raise
     ftp.voidresp()
 
 
@@ -180,6 +192,7 @@ class FTPTarget(Target):
         self._grouping = 0
         self._lock = threading.Lock()
         self._mlst = True
+        self._mlsd = True
         self._pipeline = True
 
     @property
@@ -261,21 +274,31 @@ class FTPTarget(Target):
                 if _code(exc) not in ("500", "501", "502", "504"):
                     raise
                 self._mlst = False
+        ftp.binary()  # servers refuse SIZE in ASCII mode (a listing switched to it)
         try:
             ftp.size(full)
             return True
-        except ftplib.error_perm:
-            return posixpath.basename(full) in self._names(ftp, posixpath.dirname(full))
+        except ftplib.error_perm as exc:
+            if _code(exc) in ("500", "502"):  # no SIZE either: the directory's listing
+                try:
+                    return posixpath.basename(full) in self._names(ftp, posixpath.dirname(full))
+                except FileNotFoundError:
+                    return False
+        # 550 for a missing name and for a directory alike (vsftpd): a CWD tells them apart, one round trip
+        # where a listing of a chunk directory (a data connection, thousands of names) was asked every time
+        return self._is_dir(ftp, full)
 
     def _names(self, ftp: ftplib.FTP, full: str) -> list[str]:
         try:
-            try:
-                return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") not in
-                        ("cdir", "pdir") and n not in (".", "..")]
-            except ftplib.error_perm as exc:
-                if _code(exc) not in ("500", "501", "502", "504"):
-                    raise
-                return [posixpath.basename(n.rstrip("/")) for n in ftp.nlst(full) if n not in (".", "..")]
+            if self._mlsd:
+                try:
+                    return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") not in
+                            ("cdir", "pdir") and n not in (".", "..")]
+                except ftplib.error_perm as exc:
+                    if _code(exc) not in ("500", "501", "502", "504"):
+                        raise
+                    self._mlsd = False  # vsftpd has no MLSD (nor MLST): NLST from now on
+            return [posixpath.basename(n.rstrip("/")) for n in ftp.nlst(full) if n not in (".", "..")]
         except ftplib.error_perm as exc:
             if _code(exc) == "550":
                 raise FileNotFoundError(2, "No such directory", full) from None

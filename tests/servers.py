@@ -292,11 +292,11 @@ class FtpServer(LoopbackServer):
 
 
 PAM_SERVICE = "hotvm-test-ftp"
-PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): Debian's vsftpd service without pam_shells, so that a
-# user with a nologin shell can log in over FTP only
-@include common-auth
-@include common-account
-@include common-session-noninteractive
+PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): unix passwords only; no pam_shells (the test users have
+# a nologin shell) and no delay after a wrong password (tests of one need not wait 2 s)
+auth     required pam_unix.so nodelay
+account  required pam_unix.so
+session  required pam_permit.so
 """
 
 
@@ -319,8 +319,9 @@ class VsftpdServer(LoopbackServer):
 
     vsftpd logs in real unix users: each server makes its own (`hotvmftp-<random>`, a random password, a
     nologin shell, home = `root_dir` in the temp dir, chrooted there) and removes it in close(). Its PAM
-    service is `/etc/pam.d/hotvm-test-ftp` (Debian's vsftpd one refuses shells not in /etc/shells), written
-    here once. Same attributes as FtpServer: user, password, root_dir, cert, port.
+    service is `/etc/pam.d/hotvm-test-ftp` (Debian's vsftpd one refuses shells not in /etc/shells, and
+    pam_unix waits 2 s after a wrong password), written here once. Same attributes as FtpServer: user,
+    password, root_dir, cert, port.
     """
 
     name = "vsftpd"
