@@ -8,6 +8,7 @@ packages=(
   zstd python3-venv
   openssh-client                      # ssh: the transport of sftp:// targets (targets/sftp.py)
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
+  vsftpd                              # loopback FTP(S) server, besides pyftpdlib (tests/servers.py VsftpdServer)
   smbclient curl lftp                 # the plain tools bench/target_throughput.py compares hotvm with
   postgresql                          # the Prefect server's database (scripts/prefect-server.sh)
   fdisk dosfstools ntfs-3g e2fsprogs  # partition and format guest file systems (file-level tests, hybrid restore)

@@ -292,8 +292,8 @@ class FtpServer(LoopbackServer):
 
 
 PAM_SERVICE = "hotvm-test-ftp"
-PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): unix passwords only; no pam_shells (the test users have
-# a nologin shell) and no delay after a wrong password (tests of one need not wait 2 s)
+PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): unix passwords only; no pam_shells (the test
+# users have a nologin shell) and no delay after a wrong password (tests of one need not wait 2 s)
 auth     required pam_unix.so nodelay
 account  required pam_unix.so
 session  required pam_permit.so
@@ -313,9 +313,9 @@ def _retry_locked(*args: str, input: str | None = None) -> None:
 
 
 class VsftpdServer(LoopbackServer):
-    """vsftpd (Debian package) with its own config; with tls=True it is FTPS (explicit AUTH TLS, PROT P required
-    for logins and data) with a self-signed cert and vsftpd's default require_ssl_reuse=YES: every data
-    connection must resume the control connection's TLS session.
+    """vsftpd (Debian package) with its own config; with tls=True it is FTPS (explicit AUTH TLS, PROT P
+    required for logins and data) with a self-signed cert and vsftpd's default require_ssl_reuse=YES: every
+    data connection must resume the control connection's TLS session.
 
     vsftpd logs in real unix users: each server makes its own (`hotvmftp-<random>`, a random password, a
     nologin shell, home = `root_dir` in the temp dir, chrooted there) and removes it in close(). Its PAM
@@ -327,7 +327,8 @@ class VsftpdServer(LoopbackServer):
     name = "vsftpd"
     binary = "/usr/sbin/vsftpd"
 
-    def __init__(self, port: int | None = None, tls: bool = False, options: dict[str, str] | None = None) -> None:
+    def __init__(self, port: int | None = None, tls: bool = False,
+                 options: dict[str, str] | None = None) -> None:
         """`options`: more vsftpd.conf settings (e.g. require_ssl_reuse=NO)."""
         super().__init__(port)
         self.tls, self.options = tls, options or {}
@@ -357,7 +358,8 @@ class VsftpdServer(LoopbackServer):
         self.root_dir.chmod(0o700)
         pasv = free_port()
         settings = {
-            "listen": "YES", "listen_ipv6": "NO", "listen_address": "127.0.0.1", "listen_port": str(self.port),
+            "listen": "YES", "listen_ipv6": "NO", "listen_address": "127.0.0.1",
+            "listen_port": str(self.port),
             "background": "NO", "anonymous_enable": "NO", "local_enable": "YES", "write_enable": "YES",
             "local_umask": "077", "chroot_local_user": "YES", "allow_writeable_chroot": "YES",
             "secure_chroot_dir": str(self.dir / "empty"), "pam_service_name": PAM_SERVICE,

@@ -125,7 +125,8 @@ def make_config(scheme: str, request: pytest.FixtureRequest, tmp_path: Path, **u
                                  key_file=s.client_key, known_hosts=s.known_hosts), server=s)
     elif scheme.split("+")[0] in ("ftp", "ftps"):  # "ftp", "ftps+vsftpd", ...
         scheme, _, flavor = scheme.partition("+")
-        s = request.getfixturevalue(f"{'vsftpd' if flavor else 'ftp'}{'s' if scheme == 'ftps' else ''}_server")
+        server = "vsftpd" if flavor else "ftp"
+        s = request.getfixturevalue(f"{server}{'s' if scheme == 'ftps' else ''}_server")
         made = Made(TargetConfig(name=scheme, url=f"{scheme}://{s.user}@127.0.0.1:{s.port}/backups/{sub}",
                                  password_env="HOTVM_TEST_FTP_PASSWORD",
                                  options={"ca_file": str(s.cert)} if scheme == "ftps" else {}),
@@ -436,7 +437,7 @@ def test_reconnects_after_server_restart(scheme: str, request, tmp_path: Path, e
         tgt.close()
 
 
-@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp"])
+@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp", "ftp+vsftpd"])
 def test_server_killed_during_export_then_rerun_completes(scheme: str, request, tmp_path: Path, env) -> None:
     made = env(make_config(scheme, request, tmp_path))
     image = tmp_path / "disk.raw"
