@@ -30,4 +30,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # the tests start vsftpd themselves, on loopback: not the system's FTP service on port 21 (local logins,
+  # plaintext passwords) that installing the package starts where systemd runs
+  if [[ " ${missing[*]} " == *" vsftpd "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now vsftpd.service >/dev/null 2>&1 || true
+  fi
 fi
