@@ -62,6 +62,10 @@ class LoopbackServer:
     """One server process: start() waits until its port accepts connections; stop() kills its session."""
 
     name = "server"
+    reap_all = False
+    """Run the server under `servers.py reap` (a child subreaper): every process it forks is reaped there,
+    so its CPU counts in the server's cumulative CPU even when its own parent exits first (vsftpd's
+    per-session processes). For benches that measure the server's CPU."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -90,7 +94,10 @@ class LoopbackServer:
             self._prepared = True
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(self.command(), cwd=self.dir, env=self.env(),
+            command = self.command()
+            if self.reap_all:
+                command = [sys.executable, str(Path(__file__).resolve()), "reap", *command]
+            self.proc = subprocess.Popen(command, cwd=self.dir, env=self.env(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         finally:
@@ -478,8 +485,25 @@ def _ftp_main(port: str, root: str, user: str, password: str, cert: str | None =
     server.serve_forever()
 
 
+def _reap_main(command: list[str]) -> None:
+    """Start `command` and reap every process that ends below it (PR_SET_CHILD_SUBREAPER), until none is
+    left: then this process's cutime/cstime hold the CPU of all of them (LoopbackServer.reap_all)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        sys.exit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    os.posix_spawnp(command[0], command, os.environ)
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 6 and sys.argv[1] == "ftp":
         _ftp_main(*sys.argv[2:])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "reap":
+        _reap_main(sys.argv[2:])
     else:
-        sys.exit("usage: servers.py ftp PORT ROOT USER PASSWORD [CERTFILE]")
+        sys.exit("usage: servers.py ftp PORT ROOT USER PASSWORD [CERTFILE] | servers.py reap COMMAND...")
