@@ -154,6 +154,18 @@ class _FTPFS(FTPFileSystem):
             ftp.close()
 
 
+def _unix_list_dirs(lines: list[str]) -> list[str]:
+    """The directory names in a LIST reply in `ls -l` form (vsftpd, proftpd, pure-ftpd: servers without
+    MLSD), e.g. `drwx------    2 1001 1001 4096 Dec 06 23:00 ab`. Lines of any other form are skipped: a
+    directory not learnt here is made (MKD) as before, so a server with another format only costs time."""
+    names = []
+    for line in lines:
+        parts = line.split(None, 8)
+        if len(parts) == 9 and line[:1] == "d" and parts[8] not in (".", "..") and "/" not in parts[8]:
+            names.append(parts[8])
+    return names
+
+
 def _code(exc: BaseException) -> str:
     return str(exc)[:3]
 
@@ -382,17 +394,30 @@ class FTPTarget(Target):
     def _learn_dirs(self, under: str) -> None:
         full = self.full(under.rstrip("/"))
 
-        def dirs(ftp: _FTP | _FTPS) -> list[str]:
-            return [posixpath.join(full, n) for n, facts in ftp.mlsd(full, facts=["type"])
-                    if facts.get("type") == "dir" and "/" not in n]
+        def dirs(ftp: _FTP | _FTPS) -> tuple[list[str], bool]:
+            """The directories in `full`, and whether `full` surely exists (MLSD says so; vsftpd's LIST of
+            a missing directory is an empty success)."""
+            if self._mlsd:
+                try:
+                    return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") == "dir"
+                            and "/" not in n and n not in (".", "..")], True
+                except ftplib.error_perm as exc:
+                    if _code(exc) not in ("500", "501", "502", "504"):
+                        raise
+                    self._mlsd = False
+            lines: list[str] = []
+            ftp.retrlines(f"LIST {full}", lines.append)
+            names = _unix_list_dirs(lines)
+            return names, bool(names)
 
         try:
-            found = self._call(dirs)
+            found, there = self._call(dirs)
         except (ftplib.Error, OSError, EOFError):
-            return  # no MLSD here, no such directory yet, or no server: directories are made as before
+            return  # no such directory yet, or no server: directories are made as before
         with self._lock:
-            self._dirs.update(found)
-            self._dirs.add(full)
+            self._dirs.update(posixpath.join(full, n) for n in found)
+            if there:
+                self._dirs.add(full)
 
     def _put(self, ftp: _FTP | _FTPS, full_path: str, data: bytes) -> None:
         _store(ftp, f"STOR {full_path}", data)
