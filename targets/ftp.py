@@ -38,8 +38,10 @@ from targets.base import Pool, Target, is_unreachable
 
 BLOCK = 1024 * 1024
 R = TypeVar("R")
-_DROPPED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-"""What a pooled connection the server closed meanwhile raises on its next use (ftplib: EOFError)."""
+_DROPPED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)
+"""What a pooled connection the server closed meanwhile raises on its next use (ftplib: EOFError; over TLS
+also an SSLError: a vsftpd session process that outlives its killed partner writes "500 OOPS: ..." in
+plain text into the TLS stream, read as "wrong version number")."""
 
 
 class _TypeKept:
@@ -170,6 +172,39 @@ def _code(exc: BaseException) -> str:
     return str(exc)[:3]
 
 
+class _Slots:
+    """How many operations (so connections: one each) may run at once: any number until the server refuses a
+    connection with 421 "too many connections" while others are open (vsftpd's max_per_ip, max_clients;
+    NAS boxes often allow 2-5 per address), then as many as were open then."""
+
+    def __init__(self) -> None:
+        self._cap: int | None = None
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._cond:
+            while self._cap is not None and self._busy >= self._cap:
+                self._cond.wait()
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify()
+
+    def refused(self) -> bool:
+        """Called (its slot given back) by one whose new connection was refused: False when no other is
+        open (then the limit is not the reason), else the cap becomes the number of the others."""
+        with self._cond:
+            if self._busy < 1:
+                return False
+            self._cap = self._busy if self._cap is None else min(self._cap, self._busy)
+            return True
+
+
 class FTPTarget(Target):
     scheme = "ftp"
 
@@ -195,6 +230,7 @@ class FTPTarget(Target):
             lambda: _FTPFS(host, port, user, cred.value or "", self.timeout, context, passive),
             lambda fs: fs.ftp.close(), keep_on=(FileNotFoundError, ftplib.error_perm),
             alive=lambda fs: fs.ftp.voidcmd("NOOP") is not None, check_after_s=1.0)
+        self._slots = _Slots()
         self._dirs: set[str] = set()
         """Directories known to exist (made or seen by this target): no MKD for them."""
         self._fresh: set[str] = set()
@@ -213,7 +249,7 @@ class FTPTarget(Target):
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
-        with self._pool.lease() as fs:
+        with self._slots.hold(), self._pool.lease() as fs:
             fs.used = True
             yield fs.ftp
 
@@ -221,17 +257,21 @@ class FTPTarget(Target):
         """fn(ftp) on a pooled connection, again on another if that one turns out dropped by the server
         (restarted, idle timeout; the pool's NOOP probe only runs after 1 s idle). The other idle
         connections of before the drop are closed with it, so the next one is new (or was just used). A new
-        connection failing is an answer, not a reason to try again."""
+        connection failing is an answer, not a reason to try again, except a 421 "too many connections"
+        while others are open: then those are the server's limit (_Slots.refused), and this waits for one."""
         for attempt in range(3):
             reused = False
             try:
-                with self._pool.lease() as fs:
+                with self._slots.hold(), self._pool.lease() as fs:
                     reused, fs.used = fs.used, True
                     return fn(fs.ftp)
             except (*_DROPPED, ftplib.error_temp) as exc:
-                # 421: the server is closing this connection (shutting down, idle timeout)
-                if (not reused or attempt == 2
-                        or (isinstance(exc, ftplib.error_temp) and _code(exc) != "421")):
+                # 421: the server is closing this connection (shutting down, idle timeout), or refuses one
+                # more (vsftpd's max_per_ip, max_clients)
+                is_421 = isinstance(exc, ftplib.error_temp) and _code(exc) == "421"
+                if not reused and is_421 and self._slots.refused():
+                    continue
+                if not reused or attempt == 2 or (isinstance(exc, ftplib.error_temp) and not is_421):
                     raise
                 self._pool.close()  # the idle ones: they went with the same server
         raise AssertionError("unreachable")

@@ -9,6 +9,8 @@ and vsftpd ("ftp+vsftpd": no MLST/MLSD, TLS session reuse required on data conne
 - A server restarted in the middle of a run: the next operations reconnect at once, without a pause.
 - A full disk on the server: one clear error naming the blob, no partial file left, the target still usable.
 - A server that closes idle connections (vsftpd's idle_session_timeout): the next operation just works.
+- A server that allows fewer connections per address than export has workers (vsftpd's max_per_ip): the
+  backup and the restore complete on as many as it allows.
 """
 
 from __future__ import annotations
@@ -216,5 +218,27 @@ def test_server_closing_idle_connections_costs_nothing(monkeypatch: pytest.Monke
                 time.sleep(1.5)
                 list(pool.map(lambda p: target.write_bytes(p + "-2", blobs[p]), blobs))
                 assert list(pool.map(target.read_bytes, blobs)) == list(blobs.values())
+        finally:
+            target.close()
+
+
+@pytest.mark.skipif(not VsftpdServer.available(), reason="vsftpd is not installed")
+def test_server_allowing_fewer_connections_than_workers(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """vsftpd with max_per_ip=2 answers a third connection with "421 There are too many connections from
+    your internet address." (it failed the whole backup as "cannot reach"): export's 4 workers and
+    restore's readers share the 2 it allows."""
+    with VsftpdServer(options={"max_per_ip": "2"}) as server:
+        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
+        image = tmp_path / "disk.raw"
+        image.write_bytes(os.urandom(24 * MiB))
+        target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
+                                          password_env="HOTVM_TEST_FTP_PASSWORD"))
+        try:
+            repo = Repository(target)
+            repo.ensure()
+            record = export_image(repo, device="vda", image=str(image))
+            restored = restore_disk(repo, record, tmp_path / "out.raw", "raw")
+            assert Path(restored.path).read_bytes() == image.read_bytes()
         finally:
             target.close()
