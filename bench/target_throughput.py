@@ -4,6 +4,7 @@ server, in one run.
     .venv/bin/python bench/target_throughput.py [--size-mib 1024] [--rounds 1]
                                                 [--schemes file,smb,sftp,ftp,ftps,s3] [--library]
                                                 [--before-target OLD_MODULE.py]
+                                                [--ftp-server vsftpd|pyftpdlib]
 
 hotvm: `export_image` of a raw image full of random data (nothing compresses, nothing is zero) into a fresh
 repository (`repo.ensure()` first, not timed), under a fresh prefix every round so no chunk is deduplicated.
@@ -17,6 +18,13 @@ Plain: the standard tool copies the same file to the same loopback server (tests
         with like, `lftp mput` of the image cut into 4 MiB files (what hotvm stores: one file per chunk)
         over one connection, when lftp is installed: FTP opens a data connection per file, so many files
         cost the server more than one stream, whoever sends them.
+        The FTP server is vsftpd (--ftp-server, default; FTPS with its default require_ssl_reuse=YES) or
+        pyftpdlib. vsftpd is the default because it is what users run (NAS boxes, Linux hosts): a C server
+        with a process per connection, so hotvm's 4 connections are served in parallel as they would be,
+        where pyftpdlib, single-threaded Python on the same 2 CPUs, made the FTP figures measure its own
+        per-file cost. vsftpd's session processes outlive their parents, so its server runs under
+        `servers.py reap` (a subreaper) for its CPU to be counted; each login costs it ~45 ms of CPU (PAM
+        and the user's yescrypt hash): 4 for hotvm's connections, 1 for curl or lftp.
   s3    s3fs `put` (fsspec; multipart upload) to moto
 The image is read from the page cache by both. A `sync` (not timed) precedes every copy; the order of plain
 and hotvm alternates between rounds.

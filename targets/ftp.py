@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ftplib
 import posixpath
+import re
 import ssl
 import threading
 import uuid
@@ -141,7 +142,17 @@ class _FTPFS(FTPFileSystem):
             self.ftp = _FTP(timeout=self.timeout, encoding=self.encoding)
         try:
             self.ftp.connect(self.host, self.port)
-            self.ftp.login(*self.cred)  # FTP_TLS.login sends AUTH TLS first
+            if self._context is not None:
+                try:
+                    self.ftp.auth()
+                except ftplib.error_perm as exc:
+                    raise _NoTLS(*exc.args) from None
+            try:
+                self.ftp.login(*self.cred)
+            except ftplib.error_perm as exc:
+                if self._context is None and re.search(r"encrypt|tls|ssl|secure", str(exc), re.IGNORECASE):
+                    raise _NeedsTLS(*exc.args) from None
+                raise
             if self._context is not None:
                 self.ftp.prot_p()
             self.ftp.set_pasv(self._passive)
@@ -166,6 +177,16 @@ def _unix_list_dirs(lines: list[str]) -> list[str]:
         if len(parts) == 9 and line[:1] == "d" and parts[8] not in (".", "..") and "/" not in parts[8]:
             names.append(parts[8])
     return names
+
+
+class _NoTLS(ftplib.error_perm):
+    """AUTH TLS refused. vsftpd without ssl_enable answers it "530 Please login with USER and PASS.", which
+    read as a wrong password."""
+
+
+class _NeedsTLS(ftplib.error_perm):
+    """A plain login refused for want of TLS (vsftpd's force_local_logins_ssl: "530 Non-anonymous sessions
+    must use encryption."), which read as a wrong password."""
 
 
 def _code(exc: BaseException) -> str:
@@ -218,7 +239,13 @@ class FTPTarget(Target):
         context = None
         if tls:
             ca_file = opts.pop("ca_file", None)
-            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            try:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
+                raise ConfigError(f"target '{config.name}': cannot read ca_file {ca_file} ({reason})",
+                                  "name the PEM file of the CA that signed the server's certificate",
+                                  ) from None
             if not opts.pop("verify", True):
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -283,6 +310,14 @@ class FTPTarget(Target):
     # -- errors
     def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
         code = _code(exc)
+        if isinstance(exc, _NoTLS) or (isinstance(exc, ftplib.error_perm) and code in ("500", "502", "504")
+                                       and self.tls):
+            return TargetConfigError(f"target '{self.name}': {self.where} does not speak FTPS ({exc})",
+                                     "use an ftp:// URL, or enable TLS on the server "
+                                     "(vsftpd: ssl_enable=YES)")
+        if isinstance(exc, _NeedsTLS):
+            return TargetConfigError(f"target '{self.name}': {self.where} requires TLS ({exc})",
+                                     f"use an ftps:// URL for target '{self.name}'")
         if isinstance(exc, ftplib.error_perm) and code in ("530", "331", "332"):
             return TargetConfigError(
                 f"target '{self.name}': {self.where} rejected user '{self.user}' and the password from "
@@ -299,9 +334,6 @@ class FTPTarget(Target):
             return self.full_error(what, path)
         if isinstance(exc, ftplib.error_perm) and code in ("550", "553", "532", "450"):
             return self.refused_error(what, path, str(exc))
-        if isinstance(exc, ftplib.error_perm) and code in ("500", "502", "504") and self.tls:
-            return TargetConfigError(f"target '{self.name}': {self.where} does not speak FTPS ({exc})",
-                                     "use an ftp:// URL, or enable TLS on the server")
         if isinstance(exc, ftplib.error_temp) and code in ("426", "451"):
             return TargetError(
                 f"target '{self.name}': {self.where} aborted {what} {self.display(path)} ({exc})",

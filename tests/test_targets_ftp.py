@@ -11,6 +11,8 @@ and vsftpd ("ftp+vsftpd": no MLST/MLSD, TLS session reuse required on data conne
 - A server that closes idle connections (vsftpd's idle_session_timeout): the next operation just works.
 - A server that allows fewer connections per address than export has workers (vsftpd's max_per_ip): the
   backup and the restore complete on as many as it allows.
+- ftps:// to a server without TLS, ftp:// to one that requires it, an unreadable ca_file: one clear
+  configuration error each (vsftpd's 530 replies to both read as a wrong password).
 """
 
 from __future__ import annotations
@@ -34,11 +36,11 @@ from test_targets import (  # noqa: F401 - fixtures
 )
 
 from hotvm.config import TargetConfig
-from hotvm.errors import TargetError
+from hotvm.errors import ConfigError, TargetError
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import restore_disk
-from targets import open_target
+from targets import TargetConfigError, open_target
 
 MiB = 1 << 20
 
@@ -242,3 +244,21 @@ def test_server_allowing_fewer_connections_than_workers(monkeypatch: pytest.Monk
             assert Path(restored.path).read_bytes() == image.read_bytes()
         finally:
             target.close()
+
+
+def test_scheme_that_does_not_match_the_server_is_a_config_error(request, tmp_path: Path,
+                                                                  env) -> None:  # noqa: F811
+    plain = env(make_config("ftp+vsftpd", request, tmp_path))
+    tls = env(make_config("ftps+vsftpd", request, tmp_path))
+    as_ftps = plain.config.model_copy(update={"url": plain.config.url.replace("ftp://", "ftps://", 1),
+                                              "options": {"verify": False}})
+    with pytest.raises(TargetConfigError, match=r"does not speak FTPS \(530 Please login") as err:
+        open_target(as_ftps)
+    assert "use an ftp:// URL" in str(err.value) and "rejected" not in str(err.value)
+    as_ftp = tls.config.model_copy(update={"url": tls.config.url.replace("ftps://", "ftp://", 1),
+                                           "options": {}})
+    with pytest.raises(TargetConfigError, match=r"requires TLS \(530 Non-anonymous sessions must use encr"):
+        open_target(as_ftp)
+    missing = tls.config.model_copy(update={"options": {"ca_file": str(tmp_path / "nope.pem")}})
+    with pytest.raises(ConfigError, match=r"cannot read ca_file .*nope.pem \(No such file"):
+        open_target(missing)
