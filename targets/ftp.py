@@ -13,6 +13,10 @@ rename over an existing file gets DELE + rename. Per chunk that is PASV, STOR, R
 the chunk may already be there (exists_for_write, grouped()). A pooled connection the server dropped (a
 restart, an idle timeout) is replaced and the operation run again (_call): every operation here can be
 repeated, a STOR under its temporary name included.
+Servers differ (docs/targets.md has the table for pyftpdlib and vsftpd, both tested): without MLST/MLSD
+(vsftpd) existence is SIZE then CWD and the chunk directories come from one LIST; FTPS data connections
+resume the control connection's TLS session (vsftpd requires it); a 421 "too many connections" caps the
+connections at those open (vsftpd's max_per_ip).
 fsspec's own FTP writes re-STOR every 64 KiB block and its listings are cached per connection, so those paths
 are done here with plain commands.
 """
