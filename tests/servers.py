@@ -1,4 +1,4 @@
-"""Real servers on loopback for tests: Samba, OpenSSH (sftp), pyftpdlib (ftp/ftps) and moto (s3).
+"""Real servers on loopback for tests: Samba, OpenSSH (sftp), pyftpdlib and vsftpd (ftp/ftps), moto (s3).
 
 Each server lives in its own temp dir, listens on 127.0.0.1 on a free high port, gets stdin=DEVNULL and its
 own session, and can be stopped and started again on the same port (to test a server that goes away). Use
@@ -7,7 +7,8 @@ them as context managers or call start()/stop(); `close()` also removes the temp
     with SambaServer() as smb:
         smb.port, smb.user, smb.password, smb.share_dir
 
-This file is also the FTP server's entry point: `python tests/servers.py ftp ...` (see FtpServer).
+This file is also the FTP server's entry point: `python tests/servers.py ftp ...` (see FtpServer), and a
+subreaper to run a server under: `python tests/servers.py reap COMMAND...` (LoopbackServer.reap_all).
 """
 
 from __future__ import annotations
