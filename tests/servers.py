@@ -357,8 +357,9 @@ class VsftpdServer(LoopbackServer):
             tmp = pam.with_name(f".{PAM_SERVICE}.{os.getpid()}")
             tmp.write_text(PAM_CONFIG)
             tmp.replace(pam)
-        self.root_dir.mkdir()
+        self.root_dir.mkdir()  # before the user: a test user whose home is gone is a leftover
         (self.dir / "empty").mkdir()  # secure_chroot_dir: root's, empty
+        self._remove_leftover_users()
         _retry_locked("useradd", "-M", "-d", str(self.root_dir), "-s", "/usr/sbin/nologin", self.user)
         self._user_made = True
         _retry_locked("chpasswd", input=f"{self.user}:{self.password}\n")
@@ -386,6 +387,15 @@ class VsftpdServer(LoopbackServer):
                              "force_local_data_ssl": "YES", "ssl_tlsv1": "YES"})
         settings.update(self.options)
         self.conf.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+
+    @staticmethod
+    def _remove_leftover_users() -> None:
+        """Users of servers that were never closed (a killed test run): their home (a temp dir) is gone."""
+        for line in Path("/etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) > 5 and fields[0].startswith("hotvmftp-") and not Path(fields[5]).exists():
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _retry_locked("userdel", fields[0])
 
     def command(self) -> list[str]:
         return [self.binary, str(self.conf)]
