@@ -100,9 +100,12 @@ def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:
     broken data connection (over TLS: "EOF occurred in violation of protocol", which read as "cannot
     reach"), and reading it keeps the control connection's replies in step."""
     ftp.binary()
+    conn = ftp.transfercmd(cmd)  # failing here, nothing was sent: no reply to wait for
+    sent = False
     try:
-        with ftp.transfercmd(cmd) as conn:
+        with conn:
             conn.sendall(memoryview(data))
+            sent = True
             if isinstance(conn, ssl.SSLSocket):
                 conn.unwrap()  # a TLS close_notify, so the server knows the data is complete (as storbinary)
     except OSError as exc:  # ssl.SSLError, a reset or broken pipe of the data connection
@@ -110,7 +113,9 @@ def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:
             ftp.voidresp()
         except ftplib.Error as reply:
             raise reply from exc
-        raise
+        if not sent:
+            raise
+        return  # every byte sent and the server says stored: only the TLS shutdown failed
     ftp.voidresp()
 
 
@@ -154,7 +159,7 @@ class _FTPFS(FTPFileSystem):
             try:
                 self.ftp.login(*self.cred)
             except ftplib.error_perm as exc:
-                if self._context is None and re.search(r"encrypt|tls|ssl|secure", str(exc), re.IGNORECASE):
+                if self._context is None and _ASKS_FOR_TLS.search(str(exc)):
                     raise _NeedsTLS(*exc.args) from None
                 raise
             if self._context is not None:
@@ -190,7 +195,11 @@ class _NoTLS(ftplib.error_perm):
 
 class _NeedsTLS(ftplib.error_perm):
     """A plain login refused for want of TLS (vsftpd's force_local_logins_ssl: "530 Non-anonymous sessions
-    must use encryption."), which read as a wrong password."""
+    must use encryption."; proftpd "550 SSL/TLS required on the control channel"; pure-ftpd "530 Sorry,
+    cleartext sessions ... are not accepted"), which read as a wrong password."""
+
+
+_ASKS_FOR_TLS = re.compile(r"encrypt|tls|ssl|secure|cleartext", re.IGNORECASE)
 
 
 def _code(exc: BaseException) -> str:
