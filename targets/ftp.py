@@ -208,8 +208,8 @@ def _code(exc: BaseException) -> str:
 
 class _Slots:
     """How many operations (so connections: one each) may run at once: any number until the server refuses a
-    connection with 421 "too many connections" while others are open (vsftpd's max_per_ip, max_clients;
-    NAS boxes often allow 2-5 per address), then as many as were open then."""
+    connection with 421 "too many connections" while others are open (vsftpd's max_per_ip, max_clients),
+    then as many as were open then."""
 
     def __init__(self) -> None:
         self._cap: int | None = None
