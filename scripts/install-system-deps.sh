@@ -28,6 +28,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  # Debian's FTP servers conflict with each other: never remove one this machine has (proftpd, pure-ftpd)
+  # for the tests' vsftpd; those tests are skipped instead
+  if [[ " ${missing[*]} " == *" vsftpd "* ]] \
+      && apt-get install -s -qq --no-install-recommends vsftpd 2>/dev/null | grep -q '^Remv'; then
+    echo "not installing vsftpd: it would replace this machine's FTP server (its tests are skipped)" >&2
+    kept=()
+    for p in "${missing[@]}"; do [ "$p" = vsftpd ] || kept+=("$p"); done
+    missing=("${kept[@]}")
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # the tests start vsftpd themselves, on loopback: not the system's FTP service on port 21 (local logins,

@@ -158,7 +158,7 @@ class _FTPFS(FTPFileSystem):
                     raise _NoTLS(*exc.args) from None
             try:
                 self.ftp.login(*self.cred)
-            except ftplib.error_perm as exc:
+            except (ftplib.error_perm, ftplib.error_temp) as exc:  # pure-ftpd says it with 421
                 if self._context is None and _ASKS_FOR_TLS.search(str(exc)):
                     raise _NeedsTLS(*exc.args) from None
                 raise
@@ -195,8 +195,9 @@ class _NoTLS(ftplib.error_perm):
 
 class _NeedsTLS(ftplib.error_perm):
     """A plain login refused for want of TLS (vsftpd's force_local_logins_ssl: "530 Non-anonymous sessions
-    must use encryption."; proftpd "550 SSL/TLS required on the control channel"; pure-ftpd "530 Sorry,
-    cleartext sessions ... are not accepted"), which read as a wrong password."""
+    must use encryption."; proftpd "550 SSL/TLS required on the control channel"; pure-ftpd "421-Sorry,
+    cleartext sessions and weak ciphers are not accepted"), which read as a wrong password (or, for 421, as
+    "cannot reach")."""
 
 
 _ASKS_FOR_TLS = re.compile(r"encrypt|tls|ssl|secure|cleartext", re.IGNORECASE)
