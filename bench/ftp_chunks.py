@@ -1,13 +1,16 @@
 """The FTP target alone, storing chunks the way export does, against another version of targets/ftp.py in the
-same run: what the per-chunk commands cost the client and the (pyftpdlib, loopback) server.
+same run: what the per-chunk commands cost the client and the (loopback) server.
 
     .venv/bin/python bench/ftp_chunks.py --before /tmp/ftp_main.py [--chunks 256] [--size-kib 64]
-                                         [--rounds 7] [--workers 4]
+                                         [--rounds 7] [--workers 4] [--ftp-server pyftpdlib|vsftpd]
+                                         [--fill 0]
 
 (`git show main:targets/ftp.py > /tmp/ftp_main.py`.) Each round stores `--chunks` blobs of random names as
 export does (inside grouped("chunks/"): exists_for_write, then write_bytes), `--workers` threads, in two
 settings: a fresh repository (every chunk directory made by the run) and existing chunk directories (a later
-run: all 256 are there). Before and after alternate; medians. Small blobs make the commands dominate.
+run: all 256 are there, each holding `--fill` chunks already, as in a repository that has some). Before
+and after alternate; medians. Small blobs make the commands dominate. The server's CPU includes its
+per-connection processes (vsftpd runs under `servers.py reap`, see bench/target_throughput.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent / "tests")]
 from _common import process_cpu  # noqa: E402
-from servers import FtpServer  # noqa: E402
+from servers import FtpServer, VsftpdServer, _descendants  # noqa: E402
 
 from hotvm.config import TargetConfig  # noqa: E402
 from targets.base import Target  # noqa: E402
@@ -42,8 +46,16 @@ def load(path: Path, name: str) -> Opener:
     return module.open_ftp
 
 
-def store_chunks(opener: Opener, server: FtpServer, prefix: str, blobs: list[bytes], chunks: int,
-                 workers: int) -> None:
+def server_cpu(server: FtpServer | VsftpdServer) -> float:
+    assert server.proc is not None
+    deadline = time.monotonic() + 5
+    while len(_descendants(server.proc.pid)) > 1 and time.monotonic() < deadline:  # sessions still ending
+        time.sleep(0.02)
+    return sum(process_cpu(pid) for pid in (server.proc.pid, *_descendants(server.proc.pid)))
+
+
+def store_chunks(opener: Opener, server: FtpServer | VsftpdServer, prefix: str, blobs: list[bytes],
+                 chunks: int, workers: int) -> None:
     target = opener(TargetConfig(name="bench-ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/{prefix}",
                                  password_env="HOTVM_BENCH_FTP_PASSWORD"))
     target._makedirs(target.root)  # noqa: SLF001 - as repo.ensure() would have
@@ -68,11 +80,15 @@ def main() -> None:
     parser.add_argument("--size-kib", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--ftp-server", choices=["pyftpdlib", "vsftpd"], default="pyftpdlib")
+    parser.add_argument("--fill", type=int, default=0, help="chunks already in each existing directory")
     args = parser.parse_args()
     openers = {"before": load(args.before, "ftp_before"), "after": load(HERE.parent / "targets" / "ftp.py",
                                                                         "ftp_after")}
     blobs = [os.urandom(args.size_kib << 10) for _ in range(8)]
-    with FtpServer() as server:
+    server = VsftpdServer() if args.ftp_server == "vsftpd" else FtpServer()
+    server.reap_all = True
+    with server:
         os.environ["HOTVM_BENCH_FTP_PASSWORD"] = server.password
         existing = openers["after"](TargetConfig(
             name="bench-ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/existing",
@@ -80,18 +96,24 @@ def main() -> None:
         for i in range(256):
             existing._makedirs(existing.full(f"chunks/{i:02x}"))  # noqa: SLF001
         existing.close()
+        for i in range(256):
+            for j in range(args.fill):
+                name = f"{i:02x}{j:062x}"
+                (server.root_dir / "existing" / "chunks" / name[:2] / name).write_bytes(b"")
+        if isinstance(server, VsftpdServer):
+            subprocess.run(["chown", "-R", server.user, str(server.root_dir)], check=True)
         runs: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
         order = [(setting, kind) for setting in ("fresh", "existing") for kind in ("before", "after")]
         for r in range(args.rounds):
             for setting, kind in order if r % 2 == 0 else reversed(order):
                 prefix = f"fresh-{uuid.uuid4().hex[:8]}" if setting == "fresh" else "existing"
-                t, s0, w0 = os.times(), process_cpu(server.proc.pid), time.perf_counter()
+                t, s0, w0 = os.times(), server_cpu(server), time.perf_counter()
                 store_chunks(openers[kind], server, prefix, blobs, args.chunks, args.workers)
                 wall, t1 = time.perf_counter() - w0, os.times()
                 client = t1.user + t1.system - t.user - t.system
-                runs.setdefault((setting, kind), []).append((wall, client, process_cpu(server.proc.pid) - s0))
-    print(f"{args.chunks} chunks of {args.size_kib} KiB, {args.workers} workers, medians of {args.rounds}; "
-          "per chunk:")
+                runs.setdefault((setting, kind), []).append((wall, client, server_cpu(server) - s0))
+    print(f"{args.ftp_server}: {args.chunks} chunks of {args.size_kib} KiB, {args.workers} workers, "
+          f"{args.fill} already in each existing directory, medians of {args.rounds}; per chunk:")
     for (setting, kind), values in sorted(runs.items()):
         wall, client, srv = (statistics.median(v[j] for v in values) * 1e3 / args.chunks for j in range(3))
         print(f"  {setting:<8} {kind:<6}  wall {wall:5.2f} ms  client cpu {client:4.2f} ms  "

@@ -8,6 +8,7 @@ packages=(
   zstd python3-venv
   openssh-client                      # ssh: the transport of sftp:// targets (targets/sftp.py)
   samba openssh-server openssl        # loopback SMB and SFTP servers for tests/test_targets.py (FTPS cert)
+  vsftpd                              # loopback FTP(S) server, besides pyftpdlib (tests/servers.py VsftpdServer)
   smbclient curl lftp                 # the plain tools bench/target_throughput.py compares hotvm with
   postgresql                          # the Prefect server's database (scripts/prefect-server.sh)
   fdisk dosfstools ntfs-3g e2fsprogs  # partition and format guest file systems (file-level tests, hybrid restore)
@@ -27,6 +28,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     exit 1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  # Debian's FTP servers conflict with each other: never remove one this machine has (proftpd, pure-ftpd)
+  # for the tests' vsftpd; those tests are skipped instead
+  if [[ " ${missing[*]} " == *" vsftpd "* ]] \
+      && apt-get install -s -qq --no-install-recommends vsftpd 2>/dev/null | grep -q '^Remv'; then
+    echo "not installing vsftpd: it would replace this machine's FTP server (its tests are skipped)" >&2
+    kept=()
+    for p in "${missing[@]}"; do [ "$p" = vsftpd ] || kept+=("$p"); done
+    missing=("${kept[@]}")
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  # the tests start vsftpd themselves, on loopback: not the system's FTP service on port 21 (local logins,
+  # plaintext passwords) that installing the package starts where systemd runs
+  if [[ " ${missing[*]} " == *" vsftpd "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now vsftpd.service >/dev/null 2>&1 || true
+  fi
 fi

@@ -13,6 +13,10 @@ rename over an existing file gets DELE + rename. Per chunk that is PASV, STOR, R
 the chunk may already be there (exists_for_write, grouped()). A pooled connection the server dropped (a
 restart, an idle timeout) is replaced and the operation run again (_call): every operation here can be
 repeated, a STOR under its temporary name included.
+Servers differ (docs/targets.md has the table for pyftpdlib and vsftpd, both tested): without MLST/MLSD
+(vsftpd) existence is SIZE then CWD and the chunk directories come from one LIST; FTPS data connections
+resume the control connection's TLS session (vsftpd requires it); a 421 "too many connections" caps the
+connections at those open (vsftpd's max_per_ip).
 fsspec's own FTP writes re-STOR every 64 KiB block and its listings are cached per connection, so those paths
 are done here with plain commands.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import ftplib
 import posixpath
+import re
 import ssl
 import threading
 import uuid
@@ -38,8 +43,10 @@ from targets.base import Pool, Target, is_unreachable
 
 BLOCK = 1024 * 1024
 R = TypeVar("R")
-_DROPPED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError)
-"""What a pooled connection the server closed meanwhile raises on its next use (ftplib: EOFError)."""
+_DROPPED = (EOFError, ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError)
+"""What a pooled connection the server closed meanwhile raises on its next use (ftplib: EOFError; over TLS
+also an SSLError: a vsftpd session process that outlives its killed partner writes "500 OOPS: ..." in
+plain text into the TLS stream, read as "wrong version number")."""
 
 
 class _TypeKept:
@@ -73,16 +80,42 @@ class _FTP(_TypeKept, ftplib.FTP):
 
 
 class _FTPS(_TypeKept, ftplib.FTP_TLS):
-    pass
+    def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[Any, int | None]:
+        """FTP_TLS's, resuming the control connection's TLS session on each data connection (ftplib starts
+        a new one): vsftpd by default (require_ssl_reuse=YES), and other servers configured alike, refuse a
+        data connection that does not with "522 SSL connection failed: session reuse required" (the
+        proof that the data connection comes from the logged-in client). It also saves a full handshake
+        per chunk."""
+        conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+        if self._prot_p:
+            conn = self.context.wrap_socket(conn, server_hostname=self.host, session=self.sock.session)
+        return conn, size
 
 
 def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:
-    """storbinary without its TYPE I and its 1 MiB copies of the blob (BytesIO reads): one sendall."""
+    """storbinary without its TYPE I and its 1 MiB copies of the blob (BytesIO reads): one sendall.
+
+    A server that cannot write the file ends the data connection early and says why on the control
+    connection (vsftpd: "451 Failure writing to local file.", a full disk). That reply is the error, not the
+    broken data connection (over TLS: "EOF occurred in violation of protocol", which read as "cannot
+    reach"), and reading it keeps the control connection's replies in step."""
     ftp.binary()
-    with ftp.transfercmd(cmd) as conn:
-        conn.sendall(memoryview(data))
-        if isinstance(conn, ssl.SSLSocket):
-            conn.unwrap()  # a TLS close_notify, so the server knows the data is complete (as storbinary)
+    conn = ftp.transfercmd(cmd)  # failing here, nothing was sent: no reply to wait for
+    sent = False
+    try:
+        with conn:
+            conn.sendall(memoryview(data))
+            sent = True
+            if isinstance(conn, ssl.SSLSocket):
+                conn.unwrap()  # a TLS close_notify, so the server knows the data is complete (as storbinary)
+    except OSError as exc:  # ssl.SSLError, a reset or broken pipe of the data connection
+        try:
+            ftp.voidresp()
+        except ftplib.Error as reply:
+            raise reply from exc
+        if not sent:
+            raise
+        return  # every byte sent and the server says stored: only the TLS shutdown failed
     ftp.voidresp()
 
 
@@ -118,7 +151,17 @@ class _FTPFS(FTPFileSystem):
             self.ftp = _FTP(timeout=self.timeout, encoding=self.encoding)
         try:
             self.ftp.connect(self.host, self.port)
-            self.ftp.login(*self.cred)  # FTP_TLS.login sends AUTH TLS first
+            if self._context is not None:
+                try:
+                    self.ftp.auth()
+                except ftplib.error_perm as exc:
+                    raise _NoTLS(*exc.args) from None
+            try:
+                self.ftp.login(*self.cred)
+            except (ftplib.error_perm, ftplib.error_temp) as exc:  # pure-ftpd says it with 421
+                if self._context is None and _ASKS_FOR_TLS.search(str(exc)):
+                    raise _NeedsTLS(*exc.args) from None
+                raise
             if self._context is not None:
                 self.ftp.prot_p()
             self.ftp.set_pasv(self._passive)
@@ -133,8 +176,68 @@ class _FTPFS(FTPFileSystem):
             ftp.close()
 
 
+def _unix_list_dirs(lines: list[str]) -> list[str]:
+    """The directory names in a LIST reply in `ls -l` form (vsftpd, proftpd, pure-ftpd: servers without
+    MLSD), e.g. `drwx------    2 1001 1001 4096 Dec 06 23:00 ab`. Lines of any other form are skipped: a
+    directory not learnt here is made (MKD) as before, so a server with another format only costs time."""
+    names = []
+    for line in lines:
+        parts = line.split(None, 8)
+        if len(parts) == 9 and line[:1] == "d" and parts[8] not in (".", "..") and "/" not in parts[8]:
+            names.append(parts[8])
+    return names
+
+
+class _NoTLS(ftplib.error_perm):
+    """AUTH TLS refused. vsftpd without ssl_enable answers it "530 Please login with USER and PASS.", which
+    read as a wrong password."""
+
+
+class _NeedsTLS(ftplib.error_perm):
+    """A plain login refused for want of TLS (vsftpd's force_local_logins_ssl: "530 Non-anonymous sessions
+    must use encryption."; proftpd "550 SSL/TLS required on the control channel"; pure-ftpd "421-Sorry,
+    cleartext sessions and weak ciphers are not accepted"), which read as a wrong password (or, for 421, as
+    "cannot reach")."""
+
+
+_ASKS_FOR_TLS = re.compile(r"encrypt|tls|ssl|secure|cleartext", re.IGNORECASE)
+
+
 def _code(exc: BaseException) -> str:
     return str(exc)[:3]
+
+
+class _Slots:
+    """How many operations (so connections: one each) may run at once: any number until the server refuses a
+    connection with 421 "too many connections" while others are open (vsftpd's max_per_ip, max_clients),
+    then as many as were open then."""
+
+    def __init__(self) -> None:
+        self._cap: int | None = None
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        with self._cond:
+            while self._cap is not None and self._busy >= self._cap:
+                self._cond.wait()
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify()
+
+    def refused(self) -> bool:
+        """Called (its slot given back) by one whose new connection was refused: False when no other is
+        open (then the limit is not the reason), else the cap becomes the number of the others."""
+        with self._cond:
+            if self._busy < 1:
+                return False
+            self._cap = self._busy if self._cap is None else min(self._cap, self._busy)
+            return True
 
 
 class FTPTarget(Target):
@@ -150,7 +253,13 @@ class FTPTarget(Target):
         context = None
         if tls:
             ca_file = opts.pop("ca_file", None)
-            context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            try:
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+            except (OSError, ssl.SSLError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
+                raise ConfigError(f"target '{config.name}': cannot read ca_file {ca_file} ({reason})",
+                                  "name the PEM file of the CA that signed the server's certificate",
+                                  ) from None
             if not opts.pop("verify", True):
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
@@ -162,6 +271,7 @@ class FTPTarget(Target):
             lambda: _FTPFS(host, port, user, cred.value or "", self.timeout, context, passive),
             lambda fs: fs.ftp.close(), keep_on=(FileNotFoundError, ftplib.error_perm),
             alive=lambda fs: fs.ftp.voidcmd("NOOP") is not None, check_after_s=1.0)
+        self._slots = _Slots()
         self._dirs: set[str] = set()
         """Directories known to exist (made or seen by this target): no MKD for them."""
         self._fresh: set[str] = set()
@@ -171,6 +281,7 @@ class FTPTarget(Target):
         self._grouping = 0
         self._lock = threading.Lock()
         self._mlst = True
+        self._mlsd = True
         self._pipeline = True
 
     @property
@@ -179,7 +290,7 @@ class FTPTarget(Target):
 
     @contextmanager
     def _session(self) -> Iterator[Any]:
-        with self._pool.lease() as fs:
+        with self._slots.hold(), self._pool.lease() as fs:
             fs.used = True
             yield fs.ftp
 
@@ -187,17 +298,21 @@ class FTPTarget(Target):
         """fn(ftp) on a pooled connection, again on another if that one turns out dropped by the server
         (restarted, idle timeout; the pool's NOOP probe only runs after 1 s idle). The other idle
         connections of before the drop are closed with it, so the next one is new (or was just used). A new
-        connection failing is an answer, not a reason to try again."""
+        connection failing is an answer, not a reason to try again, except a 421 "too many connections"
+        while others are open: then those are the server's limit (_Slots.refused), and this waits for one."""
         for attempt in range(3):
             reused = False
             try:
-                with self._pool.lease() as fs:
+                with self._slots.hold(), self._pool.lease() as fs:
                     reused, fs.used = fs.used, True
                     return fn(fs.ftp)
             except (*_DROPPED, ftplib.error_temp) as exc:
-                # 421: the server is closing this connection (shutting down, idle timeout)
-                if (not reused or attempt == 2
-                        or (isinstance(exc, ftplib.error_temp) and _code(exc) != "421")):
+                # 421: the server is closing this connection (shutting down, idle timeout), or refuses one
+                # more (vsftpd's max_per_ip, max_clients)
+                is_421 = isinstance(exc, ftplib.error_temp) and _code(exc) == "421"
+                if not reused and is_421 and self._slots.refused():
+                    continue
+                if not reused or attempt == 2 or (isinstance(exc, ftplib.error_temp) and not is_421):
                     raise
                 self._pool.close()  # the idle ones: they went with the same server
         raise AssertionError("unreachable")
@@ -209,6 +324,14 @@ class FTPTarget(Target):
     # -- errors
     def _translate(self, exc: BaseException, what: str, path: str) -> BaseException | None:
         code = _code(exc)
+        if isinstance(exc, _NoTLS) or (isinstance(exc, ftplib.error_perm) and code in ("500", "502", "504")
+                                       and self.tls):
+            return TargetConfigError(f"target '{self.name}': {self.where} does not speak FTPS ({exc})",
+                                     "use an ftp:// URL, or enable TLS on the server "
+                                     "(vsftpd: ssl_enable=YES)")
+        if isinstance(exc, _NeedsTLS):
+            return TargetConfigError(f"target '{self.name}': {self.where} requires TLS ({exc})",
+                                     f"use an ftps:// URL for target '{self.name}'")
         if isinstance(exc, ftplib.error_perm) and code in ("530", "331", "332"):
             return TargetConfigError(
                 f"target '{self.name}': {self.where} rejected user '{self.user}' and the password from "
@@ -225,9 +348,6 @@ class FTPTarget(Target):
             return self.full_error(what, path)
         if isinstance(exc, ftplib.error_perm) and code in ("550", "553", "532", "450"):
             return self.refused_error(what, path, str(exc))
-        if isinstance(exc, ftplib.error_perm) and code in ("500", "502", "504") and self.tls:
-            return TargetConfigError(f"target '{self.name}': {self.where} does not speak FTPS ({exc})",
-                                     "use an ftp:// URL, or enable TLS on the server")
         if isinstance(exc, ftplib.error_temp) and code in ("426", "451"):
             return TargetError(
                 f"target '{self.name}': {self.where} aborted {what} {self.display(path)} ({exc})",
@@ -252,21 +372,31 @@ class FTPTarget(Target):
                 if _code(exc) not in ("500", "501", "502", "504"):
                     raise
                 self._mlst = False
+        ftp.binary()  # servers refuse SIZE in ASCII mode (a listing switched to it)
         try:
             ftp.size(full)
             return True
-        except ftplib.error_perm:
-            return posixpath.basename(full) in self._names(ftp, posixpath.dirname(full))
+        except ftplib.error_perm as exc:
+            if _code(exc) in ("500", "502"):  # no SIZE either: the directory's listing
+                try:
+                    return posixpath.basename(full) in self._names(ftp, posixpath.dirname(full))
+                except FileNotFoundError:
+                    return False
+        # 550 for a missing name and for a directory alike (vsftpd): a CWD tells them apart, one round trip
+        # where a listing of a chunk directory (a data connection, thousands of names) was asked every time
+        return self._is_dir(ftp, full)
 
     def _names(self, ftp: ftplib.FTP, full: str) -> list[str]:
         try:
-            try:
-                return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") not in
-                        ("cdir", "pdir") and n not in (".", "..")]
-            except ftplib.error_perm as exc:
-                if _code(exc) not in ("500", "501", "502", "504"):
-                    raise
-                return [posixpath.basename(n.rstrip("/")) for n in ftp.nlst(full) if n not in (".", "..")]
+            if self._mlsd:
+                try:
+                    return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") not in
+                            ("cdir", "pdir") and n not in (".", "..")]
+                except ftplib.error_perm as exc:
+                    if _code(exc) not in ("500", "501", "502", "504"):
+                        raise
+                    self._mlsd = False  # vsftpd has no MLSD (nor MLST): NLST from now on
+            return [posixpath.basename(n.rstrip("/")) for n in ftp.nlst(full) if n not in (".", "..")]
         except ftplib.error_perm as exc:
             if _code(exc) == "550":
                 raise FileNotFoundError(2, "No such directory", full) from None
@@ -350,17 +480,30 @@ class FTPTarget(Target):
     def _learn_dirs(self, under: str) -> None:
         full = self.full(under.rstrip("/"))
 
-        def dirs(ftp: _FTP | _FTPS) -> list[str]:
-            return [posixpath.join(full, n) for n, facts in ftp.mlsd(full, facts=["type"])
-                    if facts.get("type") == "dir" and "/" not in n]
+        def dirs(ftp: _FTP | _FTPS) -> tuple[list[str], bool]:
+            """The directories in `full`, and whether `full` surely exists (MLSD says so; vsftpd's LIST of
+            a missing directory is an empty success)."""
+            if self._mlsd:
+                try:
+                    return [n for n, facts in ftp.mlsd(full, facts=["type"]) if facts.get("type") == "dir"
+                            and "/" not in n and n not in (".", "..")], True
+                except ftplib.error_perm as exc:
+                    if _code(exc) not in ("500", "501", "502", "504"):
+                        raise
+                    self._mlsd = False
+            lines: list[str] = []
+            ftp.retrlines(f"LIST {full}", lines.append)
+            names = _unix_list_dirs(lines)
+            return names, bool(names)
 
         try:
-            found = self._call(dirs)
+            found, there = self._call(dirs)
         except (ftplib.Error, OSError, EOFError):
-            return  # no MLSD here, no such directory yet, or no server: directories are made as before
+            return  # no such directory yet, or no server: directories are made as before
         with self._lock:
-            self._dirs.update(found)
-            self._dirs.add(full)
+            self._dirs.update(posixpath.join(full, n) for n in found)
+            if there:
+                self._dirs.add(full)
 
     def _put(self, ftp: _FTP | _FTPS, full_path: str, data: bytes) -> None:
         _store(ftp, f"STOR {full_path}", data)

@@ -1,4 +1,4 @@
-"""Real servers on loopback for tests: Samba, OpenSSH (sftp), pyftpdlib (ftp/ftps) and moto (s3).
+"""Real servers on loopback for tests: Samba, OpenSSH (sftp), pyftpdlib and vsftpd (ftp/ftps), moto (s3).
 
 Each server lives in its own temp dir, listens on 127.0.0.1 on a free high port, gets stdin=DEVNULL and its
 own session, and can be stopped and started again on the same port (to test a server that goes away). Use
@@ -7,13 +7,15 @@ them as context managers or call start()/stop(); `close()` also removes the temp
     with SambaServer() as smb:
         smb.port, smb.user, smb.password, smb.share_dir
 
-This file is also the FTP server's entry point: `python tests/servers.py ftp ...` (see FtpServer).
+This file is also the FTP server's entry point: `python tests/servers.py ftp ...` (see FtpServer), and a
+subreaper to run a server under: `python tests/servers.py reap COMMAND...` (LoopbackServer.reap_all).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -61,6 +63,10 @@ class LoopbackServer:
     """One server process: start() waits until its port accepts connections; stop() kills its session."""
 
     name = "server"
+    reap_all = False
+    """Run the server under `servers.py reap` (a child subreaper): every process it forks is reaped there,
+    so its CPU counts in the server's cumulative CPU even when its own parent exits first (vsftpd's
+    per-session processes). For benches that measure the server's CPU."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
@@ -89,7 +95,10 @@ class LoopbackServer:
             self._prepared = True
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(self.command(), cwd=self.dir, env=self.env(),
+            command = self.command()
+            if self.reap_all:
+                command = [sys.executable, str(Path(__file__).resolve()), "reap", *command]
+            self.proc = subprocess.Popen(command, cwd=self.dir, env=self.env(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
         finally:
@@ -290,6 +299,115 @@ class FtpServer(LoopbackServer):
         return None if self.pipelining else {**os.environ, "HOTVM_TEST_FTP_NO_PIPELINING": "1"}
 
 
+PAM_SERVICE = "hotvm-test-ftp"
+PAM_CONFIG = """# hotvm tests (tests/servers.py VsftpdServer): unix passwords only; no pam_shells (the test
+# users have a nologin shell) and no delay after a wrong password (tests of one need not wait 2 s)
+auth     required pam_unix.so nodelay
+account  required pam_unix.so
+session  required pam_permit.so
+"""
+
+
+def _retry_locked(*args: str, input: str | None = None) -> None:
+    """useradd/chpasswd/userdel, again while another test worker holds the lock on /etc/passwd."""
+    for attempt in range(50):
+        try:
+            _run(*args, input=input)
+            return
+        except subprocess.CalledProcessError as exc:
+            if "lock" not in (exc.stderr or "") or attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
+class VsftpdServer(LoopbackServer):
+    """vsftpd (Debian package) with its own config; with tls=True it is FTPS (explicit AUTH TLS, PROT P
+    required for logins and data) with a self-signed cert and vsftpd's default require_ssl_reuse=YES: every
+    data connection must resume the control connection's TLS session.
+
+    vsftpd logs in real unix users: each server makes its own (`hotvmftp-<random>`, a random password, a
+    nologin shell, home = `root_dir` in the temp dir, chrooted there) and removes it in close(). Its PAM
+    service is `/etc/pam.d/hotvm-test-ftp` (Debian's vsftpd one refuses shells not in /etc/shells, and
+    pam_unix waits 2 s after a wrong password), written here once. Same attributes as FtpServer: user,
+    password, root_dir, cert, port.
+    """
+
+    name = "vsftpd"
+    binary = "/usr/sbin/vsftpd"
+
+    def __init__(self, port: int | None = None, tls: bool = False,
+                 options: dict[str, str] | None = None) -> None:
+        """`options`: more vsftpd.conf settings (e.g. require_ssl_reuse=NO)."""
+        super().__init__(port)
+        self.tls, self.options = tls, options or {}
+        self.user = f"hotvmftp-{secrets.token_hex(4)}"
+        self.password = secrets.token_urlsafe(12)
+        self.root_dir = self.dir / "home"
+        self.cert = self.dir / "cert.pem"
+        self.conf = self.dir / "vsftpd.conf"
+        self._user_made = False
+
+    @staticmethod
+    def available() -> bool:
+        return Path(VsftpdServer.binary).exists()
+
+    def prepare(self) -> None:
+        pam = Path("/etc/pam.d") / PAM_SERVICE
+        if not pam.exists() or pam.read_text() != PAM_CONFIG:
+            tmp = pam.with_name(f".{PAM_SERVICE}.{os.getpid()}")
+            tmp.write_text(PAM_CONFIG)
+            tmp.replace(pam)
+        self.root_dir.mkdir()  # before the user: a test user whose home is gone is a leftover
+        (self.dir / "empty").mkdir()  # secure_chroot_dir: root's, empty
+        self._remove_leftover_users()
+        _retry_locked("useradd", "-M", "-d", str(self.root_dir), "-s", "/usr/sbin/nologin", self.user)
+        self._user_made = True
+        _retry_locked("chpasswd", input=f"{self.user}:{self.password}\n")
+        shutil.chown(self.root_dir, self.user)
+        self.root_dir.chmod(0o700)
+        pasv = free_port()
+        settings = {
+            "listen": "YES", "listen_ipv6": "NO", "listen_address": "127.0.0.1",
+            "listen_port": str(self.port),
+            "background": "NO", "anonymous_enable": "NO", "local_enable": "YES", "write_enable": "YES",
+            "local_umask": "077", "chroot_local_user": "YES", "allow_writeable_chroot": "YES",
+            "secure_chroot_dir": str(self.dir / "empty"), "pam_service_name": PAM_SERVICE,
+            "pasv_enable": "YES", "pasv_address": "127.0.0.1", "pasv_min_port": str(pasv),
+            "pasv_max_port": str(min(pasv + 200, 65535)), "connect_from_port_20": "NO",
+            "max_clients": "64", "max_per_ip": "64", "seccomp_sandbox": "NO",
+            "xferlog_enable": "NO", "vsftpd_log_file": str(self.dir / "vsftpd.log"),
+            "delay_failed_login": "0", "ftpd_banner": "hotvm test vsftpd",
+        }
+        if self.tls:
+            _run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                 "-keyout", str(self.cert), "-out", str(self.cert))
+            settings.update({"ssl_enable": "YES", "rsa_cert_file": str(self.cert),
+                             "rsa_private_key_file": str(self.cert), "force_local_logins_ssl": "YES",
+                             "force_local_data_ssl": "YES", "ssl_tlsv1": "YES"})
+        settings.update(self.options)
+        self.conf.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+
+    @staticmethod
+    def _remove_leftover_users() -> None:
+        """Users of servers that were never closed (a killed test run): their home (a temp dir) is gone."""
+        for line in Path("/etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) > 5 and fields[0].startswith("hotvmftp-") and not Path(fields[5]).exists():
+                with contextlib.suppress(subprocess.CalledProcessError):
+                    _retry_locked("userdel", fields[0])
+
+    def command(self) -> list[str]:
+        return [self.binary, str(self.conf)]
+
+    def close(self) -> None:
+        super().close()
+        if self._user_made:
+            self._user_made = False
+            with contextlib.suppress(subprocess.CalledProcessError):
+                _retry_locked("userdel", self.user)
+
+
 class MotoServer(LoopbackServer):
     """`moto_server` (S3 and IAM in memory). With auth=True, requests must be signed by a key made with
     `make_user()` (moto enforces IAM once INITIAL_NO_AUTH_ACTION_COUNT unauthenticated calls are used up)."""
@@ -378,8 +496,25 @@ def _ftp_main(port: str, root: str, user: str, password: str, cert: str | None =
     server.serve_forever()
 
 
+def _reap_main(command: list[str]) -> None:
+    """Start `command` and reap every process that ends below it (PR_SET_CHILD_SUBREAPER), until none is
+    left: then this process's cutime/cstime hold the CPU of all of them (LoopbackServer.reap_all)."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        sys.exit(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+    os.posix_spawnp(command[0], command, os.environ)
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            return
+
+
 if __name__ == "__main__":
     if len(sys.argv) >= 6 and sys.argv[1] == "ftp":
         _ftp_main(*sys.argv[2:])
+    elif len(sys.argv) >= 3 and sys.argv[1] == "reap":
+        _reap_main(sys.argv[2:])
     else:
-        sys.exit("usage: servers.py ftp PORT ROOT USER PASSWORD [CERTFILE]")
+        sys.exit("usage: servers.py ftp PORT ROOT USER PASSWORD [CERTFILE] | servers.py reap COMMAND...")

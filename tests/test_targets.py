@@ -1,4 +1,5 @@
-"""Every target scheme against its real server on loopback (Samba, OpenSSH, pyftpdlib, moto), plus file://.
+"""Every target scheme against its real server on loopback (Samba, OpenSSH, pyftpdlib, moto), plus file://;
+ftp and ftps also against vsftpd ("ftp+vsftpd", "ftps+vsftpd": the server NAS boxes and Linux hosts run).
 
 Servers start once per session (tests/servers.py); each test works under a fresh root on them.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
-from servers import FtpServer, MotoServer, SambaServer, SshServer, free_port
+from servers import FtpServer, MotoServer, SambaServer, SshServer, VsftpdServer, free_port
 
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetError, TargetFull
@@ -28,11 +29,15 @@ from targets import Target, TargetConfigError, open_target
 
 MiB = 1024 * 1024
 SCHEMES = ["file", "smb", "sftp", "ftp", "ftps", "s3"]
+VSFTPD = ["ftp+vsftpd", "ftps+vsftpd"]
+"""ftp/ftps against vsftpd: no MLST/MLSD, 550 to SIZE of a directory, TLS session reuse required on data
+connections, 451 for a failed write, one process per connection."""
 BUCKET = "hotvm-backups"
 
 needs = {
     "smb": shutil.which("smbd") and shutil.which("smbpasswd"),
     "sftp": Path("/usr/sbin/sshd").exists(),
+    "vsftpd": VsftpdServer.available(),
 }
 
 
@@ -64,6 +69,20 @@ def ftp_server(request) -> FtpServer:
 @pytest.fixture(scope="session")
 def ftps_server(request) -> FtpServer:
     return _server(request, FtpServer(tls=True))
+
+
+@pytest.fixture(scope="session")
+def vsftpd_server(request) -> VsftpdServer:
+    if not needs["vsftpd"]:
+        pytest.skip("vsftpd is not installed (scripts/install-system-deps.sh)")
+    return _server(request, VsftpdServer())
+
+
+@pytest.fixture(scope="session")
+def vsftpds_server(request) -> VsftpdServer:
+    if not needs["vsftpd"]:
+        pytest.skip("vsftpd is not installed (scripts/install-system-deps.sh)")
+    return _server(request, VsftpdServer(tls=True))
 
 
 @dataclass
@@ -104,8 +123,10 @@ def make_config(scheme: str, request: pytest.FixtureRequest, tmp_path: Path, **u
         s = request.getfixturevalue("ssh_server")
         made = Made(TargetConfig(name="archive-ssh", url=f"sftp://root@127.0.0.1:{s.port}{s.root_dir}/b-{sub}",
                                  key_file=s.client_key, known_hosts=s.known_hosts), server=s)
-    elif scheme in ("ftp", "ftps"):
-        s = request.getfixturevalue(f"{scheme}_server")
+    elif scheme.split("+")[0] in ("ftp", "ftps"):  # "ftp", "ftps+vsftpd", ...
+        scheme, _, flavor = scheme.partition("+")
+        server = "vsftpd" if flavor else "ftp"
+        s = request.getfixturevalue(f"{server}{'s' if scheme == 'ftps' else ''}_server")
         made = Made(TargetConfig(name=scheme, url=f"{scheme}://{s.user}@127.0.0.1:{s.port}/backups/{sub}",
                                  password_env="HOTVM_TEST_FTP_PASSWORD",
                                  options={"ca_file": str(s.cert)} if scheme == "ftps" else {}),
@@ -132,7 +153,7 @@ def env(monkeypatch: pytest.MonkeyPatch):
     return apply
 
 
-@pytest.fixture(params=SCHEMES)
+@pytest.fixture(params=SCHEMES + VSFTPD)
 def target(request, tmp_path: Path, env) -> Iterator[Target]:
     tgt = env(make_config(request.param, request, tmp_path)).open()
     yield tgt
@@ -269,7 +290,7 @@ def test_backup_format_roundtrip(target: Target, tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- errors: one clear message each
-@pytest.mark.parametrize("scheme", ["smb", "ftp", "ftps"])
+@pytest.mark.parametrize("scheme", ["smb", "ftp", "ftps", *VSFTPD])
 def test_wrong_password(scheme: str, request, tmp_path: Path, env) -> None:
     made = env(make_config(scheme, request, tmp_path))
     var = made.config.password_env
@@ -400,7 +421,7 @@ def test_remote_target_full(scheme: str, request, tmp_path: Path, env) -> None:
 
 
 # ---------------------------------------------------------------- servers that go away and come back
-@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp"])
+@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp", "ftp+vsftpd"])
 def test_reconnects_after_server_restart(scheme: str, request, tmp_path: Path, env) -> None:
     made = env(make_config(scheme, request, tmp_path))
     tgt = made.open()
@@ -416,7 +437,7 @@ def test_reconnects_after_server_restart(scheme: str, request, tmp_path: Path, e
         tgt.close()
 
 
-@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp"])
+@pytest.mark.parametrize("scheme", ["smb", "sftp", "ftp", "ftp+vsftpd"])
 def test_server_killed_during_export_then_rerun_completes(scheme: str, request, tmp_path: Path, env) -> None:
     made = env(make_config(scheme, request, tmp_path))
     image = tmp_path / "disk.raw"
