@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from servers import FtpServer, MotoServer, SambaServer, SshServer, free_port
 
 from hotvm.config import TargetConfig
-from hotvm.errors import ConfigError, TargetError, TargetFull
+from hotvm.errors import ConfigError, TamperedBlob, TargetError, TargetFull
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import MARKER, Repository
 from hotvm.formats.restore import restore_disk
@@ -189,12 +189,17 @@ def test_blobs_larger_than_one_request_round_trip_whole(target: Target) -> None:
 
 def test_read_into_gives_the_blob_whatever_the_buffer(target: Target) -> None:
     """read_into (a restore's read into a reused buffer) gives exactly the blob: shorter than the buffer,
-    exactly its size, or larger (then read whole, never cut); a missing blob is FileNotFoundError."""
+    exactly its size, or larger but within its limit (then read whole, never cut); beyond the limit (by
+    default the buffer's size) it is refused, not cut; a missing blob is FileNotFoundError."""
     buf = bytearray(64 * 1024)
     for size in (1, 1000, len(buf), len(buf) + 1, 3 * len(buf)):
         data = os.urandom(size)
         target.write_bytes(f"r/{size}", data)
-        assert bytes(target.read_into(f"r/{size}", buf)) == data
+        assert bytes(target.read_into(f"r/{size}", buf, 3 * len(buf))) == data
+    with pytest.raises(TamperedBlob, match=r"r/65537 on target .* larger than the 65536 bytes"):
+        target.read_into(f"r/{len(buf) + 1}", buf)
+    with pytest.raises(TamperedBlob, match="damaged or tampered with"):
+        target.read_bytes(f"r/{3 * len(buf)}", 3 * len(buf) - 1)
     with pytest.raises(FileNotFoundError):
         target.read_into("r/missing", buf)
 
