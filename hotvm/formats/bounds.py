@@ -30,9 +30,12 @@ def chunk_max(plain: int) -> int:
 
 MARKER_MAX = 1 * MiB
 """hotvm-repository.json: a few hundred bytes of JSON."""
-MANIFEST_MAX = (1 << 30) + SEAL_OVERHEAD
-"""A manifest or a journal (disk record, volume record): 1 GiB of JSON lists some 12 million chunks, tens
-of TiB of non-zero data (formats/setstore.py MAX_MANIFEST_BYTES)."""
+MAX_MANIFEST_BYTES = 1 << 30
+"""A manifest larger than this is refused before it is read, decrypted or parsed (parsing costs several
+times its size in memory). 1 GiB of JSON lists some 12 million chunks: tens of TiB of non-zero data in one
+set (a disk has at most 2^24 chunks)."""
+MANIFEST_MAX = MAX_MANIFEST_BYTES + SEAL_OVERHEAD
+"""A manifest or a journal (disk record, volume record) as stored."""
 CONFIG_ARCHIVE_MAX = zstd_bound(256 * MiB) + SEAL_OVERHEAD
 """config.tar.zst: at most 256 MiB once decompressed (formats/configtar.py MAX_PLAIN_BYTES)."""
 ENTRIES_MAX = (2 << 30) + SEAL_OVERHEAD
@@ -41,3 +44,14 @@ MAX_ENTRIES_BYTES), which zstd stores in far less than 2 GiB (JSON entry lists c
 DOCUMENT_MAX = 64 * MiB
 """Small JSON documents: started.json, holds, restore-test records, inventory and plan documents, tape
 catalogs kept on the target (the largest, a catalog, holds a few hundred bytes per set)."""
+
+
+def set_file_max(name: str) -> int:
+    """The bound of a file in a set directory, by its name (copies and tape copies read every one): JSON
+    (manifest, journals, started.json) as a manifest, an entry list as one, anything else (the config
+    archive, files of a newer format) as a config archive."""
+    if name.endswith(".json"):
+        return MANIFEST_MAX
+    if name.endswith(".entries.zst"):
+        return ENTRIES_MAX
+    return CONFIG_ARCHIVE_MAX
