@@ -147,7 +147,7 @@ def test_restore_reads_each_distinct_chunk_once(tmp_path: Path, repo: Repository
     assert len(record.chunks) == 8 and len({d for _, d in record.chunks}) == 1
     reads = []
     original = repo.get_chunk
-    repo.get_chunk = lambda digest, **kw: reads.append(digest) or original(digest, **kw)  # count, do not fake
+    repo.get_chunk = lambda digest, *a, **kw: reads.append(digest) or original(digest, *a, **kw)  # count, do not fake
     restored = Path(restore_disk(repo, record, tmp_path / "r.raw", "raw").path)
     assert len(reads) == 1 and restored.read_bytes() == image.read_bytes()
 
