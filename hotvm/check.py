@@ -203,6 +203,8 @@ def _attribute(listing: SetListing, bad: dict[str, str], lengths: dict[str, int]
         ):
             if group:
                 detail = f"disk '{disk.device}': {len(group)} chunk(s) {what} ({_examples(group)})"
+                if kind == "chunk_unreadable":
+                    detail += f"; the first: {bad[group[0][1]]}"
                 check.problems.append(Problem(kind=kind, detail=detail))
 
 
