@@ -39,6 +39,7 @@ from targets.askpass import Askpass
 from targets.base import DEFAULT_LIMIT, Entry, Pool, Target
 from targets.sftpwire import (
     FAILURE,
+    MAX_FILE,
     OP_UNSUPPORTED,
     FileTooLarge,
     ProtocolError,
@@ -246,7 +247,7 @@ class SFTPTarget(Target):
             try:
                 return session.read_file(self.full(path), limit)
             except FileTooLarge as exc:
-                raise self.too_large(path, limit, exc.size) from None
+                raise self.too_large(path, min(limit, MAX_FILE), exc.size) from None
 
     def _put(self, session: Session, full_path: str, data: bytes) -> None:
         try:
