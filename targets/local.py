@@ -60,13 +60,13 @@ class LocalTarget(Target):
         self._real_root: str | None = None
 
     # -- opening inside the root: never through a symlink (targets/nofollow.py)
-    def _open(self, path: str, flags: int) -> int:
+    def _open(self, path: str, flags: int, mode: int = 0) -> int:
         """fd of root/path, refusing a symlink anywhere below the root (TamperedBlob)."""
         if self._real_root is None:
             self._real_root = os.path.realpath(self.root)
         full = os.path.join(self._real_root, path) if path else self._real_root
         try:
-            return open_nofollow(full, flags)
+            return open_nofollow(full, flags, mode)
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
@@ -96,7 +96,9 @@ class LocalTarget(Target):
     def _put_durably(self, full_path: str, data: bytes, sync: bool = True) -> None:
         # fsync before the rename: a manifest must never point at chunks a power cut could lose, and a chunk
         # must never be under its name cut short (the next backup would take it as stored).
-        fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        # Not through a symlink either: `chunks/ab -> /etc` must not make a backup write into /etc.
+        rel = os.path.relpath(full_path, self.root)
+        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
             view, done = memoryview(data), 0

@@ -33,12 +33,13 @@ _works: bool | None = None
 """None until the first call tells whether this kernel (and seccomp filter) allows openat2."""
 
 
-def open_nofollow(path: str, flags: int) -> int:
-    """os.open(path, flags) for an absolute `path` without a symlink in it: OSError(ELOOP) if there is one
-    (the last component too), FileNotFoundError etc. as os.open. The fd is close-on-exec."""
+def open_nofollow(path: str, flags: int, mode: int = 0) -> int:
+    """os.open(path, flags, mode) for an absolute `path` without a symlink in it: OSError(ELOOP) if there
+    is one (the last component too), FileNotFoundError etc. as os.open. The fd is close-on-exec."""
     global _works
     if _works is not False:
-        how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0, RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode if flags & os.O_CREAT else 0,
+                       RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
         fd = _syscall(ctypes.c_long(SYS_OPENAT2), ctypes.c_int(AT_FDCWD), os.fsencode(path),
                       ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
         if fd >= 0:
@@ -48,10 +49,10 @@ def open_nofollow(path: str, flags: int) -> int:
         if err not in (errno.ENOSYS, errno.EPERM) or _works:
             raise OSError(err, os.strerror(err), path)
         _works = False
-    return _walk(path, flags)
+    return _walk(path, flags, mode)
 
 
-def _walk(path: str, flags: int) -> int:
+def _walk(path: str, flags: int, mode: int) -> int:
     """The same without openat2: each directory opened O_NOFOLLOW relative to its parent."""
     parts = [p for p in path.split("/") if p]
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -64,6 +65,6 @@ def _walk(path: str, flags: int) -> int:
             fd = new
         if not parts:
             return os.dup(fd)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
     finally:
         os.close(fd)

@@ -425,7 +425,7 @@ def test_set_files_and_chunk_directories_behind_symlinks_never_carry_host_bytes_
 ) -> None:
     """A set file (a disk journal) made a symlink to a host key is never copied offsite (copies send set
     files as stored, unverified); `chunks/<xx>` made a symlink to a host directory is never read, listed
-    as chunks, or swept by prune (prune would delete every 'unreferenced chunk' in it)."""
+    as chunks, swept by prune (prune would delete every 'unreferenced chunk' in it), or written into."""
     p = _plain_repository(tmp_path)
     secret = _host_file(tmp_path)
     set_dir = p.root / p.repo.set_dir("web01", p.manifest.backup_id)
@@ -454,3 +454,8 @@ def test_set_files_and_chunk_directories_behind_symlinks_never_carry_host_bytes_
     with pytest.raises(TamperedBlob, match="symbolic link"):
         copy_repository(p.repo, open_target(TargetConfig(name="offsite2", url=f"file://{tmp_path}/dst2")))
     assert not _holds_secret(tmp_path / "dst2")
+    image = tmp_path / "again.raw"
+    image.write_bytes(p.image)  # a backup of the same disk writes that chunk again: never into the host
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        export_image(p.repo, device="d", image=str(image), chunk_size=SMALL_CHUNK, workers=1)
+    assert [f.name for f in host_dir.iterdir()] == [secret.name]
