@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
 SYS_OPENAT2 = 437
 """The same number on every Linux architecture (syscalls added since 5.1 share one table)."""
@@ -60,11 +61,21 @@ def _walk(path: str, flags: int, mode: int) -> int:
         for part in parts[:-1]:
             if part in (".", ".."):
                 raise OSError(errno.ELOOP, "a '.' or '..' component", path)
-            new = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            new = _open_at(fd, part, os.O_RDONLY | os.O_DIRECTORY, 0, path)
             os.close(fd)
             fd = new
         if not parts:
             return os.dup(fd)
-        return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        return _open_at(fd, parts[-1], flags, mode, path)
     finally:
         os.close(fd)
+
+
+def _open_at(fd: int, name: str, flags: int, mode: int, path: str) -> int:
+    """O_NOFOLLOW; a symlink is ELOOP whatever the flags (with O_DIRECTORY the kernel says ENOTDIR)."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path) from None
+        raise

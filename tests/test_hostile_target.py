@@ -30,7 +30,7 @@ from hotvm.formats.export import export_image
 from hotvm.formats.manifest import DiskRecord, Manifest
 from hotvm.formats.repository import MARKER, Repository, target_name
 from hotvm.prune import prune_repository
-from targets import open_target
+from targets import nofollow, open_target
 
 MiB = 1 << 20
 KEY_ENV = "HOTVM_HOSTILE_TEST_KEY"
@@ -459,3 +459,25 @@ def test_set_files_and_chunk_directories_behind_symlinks_never_carry_host_bytes_
     with pytest.raises(TamperedBlob, match="symbolic link"):
         export_image(p.repo, device="d", image=str(image), chunk_size=SMALL_CHUNK, workers=1)
     assert [f.name for f in host_dir.iterdir()] == [secret.name]
+
+
+def test_kernels_without_openat2_get_the_same_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where openat2 is missing (Linux < 5.6, a seccomp filter), each component is opened O_NOFOLLOW in
+    turn: backups and restores work, and a symlinked chunk or chunk directory is refused the same way."""
+    monkeypatch.setattr(nofollow, "_works", False)
+    p = _plain_repository(tmp_path)
+    assert restored(p.repo, p.record, tmp_path / "ok.raw") == p.image
+    secret = _host_file(tmp_path)
+    p.chunk.rename(tmp_path / "saved")
+    p.chunk.symlink_to(secret)
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        restored(p.repo, p.record, tmp_path / "bad.raw")
+    p.chunk.unlink()
+    (tmp_path / "saved").rename(p.chunk)
+    prefix = p.chunk.parent
+    prefix.rename(tmp_path / "prefix")
+    prefix.symlink_to(tmp_path / "prefix", target_is_directory=True)
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        restored(p.repo, p.record, tmp_path / "bad2.raw")
