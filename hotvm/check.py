@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from hotvm import immutability
 from hotvm.errors import ChecksumMismatch, HotvmError
+from hotvm.formats.bounds import CONFIG_ARCHIVE_MAX, chunk_max
 from hotvm.formats.export import chunk_count, chunk_digest, decompress_bounded, image_digest
 from hotvm.formats.repository import Repository
 from hotvm.prune import TMP_MARK, SetListing, list_sets, repository_present
@@ -112,7 +113,7 @@ def _verify_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | N
 def _read_chunk(repo: Repository, digest: str, max_size: int) -> tuple[str | None, int, bytes]:
     path = repo.chunk_path(digest)
     try:
-        blob = repo.target.read_bytes(path)
+        blob = repo.target.read_bytes(path, chunk_max(max_size))
     except FileNotFoundError:
         return "vanished while checking", 0, b""
     except HotvmError as exc:
@@ -164,7 +165,7 @@ def _check_config(repo: Repository, listing: SetListing, check: SetCheck) -> int
     archive = manifest.config_archive
     path = f"{listing.point.path}/{archive.name}"
     try:
-        blob = repo.target.read_bytes(path)
+        blob = repo.target.read_bytes(path, CONFIG_ARCHIVE_MAX)
     except FileNotFoundError:
         return 0  # already reported as missing
     try:
@@ -202,6 +203,8 @@ def _attribute(listing: SetListing, bad: dict[str, str], lengths: dict[str, int]
         ):
             if group:
                 detail = f"disk '{disk.device}': {len(group)} chunk(s) {what} ({_examples(group)})"
+                if kind == "chunk_unreadable":
+                    detail += f"; the first: {bad[group[0][1]]}"
                 check.problems.append(Problem(kind=kind, detail=detail))
 
 

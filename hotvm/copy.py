@@ -37,6 +37,7 @@ from hotvm import immutability, retention
 from hotvm.config import Config, Keep, TargetConfig
 from hotvm.config_file import load_config
 from hotvm.errors import BackupSetError, ChecksumMismatch, ConfigError, TargetConfigError
+from hotvm.formats.bounds import DOCUMENT_MAX, MANIFEST_MAX, MARKER_MAX, chunk_max, set_file_max
 from hotvm.formats.export import decompress_bounded
 from hotvm.formats.manifest import utcnow
 from hotvm.formats.repository import MARKER, Repository, read_marker
@@ -166,7 +167,7 @@ class Copier:
                 f"target '{self.src.target.name}' holds no hotvm repository to copy",
                 "check --from (hotvm list --target NAME shows what a target holds)",
             )
-        blob = self.src.target.read_bytes(MARKER)
+        blob = self.src.target.read_bytes(MARKER, MARKER_MAX)
         mine = read_marker(self.src.target)
         theirs = read_marker(self.dst, "copy with a newer hotvm")
         if theirs is None:
@@ -218,7 +219,7 @@ class Copier:
         """Read the stored blob, verify it (what restore checks), send it as stored."""
         path = Repository.chunk_path(digest)
         try:
-            blob = self.src.target.read_bytes(path)
+            blob = self.src.target.read_bytes(path, chunk_max(max_size))
         except FileNotFoundError:
             raise BackupSetError(
                 f"chunk {digest[:16]}… is missing from target '{self.src.target.name}'",
@@ -257,7 +258,7 @@ class Copier:
 
         def one(rel: str) -> int:
             try:
-                blob = self.src.target.read_bytes(f"{s.path}/{rel}")
+                blob = self.src.target.read_bytes(f"{s.path}/{rel}", set_file_max(rel))
             except FileNotFoundError:
                 raise BackupSetError(
                     f"{rel} of {s.kind} set {s.vm}/{s.backup_id} vanished from '{self.src.target.name}' "
@@ -268,7 +269,7 @@ class Copier:
         with ThreadPoolExecutor(self.workers) as pool:
             sent = list(pool.map(one, files))
         path = f"{s.path}/manifest.json"
-        blob = self.src.target.read_bytes(path)
+        blob = self.src.target.read_bytes(path, MANIFEST_MAX)
         self.src.open_blob(path, blob, f"manifest of {s.kind} set {s.vm}/{s.backup_id}")  # authentic
         sent.append(self.send(path, blob))
         outcome.files_sent, outcome.bytes_sent = len(sent), sum(sent)
@@ -283,7 +284,7 @@ class Copier:
                 if entry.name in theirs and (entry.size is None or theirs[entry.name] in (None, entry.size)):
                     continue
                 path = f"{folder}/{entry.name}"
-                self.send(path, self.src.target.read_bytes(path))
+                self.send(path, self.src.target.read_bytes(path, DOCUMENT_MAX))
                 self.report.documents_sent += 1
                 self.report.files_sent += 1
 

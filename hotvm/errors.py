@@ -73,6 +73,11 @@ class ChecksumMismatch(BackupSetError):
     pass
 
 
+class TamperedBlob(ChecksumMismatch):
+    """A file on a target is not what hotvm stores there: larger than its format allows, or (file://) not
+    a regular file (a symlink, a device, a FIFO). Refused before it is read or allocated: damage, not data."""
+
+
 class RunFailed(HotvmError):
     """A run over many VMs had failures; `results` holds every VM's result, for the report."""
 

@@ -44,6 +44,7 @@ from hotvm.config import TABLE_7_3_FILES_KEEP, Config, Keep, TargetConfig
 from hotvm.config_file import load_config
 from hotvm.errors import ChecksumMismatch, HotvmError
 from hotvm.files.filesets import FileSetManifest, FileSets
+from hotvm.formats.bounds import MANIFEST_MAX
 from hotvm.formats.manifest import Manifest, id_time, utcnow
 from hotvm.formats.repository import Repository, read_marker
 from hotvm.formats.setstore import TMP_MARK, SetStore
@@ -223,7 +224,8 @@ def listing_refs(store: SetStore, listing: SetListing) -> set[str] | None:
         return store.refs(listing.manifest)
     if listing.point.state is SetState.DAMAGED:
         try:
-            return store.raw_refs(json.loads(store.repo.read_file(f"{path}/manifest.json")))
+            body = store.repo.read_file(f"{path}/manifest.json", limit=MANIFEST_MAX)
+            return store.raw_refs(json.loads(body))
         except FileNotFoundError:
             return set()
         except (ValueError, KeyError, TypeError, IndexError, ChecksumMismatch):

@@ -31,10 +31,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 
-from hotvm.errors import ConfigError, TargetError, TargetFull
+from hotvm.errors import BackupSetError, ConfigError, TamperedBlob, TargetError, TargetFull
 
 if TYPE_CHECKING:
     from hotvm.config import TargetConfig
+
+DEFAULT_LIMIT = 64 << 20
+"""What read_bytes reads at most where its caller names no bound (hotvm's own callers always name one, from
+what they expect: hotvm/formats/bounds.py)."""
 
 _UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT,
                 errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE, errno.EHOSTDOWN}
@@ -54,6 +58,16 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def read_upto(read: Callable[[int], bytes], most: int, piece: int = 4 << 20) -> bytes:
+    """Read a stream until its end or `most` bytes, whichever comes first (a caller asks for limit + 1
+    to tell a blob that is too large: the stream is then left unread beyond that)."""
+    pieces, done = [], 0
+    while done < most and (got := read(min(piece, most - done))):
+        pieces.append(got)
+        done += len(got)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def is_unreachable(exc: BaseException) -> bool:
@@ -137,7 +151,7 @@ class Target:
     def _errors(self, what: str, path: str) -> Iterator[None]:
         try:
             yield
-        except (TargetError, FileNotFoundError, ConfigError):
+        except (TargetError, FileNotFoundError, ConfigError, BackupSetError):
             raise
         except Exception as exc:
             mapped = self._translate(exc, what, path)
@@ -171,6 +185,21 @@ class Target:
             f"target '{self.name}' refused {what} {self.display(path)}: {reason}",
             "check permissions on the target (hotvm needs to create files there)",
         )
+
+    def too_large(self, path: str, limit: int, size: int | None = None) -> TamperedBlob:
+        """A blob larger than its caller's bound: refused before more than limit + 1 bytes are read."""
+        said = f" (the server says {size} bytes)" if size is not None else ""
+        return TamperedBlob(
+            f"{self.display(path)} on target '{self.name}' is larger than the {limit} bytes hotvm ever "
+            f"stores there{said}: the repository is damaged or tampered with",
+            f"run 'hotvm check --target {self.name}' to see what is damaged; restore from another copy",
+        )
+
+    def bounded(self, path: str, data: bytes, limit: int) -> bytes:
+        """`data` if it is within `limit` (read with limit + 1 as the most), else too_large."""
+        if len(data) > limit:
+            raise self.too_large(path, limit)
+        return data
 
     def unreachable_error(self, exc: BaseException) -> TargetError:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
@@ -209,14 +238,21 @@ class Target:
         worst cost of writing a blob again whole."""
         return self.exists(path)
 
-    def read_bytes(self, path: str) -> bytes:
-        with self._errors("reading", path), self._session() as fs:
-            return fs.cat_file(self.full(path))
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
+        """A blob's bytes. A blob larger than `limit` is refused (TamperedBlob) having read at most
+        limit + 1 bytes: a tampered target never makes hotvm allocate more than its caller expects.
+        Schemes stream it and stop there, and refuse at once where the server reports a larger size."""
+        with self._errors("reading", path), self._session() as fs, fs.open(self.full(path), "rb") as fh:
+            size = getattr(fh, "size", None)
+            if isinstance(size, int) and size > limit:
+                raise self.too_large(path, limit, size)
+            return self.bounded(path, fh.read(limit + 1), limit)
 
-    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
+    def read_into(self, path: str, buf: bytearray, limit: int | None = None) -> bytes | memoryview:
         """A blob's bytes, read into `buf` where the target can (a view of it, valid until `buf` is reused:
-        no new chunk-sized object per read), otherwise as a new object. This default reads a new object."""
-        return self.read_bytes(path)
+        no new chunk-sized object per read), otherwise as a new object; larger than `limit` (default:
+        len(buf)): refused as read_bytes does. This default reads a new object."""
+        return self.read_bytes(path, len(buf) if limit is None else limit)
 
     def read_scatter(
         self, path: str, plan: Callable[[bytes, int], list[memoryview] | None]

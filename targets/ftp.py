@@ -39,7 +39,7 @@ from fsspec.implementations.ftp import FTPFileSystem
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets.base import Pool, Target, is_unreachable
+from targets.base import DEFAULT_LIMIT, Pool, Target, is_unreachable, read_upto
 
 BLOCK = 1024 * 1024
 R = TypeVar("R")
@@ -119,17 +119,27 @@ def _store(ftp: _FTP | _FTPS, cmd: str, data: bytes) -> None:
     ftp.voidresp()
 
 
-def _retrieve(ftp: _FTP | _FTPS, cmd: str) -> bytes:
-    """retrbinary without its TYPE I, joined once (a BytesIO copied every block, and again at the end)."""
+class _TooLarge(Exception):
+    def __init__(self, size: int | None) -> None:
+        self.size = size
+
+
+def _retrieve(ftp: _FTP | _FTPS, cmd: str, limit: int) -> bytes:
+    """retrbinary without its TYPE I, joined once (a BytesIO copied every block, and again at the end).
+    More than `limit` bytes (the size in the server's 150 reply, or what it sends): _TooLarge, the data
+    connection closed unread (the control connection is then discarded by the pool)."""
     ftp.binary()
-    pieces = []
-    with ftp.transfercmd(cmd) as conn:
-        while piece := conn.recv(BLOCK):
-            pieces.append(piece)
+    conn, size = ftp.ntransfercmd(cmd)
+    with conn:
+        if size is not None and size > limit:
+            raise _TooLarge(size)
+        data = read_upto(conn.recv, limit + 1, BLOCK)
+        if len(data) > limit:
+            raise _TooLarge(None)
         if isinstance(conn, ssl.SSLSocket):
             conn.unwrap()
     ftp.voidresp()
-    return b"".join(pieces)
+    return data
 
 
 class _FTPFS(FTPFileSystem):
@@ -423,12 +433,14 @@ class FTPTarget(Target):
             surely_new = posixpath.dirname(full) in self._fresh and hash(full) not in self._fresh_written
         return False if surely_new else self.exists(path)
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
         full = self.full(path)
 
         def read(ftp: _FTP | _FTPS) -> bytes:
             try:
-                return _retrieve(ftp, f"RETR {full}")
+                return _retrieve(ftp, f"RETR {full}", limit)
+            except _TooLarge as exc:
+                raise self.too_large(path, limit, exc.size) from None
             except ftplib.error_perm as exc:
                 if _code(exc) == "550" and not self._stat_exists(ftp, full):
                     raise FileNotFoundError(2, "No such file", self.display(path)) from None

@@ -7,8 +7,11 @@ it) fails the write instead of filling the local disk below the mount point.
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,12 +23,18 @@ from urllib.parse import unquote, urlparse
 from fsspec.implementations.local import LocalFileSystem
 
 from hotvm.config import TargetConfig
-from hotvm.errors import TargetError
-from targets.base import Target
+from hotvm.errors import TamperedBlob, TargetError
+from targets.base import DEFAULT_LIMIT, Entry, Target
+from targets.nofollow import open_nofollow
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
+
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK
+"""How blobs are opened (open_nofollow adds O_NOFOLLOW): O_NONBLOCK so that a FIFO planted as a chunk is
+refused (not a regular file) instead of blocking the open; it changes nothing for regular files."""
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY
 
 HEAD_BYTES = 32
 """What read_scatter reads first for its plan (a zstd frame header is at most 18 bytes)."""
@@ -48,11 +57,48 @@ class LocalTarget(Target):
         self._grouped_under: set[str] = set()
         self._flusher: ThreadPoolExecutor | None = None
         self._flushes: list[Future[None]] = []
+        self._real_root: str | None = None
+
+    # -- opening inside the root: never through a symlink (targets/nofollow.py)
+    def _open(self, path: str, flags: int, mode: int = 0) -> int:
+        """fd of root/path, refusing a symlink anywhere below the root (TamperedBlob)."""
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        full = os.path.join(self._real_root, path) if path else self._real_root
+        try:
+            return open_nofollow(full, flags, mode)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+        raise self.not_regular(path, "a symbolic link, or below one") from None
+
+    def not_regular(self, path: str, what: str) -> TamperedBlob:
+        return TamperedBlob(
+            f"{self.display(path)} on target '{self.name}' is {what}, not a file hotvm stores: the "
+            "repository is damaged or tampered with (hotvm never follows links out of a target)",
+            f"run 'hotvm check --target {self.name}' to see what is damaged; remove what is not hotvm's",
+        )
+
+    def _open_blob(self, path: str, limit: int) -> tuple[int, int]:
+        """(fd, size) of a regular file of at most `limit` bytes (else TamperedBlob, nothing read)."""
+        fd = self._open(path, READ_FLAGS)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise self.not_regular(path, "not a regular file (a device, FIFO or socket)")
+            if st.st_size > limit:
+                raise self.too_large(path, limit, st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st.st_size
 
     def _put_durably(self, full_path: str, data: bytes, sync: bool = True) -> None:
         # fsync before the rename: a manifest must never point at chunks a power cut could lose, and a chunk
         # must never be under its name cut short (the next backup would take it as stored).
-        fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+        # Not through a symlink either: `chunks/ab -> /etc` must not make a backup write into /etc.
+        rel = os.path.relpath(full_path, self.root)
+        fd = self._open(rel, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
             view, done = memoryview(data), 0
@@ -172,33 +218,46 @@ class LocalTarget(Target):
             with suppress(OSError):
                 os.unlink(tmp)
 
-    def read_into(self, path: str, buf: bytearray) -> bytes | memoryview:
-        """readinto `buf` (see Target.read_into); a file larger than `buf` is read whole as a new object."""
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
+        """The file's size as fstat reports it (at most `limit`), in one read where the kernel allows."""
         with self._errors("reading", path):
-            fd = os.open(self.full(path), os.O_RDONLY)
+            fd, size = self._open_blob(path, limit)
             try:
-                view, done = memoryview(buf), 0
-                while done < len(view):
+                first = os.read(fd, size)
+                if len(first) == size:
+                    return first
+                pieces, done = [first], len(first)
+                while done < size and (piece := os.read(fd, size - done)):
+                    pieces.append(piece)
+                    done += len(piece)
+                return b"".join(pieces)
+            finally:
+                os.close(fd)
+
+    def read_into(self, path: str, buf: bytearray, limit: int | None = None) -> bytes | memoryview:
+        """readinto `buf` (see Target.read_into): the file's size as fstat reports it, refused beyond
+        `limit` (default len(buf)); a file larger than `buf` but within `limit` is read as a new object."""
+        limit = len(buf) if limit is None else limit
+        with self._errors("reading", path):
+            fd, size = self._open_blob(path, limit)
+            try:
+                if size > len(buf):
+                    return self.read_bytes(path, limit)
+                view, done = memoryview(buf)[:size], 0
+                while done < size:
                     n = os.readv(fd, [view[done:]])
                     if not n:
-                        return view[:done]
+                        return view[:done]  # shorter than it was a moment ago
                     done += n
-                rest = os.read(fd, 1 << 20)
-                if not rest:
-                    return view
-                chunks = [bytes(view), rest]
-                while more := os.read(fd, 1 << 20):
-                    chunks.append(more)
-                return b"".join(chunks)
+                return view
             finally:
                 os.close(fd)
 
     def read_scatter(self, path: str, plan: Callable[[bytes, int], list[memoryview] | None]) -> bool:
         """One pread of the head, then one preadv of the whole file into the planned buffers."""
         with self._errors("reading", path):
-            fd = os.open(self.full(path), os.O_RDONLY)
+            fd, size = self._open_blob(path, 1 << 62)  # the plan's own buffers bound what is read
             try:
-                size = os.fstat(fd).st_size
                 views = plan(os.pread(fd, HEAD_BYTES, 0), size)
                 if views is None:
                     return False
@@ -213,6 +272,61 @@ class LocalTarget(Target):
                     if views and n:
                         views[0] = views[0][n:]
                 return not views and done == size
+            finally:
+                os.close(fd)
+
+    # -- listing and deleting: never through a symlink either (prune deletes what it lists)
+    def _open_dir(self, path: str) -> int | None:
+        """fd of the directory root/path; None if it does not exist."""
+        try:
+            return self._open(path, DIR_FLAGS)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def scan(self, path: str) -> list[Entry]:
+        """What is in the directory, as it is: a symlink is listed as what it is (not a directory), never
+        followed."""
+        with self._errors("listing", path):
+            fd = self._open_dir(path)
+            if fd is None:
+                return []
+            try:
+                entries = []
+                with os.scandir(fd) as found:
+                    for item in found:
+                        st = item.stat(follow_symlinks=False)
+                        entries.append(Entry(item.name, stat.S_ISDIR(st.st_mode), st.st_size,
+                                             dt.datetime.fromtimestamp(st.st_mtime, dt.UTC)))
+            finally:
+                os.close(fd)
+        return sorted(entries, key=lambda e: e.name)
+
+    def listdir(self, path: str) -> list[str]:
+        return [e.name for e in self.scan(path)]
+
+    def delete(self, path: str) -> None:
+        """Unlink the name itself (a symlink is removed, never what it points to)."""
+        parent, name = os.path.split(path)
+        with self._errors("deleting", path):
+            fd = self._open_dir(parent)
+            if fd is None:
+                return
+            try:
+                with suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
+
+    def delete_tree(self, path: str) -> None:
+        """shutil.rmtree below a parent opened without following symlinks (rmtree follows none inside)."""
+        parent, name = os.path.split(path)
+        with self._errors("deleting", path):
+            fd = self._open_dir(parent)
+            if fd is None:
+                return
+            try:
+                with suppress(FileNotFoundError):
+                    shutil.rmtree(name, dir_fd=fd)
             finally:
                 os.close(fd)
 

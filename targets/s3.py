@@ -28,7 +28,7 @@ from s3fs import S3FileSystem
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets.base import Target
+from targets.base import DEFAULT_LIMIT, Target
 
 _AUTH = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidClientTokenId", "InvalidToken",
          "ExpiredToken", "AuthorizationHeaderMalformed", "UnrecognizedClientException"}
@@ -124,6 +124,33 @@ class S3Target(Target):
                          ObjectLockRetainUntilDate=self.lock_until())
         else:
             fs.pipe_file(full_path, data)
+
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
+        """One GET whose body is read to its end or limit + 1 bytes, whichever comes first, and closed
+        (s3fs's cat_file reads any body whole); refused at once where the store says it is larger."""
+        from fsspec.asyn import sync
+
+        with self._errors("reading", path):
+            data, size = sync(self.fs.loop, self._get_upto, self._key(path), limit)
+            if size is not None:
+                raise self.too_large(path, limit, size)
+            return self.bounded(path, data, limit)
+
+    async def _get_upto(self, key: str, limit: int) -> tuple[bytes, int | None]:
+        """(the body, up to limit + 1 bytes; None) or (b"", the size the store gives when above limit)."""
+        response = await self.fs._call_s3("get_object", Bucket=self.bucket, Key=key)
+        body = response["Body"]
+        try:
+            size = response.get("ContentLength")
+            if isinstance(size, int) and size > limit:
+                return b"", size
+            pieces, done = [], 0
+            while done <= limit and (piece := await body.read(min(4 << 20, limit + 1 - done))):
+                pieces.append(piece)
+                done += len(piece)
+            return b"".join(pieces), None
+        finally:
+            body.close()
 
     # -- Object Lock
     def _s3(self, method: str, **kwargs: Any) -> dict:

@@ -36,8 +36,17 @@ from hotvm.child_env import child_env
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
 from targets.askpass import Askpass
-from targets.base import Entry, Pool, Target
-from targets.sftpwire import FAILURE, OP_UNSUPPORTED, ProtocolError, Session, SessionClosed, StatusError
+from targets.base import DEFAULT_LIMIT, Entry, Pool, Target
+from targets.sftpwire import (
+    FAILURE,
+    MAX_FILE,
+    OP_UNSUPPORTED,
+    FileTooLarge,
+    ProtocolError,
+    Session,
+    SessionClosed,
+    StatusError,
+)
 
 SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
 IO_TIMEOUT = 120.0
@@ -233,9 +242,12 @@ class SFTPTarget(Target):
             except FileNotFoundError:
                 return False
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
         with self._errors("reading", path), self._session() as session:
-            return session.read_file(self.full(path))
+            try:
+                return session.read_file(self.full(path), limit)
+            except FileTooLarge as exc:
+                raise self.too_large(path, min(limit, MAX_FILE), exc.size) from None
 
     def _put(self, session: Session, full_path: str, data: bytes) -> None:
         try:

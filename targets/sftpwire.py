@@ -54,6 +54,16 @@ MAX_FILE = 1 << 30
 """Largest file read whole (a chunk is at most 256 MiB): a bigger size from the server is refused before
 the buffer is allocated."""
 
+
+
+class FileTooLarge(OSError):
+    """The server says a file is larger than the caller reads."""
+
+    def __init__(self, size: int, path: str) -> None:
+        super().__init__(errno.EFBIG, f"the server says the file has {size} bytes: too big", path)
+        self.size = size
+
+
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">IBI")  # length, type, request id
 _READ = struct.Struct(">QI")
@@ -418,9 +428,11 @@ class Session:
             raise OSError(errno.ENOSPC, f"the server kept {size} of {len(view)} bytes", path)
 
     @_guarded
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, limit: int = MAX_FILE) -> bytes:
         """The whole file, as big as it is when opened: READs of max_read bytes, IN_FLIGHT outstanding,
-        each reply read straight into its place; a short reply gets a follow-up request for the rest."""
+        each reply read straight into its place; a short reply gets a follow-up request for the rest.
+        A size above `limit` is FileTooLarge before anything is allocated; nothing beyond the size the
+        server stated is asked for (a file that grew is cut there: its content then fails its checks)."""
         open_rid = self._request(_string(path) + _U32.pack(F_READ) + NO_ATTRS, OPEN)
         stat_rid = self._request(_string(path), STAT)
         opened = self._reply(open_rid)
@@ -430,8 +442,8 @@ class Session:
             size = _attrs(_check(attrs, path), path).size
             if size is None:
                 raise ProtocolError("the server did not say how big the file is")
-            if size > MAX_FILE:
-                raise OSError(errno.EFBIG, f"the server says the file has {size} bytes: too big", path)
+            if size > min(limit, MAX_FILE):
+                raise FileTooLarge(size, path)
             out = bytearray(size)
             view = memoryview(out)
             prefix = _string(handle)

@@ -46,7 +46,7 @@ from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
 from targets import smbblob, smbwire
-from targets.base import Pool, Target, is_unreachable
+from targets.base import DEFAULT_LIMIT, Pool, Target, is_unreachable, read_upto
 
 _Access = FilePipePrinterAccessMask
 CREDIT_MARGIN = 16
@@ -306,16 +306,17 @@ class SMBTarget(Target):
         if created and self._grouping:
             self._fresh.add(full_path)
 
-    def read_bytes(self, path: str) -> bytes:
+    def read_bytes(self, path: str, limit: int = DEFAULT_LIMIT) -> bytes:
         """One [CREATE, READ, CLOSE] compound where the blob fits in one read (open_file + readall take three
         round trips and four copies); a read that fills the whole request may have more behind it, and takes
-        the general path (which also asks the server for more credits)."""
+        the general path (which also asks the server for more credits). Never more than limit + 1 bytes are
+        asked for, and a blob the server says is larger than `limit` is refused (Target.read_bytes)."""
         unc = self._unc(self.full(path))
         with self._errors("reading", path), self._session() as kw:
             raw = SMBRawIO(unc, mode="r", share_access="r", desired_access=_Access.FILE_READ_DATA, **kw)
             conn = raw.fd.connection
             available = conn.sequence_window["high"] - conn.sequence_window["low"]
-            length = min(conn.max_read_size, (available - 2) * MAX_PAYLOAD_SIZE)
+            length = min(conn.max_read_size, (available - 2) * MAX_PAYLOAD_SIZE, limit + 1)
             if length > 0:
                 compound = SMBFileTransaction(raw)
                 raw.open(transaction=compound)
@@ -328,10 +329,16 @@ class SMBTarget(Target):
                         raise
                     return b""
                 data = compound.results[1]
-                if len(data) < length:
+                size = raw.fd.end_of_file
+                if isinstance(size, int) and size > limit:
+                    raise self.too_large(path, limit, size)
+                if len(self.bounded(path, data, limit)) < length:
                     return data
             with smbclient.open_file(unc, "rb", buffering=0, **kw) as fh:
-                return fh.readall()
+                size = fh.fd.end_of_file
+                if isinstance(size, int) and size > limit:
+                    raise self.too_large(path, limit, size)
+                return self.bounded(path, read_upto(fh.read, limit + 1), limit)
 
     def _put(self, kw: dict[str, Any], full_path: str, data: bytes) -> None:
         with smbclient.open_file(self._unc(full_path), "wb", buffering=0, **kw) as fh:

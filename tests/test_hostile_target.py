@@ -3,6 +3,7 @@ never wrong data, never silently re-created, never a downgrade of authentication
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -11,13 +12,25 @@ import stat
 import subprocess
 import sys
 import time
+import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from helpers import hotvm, hotvm_json
 from qemu_helpers import DiskSpec, start_qemu
+from repo_helpers import commit, restored
 
-from hotvm.formats.repository import MARKER, target_name
+from hotvm.check import check_repository
+from hotvm.config import Keep, TargetConfig
+from hotvm.copy import copy_repository
+from hotvm.errors import TamperedBlob
+from hotvm.formats.bounds import chunk_max
+from hotvm.formats.export import export_image
+from hotvm.formats.manifest import DiskRecord, Manifest
+from hotvm.formats.repository import MARKER, Repository, target_name
+from hotvm.prune import prune_repository
+from targets import nofollow, open_target
 
 MiB = 1 << 20
 KEY_ENV = "HOTVM_HOSTILE_TEST_KEY"
@@ -288,3 +301,183 @@ def test_vms_named_x_colon_y_and_x_underscore_y_restore_their_own_disks(
     assert "its id changed" in err and "hotvm target forget nas" in err, err
     hotvm("target", "forget", "nas", "-c", str(cfg))
     assert sorted(complete_ids(cfg)) == sorted(ids.values())
+
+
+# ----------------------------------------------------------------- blobs: bounded, never through a symlink
+
+SMALL_CHUNK = 64 * 1024
+"""A small chunk size keeps the bound (bounds.chunk_max: about 64 KiB) far below the planted blobs."""
+HOST_SECRET = b"-----BEGIN OPENSSH PRIVATE KEY----- host secret that must never leave this host\n"
+
+
+@dataclass
+class Planted:
+    repo: Repository
+    root: Path
+    record: DiskRecord
+    manifest: Manifest
+    image: bytes
+    chunk: Path
+    """The first chunk's file."""
+
+
+def _plain_repository(tmp_path: Path, name: str = "src") -> Planted:
+    """A file:// repository with one set of a 4-chunk disk (no VM: the format's own API)."""
+    root = tmp_path / name
+    repo = Repository(open_target(TargetConfig(name=name, url=f"file://{root}")))
+    image = tmp_path / f"{name}.raw"
+    image.write_bytes(os.urandom(4 * SMALL_CHUNK))
+    record = export_image(repo, device="d", image=str(image), chunk_size=SMALL_CHUNK, workers=1)
+    manifest = commit(repo, "web01", 1, record)
+    chunk = root / repo.chunk_path(record.chunks[0][1])
+    return Planted(repo, root, record, manifest, image.read_bytes(), chunk)
+
+
+def _host_file(tmp_path: Path) -> Path:
+    """Stands for /root/.ssh/id_ed25519 or /etc/shadow: a file of the host, outside every target."""
+    secret = tmp_path / "host" / "id_ed25519"
+    secret.parent.mkdir()
+    secret.write_bytes(HOST_SECRET)
+    secret.chmod(0o600)
+    return secret
+
+
+def _holds_secret(root: Path) -> list[Path]:
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    return [p for p in files if HOST_SECRET in p.read_bytes()]
+
+
+def _every_reader_refuses(p: Planted, tmp_path: Path, why: str) -> None:
+    """restore, check --read-data and copy each fail naming the chunk, the target and the fix; the copy's
+    destination never gets the chunk (nor any host bytes)."""
+    name = p.chunk.name
+    with pytest.raises(TamperedBlob) as caught:
+        restored(p.repo, p.record, tmp_path / f"out-{why[:4]}.raw")
+    assert name in str(caught.value) and "target 'src'" in str(caught.value), caught.value
+    assert why in str(caught.value) and "hotvm check --target src" in str(caught.value), caught.value
+
+    report = check_repository(p.repo, read_data=True)
+    [problem] = report.sets[0].problems
+    assert problem.kind == "chunk_unreadable", problem
+    assert why in problem.detail and name[:16] in problem.detail, problem
+
+    dst_root = tmp_path / f"dst-{why[:4]}"
+    dst = open_target(TargetConfig(name="offsite", url=f"file://{dst_root}"))
+    with pytest.raises(TamperedBlob, match=why):
+        copy_repository(p.repo, dst)
+    assert not (dst_root / p.repo.chunk_path(name)).exists()
+    assert not list(dst_root.rglob("manifest.json")), "no set may look complete on the copy"
+    assert not _holds_secret(dst_root)
+
+
+def test_chunks_replaced_by_symlinks_devices_or_oversize_files_are_refused_by_every_reader(
+    tmp_path: Path,
+) -> None:
+    """A chunk made a symlink to /dev/zero (endless) or to a host file, a FIFO, a device, or a file far
+    larger than any chunk of its disk: restore, check and copy refuse it by name, without reading it."""
+    p = _plain_repository(tmp_path)
+    original = p.chunk.read_bytes()
+    secret = _host_file(tmp_path)
+
+    for plant, why in (
+        (lambda: p.chunk.symlink_to("/dev/zero"), "symbolic link"),
+        (lambda: p.chunk.symlink_to(secret), "symbolic link"),
+        (lambda: os.mkfifo(p.chunk), "not a regular file"),
+        (lambda: os.truncate(p.chunk, 1 << 40) if p.chunk.write_bytes(b"") == 0 else None, "larger than"),
+    ):
+        p.chunk.unlink()
+        plant()
+        _every_reader_refuses(p, tmp_path, why)
+    if os.geteuid() == 0:
+        p.chunk.unlink()
+        os.mknod(p.chunk, stat.S_IFCHR | 0o600, os.makedev(1, 5))  # /dev/zero's own device node
+        _every_reader_refuses(p, tmp_path, "not a regular file")
+
+    p.chunk.unlink()
+    p.chunk.write_bytes(original)
+    assert restored(p.repo, p.record, tmp_path / "ok.raw") == p.image
+
+
+def test_an_oversize_chunk_costs_no_more_memory_than_its_bound(tmp_path: Path) -> None:
+    """A real (not sparse) chunk file 64 times its bound: the read is refused having allocated next to
+    nothing, through read_bytes (copy, check) and read_into (restore) alike."""
+    p = _plain_repository(tmp_path)
+    big = os.urandom(1 << 20)
+    with open(p.chunk, "wb") as fh:
+        for _ in range(4):
+            fh.write(big)  # 4 MiB
+    path = p.repo.chunk_path(p.chunk.name)
+    tracemalloc.start()
+    try:
+        for read in (lambda: p.repo.target.read_bytes(path, chunk_max(SMALL_CHUNK)),
+                     lambda: p.repo.get_chunk(p.chunk.name, SMALL_CHUNK, bytearray(chunk_max(SMALL_CHUNK)))):
+            with pytest.raises(TamperedBlob, match="larger than"):
+                read()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 512 * 1024, f"{peak} bytes allocated to refuse a 4 MiB chunk"
+    _every_reader_refuses(p, tmp_path, "larger than")
+
+
+def test_set_files_and_chunk_directories_behind_symlinks_never_carry_host_bytes_or_lose_host_files(
+    tmp_path: Path,
+) -> None:
+    """A set file (a disk journal) made a symlink to a host key is never copied offsite (copies send set
+    files as stored, unverified); `chunks/<xx>` made a symlink to a host directory is never read, listed
+    as chunks, swept by prune (prune would delete every 'unreferenced chunk' in it), or written into."""
+    p = _plain_repository(tmp_path)
+    secret = _host_file(tmp_path)
+    set_dir = p.root / p.repo.set_dir("web01", p.manifest.backup_id)
+    (set_dir / "disks").mkdir()
+    (set_dir / "disks" / "d.json").symlink_to(secret)
+    dst_root = tmp_path / "dst"
+    dst = open_target(TargetConfig(name="offsite", url=f"file://{dst_root}"))
+    with pytest.raises(TamperedBlob, match=r"disks/d.json on target 'src' is a symbolic link"):
+        copy_repository(p.repo, dst)
+    assert not _holds_secret(dst_root) and not list(dst_root.rglob("manifest.json"))
+    (set_dir / "disks" / "d.json").unlink()
+
+    # chunks/<xx> -> a host directory holding old files (as /etc does).
+    host_dir = secret.parent
+    old = time.time() - 30 * 86400
+    os.utime(secret, (old, old))
+    prefix = p.chunk.parent
+    shutil.move(prefix, tmp_path / "moved-prefix")
+    prefix.symlink_to(host_dir, target_is_directory=True)
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        restored(p.repo, p.record, tmp_path / "out.raw")
+    report = check_repository(p.repo, read_data=True)
+    assert "chunk_missing" in [pr.kind for pr in report.sets[0].problems]
+    prune_repository(p.repo, Keep(last=1), now=dt.datetime.now(dt.UTC) + dt.timedelta(days=60))
+    assert secret.read_bytes() == HOST_SECRET, "prune deleted a host file through a symlinked directory"
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        copy_repository(p.repo, open_target(TargetConfig(name="offsite2", url=f"file://{tmp_path}/dst2")))
+    assert not _holds_secret(tmp_path / "dst2")
+    image = tmp_path / "again.raw"
+    image.write_bytes(p.image)  # a backup of the same disk writes that chunk again: never into the host
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        export_image(p.repo, device="d", image=str(image), chunk_size=SMALL_CHUNK, workers=1)
+    assert [f.name for f in host_dir.iterdir()] == [secret.name]
+
+
+def test_kernels_without_openat2_get_the_same_refusals(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where openat2 is missing (Linux < 5.6, a seccomp filter), each component is opened O_NOFOLLOW in
+    turn: backups and restores work, and a symlinked chunk or chunk directory is refused the same way."""
+    monkeypatch.setattr(nofollow, "_works", False)
+    p = _plain_repository(tmp_path)
+    assert restored(p.repo, p.record, tmp_path / "ok.raw") == p.image
+    secret = _host_file(tmp_path)
+    p.chunk.rename(tmp_path / "saved")
+    p.chunk.symlink_to(secret)
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        restored(p.repo, p.record, tmp_path / "bad.raw")
+    p.chunk.unlink()
+    (tmp_path / "saved").rename(p.chunk)
+    prefix = p.chunk.parent
+    prefix.rename(tmp_path / "prefix")
+    prefix.symlink_to(tmp_path / "prefix", target_is_directory=True)
+    with pytest.raises(TamperedBlob, match="symbolic link"):
+        restored(p.repo, p.record, tmp_path / "bad2.raw")

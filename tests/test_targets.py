@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from servers import FtpServer, MotoServer, SambaServer, SshServer, VsftpdServer, free_port
 
 from hotvm.config import TargetConfig
-from hotvm.errors import ConfigError, TargetError, TargetFull
+from hotvm.errors import ConfigError, TamperedBlob, TargetError, TargetFull
 from hotvm.formats.export import export_image
 from hotvm.formats.repository import MARKER, Repository
 from hotvm.formats.restore import restore_disk
@@ -210,14 +211,44 @@ def test_blobs_larger_than_one_request_round_trip_whole(target: Target) -> None:
 
 def test_read_into_gives_the_blob_whatever_the_buffer(target: Target) -> None:
     """read_into (a restore's read into a reused buffer) gives exactly the blob: shorter than the buffer,
-    exactly its size, or larger (then read whole, never cut); a missing blob is FileNotFoundError."""
+    exactly its size, or larger but within its limit (then read whole, never cut); beyond the limit (by
+    default the buffer's size) it is refused, not cut; a missing blob is FileNotFoundError."""
     buf = bytearray(64 * 1024)
     for size in (1, 1000, len(buf), len(buf) + 1, 3 * len(buf)):
         data = os.urandom(size)
         target.write_bytes(f"r/{size}", data)
-        assert bytes(target.read_into(f"r/{size}", buf)) == data
+        assert bytes(target.read_into(f"r/{size}", buf, 3 * len(buf))) == data
+    with pytest.raises(TamperedBlob, match=r"r/65537 on target .* larger than the 65536 bytes"):
+        target.read_into(f"r/{len(buf) + 1}", buf)
+    with pytest.raises(TamperedBlob, match="damaged or tampered with"):
+        target.read_bytes(f"r/{3 * len(buf)}", 3 * len(buf) - 1)
     with pytest.raises(FileNotFoundError):
         target.read_into("r/missing", buf)
+
+
+def test_a_blob_beyond_its_bound_is_refused_having_read_about_the_bound(target: Target) -> None:
+    """A blob 64 times its caller's bound (a tampered target, a server streaming without end) is refused by
+    name (the blob, the target, the fix), having allocated no more than a few times the bound, not the
+    blob; the target works on afterwards (a connection cut off mid-transfer is replaced)."""
+    limit = 256 * 1024
+    data = os.urandom(64 * limit)
+    target.write_bytes("big/blob", data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(TamperedBlob) as caught:
+            target.read_bytes("big/blob", limit)
+        with pytest.raises(TamperedBlob):
+            target.read_into("big/blob", bytearray(limit))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    message = str(caught.value)
+    assert "big/blob" in message and f"target '{target.name}'" in message, message
+    assert f"larger than the {limit} bytes" in message and f"hotvm check --target {target.name}" in message
+    assert peak < 8 * limit, f"{peak} bytes allocated to refuse a blob of {len(data)}"
+    assert target.read_bytes("big/blob", len(data)) == data
+    target.write_bytes("big/small", b"ok")
+    assert target.read_bytes("big/small", 2) == b"ok"
 
 
 def test_grouped_chunks_appear_only_when_durable_and_other_files_at_once(tmp_path: Path) -> None:

@@ -200,8 +200,9 @@ class BackupDiskSource:
             if data is not None:
                 self._cache.move_to_end(key)
                 return data
+        size = self.record.chunk_size
         data = compose(self.record, piece, lambda name, length: verify_chunk(
-            self.repo, self.record, index, name, lambda: self.repo.get_chunk(name), length
+            self.repo, self.record, index, name, lambda: self.repo.get_chunk(name, size), length
         ))
         if len(data) < self.chunk_size:
             data += bytes(self.chunk_size - len(data))

@@ -71,7 +71,7 @@ class ChunkCache:
             self.cache.move_to_end(digest)
             return self.cache[digest]
         try:
-            data = decompress_bounded(self.repo.get_chunk(digest), MAX_CHUNK_BYTES)
+            data = decompress_bounded(self.repo.get_chunk(digest, MAX_CHUNK_BYTES), MAX_CHUNK_BYTES)
         except zstandard.ZstdError:
             raise ChecksumMismatch(
                 f"chunk {digest[:16]}… on target '{self.repo.target.name}' is not a valid zstd frame",

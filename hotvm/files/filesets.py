@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError
 from hotvm import __version__
 from hotvm.config import StrictModel
 from hotvm.errors import BackupSetError, ChecksumMismatch
+from hotvm.formats.bounds import ENTRIES_MAX, MANIFEST_MAX
 from hotvm.formats.chunkid import ChunkHash
 from hotvm.formats.export import decompress_bounded
 from hotvm.formats.manifest import (
@@ -191,7 +192,7 @@ class FileSets(SetStore[FileSetManifest]):
     def reuse_volume(self, vm: str, backup_id: str, record: VolumeRecord, base: FileSetManifest) -> None:
         """Journal a volume with `base`'s entry list as is (re-sealed under this set's path, never parsed)."""
         src = f"{self.set_path(base.vm, base.backup_id)}/volumes/{record.entries}"
-        blob = self.repo.read_file(src, f"entries of {record.key} in {base.backup_id}")
+        blob = self.repo.read_file(src, f"entries of {record.key} in {base.backup_id}", limit=ENTRIES_MAX)
         base_dir = f"{self.set_dir(vm, backup_id)}/volumes"
         self.repo.write_file(f"{base_dir}/{record.entries}", blob)
         self.repo.recheck(f"file set {vm}/{backup_id}")
@@ -201,7 +202,7 @@ class FileSets(SetStore[FileSetManifest]):
     def read_volume(self, vm: str, backup_id: str, key: str) -> VolumeRecord | None:
         path = f"{self.set_dir(vm, backup_id)}/volumes/{target_name(key)}.json"
         try:
-            record = VolumeRecord.model_validate_json(self.repo.read_file(path))
+            record = VolumeRecord.model_validate_json(self.repo.read_file(path, limit=MANIFEST_MAX))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
@@ -214,7 +215,8 @@ class FileSets(SetStore[FileSetManifest]):
         records = []
         for name in sorted(names):
             try:
-                record = VolumeRecord.model_validate_json(self.repo.read_file(f"{base}/{name}"))
+                body = self.repo.read_file(f"{base}/{name}", limit=MANIFEST_MAX)
+                record = VolumeRecord.model_validate_json(body)
             except (FileNotFoundError, ValidationError, ChecksumMismatch):
                 continue  # torn or unauthentic: the volume is backed up again
             if f"{target_name(record.key)}.json" == name and not record.checksum_problem(legacy=False):
@@ -232,7 +234,7 @@ class FileSets(SetStore[FileSetManifest]):
     def read_disk(self, vm: str, backup_id: str, device: str) -> DiskJournal | None:
         path = f"{self.set_dir(vm, backup_id)}/disks/{target_name(device)}.json"
         try:
-            journal = DiskJournal.model_validate_json(self.repo.read_file(path))
+            journal = DiskJournal.model_validate_json(self.repo.read_file(path, limit=MANIFEST_MAX))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
@@ -253,9 +255,8 @@ class FileSets(SetStore[FileSetManifest]):
     def read_entries(self, manifest: FileSetManifest, record: VolumeRecord) -> list[dict]:
         path = f"{self.set_path(manifest.vm, manifest.backup_id)}/volumes/{record.entries}"
         try:
-            return decode_entries(
-                self.repo.read_file(path, f"entries of {record.key} in {manifest.backup_id}")
-            )
+            what = f"entries of {record.key} in {manifest.backup_id}"
+            return decode_entries(self.repo.read_file(path, what, limit=ENTRIES_MAX))
         except FileNotFoundError:
             raise BackupSetError(
                 f"entry list of {record.key} missing from file set {manifest.vm}/{manifest.backup_id}",

@@ -35,6 +35,7 @@ from pydantic import ValidationError
 from hotvm.credentials import Credential
 from hotvm.errors import BackupSetError, ChecksumMismatch, TargetConfigError, TargetError
 from hotvm.formats import chunkid
+from hotvm.formats.bounds import CONFIG_ARCHIVE_MAX, DOCUMENT_MAX, MANIFEST_MAX, MARKER_MAX, chunk_max
 from hotvm.formats.identity import Identity, IdentityStore, location_of
 from hotvm.formats.manifest import CHECKSUMS_SINCE, MANIFEST_FORMAT, DiskRecord, Manifest, new_backup_id
 from hotvm.formats.rawframe import BLOCK_MAX, HEAD_MAX, MAX_SCATTER_BLOCKS, RawLayout, raw_layout
@@ -86,7 +87,7 @@ def manifest_problem(manifest: Manifest, path: str) -> str | None:
 def read_marker(target: Target, hint: str = "upgrade hotvm") -> dict | None:
     """The repository marker, None if the target holds no repository; refuses a newer format."""
     try:
-        meta = json.loads(target.read_bytes(MARKER))
+        meta = json.loads(target.read_bytes(MARKER, MARKER_MAX))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -131,7 +132,8 @@ class ImageSets(SetStore[Manifest]):
         for entry in self.target.scan(f"{path}/disks"):
             if entry.name.endswith(".json") and TMP_MARK not in entry.name:
                 try:
-                    record = DiskRecord.model_validate_json(self.repo.read_file(f"{path}/disks/{entry.name}"))
+                    record = DiskRecord.model_validate_json(
+                        self.repo.read_file(f"{path}/disks/{entry.name}", limit=MANIFEST_MAX))
                 except (FileNotFoundError, ValueError, ChecksumMismatch):
                     continue
                 refs.update(record.digests())  # a patched chunk lists its base too
@@ -378,9 +380,11 @@ class Repository:
     def write_file(self, path: str, data: bytes | bytearray | memoryview) -> None:
         self.target.write_bytes(path, self.seal(path, data))
 
-    def read_file(self, path: str, what: str | None = None) -> bytes:
-        """Plain bytes of a file (FileNotFoundError passes through)."""
-        return self.open_blob(path, self.target.read_bytes(path), what or self.target.display(path))
+    def read_file(self, path: str, what: str | None = None, *, limit: int = DOCUMENT_MAX) -> bytes:
+        """Plain bytes of a file of at most `limit` bytes as stored (formats/bounds.py; a larger one is
+        TamperedBlob, read no further); FileNotFoundError passes through."""
+        blob = self.target.read_bytes(path, limit)
+        return self.open_blob(path, blob, what or self.target.display(path))
 
     # ---- chunks
     @staticmethod
@@ -400,12 +404,17 @@ class Repository:
         self.target.write_bytes(path, blob)
         return len(blob)
 
-    def get_chunk(self, digest: str, into: bytearray | None = None) -> bytes | memoryview:
-        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository. With `into`, the
-        target may read it into that buffer (Target.read_into): the frame is then a view of it."""
+    def get_chunk(self, digest: str, plain: int, into: bytearray | None = None) -> bytes | memoryview:
+        """A chunk's zstd frame, authenticated (decrypted) in an encrypted repository; `plain`: the most
+        plain bytes it may hold (its disk's chunk_size), which bounds what is read (bounds.chunk_max). With
+        `into`, the target may read it into that buffer (Target.read_into): the frame is then a view of it."""
         path = self.chunk_path(digest)
+        limit = chunk_max(plain)
         try:
-            blob = self.target.read_bytes(path) if into is None else self.target.read_into(path, into)
+            if into is None:
+                blob = self.target.read_bytes(path, limit)
+            else:
+                blob = self.target.read_into(path, into, limit)
         except FileNotFoundError:
             raise BackupSetError(
                 f"chunk {digest[:16]}… is missing from target '{self.target.name}'",
@@ -460,7 +469,7 @@ class Repository:
         """The journaled export of a disk, if it can be trusted; None means: export it again."""
         path = self.disk_record_path(vm, backup_id, device)
         try:
-            record = DiskRecord.model_validate_json(self.read_file(path))
+            record = DiskRecord.model_validate_json(self.read_file(path, limit=MANIFEST_MAX))
         except FileNotFoundError:
             return None
         except (ValidationError, ChecksumMismatch):
@@ -474,10 +483,11 @@ class Repository:
         self.write_file(path, data)
         return path
 
-    def read_blob(self, vm: str, backup_id: str, name: str) -> bytes:
+    def read_blob(self, vm: str, backup_id: str, name: str, limit: int = CONFIG_ARCHIVE_MAX) -> bytes:
+        """A file of a set (its config archive: at most `limit` bytes as stored)."""
         try:
             path = f"{self.set_path(vm, backup_id)}/{name}"
-            return self.read_file(path, f"{name} of backup {vm}/{backup_id}")
+            return self.read_file(path, f"{name} of backup {vm}/{backup_id}", limit=limit)
         except FileNotFoundError:
             raise BackupSetError(
                 f"{name} missing from backup {vm}/{backup_id} on '{self.target.name}'",

@@ -23,7 +23,8 @@ import zstandard
 
 from hotvm.allocator import tune_for_large_buffers
 from hotvm.child_env import child_env
-from hotvm.errors import ChecksumMismatch, HotvmError
+from hotvm.errors import ChecksumMismatch, HotvmError, TamperedBlob
+from hotvm.formats.bounds import chunk_max
 from hotvm.formats.configtar import unpack_config_archive
 from hotvm.formats.directio import DirectWriter, aligned_buffer, pwrite_all
 from hotvm.formats.export import chunk_digest, decompress_bounded, decompress_into
@@ -74,10 +75,10 @@ def verify_chunk(
     try:
         frame = open_frame()
     except ChecksumMismatch as exc:
-        raise ChecksumMismatch(
-            f"chunk {index} of disk '{record.device}': {exc.message}",
-            "the backup copy is damaged; restore another backup",
-        ) from None
+        hint = "the backup copy is damaged; restore another backup"
+        if isinstance(exc, TamperedBlob):
+            hint = exc.hint
+        raise type(exc)(f"chunk {index} of disk '{record.device}': {exc.message}", hint) from None
     data: Buffer
     try:
         if out is None:
@@ -247,7 +248,7 @@ def restore_disk(
             if raw is not None and repo.chunk_id(raw) == digest:
                 return raw, out  # incompressible: read straight into `out`, and verified
             data = verify_chunk(repo, record, first.index, digest,
-                                lambda: repo.get_chunk(digest, into=frames.buf),
+                                lambda: repo.get_chunk(digest, record.chunk_size, frames.buf),
                                 first.length if first.patch else None, out=out)  # fmt: skip
         except BaseException:
             spare.put(out)
@@ -288,9 +289,9 @@ def restore_disk(
 
 def frame_bound(chunk_size: int) -> int:
     """A buffer that holds any stored form of a chunk of `chunk_size` bytes: zstd's worst case
-    (ZSTD_COMPRESSBOUND) plus room for encryption's nonce and tag. A larger file is still read, as a new
-    object (Target.read_into)."""
-    return chunk_size + (chunk_size >> 8) + (128 << 10) + 4096
+    (ZSTD_COMPRESSBOUND) plus encryption's nonce and tag, what get_chunk reads at most (a larger file is
+    refused: formats/bounds.py)."""
+    return chunk_max(chunk_size)
 
 
 def restore_config(repo: Repository, manifest: Manifest, dest_dir: Path) -> list[str]:

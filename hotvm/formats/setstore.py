@@ -26,15 +26,13 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from pydantic import ValidationError
 
-from hotvm.errors import BackupSetError, ChecksumMismatch
+from hotvm.errors import BackupSetError, ChecksumMismatch, TamperedBlob
+from hotvm.formats.bounds import MAX_MANIFEST_BYTES, SEAL_OVERHEAD
 from hotvm.formats.manifest import BACKUP_ID, Checksummed, utcnow
 
 if TYPE_CHECKING:
     from hotvm.formats.repository import Repository
 
-MAX_MANIFEST_BYTES = 1 << 30
-"""A manifest larger than this is refused before it is decrypted or parsed (parsing costs several times its
-size in memory). 1 GiB of JSON lists some 12 million chunks: tens of TiB of non-zero data in one set."""
 TMP_MARK = ".tmp-"
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CLEAN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$")
@@ -214,13 +212,11 @@ class SetStore(abc.ABC, Generic[M]):
     def read_manifest_bytes(self, path: str) -> bytes:
         """The plain bytes of the manifest of the set at `path`, bounded in size before they are opened."""
         what = f"manifest of {path}"
-        blob = self.target.read_bytes(f"{path}/manifest.json")
-        if len(blob) > self.max_manifest_bytes:
-            raise DamagedManifest(
-                f"{what} on target '{self.target.name}' is {len(blob)} bytes (at most "
-                f"{self.max_manifest_bytes} are read)",
-                "the set is damaged or was tampered with; use another backup (hotvm check lists them)",
-            )
+        limit = self.max_manifest_bytes + SEAL_OVERHEAD
+        try:
+            blob = self.target.read_bytes(f"{path}/manifest.json", limit)
+        except TamperedBlob as exc:  # larger than limit (never read further), or not a file
+            raise DamagedManifest(f"{what}: {exc.message}", exc.hint) from None
         return self.repo.open_blob(f"{path}/manifest.json", blob, what)
 
     def problem(self, manifest: M, path: str) -> str | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hotvm.errors import ChecksumMismatch, HotvmError, TargetConfigError, TargetError
+from hotvm.formats.bounds import chunk_max
 from hotvm.formats.manifest import DiskRecord, Piece
 from hotvm.formats.repository import Repository
 from hotvm.formats.restore import compose, verify_chunk
@@ -133,25 +134,26 @@ class ChunkSource:
         """The repository's own chunk id (the bundle says which scheme; a sealer knows its keyed one)."""
         return self.sealer.chunk_id(data) if self.sealer else self._plain_id(data)  # type: ignore[attr-defined]
 
-    def get_chunk(self, digest: str) -> bytes:
+    def get_chunk(self, digest: str, plain: int) -> bytes:
         """The chunk's zstd frame, authenticated: from the local cache, else from the target (waiting up to
-        `unreachable_wait_s` while the target cannot be reached)."""
+        `unreachable_wait_s` while the target cannot be reached), at most bounds.chunk_max(plain) bytes
+        (`plain`: its disk's chunk_size)."""
         path = Repository.chunk_path(digest)
         blob = self.cache.get(digest) if self.cache else None
         if blob is None:
-            blob = self._fetch(path, digest)
+            blob = self._fetch(path, digest, chunk_max(plain))
             if self.cache:
                 self.cache.put(digest, blob)
         if self.sealer is None:
             return blob
         return self.sealer.open(path, blob, f"chunk {digest[:16]}… on target '{self.target.name}'")  # type: ignore[attr-defined]
 
-    def _fetch(self, path: str, digest: str) -> bytes:
+    def _fetch(self, path: str, digest: str, limit: int) -> bytes:
         deadline = time.monotonic() + self.unreachable_wait_s
         delay = 0.5
         while True:
             try:
-                blob = self.target.read_bytes(path)
+                blob = self.target.read_bytes(path, limit)
                 self._log("fetches.log", digest)
                 return blob
             except FileNotFoundError:
@@ -205,7 +207,9 @@ class ChunkSource:
                     break
             waiting.wait()
         try:
-            data = verify_chunk(self, disk.record, index, digest, lambda: self.get_chunk(digest), length)  # type: ignore[arg-type]
+            size = disk.record.chunk_size
+            fetch = lambda: self.get_chunk(digest, size)  # noqa: E731
+            data = verify_chunk(self, disk.record, index, digest, fetch, length)  # type: ignore[arg-type]
         except HotvmError as exc:
             self._log("problems.jsonl", json.dumps({"device": disk.record.device, "index": index,
                                                     "chunk": digest, "error": exc.message}))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from hotvm.config import TargetConfig
 from hotvm.errors import BackupSetError, ChecksumMismatch, HotvmError
+from hotvm.formats.bounds import DOCUMENT_MAX, chunk_max, set_file_max
 from hotvm.formats.manifest import DiskRecord, Manifest, Place, utcnow
 from hotvm.formats.repository import MARKER, Repository, manifest_problem, read_marker
 from hotvm.formats.restore import (
@@ -397,8 +398,11 @@ def _write_copy(repo: Repository, writer: CopyWriter, sets: list, members: list,
             out = _Hashing(writer.begin(ARCHIVE, name))
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 _add(tar, MARKER, json.dumps(marker, indent=2).encode(), mtime)
-                for path in files + chunks:
-                    _add(tar, path, repo.target.read_bytes(path), mtime)
+                chunk_limit = chunk_max(max((d.chunk_size for d in manifest.disks), default=0))
+                for path in files:
+                    _add(tar, path, repo.target.read_bytes(path, set_file_max(path)), mtime)
+                for path in chunks:
+                    _add(tar, path, repo.target.read_bytes(path, chunk_limit), mtime)
             done = writer.end(out.inner)
             entries.append({
                 "vm": manifest.vm, "backup_id": manifest.backup_id,
@@ -451,7 +455,7 @@ def stored_catalogs(repo: Repository, tape: str) -> list[dict]:
         if not name.startswith("catalog-") or ".tmp-" in name:
             continue
         try:
-            catalog = json.loads(repo.read_file(f"tapes/{tape}/{name}"))
+            catalog = json.loads(repo.read_file(f"tapes/{tape}/{name}", limit=DOCUMENT_MAX))
         except (FileNotFoundError, ValueError, ChecksumMismatch):
             continue
         if not isinstance(catalog, dict) or not isinstance(catalog.get("sets"), list):
