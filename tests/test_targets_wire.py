@@ -93,19 +93,14 @@ def test_smb_write_cut_short_never_appears_under_its_name(grouped: bool, monkeyp
     from contextlib import nullcontext
 
     from hotvm.errors import TargetFull
-    from targets import smbblob
+    from targets import smbfast
 
     server = SambaServer().start()
     try:
         target = _smb_target(server, monkeypatch, "cut")
         target.write_bytes("chunks/ab/whole", b"whole")
-        real = smbblob.await_write
-
-        def cut(raw, sent):
-            written, made = real(raw, sent)
-            return written - 1, made
-
-        monkeypatch.setattr(smbblob, "await_write", cut)
+        real = smbfast.written
+        monkeypatch.setattr(smbfast, "written", lambda status, body: real(status, body) - 1)
         with pytest.raises(TargetFull), target.grouped("chunks/") if grouped else nullcontext():
             target.write_bytes("chunks/ab/cut", os.urandom(4 * MiB + 106))
             if grouped:
