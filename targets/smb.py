@@ -503,7 +503,7 @@ class SMBTarget(Target):
     def _await_credits(self, conn: Any, need: int) -> None:
         """Until `conn` has `need` credits, or none of our writes on it is still unanswered (the caller then
         takes the general path, which asks for credits itself)."""
-        while smbblob.available(conn) < need:
+        while smbblob.available(conn) < need and _healthy(conn):
             with self._lock:
                 waiting = next((i for i in (*self._writing, *self._renaming)
                                 if i.wire.connection is conn and not i.replies[-1].answered()), None)

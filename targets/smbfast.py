@@ -135,7 +135,9 @@ class Reply:
         self.body = b""
 
     def answered(self) -> bool:
-        return self.status is not None or self.response is not None
+        """Answered, or woken by the connection's end (an interim answer counts where smbprotocol's loop took
+        it)."""
+        return self.response_event.is_set()
 
 
 class Wire:
