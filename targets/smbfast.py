@@ -52,7 +52,7 @@ _IMPERSONATION = 2
 _READ_ATTRIBUTES, _WRITE_DATA, _WRITE_ATTRIBUTES, _DELETE = 0x80, 0x2, 0x100, 0x10000
 _DIRECTORY_ATTRIBUTE, _NORMAL_ATTRIBUTE = 0x10, 0x80
 _SHARE_ALL = 0x7
-_OPEN_IF, _OVERWRITE_IF = 3, 5
+_OPEN, _OPEN_IF, _OVERWRITE_IF = 1, 3, 5
 _DIRECTORY_FILE, _NON_DIRECTORY_FILE = 0x1, 0x40
 _FILE_CREATED = 2
 _FILE_INFO, _RENAME_CLASS = 1, 10
@@ -72,17 +72,25 @@ class Message:
     payload: memoryview | None = None
 
 
+def _create(name: str, access: int, attributes: int, share: int, disposition: int, options: int) -> Message:
+    path = name.encode("utf-16-le")
+    body = _CREATE.pack(57, 0, 0, _IMPERSONATION, 0, 0, access, attributes, share, disposition, options,
+                        64 + _CREATE.size, len(path), 0, 0) + path
+    return Message(_CREATE_CMD, body)
+
+
 def create(name: str, directory: bool = False) -> Message:
     """CREATE of `name` (share-relative, backslashes): a file for writing, replaced if it exists, or a
     directory opened if it exists and created if not. No create contexts: nothing for the server to grant."""
-    path = name.encode("utf-16-le")
     if directory:
-        fields = (_READ_ATTRIBUTES, _DIRECTORY_ATTRIBUTE, _SHARE_ALL, _OPEN_IF, _DIRECTORY_FILE)
-    else:
-        fields = (_WRITE_DATA | _WRITE_ATTRIBUTES | _DELETE, _NORMAL_ATTRIBUTE, 0, _OVERWRITE_IF,
-                  _NON_DIRECTORY_FILE)
-    body = _CREATE.pack(57, 0, 0, _IMPERSONATION, 0, 0, *fields, 64 + _CREATE.size, len(path), 0, 0) + path
-    return Message(_CREATE_CMD, body)
+        return _create(name, _READ_ATTRIBUTES, _DIRECTORY_ATTRIBUTE, _SHARE_ALL, _OPEN_IF, _DIRECTORY_FILE)
+    return _create(name, _WRITE_DATA | _WRITE_ATTRIBUTES | _DELETE, _NORMAL_ATTRIBUTE, 0, _OVERWRITE_IF,
+                   _NON_DIRECTORY_FILE)
+
+
+def lookup(name: str) -> Message:
+    """CREATE that opens `name` (file or directory) only to read its attributes: does it exist?"""
+    return _create(name, _READ_ATTRIBUTES, _NORMAL_ATTRIBUTE, _SHARE_ALL, _OPEN, 0)
 
 
 def write(data: bytes | bytearray | memoryview, offset: int = 0) -> Message:
