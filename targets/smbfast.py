@@ -165,16 +165,21 @@ class Wire:
         wire: list[bytes | memoryview] = []
         replies: list[Reply] = []
         last = len(messages) - 1
-        for i, message in enumerate(messages):
-            extra = len(message.payload) if message.payload is not None else 0
+        charges = [(1 + (max(len(m.payload), 1) - 1) // smbwire.MAX_PAYLOAD if m.payload is not None else 1)
+                   if multi else 0 for m in messages]
+        # Ids and credits under smbprotocol's lock, as Connection._send, for the whole compound or none of it:
+        # an id taken and never sent would stall the server's window.
+        with connection.sequence_lock:
+            window = connection.sequence_window
+            if sum(charges) > window["high"] - window["low"]:
+                raise smbwire._no_credits(sum(charges), window["high"] - window["low"])  # noqa: SLF001
+            first = window["low"]
+            window["low"] += sum(max(c, 1) for c in charges)
+        message_id = first
+        for i, (message, charge) in enumerate(zip(messages, charges, strict=True)):
+            if i:
+                message_id += max(charges[i - 1], 1)
             padding = b"" if i == last else b"\x00" * (-len(message.body) % 8)
-            charge = (1 + (max(extra, 1) - 1) // smbwire.MAX_PAYLOAD) if multi else 0
-            with connection.sequence_lock:  # as Connection._send: ids and credits under its lock
-                window = connection.sequence_window
-                if charge > window["high"] - window["low"]:
-                    raise smbwire._no_credits(charge, window["high"] - window["low"])  # noqa: SLF001
-                message_id = window["low"]
-                window["low"] += max(charge, 1)
             flags = (_RELATED if i and message.related else 0) | (_SIGNED if self.sign else 0)
             size = 0 if i == last else 64 + len(message.body) + len(padding)
             head = _HEADER.pack(_PROTOCOL, 64, charge, 0, message.command, max(charge, 1), flags, size,
