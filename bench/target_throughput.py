@@ -454,6 +454,7 @@ def load_opener(path: str, scheme: str) -> Callable[[TargetConfig], Target]:
     spec = importlib.util.spec_from_file_location(f"targets._before_{scheme}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return getattr(module, f"open_{'ftp' if scheme == 'ftps' else scheme}")
 

@@ -26,6 +26,7 @@ from urllib.parse import unquote, urlsplit
 import smbclient
 import smbclient.shutil
 from smbclient._io import SMBFileTransaction, SMBRawIO
+from smbclient._pool import get_smb_tree
 from smbprotocol import MAX_PAYLOAD_SIZE
 from smbprotocol.connection import Connection
 from smbprotocol.exceptions import (
@@ -45,7 +46,7 @@ from smbprotocol.open import (
 from hotvm import credentials
 from hotvm.config import TargetConfig
 from hotvm.errors import ConfigError, TargetConfigError, TargetError
-from targets import smbblob, smbwire
+from targets import smbblob, smbfast, smbwire
 from targets.base import DEFAULT_LIMIT, Pool, Target, is_unreachable, read_upto
 
 _Access = FilePipePrinterAccessMask
@@ -53,6 +54,7 @@ CREDIT_MARGIN = 16
 """Credits beyond one maximal request: the compounds' small CREATE/CLOSE/SET_INFO and an echo."""
 _FULL = {NtStatus.STATUS_DISK_FULL, getattr(NtStatus, "STATUS_QUOTA_EXCEEDED", 0xC0000044)}
 _NO_PATH = {NtStatus.STATUS_OBJECT_PATH_NOT_FOUND, NtStatus.STATUS_OBJECT_NAME_NOT_FOUND}
+_MISSING = {*_NO_PATH, NtStatus.STATUS_NOT_FOUND}
 _WRITE_ACCESS = _Access.FILE_WRITE_DATA | _Access.FILE_WRITE_ATTRIBUTES | _Access.DELETE
 PIPELINE_DEPTH = 8
 """Chunk writes (and as many renames) of an export left unchecked at once. A writer sends its chunk and goes
@@ -101,15 +103,19 @@ def _close_connection(kw: dict[str, Any]) -> None:
 
 @dataclass
 class _InFlight:
-    """A chunk write of an export whose writer went on before its replies came."""
+    """A chunk write sent (inside grouped(): its writer went on before the replies came)."""
 
     kw: dict[str, Any]
-    raw: SMBRawIO
+    wire: smbfast.Wire
     tmp: str
     final: str
     data: bytes | None
     """Kept until the write's reply is checked: a missing directory means sending the blob again."""
-    sent: smbblob.Sent
+    replies: list[smbfast.Reply]
+    """The write compound's, then the rename's."""
+    folder: bool
+    """The write compound opens-or-creates the blob's directory first."""
+    file_id: bytes = b""
     renaming: bool = False
 
 
@@ -133,6 +139,7 @@ class SMBTarget(Target):
         if opts:
             raise ConfigError(f"target '{config.name}': unknown smb option(s): {', '.join(sorted(opts))}",
                               "smb targets take the options: timeout, encrypt")
+        self._share = "/" + root.strip("/").split("/")[0]
         self._dirs: set[str] = set()
         """Directories known to exist (full paths): a write into one sends no directory CREATE."""
         self._fresh: set[str] = set()
@@ -177,6 +184,7 @@ class SMBTarget(Target):
                 _ask_credits(session, self._kw["connection_timeout"])
                 smbwire.verify_large_replies_in_place(session.connection)
                 smbwire.receive_large_replies_in_place(session.connection)
+                smbfast.install(session.connection)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 outcome.append(exc)
             finally:
@@ -242,8 +250,19 @@ class SMBTarget(Target):
 
     def exists(self, path: str) -> bool:
         """One CREATE+CLOSE compound (smbclient.stat sends CREATE, five QUERY_INFOs and CLOSE, and parses them
-        all in Python: 3 ms of CPU per chunk looked up)."""
+        all in Python: 3 ms of CPU per chunk looked up), packed by smbfast where it covers the session (an
+        export into an existing repository looks up every chunk it read)."""
         with self._errors("checking", path), self._session() as kw:
+            wire = self._wire(kw)
+            if wire is not None:  # the same compound, packed and parsed by smbfast
+                timeout = self._kw["connection_timeout"]
+                replies = wire.send([smbfast.lookup(self._relative(self.full(path))), smbfast.close()])
+                status = [wire.wait(reply, timeout)[0] for reply in replies][0]
+                if status in _MISSING:
+                    return False
+                if status != 0:
+                    raise SMBOSError(status, self._unc(self.full(path)))
+                return True
             raw = SMBRawIO(self._unc(self.full(path)), mode="r", share_access="rwd",
                            desired_access=_Access.FILE_READ_ATTRIBUTES, **kw)
             try:
@@ -352,43 +371,87 @@ class SMBTarget(Target):
         super().write_bytes(path, data)
 
     def _put_renamed(self, kw: dict[str, Any], tmp: str, final: str, data: bytes) -> None:
-        """Two compounds per blob (targets/smbblob.py): [CREATE tmp, WRITE] then, once the reply says every
-        byte was written, [SET_INFO rename over final, CLOSE] on the same handle (open_file/write/close and
-        smbclient.replace took seven round trips, each some ms of smbprotocol's Python). A parent directory
-        not known to exist is opened-or-created in the first compound ([CREATE dir, CLOSE] before the file's
-        chain): a fresh chunk directory costs no round trip of its own; one missing after all (never made,
-        or removed behind our back) is made and the write sent again. Inside grouped(), chunk writes return
-        once sent (see _advance). Blobs larger than one write (or than the credits granted) take the
-        general path."""
+        """Two compounds per blob (targets/smbfast.py): [CREATE tmp, WRITE] then, once the reply says every
+        byte was written, [SET_INFO rename over final] [CLOSE] (open_file/write/close and smbclient.replace
+        took seven round trips, each some ms of smbprotocol's Python). A parent directory not known to exist
+        is opened-or-created in the first compound ([CREATE dir, CLOSE] before the file's chain): a fresh
+        chunk directory costs no round trip of its own; one missing after all (never made, or removed behind
+        our back) is made and the write sent again. Inside grouped(), chunk writes return once sent (see
+        _advance). Sessions smbfast does not cover (encrypted, DFS), and blobs larger than one write (or than
+        the credits granted), take smbprotocol's path (_write_general)."""
         self._write_blob(kw, tmp, final, data, self._pipelined(final))
+
+    def _wire(self, kw: dict[str, Any]) -> smbfast.Wire | None:
+        """The fast path's view of this connection's session and share; None where it does not cover them."""
+        (connection,) = kw["connection_cache"].values()
+        wire = getattr(connection, "hotvm_wire", None)
+        if wire is None:
+            tree, _ = get_smb_tree(self._unc(self._share), **kw)
+            session = tree.session
+            usable = session.connection is connection and smbwire.usable(
+                connection, session.session_id, tree.tree_connect_id)
+            wire = smbfast.wire_for(connection, session, tree) if usable else False
+            connection.hotvm_wire = wire
+        return wire or None
+
+    def _relative(self, full_path: str) -> str:
+        """A path as the share sees it: below the share, with backslashes."""
+        return full_path.strip("/").partition("/")[2].replace("/", "\\")
 
     def _write_blob(self, kw: dict[str, Any], tmp: str, final: str, data: bytes, pipelined: bool) -> None:
         parent = posixpath.dirname(final)
+        wire = self._wire(kw)
+        if wire is None or len(data) > wire.connection.max_write_size:
+            self._write_general(kw, tmp, final, data)
+            return
+        conn = wire.connection
         for attempt in (1, 2):
-            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=_WRITE_ACCESS, **kw)
-            conn = raw.fd.connection
-            wire = smbblob.usable(raw)
             folder = parent not in self._dirs and parent.strip("/").count("/") >= 1  # the share is there
-            need = smbblob.charge(len(data), folder and wire)
-            if pipelined and wire:
+            need = smbblob.charge(len(data), folder)
+            if pipelined:
                 self._await_credits(conn, need)
-            fits = len(data) <= conn.max_write_size and smbblob.available(conn) >= need
-            if folder and not (wire and fits):
-                self._make_dirs(kw, parent)
-                folder = False
-            if not fits:
-                super()._put_renamed(kw, tmp, final, data)
+            if smbblob.available(conn) < need:
+                self._write_general(kw, tmp, final, data)
                 return
-            if pipelined and wire:
-                sent = smbblob.send_write(raw, data, folder)
+            messages = []
+            if folder:
+                messages += [smbfast.create(self._relative(parent), directory=True), smbfast.close()]
+            messages += [smbfast.create(self._relative(tmp)), smbfast.write(data)]
+            item = _InFlight(kw, wire, tmp, final, data, wire.send(messages), folder)
+            if pipelined:
                 with self._lock:
-                    self._writing.append(_InFlight(kw, raw, tmp, final, data, sent))
+                    self._writing.append(item)
                 self._advance(PIPELINE_DEPTH)
                 return
             try:
+                self._check_write(item)
+            except SMBOSError as exc:
+                if attempt == 1 and exc.ntstatus in _NO_PATH:
+                    self._dirs.discard(parent)
+                    self._make_dirs(kw, parent)
+                    continue
+                raise
+            self._send_rename(item)
+            self._check_rename(item)
+            self._wrote(final)
+            return
+
+    def _write_general(self, kw: dict[str, Any], tmp: str, final: str, data: bytes) -> None:
+        """smbprotocol's [CREATE, WRITE] then [SET_INFO rename, CLOSE] (targets/smbblob.py); a blob larger
+        than one write, or than the credits granted, is written by smbclient.open_file (which asks for more)
+        and renamed by smbclient.replace."""
+        parent = posixpath.dirname(final)
+        if parent not in self._dirs and parent.strip("/").count("/") >= 1:
+            self._make_dirs(kw, parent)
+        for attempt in (1, 2):
+            raw = SMBRawIO(self._unc(tmp), mode="w", share_access="", desired_access=_WRITE_ACCESS, **kw)
+            conn = raw.fd.connection
+            if len(data) > conn.max_write_size or smbblob.available(conn) < smbblob.charge(len(data), False):
+                super()._put_renamed(kw, tmp, final, data)
+                return
+            try:
                 try:
-                    written = self._written(raw, smbblob.send_write(raw, data, folder), parent) if wire \
-                        else smbblob.write_now(raw, data)
+                    written = smbblob.write_now(raw, data)
                 except SMBOSError as exc:
                     if attempt == 1 and exc.ntstatus in _NO_PATH and raw.closed:
                         self._dirs.discard(parent)
@@ -397,7 +460,7 @@ class SMBTarget(Target):
                     raise
                 if written != len(data):
                     raise SMBOSError(NtStatus.STATUS_DISK_FULL, tmp)
-                smbblob.await_rename(raw, smbblob.send_rename(raw, posixpath.basename(final)))
+                smbblob.rename_now(raw, posixpath.basename(final))
             finally:
                 if not raw.closed:
                     with suppress(Exception):  # the caller removes tmp; the original error matters
@@ -405,15 +468,48 @@ class SMBTarget(Target):
             self._wrote(final)
             return
 
-    def _written(self, raw: SMBRawIO, sent: smbblob.Sent, parent: str) -> int:
-        """The bytes a sent write stored; notes its directory as existing (created here or not)."""
+    def _check_write(self, item: _InFlight) -> None:
+        """Take the write compound's replies; keeps the file's handle in `item` for its rename. Raises
+        SMBOSError for the file's failure (a missing directory: STATUS_OBJECT_PATH_NOT_FOUND), TargetError
+        when a file has the directory's name, and a short write as a full disk. A handle the write opened is
+        closed on any failure."""
+        timeout = self._kw["connection_timeout"]
+        answers = [item.wire.wait(reply, timeout) for reply in item.replies]  # every one, failed or not
+        parent = posixpath.dirname(item.final)
+        folder_status = 0
+        if item.folder:
+            (folder_status, folder_body), answers = answers[0], answers[2:]
+        (opened_status, opened_body), (write_status, write_body) = answers
+        opened = smbfast.created(opened_status, opened_body)
         try:
-            written, made = smbblob.await_write(raw, sent)
-        except smbblob.NotADirectory:
-            raise self._in_the_way(parent) from None
-        if made is not None:
-            self._note_dir(parent, made)
-        return written
+            if item.folder and folder_status in smbblob.NOT_A_DIRECTORY:
+                raise self._in_the_way(parent)
+            if item.folder and folder_status == 0:
+                self._note_dir(parent, smbfast.created(folder_status, folder_body).created)
+            if opened_status != 0 or write_status != 0:
+                raise SMBOSError(opened_status or write_status, self._unc(item.tmp))
+            if smbfast.written(write_status, write_body) != len(item.data or b""):
+                raise SMBOSError(NtStatus.STATUS_DISK_FULL, self._unc(item.tmp))
+        except BaseException:
+            if opened.file_id:
+                with suppress(Exception):
+                    item.wire.wait(item.wire.send([smbfast.close(opened.file_id)])[0], timeout)
+            raise
+        item.file_id = opened.file_id
+
+    def _send_rename(self, item: _InFlight) -> None:
+        item.data = None
+        item.renaming = True
+        rename = smbfast.rename(item.file_id, self._relative(item.final))
+        item.replies = item.wire.send([rename, smbfast.close(item.file_id)])
+
+    def _check_rename(self, item: _InFlight) -> None:
+        """The rename's and the close's replies (unrelated requests: the handle is closed either way)."""
+        timeout = self._kw["connection_timeout"]
+        answers = [item.wire.wait(reply, timeout) for reply in item.replies]
+        failed = next((status for status, _ in answers if status != 0), None)
+        if failed is not None:
+            raise SMBOSError(failed, self._unc(item.final))
 
     def _wrote(self, final: str) -> None:
         if self._fresh and self._in_fresh_dir(final):
@@ -426,11 +522,11 @@ class SMBTarget(Target):
     def _await_credits(self, conn: Any, need: int) -> None:
         """Until `conn` has `need` credits, or none of our writes on it is still unanswered (the caller then
         takes the general path, which asks for credits itself)."""
-        while smbblob.available(conn) < need:
+        while smbblob.available(conn) < need and _healthy(conn):
             with self._lock:
                 waiting = next((i for i in (*self._writing, *self._renaming)
-                                if i.raw.fd.connection is conn and not i.sent.answered()), None)
-            if waiting is None or not waiting.sent.wait(self._kw["connection_timeout"]):
+                                if i.wire.connection is conn and not i.replies[-1].answered()), None)
+            if waiting is None or not waiting.replies[-1].response_event.wait(self._kw["connection_timeout"]):
                 return
 
     def _advance(self, depth: int) -> None:
@@ -453,33 +549,27 @@ class SMBTarget(Target):
 
     def _finish(self, item: _InFlight) -> None:
         if item.renaming:
-            smbblob.await_rename(item.raw, item.sent)
+            self._check_rename(item)
             self._wrote(item.final)
             return
         parent = posixpath.dirname(item.final)
-        assert item.data is not None
         try:
-            written = self._written(item.raw, item.sent, parent)
+            self._check_write(item)
         except SMBOSError as exc:
-            if exc.ntstatus not in _NO_PATH or not item.raw.closed:
+            if exc.ntstatus not in _NO_PATH:
                 raise
             self._dirs.discard(parent)  # the directory is gone: make it, and write this blob again now
             self._make_dirs(item.kw, parent)
+            assert item.data is not None
             self._write_blob(item.kw, item.tmp, item.final, item.data, pipelined=False)
             return
-        if written != len(item.data):
-            raise SMBOSError(NtStatus.STATUS_DISK_FULL, item.tmp)
-        item.data = None
-        item.sent, item.renaming = smbblob.send_rename(item.raw, posixpath.basename(item.final)), True
+        self._send_rename(item)
         with self._lock:
             self._renaming.append(item)
 
     def _abandon(self, item: _InFlight, exc: BaseException) -> None:
-        """A chunk write failed after its writer went on: close it, remove its temporary file, keep the
-        error."""
-        if not item.raw.closed:
-            with suppress(Exception):
-                item.raw.fd.close()
+        """A chunk write failed after its writer went on (its handle is closed by then): remove its
+        temporary file, keep the error."""
         with suppress(Exception):
             self._remove(item.kw, item.tmp)
         inside = item.final[len(self.root):].lstrip("/")

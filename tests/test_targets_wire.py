@@ -93,19 +93,14 @@ def test_smb_write_cut_short_never_appears_under_its_name(grouped: bool, monkeyp
     from contextlib import nullcontext
 
     from hotvm.errors import TargetFull
-    from targets import smbblob
+    from targets import smbfast
 
     server = SambaServer().start()
     try:
         target = _smb_target(server, monkeypatch, "cut")
         target.write_bytes("chunks/ab/whole", b"whole")
-        real = smbblob.await_write
-
-        def cut(raw, sent):
-            written, made = real(raw, sent)
-            return written - 1, made
-
-        monkeypatch.setattr(smbblob, "await_write", cut)
+        real = smbfast.written
+        monkeypatch.setattr(smbfast, "written", lambda status, body: real(status, body) - 1)
         with pytest.raises(TargetFull), target.grouped("chunks/") if grouped else nullcontext():
             target.write_bytes("chunks/ab/cut", os.urandom(4 * MiB + 106))
             if grouped:
@@ -244,3 +239,103 @@ def test_smb_concurrent_logons_never_hang(smb_server, monkeypatch) -> None:
         finally:
             target.close()
     assert "more credits than granted" not in smb_server.log()
+
+
+@pytest.fixture
+def samba():
+    if not (shutil.which("smbd") and shutil.which("smbpasswd")):
+        pytest.skip("samba is not installed (scripts/install-system-deps.sh)")
+    server = SambaServer(options={"server signing": "mandatory"}).start()
+    yield server
+    server.close()
+
+
+def _leftovers(root: Path) -> list[str]:
+    return [p.name for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["alone", "in-an-export"])
+def test_smb_chunk_replaces_its_name_and_finds_its_directory_again(samba: SambaServer, grouped: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk written over an existing one replaces it whole; a directory the target made and someone then
+    removed is made again (the write is sent again); a file where a chunk directory should be fails that
+    chunk with a clear error, and nothing is left under a temporary name."""
+    from contextlib import nullcontext
+
+    from hotvm.errors import TargetError
+
+    target = _smb_target(samba, monkeypatch, "again")
+    base = samba.share_dir / "again"
+    try:
+        target.write_bytes("chunks/ab/one", b"old")
+        target.write_bytes("chunks/cd/two", b"two")
+        shutil.rmtree(base / "chunks" / "cd")  # behind the target's back: it still thinks cd/ is there
+        (base / "chunks" / "ef").write_bytes(b"a file in the way")
+        new = os.urandom(4 * MiB + 106)
+        with target.grouped("chunks/") if grouped else nullcontext():
+            target.write_bytes("chunks/ab/one", new)
+            target.write_bytes("chunks/cd/three", b"three")
+        assert (base / "chunks" / "ab" / "one").read_bytes() == new
+        assert (base / "chunks" / "cd" / "three").read_bytes() == b"three"
+        with pytest.raises(TargetError, match="is a file where hotvm needs a directory"), \
+                target.grouped("chunks/") if grouped else nullcontext():
+            target.write_bytes("chunks/ef/four", b"four")
+        assert (base / "chunks" / "ef").read_bytes() == b"a file in the way"
+        assert not _leftovers(base)
+    finally:
+        target.close()
+
+
+@pytest.mark.parametrize("forgery", ["body", "unsigned"])
+def test_smb_chunk_reply_with_a_bad_signature_fails_the_write(samba: SambaServer, forgery: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a session that signs, a chunk write's reply whose signature does not verify (a byte changed), or
+    that claims success unsigned (smbprotocol would take that), is refused: the write fails (the connection
+    is dropped, as smbprotocol does on a bad signature) and the chunk never appears under its name."""
+    from hotvm.errors import TargetError
+
+    target = _smb_target(samba, monkeypatch, "forged")
+    try:
+        target.write_bytes("chunks/ab/good", b"good")
+        transport = _connection(target).transport
+        real = transport._recv
+
+        def tampered(size, timeout):
+            data, left = real(size, timeout)
+            if size > 64 and forgery == "body":  # a reply, not the length in front of it
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            elif size > 64:  # the SMB2_FLAGS_SIGNED bit of the first reply header
+                data = data[:16] + bytes([data[16] & ~8]) + data[17:]
+            return data, left
+
+        monkeypatch.setattr(transport, "_recv", tampered)
+        with pytest.raises(TargetError):
+            target.write_bytes("chunks/ab/bad", os.urandom(MiB))
+        monkeypatch.undo()
+        base = samba.share_dir / "forged" / "chunks" / "ab"
+        assert sorted(p.name for p in base.iterdir() if ".tmp-" not in p.name) == ["good"]
+    finally:
+        target.close()
+
+
+def test_smb_chunk_replies_taken_by_smbprotocols_loop_work_too(samba: SambaServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply the fast path does not take itself (one arriving in a message with replies to other requests)
+    goes through smbprotocol's receive loop, which checks its signature and credits: the chunk writes, the
+    grouped ones included, still land whole and under their names only."""
+    from targets import smbfast
+
+    monkeypatch.setattr(smbfast.Wire, "take", lambda self, msg: False)
+    target = _smb_target(samba, monkeypatch, "loop")
+    try:
+        blobs = {f"chunks/{i % 3:02x}/{i}": os.urandom(MiB + i) for i in range(12)}
+        with target.grouped("chunks/"):
+            for name, data in blobs.items():
+                target.write_bytes(name, data)
+        for name, data in blobs.items():
+            assert (samba.share_dir / "loop" / name).read_bytes() == data
+        assert not _leftovers(samba.share_dir / "loop")
+        connection = _connection(target)
+        assert not connection.outstanding_requests and not connection.hotvm_wire.pending
+    finally:
+        target.close()
