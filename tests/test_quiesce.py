@@ -160,10 +160,11 @@ def test_failing_redo_still_thaws_the_guest(guest, tmp_path):
 def test_frozen_fs_stalls_writes_and_a_hung_agent_times_out(guest):
     with frozen_filesystems(guest.agent_path, "qa") as count:
         assert count == 1  # the ext4 disk (rootfs, proc, sys, devtmpfs are not freezable)
-        time.sleep(0.5)  # a beat whose write finished just before the freeze may still be printed
         before = len(guest.log())
-        time.sleep(2)
-        assert guest.fs_beats(before) == []  # the guest's appends wait while it is frozen
+        time.sleep(2)  # the window watched, not a wait for something
+        # the guest's appends wait while it is frozen: at most the beat whose write finished before the
+        # freeze is printed after it (however late a loaded machine prints it), never the next one
+        assert len(guest.fs_beats(before)) <= 1
     guest.wait_fs_beat_after(before)
 
     guest.qmp2("stop")  # a paused guest cannot answer: the freeze fails fast with a clear error
