@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +63,28 @@ def hotvm(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Co
 
 def hotvm_json(*args: str) -> dict | list:
     return json.loads(hotvm(*args, "--json").stdout)
+
+
+@contextmanager
+def blocked_reading(fifo: Path, proc: subprocess.Popen, timeout: float = 120) -> Iterator[None]:
+    """Waits until `proc` blocks reading the FIFO `fifo` (a file it reads, replaced by a FIFO nobody writes
+    to), and keeps it blocked inside the `with`: a SIGKILL sent there lands at exactly that point of the
+    run, however fast or loaded the machine. The wait polls a state that, once reached, lasts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # a non-blocking open for writing succeeds only once a reader has the FIFO open
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before it read {fifo.name}"
+        assert time.monotonic() < deadline, f"the process never read {fifo.name}"
+        time.sleep(0.01)
+    try:
+        yield  # no byte is ever written: the reader waits in read() until it is killed or we close
+    finally:
+        os.close(writer)
 
 
 class SequentialWriter(threading.Thread):

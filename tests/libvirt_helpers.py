@@ -181,6 +181,23 @@ def last_heartbeat(log: Path) -> int:
     return int(seqs[-1]) if seqs else 0
 
 
+def wait_beat_past(log: Path, seq: int, timeout: float = 60) -> int:
+    """The guest's newest heartbeat once one is past `seq`: it wrote on (waited for, not slept on: a loaded
+    machine slows a TCG guest down)."""
+    deadline = time.monotonic() + timeout
+    while (last := last_heartbeat(log)) <= seq:
+        assert time.monotonic() < deadline, f"the guest wrote nothing past record {seq} in {timeout} s"
+        time.sleep(0.1)
+    return last
+
+
+def wait_records(log: Path, count: int, timeout: float = 60) -> None:
+    """Returns once the guest has written `count` more ring records after this call began: those after the
+    first heartbeat printed since (its own record may have been written just before the call)."""
+    first = wait_beat_past(log, last_heartbeat(log), timeout)
+    wait_beat_past(log, first + count - 1, timeout)
+
+
 def destroy_and_undefine(conn, name: str) -> None:
     """Remove a test domain whatever state it is in (never touches domains the tests did not make)."""
     import libvirt

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fs_images import Node, PartSpec, build_disk
-from helpers import hotvm, hotvm_json
+from helpers import blocked_reading, hotvm, hotvm_json
 from qemu_helpers import DiskSpec, start_qemu
 from servers import MotoServer, SambaServer, SshServer
 
@@ -224,26 +224,34 @@ def test_a_killed_copy_resumes_without_sending_anything_twice(primary: Primary) 
     config = p.config("kill", sftp, {"name": "ref", "url": f"file://{p.tmp}/ref-{uuid.uuid4().hex[:6]}"})
     total = hotvm_json("copy", "--to", "ref", "--config", str(config))["bytes_sent"]
 
+    # The kill lands mid-copy however fast the copy is: one at a time (--workers 1) and in digest order, it
+    # sends three chunks, then waits reading the fourth, here a FIFO nobody writes to (put back afterwards).
+    fourth = sorted((p.tmp / "nas" / "chunks").glob("*/*"))[3]
+    aside = p.tmp / "fourth-chunk.aside"
+    fourth.rename(aside)
+    os.mkfifo(fourth)
     child = subprocess.Popen(
         [sys.executable, "-m", "hotvm", "copy", "--to", "slow", "--workers", "1", "--config", str(config)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        if len(list(root.glob("chunks/*/*"))) >= 3:
+    try:
+        with blocked_reading(fourth, child):
             child.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    child.wait(30)
-    child.stderr.close()
-    assert child.returncode == -signal.SIGKILL, "the copy finished before it could be interrupted"
+            child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(30)
+        fourth.unlink()
+        aside.rename(fourth)
     assert not list(root.glob("vms/*/*/manifest.json"))  # no half-copied set looks complete
     assert not [r for r in hotvm_json("list", "--target", "slow", "--config", str(config)) if r["complete"]]
     arrived = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".tmp-" not in f.name)
+    assert len([c for c in root.glob("chunks/*/*") if ".tmp-" not in c.name]) == 3
 
     rerun = hotvm_json("copy", "--to", "slow", "--config", str(config))
     assert rerun["copied"] == 3
-    assert rerun["bytes_sent"] == total - arrived  # only what had not arrived (the torn chunk included)
+    assert rerun["bytes_sent"] == total - arrived  # only what had not arrived
     _restores_match(p, config, "slow")
 
 

@@ -282,10 +282,11 @@ def test_encrypted_ftp_target_waits_out_an_outage_without_starting_the_vm(
         assert not any(plain in p.read_bytes() for p in cache.iterdir())  # cached as stored: encrypted
 
         server.stop()  # the target goes away mid-stream ...
-        time.sleep(4)
+        problems = to / "run" / "problems.jsonl"
+        _wait(lambda: problems.exists() and "unreachable" in problems.read_text(), 45, "a fetch to fail")
+        time.sleep(2)  # watched, well inside the 60 s a fetch waits for an unreachable target
         [job] = _jobs(first["qmp"])
         assert job["status"] == "running" and job["current-progress"] < 24 * MiB  # ... the stream waits
-        assert any("unreachable" in line for line in (to / "run" / "problems.jsonl").read_text().splitlines())
         server.start()  # ... and it comes back
 
         done = json.loads(hotvm(*cmd, "--wait").stdout)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -111,14 +110,19 @@ def test_tier_recovery_order_and_host_concurrency(prefect_server, qemu, tmp_path
     expected = ["zeta", "alpha", "beta", "mid"]
 
     active, peak, lock = [0], [0], threading.Lock()
+    two_at_once = threading.Event()
     real = verify_mod.restore_into
 
     def slow_restore(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            if active[0] == 2:
+                two_at_once.set()
         try:
-            time.sleep(0.6)  # long enough that the host limit, not luck, decides the overlap
+            # the first restore waits for a second one to start (a sleep would let a loaded machine decide
+            # whether they overlap); then the host limit alone decides that no third one joins them
+            two_at_once.wait(120)
             return real(*args, **kwargs)
         finally:
             with lock:

@@ -100,19 +100,36 @@ def read_pid(pidfile: Path) -> int | None:
         return None
 
 
+PF_KTHREAD = 0x00200000  # /proc/<pid>/stat flags: a kernel thread (never one of our processes)
+
+
 def pid_alive(pid: int | None, marker: str | None = None) -> bool:
-    """True if `pid` runs (not a zombie) and, given a marker, its command line contains it: a pid from an
-    old pidfile may have been reused by an unrelated process."""
+    """True until the last thread of `pid` has exited and, given a marker, if its command line contains it:
+    a pid from an old pidfile may have been reused by an unrelated process.
+
+    Not just the main thread: SIGKILLed, QEMU's main thread is a zombie at once while its I/O threads are
+    still exiting (one in fdatasync can take long on a busy disk), and those hold its open files, so the
+    image locks, until the last one is gone. "Not running" must mean the disk can be opened. A process on
+    its way out has no command line left: that one counts as ours."""
     if not pid:
         return False
+    proc = Path(f"/proc/{pid}")
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fields = (proc / "stat").read_text().rpartition(")")[2].split()
+        cmdline = (proc / "cmdline").read_bytes()
+        threads = os.listdir(proc / "task")
     except OSError:
         return False
-    if stat.rpartition(")")[2].split()[0] in ("Z", "X"):
+    if int(fields[6]) & PF_KTHREAD or (marker is not None and cmdline and marker.encode() not in cmdline):
         return False
-    return marker is None or marker.encode() in cmdline
+    for tid in threads:
+        try:
+            state = (proc / "task" / tid / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue  # that thread is gone
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def terminate(pid: int, marker: str | None, grace: float = 10.0) -> None:
