@@ -306,19 +306,14 @@ class LocalTarget(Target):
 
     def delete(self, path: str) -> None:
         """Unlink the name itself (a symlink is removed, never what it points to)."""
-        parent, name = os.path.split(path)
-        with self._errors("deleting", path):
-            fd = self._open_dir(parent)
-            if fd is None:
-                return
-            try:
-                with suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fd)
-            finally:
-                os.close(fd)
+        self._remove_in_parent(path, os.unlink)
 
     def delete_tree(self, path: str) -> None:
         """shutil.rmtree below a parent opened without following symlinks (rmtree follows none inside)."""
+        self._remove_in_parent(path, shutil.rmtree)
+
+    def _remove_in_parent(self, path: str, remove: Callable[..., None]) -> None:
+        """remove(name, dir_fd=parent) with the parent opened without following symlinks; gone is done."""
         parent, name = os.path.split(path)
         with self._errors("deleting", path):
             fd = self._open_dir(parent)
@@ -326,7 +321,7 @@ class LocalTarget(Target):
                 return
             try:
                 with suppress(FileNotFoundError):
-                    shutil.rmtree(name, dir_fd=fd)
+                    remove(name, dir_fd=fd)
             finally:
                 os.close(fd)
 

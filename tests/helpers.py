@@ -65,10 +65,14 @@ def hotvm_json(*args: str) -> dict | list:
     return json.loads(hotvm(*args, "--json").stdout)
 
 
+PAUSEPOINT = Path(__file__).with_name("pausepoint.py")
+"""Runs the CLI held before it opens a given blob (`python PAUSEPOINT NAME FIFO hotvm-arguments...`)."""
+
+
 @contextmanager
 def blocked_reading(fifo: Path, proc: subprocess.Popen, timeout: float = 120) -> Iterator[None]:
-    """Waits until `proc` blocks reading the FIFO `fifo` (a file it reads, replaced by a FIFO nobody writes
-    to), and keeps it blocked inside the `with`: a SIGKILL sent there lands at exactly that point of the
+    """Waits until `proc` blocks reading the FIFO `fifo` (tests/pausepoint.py reads it before the blob it
+    holds at), and keeps it blocked inside the `with`: a SIGKILL sent there lands at exactly that point of the
     run, however fast or loaded the machine. The wait polls a state that, once reached, lasts."""
     deadline = time.monotonic() + timeout
     while True:

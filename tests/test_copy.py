@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from fs_images import Node, PartSpec, build_disk
-from helpers import blocked_reading, hotvm, hotvm_json
+from helpers import PAUSEPOINT, blocked_reading, hotvm, hotvm_json
 from qemu_helpers import DiskSpec, start_qemu
 from servers import MotoServer, SambaServer, SshServer
 
@@ -225,25 +225,23 @@ def test_a_killed_copy_resumes_without_sending_anything_twice(primary: Primary) 
     total = hotvm_json("copy", "--to", "ref", "--config", str(config))["bytes_sent"]
 
     # The kill lands mid-copy however fast the copy is: one at a time (--workers 1) and in digest order, it
-    # sends three chunks, then waits reading the fourth, here a FIFO nobody writes to (put back afterwards).
+    # sends three chunks, then is held before it reads the fourth (tests/pausepoint.py).
     fourth = sorted((p.tmp / "nas" / "chunks").glob("*/*"))[3]
-    aside = p.tmp / "fourth-chunk.aside"
-    fourth.rename(aside)
-    os.mkfifo(fourth)
+    fifo = p.tmp / "hold-copy"
+    os.mkfifo(fifo)
     child = subprocess.Popen(
-        [sys.executable, "-m", "hotvm", "copy", "--to", "slow", "--workers", "1", "--config", str(config)],
+        [sys.executable, str(PAUSEPOINT), fourth.name, str(fifo),
+         "copy", "--to", "slow", "--workers", "1", "--config", str(config)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy(),
-    )
+    )  # fmt: skip
     try:
-        with blocked_reading(fourth, child):
+        with blocked_reading(fifo, child):
             child.send_signal(signal.SIGKILL)
             child.wait(30)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(30)
-        fourth.unlink()
-        aside.rename(fourth)
     assert not list(root.glob("vms/*/*/manifest.json"))  # no half-copied set looks complete
     assert not [r for r in hotvm_json("list", "--target", "slow", "--config", str(config)) if r["complete"]]
     arrived = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and ".tmp-" not in f.name)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fs_images import Node, PartSpec, build_disk, populate, to_qcow2
-from helpers import blocked_reading, hotvm, hotvm_json, write_config
+from helpers import PAUSEPOINT, blocked_reading, hotvm, hotvm_json, write_config
 from qemu_helpers import DiskSpec, overlay_files, qemu_img
 
 from hotvm.hypervisors.base import OVERLAY_MARKER
@@ -348,21 +348,20 @@ def test_failed_and_killed_file_backups_roll_back_and_resume(
     assert [v["unchanged_volume"] for v in row["volumes"]] == [False, True]
 
     # SIGKILL in the middle (no hook runs): the VM stays on its overlay until the rerun reconciles it. The
-    # killed run is held where the kill must land: reading the previous set's entry list of vda-p1 (its first
-    # read on the frozen disk, overlay on, manifest not written), here a FIFO nobody writes to. Unheld, this
+    # killed run is held where the kill must land (tests/pausepoint.py): before it reads the previous set's
+    # entry list of vda-p1 (its first read on the frozen disk, overlay on, manifest not written). Unheld, this
     # small unchanged VM is on its overlay for about a second (0.7-1.8 s measured under load): a poll late by
     # that much misses it, and a kill that lands after the final commit or the manifest leaves nothing to
     # reconcile or resume.
-    entries = small_tmpfs / "repo" / "files" / "web01" / row["backup_id"] / "volumes" / "vda-p1.entries.zst"
-    aside = entries.with_name("entries.aside")
-    entries.rename(aside)
-    os.mkfifo(entries)
+    fifo = tmp_path / "hold-files-backup"
+    os.mkfifo(fifo)
     killed = subprocess.Popen(
-        [sys.executable, "-m", "hotvm", "files", "backup", "web01", "--new", "-c", str(config)],
+        [sys.executable, str(PAUSEPOINT), "vda-p1.entries.zst", str(fifo),
+         "files", "backup", "web01", "--new", "-c", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
-        with blocked_reading(entries, killed):
+        with blocked_reading(fifo, killed):
             assert on_overlay(vm), "the backup reads the frozen disk with its overlay on"
             os.killpg(killed.pid, signal.SIGKILL)
             killed.wait()
@@ -370,8 +369,6 @@ def test_failed_and_killed_file_backups_roll_back_and_resume(
         if killed.poll() is None:
             os.killpg(killed.pid, signal.SIGKILL)
             killed.wait()
-        entries.unlink()
-        aside.rename(entries)
     from hotvm.files.filesets import FileSets
     from hotvm.formats.opener import open_repository
 

@@ -45,6 +45,18 @@ from targets import TargetConfigError, open_target
 MiB = 1 << 20
 
 
+def _restores_byte_identical(target, image: Path, tmp_path: Path) -> None:
+    """Back `image` up to `target` (closed afterwards) and restore it: the same bytes come back."""
+    try:
+        repo = Repository(target)
+        repo.ensure()
+        record = export_image(repo, device="vda", image=str(image))
+        restored = restore_disk(repo, record, tmp_path / "out.raw", "raw")
+        assert Path(restored.path).read_bytes() == image.read_bytes()
+    finally:
+        target.close()
+
+
 def _files_on_server(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -164,15 +176,7 @@ def test_export_over_ftps_restores_byte_identical(scheme: str, request, tmp_path
         fh.write(os.urandom(6 * MiB))
         fh.seek(13 * MiB)
         fh.write(os.urandom(MiB))
-    target = made.open()
-    try:
-        repo = Repository(target)
-        repo.ensure()
-        record = export_image(repo, device="vda", image=str(image))
-        restored = restore_disk(repo, record, tmp_path / "out.raw", "raw")
-        assert Path(restored.path).read_bytes() == image.read_bytes()
-    finally:
-        target.close()
+    _restores_byte_identical(made.open(), image, tmp_path)
 
 
 @pytest.mark.parametrize("scheme", ["ftp+vsftpd", "ftps+vsftpd"])
@@ -236,14 +240,7 @@ def test_server_allowing_fewer_connections_than_workers(monkeypatch: pytest.Monk
         image.write_bytes(os.urandom(24 * MiB))
         target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
                                           password_env="HOTVM_TEST_FTP_PASSWORD"))
-        try:
-            repo = Repository(target)
-            repo.ensure()
-            record = export_image(repo, device="vda", image=str(image))
-            restored = restore_disk(repo, record, tmp_path / "out.raw", "raw")
-            assert Path(restored.path).read_bytes() == image.read_bytes()
-        finally:
-            target.close()
+        _restores_byte_identical(target, image, tmp_path)
 
 
 def test_scheme_that_does_not_match_the_server_is_a_config_error(request, tmp_path: Path,
