@@ -57,6 +57,13 @@ def _restores_byte_identical(target, image: Path, tmp_path: Path) -> None:
         target.close()
 
 
+def _open_ftp(server: FtpServer | VsftpdServer, monkeypatch: pytest.MonkeyPatch):
+    """A plain ftp:// target on `server`, under /b, its password in the environment."""
+    monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
+    return open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
+                                    password_env="HOTVM_TEST_FTP_PASSWORD"))
+
+
 def _files_on_server(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -127,9 +134,7 @@ def test_server_that_refuses_pipelined_commands_still_gets_every_rename(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with FtpServer(pipelining=False) as server:
-        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
-        target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
-                                          password_env="HOTVM_TEST_FTP_PASSWORD"))
+        target = _open_ftp(server, monkeypatch)
         try:
             blobs = {f"chunks/{i:02x}/{i:064x}": os.urandom(100_000 + i) for i in range(8)}
             with ThreadPoolExecutor(4) as pool:
@@ -214,9 +219,7 @@ def test_server_closing_idle_connections_costs_nothing(monkeypatch: pytest.Monke
     """vsftpd says "421 Timeout." and closes a control connection idle for idle_session_timeout (300 s by
     default; 1 s here): the next write and read, in parallel, get new connections and succeed."""
     with VsftpdServer(options={"idle_session_timeout": "1"}) as server:
-        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
-        target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
-                                          password_env="HOTVM_TEST_FTP_PASSWORD"))
+        target = _open_ftp(server, monkeypatch)
         try:
             blobs = {f"chunks/{i:02x}/{i:064x}": os.urandom(100_000 + i) for i in range(4)}
             with ThreadPoolExecutor(4) as pool:
@@ -235,12 +238,9 @@ def test_server_allowing_fewer_connections_than_workers(monkeypatch: pytest.Monk
     your internet address." (it failed the whole backup as "cannot reach"): export's 4 workers and
     restore's readers share the 2 it allows."""
     with VsftpdServer(options={"max_per_ip": "2"}) as server:
-        monkeypatch.setenv("HOTVM_TEST_FTP_PASSWORD", server.password)
         image = tmp_path / "disk.raw"
         image.write_bytes(os.urandom(24 * MiB))
-        target = open_target(TargetConfig(name="ftp", url=f"ftp://{server.user}@127.0.0.1:{server.port}/b",
-                                          password_env="HOTVM_TEST_FTP_PASSWORD"))
-        _restores_byte_identical(target, image, tmp_path)
+        _restores_byte_identical(_open_ftp(server, monkeypatch), image, tmp_path)
 
 
 def test_scheme_that_does_not_match_the_server_is_a_config_error(request, tmp_path: Path,
