@@ -79,6 +79,21 @@ class LocalTarget(Target):
             f"run 'hotvm check --target {self.name}' to see what is damaged; remove what is not hotvm's",
         )
 
+    def exists(self, path: str) -> bool:
+        """A regular file or a directory at `path`, found without following a symlink: a link planted under
+        the name of a chunk the next backup stores is not that chunk (the backup writes it, and the rename
+        replaces the link); a link above it is refused when the backup writes there."""
+        with self._errors("checking", path):
+            try:
+                fd = self._open(path, os.O_PATH)
+            except (FileNotFoundError, NotADirectoryError, TamperedBlob):
+                return False
+            try:
+                mode = os.fstat(fd).st_mode
+            finally:
+                os.close(fd)
+            return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
+
     def _open_blob(self, path: str, limit: int) -> tuple[int, int]:
         """(fd, size) of a regular file of at most `limit` bytes (else TamperedBlob, nothing read)."""
         fd = self._open(path, READ_FLAGS)

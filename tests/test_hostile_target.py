@@ -461,6 +461,29 @@ def test_set_files_and_chunk_directories_behind_symlinks_never_carry_host_bytes_
     assert [f.name for f in host_dir.iterdir()] == [secret.name]
 
 
+def test_a_symlink_planted_under_the_name_of_the_next_backups_chunk_is_not_that_chunk(
+    tmp_path: Path,
+) -> None:
+    """A link (to a host file, or dangling) where the next backup's chunk will be stored must not pass for
+    that chunk (the set would be complete and unrestorable), and the backup must not write through it."""
+    p = _plain_repository(tmp_path)
+    secret = _host_file(tmp_path)
+    data = os.urandom(4 * SMALL_CHUNK)
+    ids = [p.repo.chunk_id(data[at : at + SMALL_CHUNK]) for at in (0, SMALL_CHUNK)]
+    planted = [p.root / p.repo.chunk_path(digest) for digest in ids]
+    for link, points_to in zip(planted, (secret, tmp_path / "nowhere"), strict=True):
+        link.parent.mkdir(mode=0o700, exist_ok=True)
+        link.symlink_to(points_to)
+    image = tmp_path / "next.raw"
+    image.write_bytes(data)
+    record = export_image(p.repo, device="d", image=str(image), chunk_size=SMALL_CHUNK, workers=1)
+    commit(p.repo, "web01", 2, record)
+    assert restored(p.repo, record, tmp_path / "next-out.raw") == data
+    assert not any(link.is_symlink() for link in planted), "the chunks are stored in place of the links"
+    assert secret.read_bytes() == HOST_SECRET
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_kernels_without_openat2_get_the_same_refusals(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
