@@ -40,8 +40,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   # the tests start vsftpd themselves, on loopback: not the system's FTP service on port 21 (local logins,
-  # plaintext passwords) that installing the package starts where systemd runs
-  if [[ " ${missing[*]} " == *" vsftpd "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable --now vsftpd.service >/dev/null 2>&1 || true
+  # plaintext passwords) that installing the package starts, under systemd or its init script
+  if [[ " ${missing[*]} " == *" vsftpd "* ]]; then
+    if [ -d /run/systemd/system ]; then
+      systemctl disable --now vsftpd.service >/dev/null 2>&1 || true
+    else
+      update-rc.d vsftpd disable >/dev/null 2>&1 || true
+      /etc/init.d/vsftpd stop >/dev/null 2>&1 || true
+    fi
   fi
 fi
