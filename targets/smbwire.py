@@ -1,16 +1,14 @@
-"""Send an SMB2 compound whose last request is a WRITE without copying its data (smbprotocol does the rest).
+"""What targets/smbfast.py and smb.py need below smbprotocol to move 4 MiB messages without its copies.
 
 smbprotocol packs every request into bytes and builds the wire message by concatenation: a 4 MiB WRITE was
 copied about eight times on its way out (Structure.pack of the request and of its header, the signature
 splice, the signature's own zeroed copy, the compound concatenation, the NetBIOS framing), which py-spy showed
-as 60 % of an SMB backup's Python time. Here only the small parts are packed (by smbprotocol's own
-structures); the data is signed in place (AES-GMAC, AES-CMAC or HMAC-SHA256 take it incrementally) and handed
-to the kernel with sendmsg next to them. Message ids, credits, the outstanding-request table and every
-response stay smbprotocol's: the caller receives and unpacks the replies with smbprotocol's functions.
-
-Replies are read by smbprotocol; verify_large_replies_in_place() only checks a large reply's signature
-without copying it. Writes only where this covers the session: signed or unsigned, not encrypted, and a share
-without DFS; `usable()` says so, and callers take smbprotocol's path otherwise.
+as 60 % of an SMB backup's Python time. So a message's data is signed where it lies (_Signer: AES-GMAC,
+AES-CMAC or HMAC-SHA256 take it in pieces) and handed to the kernel with sendmsg next to its small parts
+(_send_all); smbfast.py packs those parts. A large reply (a READ's data) is received into one buffer and its
+signature checked in place (receive_large_replies_in_place, verify_large_replies_in_place). Only where this
+covers the session: signed or unsigned, not encrypted, and a share without DFS; `usable()` says so, and
+callers take smbprotocol's path otherwise.
 """
 
 from __future__ import annotations
@@ -22,25 +20,20 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from smbprotocol import Dialects
-from smbprotocol.connection import Request, SigningAlgorithms
+from smbprotocol.connection import SigningAlgorithms
 from smbprotocol.exceptions import SMBException
-from smbprotocol.header import Commands, NtStatus, Smb2Flags, SMB2HeaderRequest
-from smbprotocol.open import SMB2WriteRequest
+from smbprotocol.header import Commands, NtStatus, Smb2Flags
 
 MAX_PAYLOAD = 65536
 LARGE_REPLY = 65536
 """Replies at least this large are verified in place (smaller ones: smbprotocol's copies cost nothing)."""
 MAX_NBSS = 0xFFFFFF
 """Direct TCP transport: one message of at most 2^24 - 1 bytes."""
-_LENGTH = struct.Struct("<I")
-_WRITE_LENGTH_AT = 4
-"""Offset of the WRITE request's Length field ([MS-SMB2] 2.2.21) in its fixed 48-byte part."""
 
 
 def usable(connection: Any, session_id: int, tree_id: int) -> bool:
@@ -155,91 +148,6 @@ def receive_large_replies_in_place(connection: Any) -> None:
 
     transport.recv = recv
     transport.hotvm_original_recv = original
-
-
-def write_request(fd: Any, length: int, offset: int = 0) -> SMB2WriteRequest:
-    """smbprotocol's WRITE request for `length` bytes at `offset`, built without them (see send_compound)."""
-    request, _ = fd.write(b"", offset=offset, send=False)
-    request.hotvm_length = length
-    return request
-
-
-def send_compound(connection: Any, messages: Sequence[Any], session_id: int, tree_id: int,
-                  payload: bytes | bytearray | memoryview | None = None,
-                  related: Sequence[bool] | None = None) -> list[Request]:
-    """smbprotocol's Connection.send_compound(messages, sid, tid, related=True); returns smbprotocol's Request
-    objects. With `payload`, the last message is write_request(fd, len(payload)) and `payload` its data.
-    `related[i]` says message i works on the handle of message i - 1 (default: every message after the first),
-    so one compound can carry several chains, e.g. [CREATE dir, CLOSE] then [CREATE file, WRITE]."""
-    view = memoryview(payload).cast("B") if payload is not None else None
-    if related is None:
-        related = [i > 0 for i in range(len(messages))]
-    session = connection.session_table[session_id]
-    sign = bool(session.signing_required and session.signing_key)
-    wire: list[bytes | memoryview] = []
-    requests: list[Request] = []
-    for i, message in enumerate(messages):
-        last = i == len(messages) - 1
-        body = message.pack()
-        extra = 0
-        if last and view is not None:
-            extra = getattr(message, "hotvm_length", None)
-            if extra != len(view) or message.COMMAND != Commands.SMB2_WRITE:
-                raise ValueError("the payload must be the last WRITE request's data (write_request())")
-            body = body[:_WRITE_LENGTH_AT] + _LENGTH.pack(extra) + body[_WRITE_LENGTH_AT + 4:]
-        elif getattr(message, "hotvm_length", None) is not None:
-            raise ValueError("a write_request() must be the last message, with its payload")
-        padding = b"" if last else b"\x00" * (-(64 + len(body)) % 8)
-        with connection.sequence_lock:  # as Connection._send: ids and credits under its lock
-            charge = 0
-            if connection.supports_multi_credit:
-                charge = 1 + (max(extra, 1) - 1) // MAX_PAYLOAD if extra else 1
-            window = connection.sequence_window
-            if charge > window["high"] - window["low"]:
-                raise _no_credits(charge, window["high"] - window["low"])
-            message_id = window["low"]
-            window["low"] += max(charge, 1)
-        header = SMB2HeaderRequest()
-        header["tree_id"] = tree_id
-        header["credit_charge"] = charge
-        header["command"] = message.COMMAND
-        header["credit_request"] = charge
-        header["message_id"] = message_id
-        header["session_id"] = session_id
-        header["data"] = body
-        header["next_command"] = 0 if last else 64 + len(body) + len(padding)
-        if i and related[i]:
-            header["flags"].set_flag(Smb2Flags.SMB2_FLAGS_RELATED_OPERATIONS)
-        if sign:
-            header["flags"].set_flag(Smb2Flags.SMB2_FLAGS_SIGNED)
-        packed = header.pack() + padding
-        if sign:
-            signer = _Signer(connection, session.signing_key, message_id, message.COMMAND)
-            signer.update(packed)
-            if extra:
-                signer.update(view)
-            signature = signer.signature()
-            packed = packed[:48] + signature + packed[64:]
-            header["signature"] = signature
-        wire.append(packed)
-        if extra:
-            wire.append(view)
-        request = Request(header, type(message), connection, session_id=session_id)
-        connection.outstanding_requests[message_id] = request
-        requests.append(request)
-    head = 0
-    for i in range(1, len(requests) + 1):  # each chain's first request knows the ids of the rest
-        if i == len(requests) or not related[i]:
-            requests[head].related_ids = [r.message["message_id"].get_value() for r in requests[head + 1:i]]
-            head = i
-    total = sum(len(part) for part in wire)
-    if total > MAX_NBSS:
-        raise ValueError(f"an SMB message of {total} bytes exceeds the transport's {MAX_NBSS}")
-    connection._check_worker_running()  # noqa: SLF001 - as Connection._send does before sending
-    transport = connection.transport
-    with transport._sock_lock:  # noqa: SLF001 - one message at a time on the socket, as Tcp.send
-        _send_all(transport._sock, [struct.pack(">I", total), *wire])  # noqa: SLF001
-    return requests
 
 
 def _no_credits(charge: int, available: int) -> Exception:
